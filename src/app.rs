@@ -1,0 +1,191 @@
+//! The composition root: builds every part, wires them, spawns the tasks, and orders the drain on
+//! shutdown: stop accepting → finish in-flight requests → let the publisher finish its window →
+//! flush the producer → close the spool.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::producer::Producer as _;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{AckMode, Config};
+use crate::http::{self, AppState, ServeLimits};
+use crate::ingest::Ingest;
+use crate::metrics::Metrics;
+use crate::publish::kafka::{self, EmbeddedBroker};
+use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
+use crate::spool::{Spool, SpoolSettings, SEGMENT_BYTES};
+
+/// A started daemon.
+pub struct Running {
+    pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    /// Bootstrap address of the embedded broker, when `kafka.brokers = "embedded"`.
+    pub embedded_bootstrap: Option<String>,
+    pub metrics: Arc<Metrics>,
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Begins the shutdown drain.
+    pub fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits for the daemon to stop.
+    ///
+    /// # Errors
+    /// A part failed while draining.
+    pub async fn wait(self) -> anyhow::Result<()> {
+        self.task.await.context("daemon task panicked")?
+    }
+}
+
+/// Runs the daemon until `stop` is cancelled, then drains.
+///
+/// # Errors
+/// A part could not be started (listener, spool, producer).
+pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
+    let running = start(cfg, stop).await?;
+    running.wait().await
+}
+
+/// Starts every part and returns once both listeners are bound.
+///
+/// # Errors
+/// A part could not be started (listener, spool, producer).
+pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(KafkaHealth::default());
+    let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(&cfg)?) } else { None };
+    let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
+    let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
+    let producer = kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone()).context("creating the Kafka producer")?;
+    let publisher = Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()));
+
+    let spool = match cfg.delivery.ack {
+        AckMode::Spool => Some(
+            Spool::open(SpoolSettings {
+                dir: cfg.spool.dir.clone(),
+                max_bytes: cfg.spool.max_bytes,
+                dedup_window_secs: cfg.spool.dedup_window_secs,
+                segment_bytes: SEGMENT_BYTES,
+            })
+            .with_context(|| format!("opening the spool in {}", cfg.spool.dir.display()))?,
+        ),
+        AckMode::Kafka => None,
+    };
+    let ingest = match &spool {
+        Some(s) => Ingest::Spool(s.clone()),
+        None => Ingest::Kafka { publisher: publisher.clone(), timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms) },
+    };
+    let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone(), spool.clone()));
+
+    let public = http::bind(cfg.http.listen, "http.listen").await?;
+    let admin = http::bind(cfg.admin.listen, "admin.listen").await?;
+    let http_addr = public.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+
+    // Tasks that outlive the request path stop on their own tokens, in drain order.
+    let publisher_soft_stop = CancellationToken::new();
+    let publisher_hard_stop = CancellationToken::new();
+    let background_stop = CancellationToken::new();
+    let publisher_task = spool.clone().map(|s| {
+        tokio::spawn(publish::run_spool_publisher(
+            s,
+            publisher.clone(),
+            cfg.kafka.max_in_flight_records,
+            metrics.clone(),
+            publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
+        ))
+    });
+    tokio::spawn(probe_kafka(publisher.clone(), health.clone(), state.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(5_000)), background_stop.clone()));
+
+    let deadline = Duration::from_secs(cfg.shutdown.timeout_secs);
+    let http_stop = CancellationToken::new();
+    let public_task = tokio::spawn(http::serve(
+        public,
+        http::public_router(&cfg.http.path, state.clone()),
+        ServeLimits { header_timeout: cfg.header_timeout(), max_connections: cfg.http.max_connections },
+        http_stop.clone(),
+        deadline,
+    ));
+    let admin_stop = CancellationToken::new();
+    let admin_task = tokio::spawn(http::serve_admin(admin, http::admin_router(state.clone()), admin_stop.clone()));
+    info!(%http_addr, %admin_addr, path = %cfg.http.path, ack = ?cfg.delivery.ack, "huggy-bridge listening");
+    crate::shutdown::notify_ready(stop.clone());
+
+    let task = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            stop.cancelled().await;
+            let began = Instant::now();
+            let left = || deadline.saturating_sub(began.elapsed());
+            info!(deadline_secs = deadline.as_secs(), "shutdown: no new requests; draining");
+            crate::shutdown::notify_stopping();
+            state.draining.store(true, Ordering::Relaxed);
+            http_stop.cancel();
+            let _ = public_task.await;
+            if let Some(t) = publisher_task {
+                publisher_soft_stop.cancel();
+                tokio::select! {
+                    _ = t => {}
+                    () = tokio::time::sleep(left()) => {
+                        warn!("publisher did not finish its window before the deadline");
+                        publisher_hard_stop.cancel();
+                    }
+                }
+            }
+            let flush_for = left();
+            let p = publisher.clone();
+            let flushed = tokio::task::spawn_blocking(move || p.producer().flush(flush_for)).await;
+            match flushed {
+                Ok(Ok(())) => info!("producer flushed"),
+                Ok(Err(e)) => warn!(error = %e, "producer flush incomplete; unacknowledged events stay in the spool"),
+                Err(e) => warn!(error = %e, "producer flush task failed"),
+            }
+            if let Some(s) = &spool {
+                s.close().await;
+            }
+            background_stop.cancel();
+            admin_stop.cancel();
+            let _ = admin_task.await;
+            drop(embedded);
+            info!(elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
+            Ok(())
+        }
+    });
+    Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, stop, task })
+}
+
+/// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds.
+async fn probe_kafka(publisher: Arc<Publisher>, health: Arc<KafkaHealth>, state: Arc<AppState>, timeout: Duration, stop: CancellationToken) {
+    let mut was = None;
+    loop {
+        let p = publisher.clone();
+        let ok = tokio::task::spawn_blocking(move || p.producer().client().fetch_metadata(None, timeout).map(|_| ()))
+            .await
+            .map(|r| r.is_ok())
+            .unwrap_or(false);
+        health.reachable.store(ok, Ordering::Relaxed);
+        if was != Some(ok) {
+            if ok {
+                info!("kafka reachable");
+            } else {
+                warn!("kafka unreachable");
+            }
+            was = Some(ok);
+        }
+        state.refresh_gauges();
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(2)) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+}

@@ -1,0 +1,314 @@
+//! Huggy batches and events: parsing the webhook body, splitting it into events, and the pure rules
+//! that give each event its type, key, id and CloudEvents attributes. No async, no I/O.
+//!
+//! Event bytes are never re-serialized: splitting borrows each event as a [`RawValue`], so the value
+//! published to Kafka is exactly what Huggy sent (ids beyond 2^53, escapes, key order, whitespace).
+
+mod types;
+
+use std::fmt;
+
+use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
+use sha2::{Digest, Sha256};
+
+pub use types::{is_valid_topic, EventType, KnownType};
+
+/// Why a body was refused as a whole (HTTP 400).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum BodyError {
+    #[error("body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("body is not a JSON object")]
+    NotAnObject,
+    #[error("`messages` is missing")]
+    MissingMessages,
+    #[error("`messages` is not an object")]
+    MessagesNotAnObject,
+}
+
+impl BodyError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            BodyError::NotJson(_) => "invalid_json",
+            BodyError::NotAnObject => "not_an_object",
+            BodyError::MissingMessages => "missing_messages",
+            BodyError::MessagesNotAnObject => "messages_not_object",
+        }
+    }
+}
+
+/// What a webhook body turned out to be.
+#[derive(Debug)]
+pub enum Body<'a> {
+    /// `{"token": T, "validToken": true}`, sent when the URL is saved in Huggy.
+    Handshake { token: Option<&'a str> },
+    Batch(Batch<'a>),
+}
+
+/// A batch of events, borrowed from the request body.
+#[derive(Debug)]
+pub struct Batch<'a> {
+    /// The batch token, when it is a JSON string without escapes (Huggy's tokens are hex).
+    pub token: Option<&'a str>,
+    /// Batch `time` in unix seconds, when present and numeric.
+    pub time: Option<i64>,
+    /// `messages` in document order: (event type as sent, the value under it).
+    pub groups: Vec<(String, &'a RawValue)>,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    token: Option<&'a RawValue>,
+    #[serde(rename = "validToken", borrow, default)]
+    valid_token: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    time: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<&'a RawValue>,
+}
+
+/// Parses a webhook body. Borrowed parts point into `body`.
+///
+/// # Errors
+/// [`BodyError`] when the body is not JSON, not an object, or `messages` is not an object.
+pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
+    let trimmed = body.trim_ascii_start();
+    if !trimmed.starts_with(b"{") {
+        return match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => Err(BodyError::NotAnObject),
+            Err(e) => Err(BodyError::NotJson(e.to_string())),
+        };
+    }
+    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let token = env.token.and_then(raw_plain_str);
+    let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
+    let Some(messages) = env.messages.filter(|m| m.get() != "null") else {
+        return if is_handshake { Ok(Body::Handshake { token }) } else { Err(BodyError::MissingMessages) };
+    };
+    if !messages.get().starts_with('{') {
+        return Err(BodyError::MessagesNotAnObject);
+    }
+    let groups = serde_json::from_str::<OrderedGroups<'_>>(messages.get())
+        .map_err(|e| BodyError::NotJson(e.to_string()))?
+        .0;
+    let time = env.time.and_then(|t| t.get().parse::<i64>().ok());
+    Ok(Body::Batch(Batch { token, time, groups }))
+}
+
+/// A JSON string value without escapes, borrowed; `None` for anything else (numbers, objects,
+/// escaped strings). Tokens and ids Huggy sends never need escapes.
+fn raw_plain_str(raw: &RawValue) -> Option<&str> {
+    let s = raw.get();
+    let inner = s.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\') && !inner.contains('"')).then_some(inner)
+}
+
+/// The members of `messages`, in document order, duplicates kept.
+struct OrderedGroups<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for OrderedGroups<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = OrderedGroups<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of event lists")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    out.push((k, map.next_value::<&'de RawValue>()?));
+                }
+                Ok(OrderedGroups(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+/// A Huggy event split out of a batch, ready to be made durable and published.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    pub id: EventId,
+    pub event_type: EventType,
+    /// The type as Huggy spelled it, when it was renamed (`sendedAllMessage`).
+    pub original_type: Option<String>,
+    /// The ordering key, a decimal string (chat, customer, agent or company id).
+    pub key: Option<String>,
+    /// Company id, for `ce_source`.
+    pub company: Option<String>,
+    /// Batch time (unix seconds), receipt time when the batch had none.
+    pub time: i64,
+    /// The event's bytes exactly as received.
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
+    /// Set when the event cannot be published to its topic and goes to the dead-letter topic.
+    pub dead_letter: Option<String>,
+}
+
+impl Event {
+    pub fn ce_source(&self) -> String {
+        format!("huggy://company/{}", self.company.as_deref().unwrap_or("unknown"))
+    }
+
+    pub fn ce_type(&self) -> String {
+        format!("app.huggy.{}", self.event_type.as_str())
+    }
+
+    pub fn ce_time(&self) -> String {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.time.max(0).unsigned_abs());
+        humantime::format_rfc3339_seconds(t).to_string()
+    }
+}
+
+/// Deterministic event id: the first 128 bits of SHA-256 over the normalized type and the event bytes,
+/// as 32 hex digits. The same event delivered twice gets the same id; different events do not collide
+/// in practice.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct EventId(pub [u8; 16]);
+
+impl EventId {
+    pub fn derive(event_type: &str, value: &[u8]) -> Self {
+        let mut h = Sha256::new();
+        h.update(event_type.as_bytes());
+        h.update([0u8]);
+        h.update(value);
+        let digest = h.finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        EventId(id)
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({self})")
+    }
+}
+
+/// Splits a batch into events, in document order. Never fails: an event that cannot be published to
+/// its own topic comes back with `dead_letter` set, so its siblings are still accepted.
+pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
+    let time = batch.time.unwrap_or(received_at);
+    let mut out = Vec::new();
+    for (raw_type, list) in &batch.groups {
+        let parsed = EventType::parse(raw_type);
+        let (event_type, original_type, type_problem) = match parsed {
+            Ok((t, renamed)) => (t, renamed.then(|| raw_type.clone()), None),
+            Err(reason) => (EventType::Unknown("invalid".into()), None, Some(reason)),
+        };
+        let items: Vec<&RawValue> = match serde_json::from_str::<Vec<&RawValue>>(list.get()) {
+            Ok(items) => items,
+            Err(_) => {
+                out.push(dead_event(&event_type, list, time, "event list is not an array".into()));
+                continue;
+            }
+        };
+        for item in items {
+            let mut ev = build_event(&event_type, original_type.clone(), item, time);
+            if let Some(reason) = &type_problem {
+                ev.dead_letter = Some(reason.clone());
+            }
+            out.push(ev);
+        }
+    }
+    out
+}
+
+fn dead_event(event_type: &EventType, raw: &RawValue, time: i64, reason: String) -> Event {
+    Event {
+        id: EventId::derive(event_type.as_str(), raw.get().as_bytes()),
+        event_type: event_type.clone(),
+        original_type: None,
+        key: None,
+        company: None,
+        time,
+        value: raw.get().as_bytes().to_vec(),
+        dead_letter: Some(reason),
+    }
+}
+
+/// The members of an event that decide its key and source. Unknown members are skipped, not parsed.
+#[derive(Deserialize, Default)]
+struct KeyFields<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    chat: Option<&'a RawValue>,
+    #[serde(rename = "chatID", borrow, default)]
+    chat_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    company: Option<&'a RawValue>,
+    #[serde(rename = "companyID", borrow, default)]
+    company_id: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly<'a> {
+    #[serde(borrow, default)]
+    id: Option<&'a RawValue>,
+}
+
+fn build_event(event_type: &EventType, original_type: Option<String>, raw: &RawValue, time: i64) -> Event {
+    if !raw.get().starts_with('{') {
+        return dead_event(event_type, raw, time, "event is not an object".into());
+    }
+    let fields = match serde_json::from_str::<KeyFields<'_>>(raw.get()) {
+        Ok(f) => f,
+        Err(e) => return dead_event(event_type, raw, time, format!("event cannot be read: {e}")),
+    };
+    let company = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
+    let key = key_for(event_type, &fields).or_else(|| company.clone());
+    Event {
+        id: EventId::derive(event_type.as_str(), raw.get().as_bytes()),
+        event_type: event_type.clone(),
+        original_type,
+        key,
+        company,
+        time,
+        value: raw.get().as_bytes().to_vec(),
+        dead_letter: None,
+    }
+}
+
+/// SPEC §5: chat id for chat events, customer id for customer events, agent id for agent status,
+/// else (by the caller) the company id.
+fn key_for(event_type: &EventType, f: &KeyFields<'_>) -> Option<String> {
+    use KnownType::*;
+    match event_type.known() {
+        Some(StartedChat | CreatedChat | AgentEntered | ClosedChat | LeftQueue) => f.id.and_then(decimal),
+        Some(StartedAutomationFlow | FinishedAutomationFlow) => f.chat_id.and_then(decimal),
+        Some(CreatedCustomer | UpdatedCustomer | AgentChangedStatus) => f.id.and_then(decimal),
+        _ => nested_id(f.chat).or_else(|| f.chat_id.and_then(decimal)),
+    }
+}
+
+/// `{"id": …}` → the id as a decimal string.
+fn nested_id(raw: Option<&RawValue>) -> Option<String> {
+    let raw = raw?;
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str::<IdOnly<'_>>(raw.get()).ok()?.id.and_then(decimal)
+}
+
+/// A JSON integer, or a string of decimal digits, as a decimal string; digits are kept as written, so
+/// ids beyond 2^64 survive.
+fn decimal(raw: &RawValue) -> Option<String> {
+    let s = raw.get();
+    let digits = s.strip_prefix('"').and_then(|s| s.strip_suffix('"')).unwrap_or(s);
+    let valid = !digits.is_empty() && digits.len() <= 40 && digits.bytes().all(|b| b.is_ascii_digit());
+    valid.then(|| digits.to_owned())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,28 @@
+//! huggy-bridge: Huggy webhooks in, one Kafka record per event out, durably.
+//!
+//! ```text
+//!  Huggy ──POST──▶ http ──▶ event::split ──▶ ingest ──▶ spool (fsync, group commit) ──▶ 2xx
+//!                                                        │
+//!                                                        ▼
+//!                               publish (rdkafka, idempotent, acks=all, retries, dead-letter) ──▶ Kafka
+//! ```
+//!
+//! - [`config`]: figment loading (defaults → TOML → `HUGGY_BRIDGE_*`), validation, redaction.
+//! - [`http`]: the public webhook listener and the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - [`event`]: pure parsing and splitting of batches; types, keys, ids, CloudEvents attributes.
+//! - [`ingest`]: the durability stage the handler hands a batch to (`spool` or `kafka` ack mode).
+//! - [`spool`]: the crash-safe segment log, its recovery, dedup window and gauges.
+//! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
+//!   loop that drains the spool.
+//! - [`metrics`], [`telemetry`], [`shutdown`], and [`app`], which wires them together.
+
+pub mod app;
+pub mod config;
+pub mod event;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod publish;
+pub mod shutdown;
+pub mod spool;
+pub mod telemetry;

@@ -1,0 +1,102 @@
+//! The `huggy-bridge` binary: parse the command line, load the configuration, and hand over to the
+//! library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use huggy_bridge::config::Config;
+use huggy_bridge::{app, publish, shutdown, telemetry};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "huggy-bridge", version, about = "Huggy webhooks in, one Kafka record per event out, durably")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file (default: ./config.toml when it exists, else built-in defaults).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon (the default).
+    Run,
+    /// Validate the configuration and print it, secrets redacted; exit 1 on any error.
+    CheckConfig,
+    /// Kafka topic management.
+    Topics {
+        #[command(subcommand)]
+        command: TopicsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicsCommand {
+    /// Create every topic the configuration can route to (known types, fallback, dead-letter); idempotent.
+    Create,
+    /// List the topics the configuration can route to.
+    List,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("huggy-bridge: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command.unwrap_or(Command::Run) {
+        Command::CheckConfig => {
+            print!("{}", cfg.to_redacted_toml());
+            ExitCode::SUCCESS
+        }
+        Command::Topics { command: TopicsCommand::List } => {
+            for t in publish::kafka::routable_topics(&cfg) {
+                println!("{t}");
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Topics { command: TopicsCommand::Create } => {
+            telemetry::init(&cfg.log);
+            block_on(async {
+                if cfg.kafka.is_embedded() {
+                    anyhow::bail!("kafka.brokers is \"embedded\": the embedded broker creates its topics itself");
+                }
+                for (topic, outcome) in publish::kafka::create_topics(&cfg, &cfg.kafka.brokers).await? {
+                    println!("{topic}\t{}", if outcome == publish::kafka::TopicOutcome::Created { "created" } else { "exists" });
+                }
+                Ok(())
+            })
+        }
+        Command::Run => {
+            telemetry::init(&cfg.log);
+            block_on(async {
+                let stop = CancellationToken::new();
+                shutdown::cancel_on_signals(stop.clone());
+                app::run(cfg, stop).await
+            })
+        }
+    }
+}
+
+fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("huggy-bridge: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(fut) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "huggy-bridge failed");
+            eprintln!("huggy-bridge: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
