@@ -26,6 +26,8 @@ pub enum BodyError {
     MissingMessages,
     #[error("`messages` is not an object")]
     MessagesNotAnObject,
+    #[error("JSON nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
 }
 
 impl BodyError {
@@ -35,6 +37,7 @@ impl BodyError {
             BodyError::NotAnObject => "not_an_object",
             BodyError::MissingMessages => "missing_messages",
             BodyError::MessagesNotAnObject => "messages_not_object",
+            BodyError::TooDeep => "too_deep",
         }
     }
 }
@@ -75,6 +78,9 @@ struct Envelope<'a> {
 /// # Errors
 /// [`BodyError`] when the body is not JSON, not an object, or `messages` is not an object.
 pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
+    if nesting_exceeds(body, MAX_DEPTH) {
+        return Err(BodyError::TooDeep);
+    }
     let trimmed = body.trim_ascii_start();
     if !trimmed.starts_with(b"{") {
         return match serde_json::from_slice::<IgnoredAny>(body) {
@@ -96,6 +102,39 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
         .0;
     let time = env.time.and_then(|t| t.get().parse::<i64>().ok());
     Ok(Body::Batch(Batch { token, time, groups }))
+}
+
+/// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128; events
+/// are a few levels deep).
+pub const MAX_DEPTH: usize = 64;
+
+/// Whether `[`/`{` nesting outside strings goes deeper than `limit`. A single pass without
+/// recursion, so a hostile body cannot exhaust the stack here or in any consumer downstream.
+fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in body {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 /// A JSON string value without escapes, borrowed; `None` for anything else (numbers, objects,

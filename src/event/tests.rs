@@ -1,0 +1,226 @@
+use std::collections::HashSet;
+
+use super::*;
+use crate::config::KafkaConfig;
+use crate::publish::Routes;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!("{}/tests/fixtures/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn batch(body: &[u8]) -> Batch<'_> {
+    match parse_body(body).expect("parses") {
+        Body::Batch(b) => b,
+        Body::Handshake { .. } => panic!("not a batch"),
+    }
+}
+
+/// Where `needle` sits in `hay`, to prove a value is a byte-exact slice of the body.
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// (fixture, [(event type, key)]) for every published example, in document order.
+const EXPECTED: &[(&str, &[(&str, &str)])] = &[
+    ("agentChangedStatus.json", &[("agentChangedStatus", "40419")]),
+    ("agentEntered.json", &[("agentEntered", "30608118")]),
+    ("asyncExportData.json", &[("asyncExportData", "1")]),
+    ("closedChat.json", &[("closedChat", "30608118")]),
+    ("createdCustomer.json", &[("createdCustomer", "217806")]),
+    ("finishedAutomationFlow.json", &[("finishedAutomationFlow", "99999")]),
+    ("leftQueue.json", &[("leftQueue", "92340841")]),
+    ("newInternalMessage.json", &[("newInternalMessage", "214420")]),
+    ("receivedAllMessage.2.json", &[("receivedAllMessage", "2932423")]),
+    ("receivedAllMessage.json", &[("receivedAllMessage", "19585255")]),
+    ("receivedMessage.json", &[("receivedMessage", "2932424")]),
+    ("sendedAllMessage.older-docs.json", &[("sentAllMessage", "13120639")]),
+    ("sentAllMessage.json", &[("sentAllMessage", "13120639")]),
+    (
+        "startedAutomationFlow+finishedAutomationFlow.2.json",
+        &[("startedAutomationFlow", "214570"), ("finishedAutomationFlow", "214570")],
+    ),
+    (
+        "startedAutomationFlow+finishedAutomationFlow.json",
+        &[("startedAutomationFlow", "214570"), ("finishedAutomationFlow", "214570")],
+    ),
+    ("startedAutomationFlow.json", &[("startedAutomationFlow", "99999")]),
+    ("startedChat+receivedMessage.json", &[("startedChat", "171789"), ("receivedMessage", "171789")]),
+    ("startedChat.json", &[("startedChat", "171780")]),
+    ("startedWidgetAttendance.json", &[("startedWidgetAttendance", "9999")]),
+    ("updatedChatDepartment.json", &[("updatedChatDepartment", "217618")]),
+    ("updatedCustomer.json", &[("updatedCustomer", "217806")]),
+    ("updatedWorkflowStep.json", &[("updatedWorkflowStep", "31155221")]),
+];
+
+#[test]
+fn every_fixture_splits_into_the_expected_records() {
+    let routes = Routes::new(&KafkaConfig::default());
+    let mut ids = HashSet::new();
+    let mut count = 0;
+    for (name, expected) in EXPECTED {
+        let body = fixture(name);
+        let b = batch(&body);
+        let events = split(&b, 0);
+        assert_eq!(events.len(), expected.len(), "{name}");
+        for (ev, (ty, key)) in events.iter().zip(expected.iter()) {
+            assert_eq!(ev.event_type.as_str(), *ty, "{name}");
+            assert_eq!(ev.key.as_deref(), Some(*key), "{name}");
+            assert_eq!(routes.topic_for(&ev.event_type), format!("huggy.{ty}"), "{name}");
+            assert!(ev.dead_letter.is_none(), "{name}: {:?}", ev.dead_letter);
+            assert!(find(&body, &ev.value).is_some(), "{name}: value is not a byte-exact slice of the body");
+            let parsed: serde_json::Value = serde_json::from_slice(&ev.value).expect("value is JSON");
+            assert!(parsed.is_object(), "{name}");
+            assert_eq!(ev.id, EventId::derive(ty, &ev.value), "{name}");
+            assert!(ev.time > 0, "{name}: batch time used");
+            ids.insert((ev.id, ev.value.clone()));
+            count += 1;
+        }
+    }
+    // Every (id, value) pair is distinct per distinct value: equal ids only for equal bytes.
+    let mut by_id = std::collections::HashMap::new();
+    for (id, value) in &ids {
+        if let Some(other) = by_id.insert(*id, value.clone()) {
+            assert_eq!(&other, value, "two different events share id {id}");
+        }
+    }
+    assert_eq!(count, 25);
+}
+
+#[test]
+fn handshake_is_recognised() {
+    let body = fixture("handshake.json");
+    match parse_body(&body).unwrap() {
+        Body::Handshake { token } => assert_eq!(token, Some("380c4e7399999999999999999999d354")),
+        Body::Batch(_) => panic!("handshake parsed as a batch"),
+    }
+}
+
+#[test]
+fn old_spelling_is_renamed_and_remembered() {
+    let body = fixture("sendedAllMessage.older-docs.json");
+    let events = split(&batch(&body), 0);
+    assert_eq!(events[0].event_type, EventType::Known(KnownType::SentAllMessage));
+    assert_eq!(events[0].original_type.as_deref(), Some("sendedAllMessage"));
+    let body = fixture("sentAllMessage.json");
+    assert_eq!(split(&batch(&body), 0)[0].original_type, None);
+}
+
+#[test]
+fn bytes_survive_exactly_big_ids_escapes_emoji_whitespace() {
+    let body = "{ \"token\" : \"t\" ,\"time\":1700000000,\n \"messages\" : {\"receivedMessage\" : [ \
+        {\"id\" :  123456789012345678901234567890 , \"body\":\"ol\\u00e1 \u{1F600} \\\"q\\\" \\ud83d\\ude00\",\r\n\t\"chat\" : {\"id\": 9007199254740993}, \
+        \"company\":{\"id\":\"77\"}, \"id2\": 1.0e+2 }\n , {\"chat\":{\"id\":\"18446744073709551617\"}} ] } }";
+    let events = split(&batch(body.as_bytes()), 5);
+    assert_eq!(events.len(), 2);
+    let first = &events[0];
+    let start = body.find("{\"id\" :").unwrap();
+    let end = body.find("1.0e+2 }").unwrap() + "1.0e+2 }".len();
+    assert_eq!(first.value, body.as_bytes()[start..end].to_vec());
+    assert_eq!(first.key.as_deref(), Some("9007199254740993"));
+    assert_eq!(first.company.as_deref(), Some("77"));
+    assert_eq!(first.time, 1_700_000_000);
+    assert_eq!(first.ce_time(), "2023-11-14T22:13:20Z");
+    assert_eq!(first.ce_source(), "huggy://company/77");
+    assert_eq!(events[1].key.as_deref(), Some("18446744073709551617"), "ids beyond 2^64 keep their digits");
+}
+
+#[test]
+fn same_event_same_id_different_event_different_id() {
+    let a = br#"{"token":"t","messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    let b = br#"{"token":"other","time":99,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    let c = br#"{"token":"t","messages":{"receivedMessage":[{"id":2,"chat":{"id":5}}]}}"#;
+    let d = br#"{"token":"t","messages":{"receivedAllMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    let id = |body: &[u8]| split(&batch(body), 0)[0].id;
+    assert_eq!(id(a), id(b), "redelivery in another batch keeps the id");
+    assert_ne!(id(a), id(c));
+    assert_ne!(id(a), id(d), "the type is part of the id");
+    // Pinned: ids must not change between releases, consumers deduplicate on them.
+    assert_eq!(id(a).to_string(), "b788eb4dbded3c17d758692a39551f47");
+}
+
+#[test]
+fn malformed_events_are_dead_lettered_and_siblings_kept() {
+    let body = br#"{"token":"t","messages":{
+        "receivedMessage":[{"id":1,"chat":{"id":5}}, 42, "text", null, [1], {"id":3,"id":4}],
+        "":[{"id":9}],
+        "bad type\u0001":[{"id":9}],
+        "closedChat": {"id": 7},
+        "someNewType":[{"chatID": 12, "company": {"id": 3}}]
+    }}"#;
+    let events = split(&batch(body), 0);
+    let summary: Vec<(String, Option<&str>, bool)> =
+        events.iter().map(|e| (e.event_type.to_string(), e.key.as_deref(), e.dead_letter.is_some())).collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("receivedMessage".into(), Some("5"), false),
+            ("receivedMessage".into(), None, true),
+            ("receivedMessage".into(), None, true),
+            ("receivedMessage".into(), None, true),
+            ("receivedMessage".into(), None, true),
+            ("receivedMessage".into(), None, true),
+            ("invalid".into(), None, true),
+            ("invalid".into(), None, true),
+            ("closedChat".into(), None, true),
+            ("someNewType".into(), Some("12"), false),
+        ]
+    );
+    assert_eq!(events[1].dead_letter.as_deref(), Some("event is not an object"));
+    assert_eq!(events[8].dead_letter.as_deref(), Some("event list is not an array"));
+    assert_eq!(Routes::new(&KafkaConfig::default()).topic_for(&events[9].event_type), "huggy.unknown");
+}
+
+#[test]
+fn bodies_that_are_not_batches_are_refused_with_a_code() {
+    let cases: &[(&[u8], &str)] = &[
+        (b"", "invalid_json"),
+        (b"   \n ", "invalid_json"),
+        (b"{\"token\":\"t\",\"messages\":{", "invalid_json"),
+        (b"{\"token\":\"t\",\"messages\":{}} trailing", "invalid_json"),
+        (b"[1,2]", "not_an_object"),
+        (b"\"x\"", "not_an_object"),
+        (b"12", "not_an_object"),
+        (b"{\"token\":\"t\"}", "missing_messages"),
+        (b"{\"token\":\"t\",\"messages\":null}", "missing_messages"),
+        (b"{\"token\":\"t\",\"messages\":\"x\"}", "messages_not_object"),
+        (b"{\"token\":\"t\",\"messages\":[]}", "messages_not_object"),
+        (b"{\"token\":\"t\",\"token\":\"u\",\"messages\":{}}", "invalid_json"),
+        (b"{\"token\":\"\xff\xfe\",\"messages\":{}}", "invalid_json"),
+    ];
+    for (body, code) in cases {
+        let err = parse_body(body).expect_err(&String::from_utf8_lossy(body));
+        assert_eq!(err.code(), *code, "{}", String::from_utf8_lossy(body));
+    }
+}
+
+#[test]
+fn deep_nesting_is_refused_without_overflowing_the_stack() {
+    let depth = 100_000;
+    let mut body = String::from("{\"token\":\"t\",\"messages\":{\"receivedMessage\":[");
+    body.push_str(&"[".repeat(depth));
+    body.push_str(&"]".repeat(depth));
+    body.push_str("]}}");
+    let refused = matches!(parse_body(body.as_bytes()), Err(BodyError::TooDeep));
+    assert!(refused, "a 100,000-level body must be refused as too deep");
+    let mut ok = String::from("{\"token\":\"t\",\"messages\":{\"x\":[");
+    ok.push_str(&"[".repeat(MAX_DEPTH - 3));
+    ok.push_str(&"]".repeat(MAX_DEPTH - 3));
+    ok.push_str("]},\"s\":\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\\"\"}");
+    assert!(parse_body(ok.as_bytes()).is_ok(), "brackets inside strings do not count");
+}
+
+#[test]
+fn huge_numbers_pass_through_untouched() {
+    let body = br#"{"token":"t","time":1e400,"messages":{"receivedMessage":[{"chat":{"id":1},"n":1e400,"m":-0.0e-999}]}}"#;
+    let events = split(&batch(body), 7);
+    assert_eq!(events[0].value, br#"{"chat":{"id":1},"n":1e400,"m":-0.0e-999}"#.to_vec());
+    assert_eq!(events[0].time, 7, "a time that is not an integer falls back to receipt time");
+}
+
+#[test]
+fn tokens_that_are_not_strings_are_absent() {
+    for body in [&br#"{"token":12,"messages":{}}"#[..], br#"{"token":{"a":1},"messages":{}}"#, br#"{"messages":{}}"#] {
+        assert_eq!(batch(body).token, None);
+    }
+}

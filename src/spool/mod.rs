@@ -588,6 +588,9 @@ impl Writer {
                     }
                     let bytes: u64 = fresh.iter().map(|e| e.value.len() as u64).sum();
                     if used + group_bytes + bytes > self.settings.max_bytes && bytes > 0 {
+                        for e in &fresh {
+                            group_ids.remove(&e.id);
+                        }
                         replies.push((reply, Err(SpoolError::Full { used: used + group_bytes, max: self.settings.max_bytes })));
                         continue;
                     }
