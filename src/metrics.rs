@@ -144,3 +144,9 @@ impl Default for Metrics {
         Self::new()
     }
 }
+
+/// The sum of a labelled counter over all its labels.
+pub fn counter_sum(c: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    c.collect().iter().flat_map(|f| f.get_metric()).map(|m| m.get_counter().get_value() as u64).sum()
+}

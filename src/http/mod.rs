@@ -85,7 +85,7 @@ impl AppState {
             if !s.writable {
                 reasons.push("spool not writable".to_owned());
             }
-            if s.bytes >= s.max_bytes {
+            if s.full {
                 reasons.push(format!("spool full ({} of {} bytes)", s.bytes, s.max_bytes));
             }
             if let Some(at) = s.oldest_received_at {

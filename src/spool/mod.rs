@@ -83,6 +83,8 @@ pub struct SpoolStats {
     pub max_bytes: u64,
     pub oldest_received_at: Option<i64>,
     pub writable: bool,
+    /// An append was refused for lack of room and usage has not fallen below 90% since.
+    pub full: bool,
 }
 
 struct Pending {
@@ -104,6 +106,7 @@ struct State {
     /// Segment the reader is in (its first seq): segments before it may be deleted.
     reader_segment: u64,
     write_error: Option<String>,
+    refused_full: bool,
 }
 
 struct Shared {
@@ -165,6 +168,7 @@ impl Spool {
                 committed_len,
                 reader_segment,
                 write_error: None,
+                refused_full: false,
             }),
             committed: Notify::new(),
             max_bytes: settings.max_bytes,
@@ -211,6 +215,7 @@ impl Spool {
             max_bytes: self.shared.max_bytes,
             oldest_received_at: st.unacked.values().next().map(|p| p.received_at),
             writable: st.write_error.is_none(),
+            full: st.refused_full || st.unacked_bytes >= self.shared.max_bytes,
         }
     }
 
@@ -631,6 +636,11 @@ impl Writer {
                     }
                 }
                 st.committed_len = self.active_len;
+                if replies.iter().any(|(_, r)| matches!(r, Err(SpoolError::Full { .. }))) {
+                    st.refused_full = true;
+                } else if st.unacked_bytes < self.settings.max_bytes / 10 * 9 {
+                    st.refused_full = false;
+                }
                 drop(st);
                 for (tx, r) in replies {
                     let _ = tx.send(r);
