@@ -21,6 +21,9 @@ use crate::publish::kafka::{self, EmbeddedBroker};
 use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
 use crate::spool::{Spool, SpoolSettings, SEGMENT_BYTES};
 
+/// How long a spool-mode shutdown waits on Kafka (publisher window, producer flush).
+const SPOOL_MODE_KAFKA_GRACE: Duration = Duration::from_secs(5);
+
 /// A started daemon.
 pub struct Running {
     pub http_addr: SocketAddr,
@@ -105,7 +108,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
         ))
     });
-    tokio::spawn(probe_kafka(publisher.clone(), health.clone(), state.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(5_000)), background_stop.clone()));
+    tokio::spawn(probe_kafka(publisher.clone(), health.clone(), state.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)), background_stop.clone()));
 
     let deadline = Duration::from_secs(cfg.shutdown.timeout_secs);
     let http_stop = CancellationToken::new();
@@ -132,17 +135,20 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             state.draining.store(true, Ordering::Relaxed);
             http_stop.cancel();
             let _ = public_task.await;
+            // In spool mode nothing in flight is at risk (the spool keeps it), so waiting on Kafka
+            // is bounded tighter: only to spare duplicates after the restart.
+            let spare = |d: Duration| if spool.is_some() { d.min(SPOOL_MODE_KAFKA_GRACE) } else { d };
             if let Some(t) = publisher_task {
                 publisher_soft_stop.cancel();
                 tokio::select! {
                     _ = t => {}
-                    () = tokio::time::sleep(left()) => {
-                        warn!("publisher did not finish its window before the deadline");
+                    () = tokio::time::sleep(spare(left())) => {
+                        warn!("publisher did not finish its window in time; its records stay in the spool");
                         publisher_hard_stop.cancel();
                     }
                 }
             }
-            let flush_for = left();
+            let flush_for = spare(left());
             let p = publisher.clone();
             let flushed = tokio::task::spawn_blocking(move || p.producer().flush(flush_for)).await;
             match flushed {

@@ -507,3 +507,111 @@ pub async fn post(url: &str, body: impl Into<reqwest::Body>) -> (u16, String) {
     let status = r.status().as_u16();
     (status, r.text().await.unwrap_or_default())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Load with verifiable events
+
+pub const LOAD_TOKEN: &str = "132ce76c7abb1154f01ebc0d508162e4";
+
+/// A batch of `per_batch` receivedMessage events of one chat (`client`), each with a unique marker
+/// `c<client>-b<batch>-e<i>` as its body and a unique id.
+pub fn load_batch(client: usize, batch: usize, per_batch: usize) -> (String, Vec<String>) {
+    let markers: Vec<String> = (0..per_batch).map(|i| format!("c{client}-b{batch}-e{i}")).collect();
+    let events: Vec<String> = markers
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            format!(
+                r#"{{"id":"{}","body":"{m}","is_internal":false,"senderType":"whatsapp","file":null,"chat":{{"id":{}}},"company":{{"id":"42"}}}}"#,
+                client * 1_000_000 + batch * 100 + i,
+                10_000 + client
+            )
+        })
+        .collect();
+    let body = format!(r#"{{"time":1763700000,"messages":{{"receivedMessage":[{}]}},"token":"{LOAD_TOKEN}"}}"#, events.join(","));
+    (body, markers)
+}
+
+/// Result of a load run.
+#[derive(Debug, Default)]
+pub struct LoadResult {
+    /// Markers of events whose request was answered 2xx, per client in send order.
+    pub acked: Vec<Vec<String>>,
+    pub ok: usize,
+    pub refused: usize,
+    pub failed: usize,
+}
+
+impl LoadResult {
+    pub fn acked_count(&self) -> usize {
+        self.acked.iter().map(Vec::len).sum()
+    }
+}
+
+/// `clients` concurrent clients, each posting its own chat's batches one after the other, until
+/// `stop` is set or `max_batches` each. Every client keeps going through refusals and errors.
+pub async fn run_load(url: String, clients: usize, per_batch: usize, max_batches: usize, stop: Arc<AtomicBool>) -> LoadResult {
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let (http, url, stop) = (http.clone(), url.clone(), stop.clone());
+            tokio::spawn(async move {
+                let (mut acked, mut ok, mut refused, mut failed) = (Vec::new(), 0, 0, 0);
+                for b in 0..max_batches {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let (body, markers) = load_batch(c, b, per_batch);
+                    match http.post(&url).body(body).send().await {
+                        Ok(r) if r.status().is_success() => {
+                            ok += 1;
+                            acked.extend(markers);
+                        }
+                        Ok(_) => {
+                            refused += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(_) => {
+                            failed += 1;
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+                (acked, ok, refused, failed)
+            })
+        })
+        .collect();
+    let mut res = LoadResult::default();
+    for t in tasks {
+        let (acked, ok, refused, failed) = t.await.unwrap();
+        res.acked.push(acked);
+        res.ok += ok;
+        res.refused += refused;
+        res.failed += failed;
+    }
+    res
+}
+
+/// Asserts every acknowledged marker reached `recs`, and that per chat the first occurrences keep
+/// send order. Returns the number of duplicate records.
+pub fn assert_nothing_acked_is_missing(load: &LoadResult, recs: &[Rec]) -> usize {
+    let mut first_pos: HashMap<String, usize> = HashMap::new();
+    let mut dups = 0;
+    for (i, r) in recs.iter().enumerate() {
+        let v: serde_json::Value = serde_json::from_slice(&r.value).expect("record is JSON");
+        let marker = v["body"].as_str().unwrap_or_default().to_owned();
+        if first_pos.contains_key(&marker) {
+            dups += 1;
+        } else {
+            first_pos.insert(marker, i);
+        }
+    }
+    let missing: Vec<&String> = load.acked.iter().flatten().filter(|m| !first_pos.contains_key(*m)).collect();
+    assert!(missing.is_empty(), "{} of {} acknowledged events missing from Kafka, e.g. {:?}", missing.len(), load.acked_count(), &missing[..missing.len().min(5)]);
+    // All of one client's events share a key, hence a partition; `recs` is in partition order.
+    for client in &load.acked {
+        let positions: Vec<usize> = client.iter().map(|m| first_pos[m]).collect();
+        assert!(positions.windows(2).all(|w| w[0] < w[1]), "per-key order broken");
+    }
+    dups
+}

@@ -1,0 +1,222 @@
+//! The daemon as a real process against a real Kafka-compatible broker (tansu): records, topic
+//! provisioning, and the fault tests — SIGKILL under load, the broker cut off, the spool cap, a torn
+//! spool tail, SIGTERM under load. They count what was acknowledged and what reached Kafka.
+//!
+//! Skipped when no tansu binary is found, unless `HUGGY_BRIDGE_REQUIRE_BROKER=1` (CI), where a missing
+//! broker fails them.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn spool_config(bootstrap: &str, spool: &std::path::Path, extra: &str) -> String {
+    format!(
+        "[kafka]\nbrokers = \"{bootstrap}\"\npartitions = 3\n[delivery]\nack = \"spool\"\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n[shutdown]\ntimeout_secs = 10\n{extra}",
+        spool.display()
+    )
+}
+
+async fn read_async(bootstrap: &str, topics: Vec<String>) -> Vec<Rec> {
+    let b = bootstrap.to_owned();
+    tokio::task::spawn_blocking(move || read_topics(&b, &topics.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
+}
+
+async fn ready(admin: &SocketAddr) -> bool {
+    reqwest::get(format!("http://{admin}/readyz")).await.is_ok_and(|r| r.status() == 200)
+}
+
+/// Waits until the daemon's spool is empty (everything acknowledged by Kafka).
+async fn drained(d: &Daemon, within: Duration) {
+    wait_for("spool drained", within, async || (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_idempotent() {
+    let Some(bin) = real_broker_or_skip("fixtures_reach_a_real_broker") else { return };
+    for mode in ["spool", "kafka"] {
+        let tansu = Tansu::start(&bin, None);
+        let dir = tempfile::tempdir().unwrap();
+        let first = topics_create(dir.path(), &tansu.bootstrap(), 3);
+        assert!(first.lines().count() >= 21 && first.lines().all(|l| l.ends_with("\tcreated")), "{first}");
+        let second = topics_create(dir.path(), &tansu.bootstrap(), 3);
+        assert!(second.lines().all(|l| l.ends_with("\texists")), "{second}");
+        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "").replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
+        let d = Daemon::start(dir.path(), &cfg).await;
+        for (name, body) in batch_fixtures() {
+            let (status, text) = post(&d.url(), body).await;
+            assert_eq!(status, 200, "{mode} {name}: {text}");
+        }
+        let distinct = if mode == "spool" { 24.0 } else { 25.0 };
+        wait_for("published", Duration::from_secs(30), async || {
+            let mut sum = 0.0;
+            for t in fixture_topics() {
+                sum += d.metric(&format!("huggy_bridge_events_published_total{{type=\"{}\"}}", &t["huggy.".len()..])).await;
+            }
+            (sum == distinct).then_some(())
+        })
+        .await;
+        let recs = read_async(&tansu.bootstrap(), fixture_topics()).await;
+        check_fixture_records(&recs, mode == "spool");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_load_loses_nothing_acknowledged() {
+    let Some(bin) = real_broker_or_skip("sigkill_mid_load") else { return };
+    let tansu = Tansu::start(&bin, None);
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &tansu.bootstrap(), 3);
+    let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "");
+    let mut d = Daemon::start(dir.path(), &cfg).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(run_load(d.url(), 16, 5, 100_000, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    d.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load = load.await.unwrap();
+    assert!(load.ok > 50, "load too small to mean anything: {load:?}");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    drained(&d, Duration::from_secs(60)).await;
+    let recs = read_async(&tansu.bootstrap(), vec!["huggy.receivedMessage".into()]).await;
+    let dups = assert_nothing_acked_is_missing(&load, &recs);
+    eprintln!(
+        "sigkill: {} requests acknowledged ({} events), {} failed at the kill; {} records in Kafka, {} duplicates",
+        load.ok,
+        load.acked_count(),
+        load.failed,
+        recs.len(),
+        dups
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readiness_follows() {
+    let Some(bin) = real_broker_or_skip("broker_cut_off") else { return };
+    let proxy_port = free_port();
+    let tansu = Tansu::start(&bin, Some(proxy_port));
+    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
+    let via_proxy = format!("127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &via_proxy, 3);
+    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"), "")).await;
+    wait_for("ready", Duration::from_secs(20), async || ready(&d.admin).await.then_some(())).await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = tokio::spawn(run_load(d.url(), 8, 5, 100_000, stop.clone()));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    let cut_at = Instant::now();
+    wait_for("not ready after the cut", Duration::from_secs(15), async || (!ready(&d.admin).await).then_some(())).await;
+    eprintln!("partition: not ready {:?} after the cut", cut_at.elapsed());
+    while cut_at.elapsed() < Duration::from_secs(16) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let backlog = d.metric("huggy_bridge_spool_events").await;
+    assert!(backlog > 0.0, "requests kept being accepted into the spool while cut off");
+    proxy.restore();
+    let restored_at = Instant::now();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let load = load.await.unwrap();
+    assert_eq!(load.refused + load.failed, 0, "spool mode refused nothing during the outage: {load:?}");
+    drained(&d, Duration::from_secs(90)).await;
+    wait_for("ready again", Duration::from_secs(20), async || ready(&d.admin).await.then_some(())).await;
+    eprintln!("partition: backlog of {backlog} events at restore; drained and ready {:?} after restore", restored_at.elapsed());
+    let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
+    let dups = assert_nothing_acked_is_missing(&load, &recs);
+    eprintln!("partition: {} events acknowledged, {} records, {dups} duplicates", load.acked_count(), recs.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() {
+    let Some(bin) = real_broker_or_skip("spool_cap") else { return };
+    let proxy_port = free_port();
+    let tansu = Tansu::start(&bin, Some(proxy_port));
+    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
+    let via_proxy = format!("127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &via_proxy, 3);
+    proxy.cut();
+    let cfg = spool_config(&via_proxy, &dir.path().join("spool"), "").replace("[spool]\n", "[spool]\nmax_bytes = 50000\n");
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let load = run_load(d.url(), 4, 5, 60, Arc::new(AtomicBool::new(false))).await;
+    assert!(load.ok > 0 && load.refused > 0, "{load:?}");
+    let r = reqwest::Client::new().post(d.url()).body(load_batch(99, 0, 5).0).send().await.unwrap();
+    assert_eq!(r.status(), 503);
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(!ready(&d.admin).await);
+    proxy.restore();
+    drained(&d, Duration::from_secs(60)).await;
+    let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
+    assert_nothing_acked_is_missing(&load, &recs);
+    eprintln!("cap: {} accepted, {} refused with 503; {} records", load.ok, load.refused, recs.len());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn torn_spool_tail_is_discarded_at_start_and_the_rest_delivered() {
+    let Some(bin) = real_broker_or_skip("torn_tail") else { return };
+    let proxy_port = free_port();
+    let tansu = Tansu::start(&bin, Some(proxy_port));
+    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
+    let via_proxy = format!("127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &via_proxy, 3);
+    proxy.cut();
+    let spool = dir.path().join("spool");
+    let cfg = spool_config(&via_proxy, &spool, "");
+    let mut d = Daemon::start(dir.path(), &cfg).await;
+    let load = run_load(d.url(), 2, 5, 10, Arc::new(AtomicBool::new(false))).await;
+    assert_eq!(load.ok, 20);
+    d.kill9();
+    let mut segments: Vec<_> = std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains("segment-")).collect();
+    segments.sort();
+    let newest = segments.last().unwrap();
+    // A write cut short by the crash: a frame header promising more than is there.
+    let mut bytes = std::fs::read(newest).unwrap();
+    bytes.extend_from_slice(&4096u32.to_le_bytes());
+    bytes.extend_from_slice(&[0x5A; 100]);
+    std::fs::write(newest, bytes).unwrap();
+    proxy.restore();
+    let d = Daemon::start(dir.path(), &cfg).await;
+    drained(&d, Duration::from_secs(60)).await;
+    let log = d.log_text();
+    assert!(log.contains("torn write") && log.contains("discarded_bytes=104"), "the discarded tail is logged:\n{log}");
+    let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
+    assert_nothing_acked_is_missing(&load, &recs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_zero_in_time_and_loses_nothing_in_both_modes() {
+    let Some(bin) = real_broker_or_skip("sigterm_under_load") else { return };
+    for mode in ["spool", "kafka"] {
+        let tansu = Tansu::start(&bin, None);
+        let dir = tempfile::tempdir().unwrap();
+        topics_create(dir.path(), &tansu.bootstrap(), 3);
+        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "").replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
+        let mut d = Daemon::start(dir.path(), &cfg).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = tokio::spawn(run_load(d.url(), 8, 5, 100_000, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let t0 = Instant::now();
+        let status = tokio::task::block_in_place(|| d.terminate(Duration::from_secs(12)));
+        let took = t0.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        let load = load.await.unwrap();
+        assert!(status.success(), "{mode}: exit status {status:?}\n{}", d.log_text());
+        assert!(took < Duration::from_secs(10), "{mode}: shutdown took {took:?}, deadline 10s");
+        if mode == "spool" {
+            // What was spooled but not yet published goes out after the restart.
+            let d2 = Daemon::start(dir.path(), &cfg).await;
+            drained(&d2, Duration::from_secs(60)).await;
+        }
+        let recs = read_async(&tansu.bootstrap(), vec!["huggy.receivedMessage".into()]).await;
+        let dups = assert_nothing_acked_is_missing(&load, &recs);
+        eprintln!("sigterm {mode}: exit 0 after {took:?}; {} events acknowledged, {} records, {dups} duplicates", load.acked_count(), recs.len());
+    }
+}
