@@ -15,7 +15,8 @@ use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
 use crate::http::{self, AppState, ServeLimits};
-use crate::ingest::Ingest;
+use crate::files::{Completion, FileCapture, FileJob};
+use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
 use crate::publish::kafka::{self, EmbeddedBroker};
 use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
@@ -84,10 +85,30 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
         ),
         AckMode::Kafka => None,
     };
-    let ingest = match &spool {
-        Some(s) => Ingest::Spool(s.clone()),
-        None => Ingest::Kafka { publisher: publisher.clone(), timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms) },
+    let files_stop = CancellationToken::new();
+    let files = if cfg.files.enabled {
+        let fc = FileCapture::new(&cfg.files, metrics.clone()).context("setting up file capture")?;
+        if let Some(s) = &spool {
+            let sink_spool = s.clone();
+            fc.set_spool_sink(Arc::new(move |seq, member| {
+                let s = sink_spool.clone();
+                tokio::spawn(async move { s.files_done(seq, member).await });
+            }));
+            for p in s.take_pending_files() {
+                info!(seq = p.seq, files = p.urls.len(), "resuming file capture interrupted by the last stop");
+                fc.submit(FileJob { event_id: p.event_id, company: p.company, received_at: p.received_at, urls: p.urls, completion: Completion::Spool(p.seq) });
+            }
+        }
+        fc.spawn_workers(cfg.files.concurrency, files_stop.clone());
+        Some(fc)
+    } else {
+        None
     };
+    let mode = match &spool {
+        Some(s) => Mode::Spool(s.clone()),
+        None => Mode::Kafka { publisher: publisher.clone(), timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms) },
+    };
+    let ingest = Ingest { mode, files };
     let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone(), spool.clone()));
 
     let public = http::bind(cfg.http.listen, "http.listen").await?;
@@ -156,6 +177,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
                 Ok(Err(e)) => warn!(error = %e, "producer flush incomplete; unacknowledged events stay in the spool"),
                 Err(e) => warn!(error = %e, "producer flush task failed"),
             }
+            files_stop.cancel();
             if let Some(s) = &spool {
                 s.close().await;
             }

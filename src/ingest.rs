@@ -1,13 +1,16 @@
 //! The durability stage behind the webhook: what must be true before Huggy gets its 2xx.
-//! `spool` mode makes the events durable on local disk (the publisher drains them later);
-//! `kafka` mode waits until Kafka acknowledged every one of them.
+//! `spool` mode makes the events durable on local disk (the publisher drains them later, and file
+//! captures start at once in the background); `kafka` mode captures the events' files and waits
+//! until Kafka acknowledged every event, all within `delivery.kafka_ack_timeout_ms`.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::warn;
+use tokio::sync::oneshot;
+use tracing::{info, warn};
 
-use crate::event::Event;
+use crate::event::{append_member, Event};
+use crate::files::{Completion, FileCapture, FileJob};
 use crate::metrics::Metrics;
 use crate::publish::{Outcome, Publisher};
 use crate::spool::{Spool, SpoolError};
@@ -41,9 +44,14 @@ pub struct Accepted {
     pub duplicates: usize,
 }
 
-pub enum Ingest {
+pub enum Mode {
     Spool(Spool),
     Kafka { publisher: Arc<Publisher>, timeout: Duration },
+}
+
+pub struct Ingest {
+    pub mode: Mode,
+    pub files: Option<Arc<FileCapture>>,
 }
 
 impl Ingest {
@@ -51,36 +59,80 @@ impl Ingest {
     ///
     /// # Errors
     /// The events are not durable: the client must be told to retry (503).
-    pub async fn accept(&self, events: Vec<Event>, received_at: i64, metrics: &Metrics) -> Result<Accepted, IngestError> {
+    pub async fn accept(&self, mut events: Vec<Event>, received_at: i64, metrics: &Metrics) -> Result<Accepted, IngestError> {
         let n = events.len();
-        let labels: Vec<&'static str> = events.iter().map(|e| e.event_type.label()).collect();
-        let accepted = match self {
-            Ingest::Spool(spool) => {
-                let ids: Vec<_> = events.iter().map(|e| e.id).collect();
-                let r = spool.append(events, received_at).await.map_err(|e| match e {
-                    SpoolError::Full { .. } => IngestError::SpoolFull,
-                    other => IngestError::SpoolFailed(other.to_string()),
-                })?;
-                if r.duplicates > 0 {
-                    tracing::info!(duplicates = r.duplicates, of = ids.len(), "events already seen within the dedup window");
-                }
-                Accepted { events: n, duplicates: r.duplicates }
+        if let Some(fc) = &self.files {
+            for ev in events.iter_mut().filter(|e| e.dead_letter.is_none()) {
+                ev.files = fc.detect(&ev.value);
             }
-            Ingest::Kafka { publisher, timeout } => {
-                let refs: Vec<&Event> = events.iter().collect();
-                let outcomes = tokio::time::timeout(*timeout, publisher.publish_all(&refs))
+        }
+        let labels: Vec<&'static str> = events.iter().map(|e| e.event_type.label()).collect();
+        let accepted = match &self.mode {
+            Mode::Spool(spool) => self.into_spool(spool, events, received_at).await?,
+            Mode::Kafka { publisher, timeout } => {
+                tokio::time::timeout(*timeout, self.into_kafka(publisher, events, received_at))
                     .await
-                    .map_err(|_| IngestError::KafkaUnavailable)?;
-                if let Some(Outcome::Retry(why)) = outcomes.iter().find(|o| matches!(o, Outcome::Retry(_))) {
-                    warn!(%why, "kafka refused part of the batch");
-                    return Err(IngestError::KafkaUnavailable);
-                }
+                    .map_err(|_| IngestError::KafkaUnavailable)??;
                 Accepted { events: n, duplicates: 0 }
             }
         };
         for l in labels {
             metrics.events_received.with_label_values(&[l]).inc();
         }
+        if accepted.duplicates > 0 {
+            metrics.events_duplicate.inc_by(accepted.duplicates as u64);
+        }
         Ok(accepted)
     }
+
+    async fn into_spool(&self, spool: &Spool, events: Vec<Event>, received_at: i64) -> Result<Accepted, IngestError> {
+        let n = events.len();
+        let with_files: Vec<(usize, FileJobParts)> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| !e.files.is_empty())
+            .map(|(i, e)| (i, (e.id, e.company.clone(), e.files.clone())))
+            .collect();
+        let r = spool.append(events, received_at).await.map_err(|e| match e {
+            SpoolError::Full { .. } => IngestError::SpoolFull,
+            other => IngestError::SpoolFailed(other.to_string()),
+        })?;
+        if let Some(fc) = &self.files {
+            for (i, (event_id, company, urls)) in with_files {
+                if let Some(seq) = r.seqs[i] {
+                    fc.submit(FileJob { event_id, company, received_at, urls, completion: Completion::Spool(seq) });
+                }
+            }
+        }
+        if r.duplicates > 0 {
+            info!(duplicates = r.duplicates, of = n, "events already seen within the dedup window");
+        }
+        Ok(Accepted { events: n, duplicates: r.duplicates })
+    }
+
+    async fn into_kafka(&self, publisher: &Publisher, mut events: Vec<Event>, received_at: i64) -> Result<(), IngestError> {
+        if let Some(fc) = &self.files {
+            let mut waits = Vec::new();
+            for (i, ev) in events.iter().enumerate().filter(|(_, e)| !e.files.is_empty()) {
+                let (tx, rx) = oneshot::channel();
+                fc.submit(FileJob { event_id: ev.id, company: ev.company.clone(), received_at, urls: ev.files.clone(), completion: Completion::Reply(tx) });
+                waits.push((i, rx));
+            }
+            for (i, rx) in waits {
+                let member = rx.await.map_err(|_| IngestError::KafkaUnavailable)?;
+                let ev = &mut events[i];
+                ev.value = append_member(&ev.value, "bridge_files", &member);
+                ev.files.clear();
+            }
+        }
+        let refs: Vec<&Event> = events.iter().collect();
+        let outcomes = publisher.publish_all(&refs).await;
+        if let Some(Outcome::Retry(why)) = outcomes.iter().find(|o| matches!(o, Outcome::Retry(_))) {
+            warn!(%why, "kafka refused part of the batch");
+            return Err(IngestError::KafkaUnavailable);
+        }
+        Ok(())
+    }
 }
+
+type FileJobParts = (crate::event::EventId, Option<String>, Vec<String>);

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //!  Huggy ──POST──▶ http ──▶ event::split ──▶ ingest ──▶ spool (fsync, group commit) ──▶ 2xx
-//!                                                        │
+//!                                                        │        ▲
+//!                                                        │        └── files (download → store → bridge_files)
 //!                                                        ▼
 //!                               publish (rdkafka, idempotent, acks=all, retries, dead-letter) ──▶ Kafka
 //! ```
@@ -12,6 +13,8 @@
 //! - [`event`]: pure parsing and splitting of batches; types, keys, ids, CloudEvents attributes.
 //! - [`ingest`]: the durability stage the handler hands a batch to (`spool` or `kafka` ack mode).
 //! - [`spool`]: the crash-safe segment log, its recovery, dedup window and gauges.
+//! - [`files`]: capture of the files events point to before their access tokens expire (SSRF-safe
+//!   client, earliest-deadline-first scheduling, streaming into an object store).
 //! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
 //!   loop that drains the spool.
 //! - [`metrics`], [`telemetry`], [`shutdown`], and [`app`], which wires them together.
@@ -19,6 +22,7 @@
 pub mod app;
 pub mod config;
 pub mod event;
+pub mod files;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

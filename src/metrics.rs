@@ -21,7 +21,7 @@ pub struct Metrics {
     pub http_requests: IntCounterVec,
     pub request_duration: HistogramVec,
     pub events_received: IntCounterVec,
-    pub events_duplicate: IntCounterVec,
+    pub events_duplicate: IntCounter,
     pub events_published: IntCounterVec,
     pub events_dead_lettered: IntCounterVec,
     pub publish_retries: IntCounter,
@@ -66,10 +66,9 @@ impl Metrics {
                 &["outcome"]
             )),
             events_received: reg!(counter_vec("huggy_bridge_events_received_total", "Events accepted from Huggy, by event type.", "type")),
-            events_duplicate: reg!(counter_vec(
+            events_duplicate: reg!(IntCounter::new(
                 "huggy_bridge_events_duplicate_total",
-                "Events acknowledged but not published again: their id was seen within the dedup window.",
-                "type"
+                "Events acknowledged but not published again: their id was seen within the dedup window."
             )),
             events_published: reg!(counter_vec("huggy_bridge_events_published_total", "Events acknowledged by Kafka on their topic, by event type.", "type")),
             events_dead_lettered: reg!(counter_vec(
@@ -118,7 +117,7 @@ impl Metrics {
             m.http_requests.with_label_values(&[o]);
         }
         for t in type_labels() {
-            for c in [&m.events_received, &m.events_duplicate, &m.events_published, &m.events_dead_lettered] {
+            for c in [&m.events_received, &m.events_published, &m.events_dead_lettered] {
                 c.with_label_values(&[t]);
             }
         }

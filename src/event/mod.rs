@@ -186,6 +186,8 @@ pub struct Event {
     pub value: Vec<u8>,
     /// Set when the event cannot be published to its topic and goes to the dead-letter topic.
     pub dead_letter: Option<String>,
+    /// File URLs to capture before publishing (filled by the files stage, empty otherwise).
+    pub files: Vec<String>,
 }
 
 impl Event {
@@ -201,6 +203,25 @@ impl Event {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.time.max(0).unsigned_abs());
         humantime::format_rfc3339_seconds(t).to_string()
     }
+}
+
+/// `object` (a JSON object's bytes) with one member appended before its closing brace; everything
+/// else stays byte for byte.
+pub fn append_member(object: &[u8], name: &str, json: &[u8]) -> Vec<u8> {
+    let Some(close) = object.iter().rposition(|&b| b == b'}') else { return object.to_vec() };
+    let open = object.iter().position(|&b| b == b'{').unwrap_or(0);
+    let empty = object[open + 1..close].iter().all(u8::is_ascii_whitespace);
+    let mut out = Vec::with_capacity(object.len() + name.len() + json.len() + 4);
+    out.extend_from_slice(&object[..close]);
+    if !empty {
+        out.push(b',');
+    }
+    out.push(b'"');
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\":");
+    out.extend_from_slice(json);
+    out.extend_from_slice(&object[close..]);
+    out
 }
 
 /// Deterministic event id: the first 128 bits of SHA-256 over the normalized type and the event bytes,
@@ -273,6 +294,7 @@ fn dead_event(event_type: &EventType, raw: &RawValue, time: i64, reason: String)
         time,
         value: raw.get().as_bytes().to_vec(),
         dead_letter: Some(reason),
+        files: Vec::new(),
     }
 }
 
@@ -316,6 +338,7 @@ fn build_event(event_type: &EventType, original_type: Option<String>, raw: &RawV
         time,
         value: raw.get().as_bytes().to_vec(),
         dead_letter: None,
+        files: Vec::new(),
     }
 }
 

@@ -3,7 +3,7 @@
 
 pub mod kafka;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -200,20 +200,25 @@ pub struct Stops {
 /// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, publishes
 /// a window of them, acknowledges what Kafka took, and retries the rest with exponential backoff
 /// (in order, before anything newer).
+///
+/// An event whose files are still being captured is parked, and so is every later event with the
+/// same key (order per key); events of other keys go on. Parked events go first once ready.
 pub async fn run_spool_publisher(spool: Spool, publisher: Arc<Publisher>, window: usize, metrics: Arc<Metrics>, stops: Stops) {
     let Stops { soft: stop, hard } = stops;
     let mut reader = spool.reader();
+    let committed = spool.committed();
     let retry_policy = ExponentialBuilder::default()
         .with_min_delay(Duration::from_millis(200))
         .with_max_delay(Duration::from_secs(30))
         .with_jitter()
         .without_max_times();
-    loop {
-        let batch = tokio::select! {
-            b = reader.next_batch(window) => b,
-            () = stop.cancelled() => break,
-        };
-        let mut todo: Vec<Stored> = match batch {
+    let mut parked: Vec<Stored> = Vec::new();
+    while !stop.is_cancelled() {
+        let notified = committed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let room = window.saturating_sub(parked.len());
+        let fresh = match if room > 0 { reader.read_now(room) } else { Ok(Vec::new()) } {
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, "spool read failed; retrying");
@@ -223,6 +228,18 @@ pub async fn run_spool_publisher(spool: Spool, publisher: Arc<Publisher>, window
                 }
             }
         };
+        let (ready, still_parked) = release(std::mem::take(&mut parked).into_iter().chain(fresh), &spool);
+        parked = still_parked;
+        if ready.is_empty() {
+            tokio::select! {
+                () = &mut notified => continue,
+                // Parked events also wait on file results, which the spool announces the same way;
+                // the timer only bounds how long a missed wake-up could delay them.
+                () = tokio::time::sleep(Duration::from_secs(1)), if !parked.is_empty() => continue,
+                () = stop.cancelled() => break,
+            }
+        }
+        let mut todo = ready;
         let mut backoff = retry_policy.build();
         while !todo.is_empty() {
             let refs: Vec<&Event> = todo.iter().map(|s| &s.event).collect();
@@ -264,4 +281,35 @@ pub async fn run_spool_publisher(spool: Spool, publisher: Arc<Publisher>, window
             todo = again;
         }
     }
+}
+
+/// Splits events (in sequence order) into those ready to publish — with their `bridge_files`
+/// appended — and those that must wait: files not captured yet, or an earlier event of the same key
+/// still waiting.
+fn release(events: impl Iterator<Item = Stored>, spool: &Spool) -> (Vec<Stored>, Vec<Stored>) {
+    let mut blocked: HashSet<String> = HashSet::new();
+    let (mut ready, mut parked) = (Vec::new(), Vec::new());
+    for mut s in events {
+        if s.event.key.as_ref().is_some_and(|k| blocked.contains(k)) {
+            parked.push(s);
+            continue;
+        }
+        if !s.event.files.is_empty() {
+            match spool.files_result(s.seq) {
+                Some(member) => {
+                    s.event.value = crate::event::append_member(&s.event.value, "bridge_files", &member);
+                    s.event.files.clear();
+                }
+                None => {
+                    if let Some(k) = &s.event.key {
+                        blocked.insert(k.clone());
+                    }
+                    parked.push(s);
+                    continue;
+                }
+            }
+        }
+        ready.push(s);
+    }
+    (ready, parked)
 }

@@ -19,6 +19,12 @@ pub enum Record {
     Event { seq: u64, received_at: i64, event: Event },
     /// Sequence numbers Kafka acknowledged, as inclusive ranges.
     Acked(Vec<(u64, u64)>),
+    /// The `bridge_files` array of an event whose files are all stored or definitively failed.
+    Files {
+        seq: u64,
+        #[serde(with = "serde_bytes")]
+        member: Vec<u8>,
+    },
 }
 
 /// One dedup entry, written to the dedup log beside the segments.

@@ -60,11 +60,23 @@ pub struct SpoolSettings {
 }
 
 /// What an append did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Appended {
     pub stored: usize,
     /// Events already seen within the dedup window: acknowledged, not stored again.
     pub duplicates: usize,
+    /// The sequence number each input event was stored under (`None` for duplicates).
+    pub seqs: Vec<Option<u64>>,
+}
+
+/// An event whose files were not captured before the last stop.
+#[derive(Debug, Clone)]
+pub struct PendingFiles {
+    pub seq: u64,
+    pub received_at: i64,
+    pub event_id: EventId,
+    pub company: Option<String>,
+    pub urls: Vec<String>,
 }
 
 /// An event read back from the spool.
@@ -107,11 +119,15 @@ struct State {
     reader_segment: u64,
     write_error: Option<String>,
     refused_full: bool,
+    /// `bridge_files` of unacknowledged events whose files are done.
+    file_results: HashMap<u64, Vec<u8>>,
+    /// Found at recovery: events whose files still have to be captured.
+    pending_files: Vec<PendingFiles>,
 }
 
 struct Shared {
     state: Mutex<State>,
-    committed: Notify,
+    committed: Arc<Notify>,
     max_bytes: u64,
 }
 
@@ -125,6 +141,7 @@ impl Shared {
 enum Command {
     Append { events: Vec<Event>, received_at: i64, reply: oneshot::Sender<Result<Appended, SpoolError>> },
     Ack(Vec<u64>),
+    FilesDone(u64, Vec<u8>),
     Close(oneshot::Sender<()>),
 }
 
@@ -169,8 +186,10 @@ impl Spool {
                 reader_segment,
                 write_error: None,
                 refused_full: false,
+                file_results: recovered.file_results,
+                pending_files: recovered.pending_files,
             }),
-            committed: Notify::new(),
+            committed: Arc::new(Notify::new()),
             max_bytes: settings.max_bytes,
         });
         let (tx, rx) = mpsc::channel(QUEUE);
@@ -205,6 +224,29 @@ impl Spool {
         if !seqs.is_empty() && self.tx.send(Command::Ack(seqs)).await.is_err() {
             warn!("spool closed before an acknowledgement was recorded; the events will be published again");
         }
+    }
+
+    /// Records the `bridge_files` of an event; the publisher picks it up. Not synced on its own: if
+    /// lost in a crash, the files are captured again (or reported expired) after the restart.
+    pub async fn files_done(&self, seq: u64, member: Vec<u8>) {
+        if self.tx.send(Command::FilesDone(seq, member)).await.is_err() {
+            warn!(seq, "spool closed before file results were recorded");
+        }
+    }
+
+    /// The `bridge_files` of an event, once its files are done.
+    pub fn files_result(&self, seq: u64) -> Option<Vec<u8>> {
+        self.shared.lock().file_results.get(&seq).cloned()
+    }
+
+    /// Events recovered at start whose files still have to be captured (handed out once).
+    pub fn take_pending_files(&self) -> Vec<PendingFiles> {
+        std::mem::take(&mut self.shared.lock().pending_files)
+    }
+
+    /// Notified whenever the writer committed something (appends, acks, file results).
+    pub fn committed(&self) -> Arc<Notify> {
+        self.shared.committed.clone()
     }
 
     pub fn stats(&self) -> SpoolStats {
@@ -249,28 +291,32 @@ pub struct Reader {
 }
 
 impl Reader {
-    /// Up to `max` undelivered events after the last one returned; waits (cancel-safe) for new ones
-    /// when there are none.
+    /// Up to `max` undelivered events after the last one returned; waits for new ones when there
+    /// are none.
+    ///
+    /// # Cancel safety
+    /// Cancel-safe: the position only moves past events that are returned.
     pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
         let shared = self.shared.clone();
         loop {
             let notified = shared.committed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let mut this = std::mem::replace(self, Reader { shared: shared.clone(), segment: 0, offset: 0, buf: Vec::new(), buf_start: 0 });
-            let (back, got) = tokio::task::spawn_blocking(move || {
-                let r = this.read_some(max);
-                (this, r)
-            })
-            .await
-            .map_err(|e| SpoolError::Io(std::io::Error::other(e)))?;
-            *self = back;
-            let got = got?;
+            let got = self.read_now(max)?;
             if !got.is_empty() {
                 return Ok(got);
             }
             notified.await;
         }
+    }
+
+    /// Up to `max` undelivered events after the last one returned, without waiting. Reads segment
+    /// files (normally from the page cache) on the calling thread.
+    ///
+    /// # Errors
+    /// A segment cannot be read.
+    pub fn read_now(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
+        self.read_some(max)
     }
 
     fn read_some(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
@@ -369,6 +415,8 @@ struct Recovered {
     unacked_bytes: u64,
     segments: VecDeque<Segment>,
     next_seq: u64,
+    file_results: HashMap<u64, Vec<u8>>,
+    pending_files: Vec<PendingFiles>,
 }
 
 fn segment_path(dir: &Path, first_seq: u64) -> PathBuf {
@@ -393,6 +441,8 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
     let files = list_numbered(&settings.dir, "segment-")?;
     let mut unacked = BTreeMap::new();
     let mut segments = VecDeque::new();
+    let mut with_files: BTreeMap<u64, PendingFiles> = BTreeMap::new();
+    let mut file_results: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut next_seq = files.first().map_or(1, |(n, _)| *n).max(1);
     let last = files.len().saturating_sub(1);
     for (i, (first_seq, path)) in files.into_iter().enumerate() {
@@ -402,7 +452,14 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
             match frame::decode_at(&buf, pos) {
                 Next::Frame(Record::Event { seq, received_at, event }, used) => {
                     unacked.insert(seq, Pending { bytes: event.value.len() as u64, received_at });
+                    if !event.files.is_empty() {
+                        with_files.insert(seq, PendingFiles { seq, received_at, event_id: event.id, company: event.company, urls: event.files });
+                    }
                     next_seq = next_seq.max(seq + 1);
+                    pos += used;
+                }
+                Next::Frame(Record::Files { seq, member }, used) => {
+                    file_results.insert(seq, member);
                     pos += used;
                 }
                 Next::Frame(Record::Acked(ranges), used) => {
@@ -439,7 +496,9 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
         segments.push_back(Segment { first_seq, path });
     }
     let unacked_bytes = unacked.values().map(|p: &Pending| p.bytes).sum();
-    Ok(Recovered { unacked, unacked_bytes, segments, next_seq })
+    file_results.retain(|seq, _| unacked.contains_key(seq));
+    let pending_files = with_files.into_values().filter(|p| unacked.contains_key(&p.seq) && !file_results.contains_key(&p.seq)).collect();
+    Ok(Recovered { unacked, unacked_bytes, segments, next_seq, file_results, pending_files })
 }
 
 fn open_active(dir: &Path, first_seq: u64) -> std::io::Result<File> {
@@ -576,6 +635,7 @@ impl Writer {
         let mut new_ids: Vec<EventId> = Vec::new();
         let mut group_ids: std::collections::HashSet<EventId> = std::collections::HashSet::new();
         let mut acked: Vec<u64> = Vec::new();
+        let mut files_done: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut close = None;
         let used = self.shared.lock().unacked_bytes;
         let mut group_bytes = 0u64;
@@ -584,11 +644,14 @@ impl Writer {
                 Command::Append { events, received_at, reply } => {
                     let mut fresh = Vec::with_capacity(events.len());
                     let mut duplicates = 0;
+                    let mut is_fresh = Vec::with_capacity(events.len());
                     for ev in events {
                         if self.dedup.contains(&ev.id, now) || !group_ids.insert(ev.id) {
                             duplicates += 1;
+                            is_fresh.push(false);
                         } else {
                             fresh.push(ev);
+                            is_fresh.push(true);
                         }
                     }
                     let bytes: u64 = fresh.iter().map(|e| e.value.len() as u64).sum();
@@ -601,6 +664,17 @@ impl Writer {
                     }
                     group_bytes += bytes;
                     let stored = fresh.len();
+                    let first = self.next_seq;
+                    let mut k = 0;
+                    let seqs = is_fresh
+                        .iter()
+                        .map(|f| {
+                            f.then(|| {
+                                k += 1;
+                                first + k - 1
+                            })
+                        })
+                        .collect();
                     for event in fresh {
                         let seq = self.next_seq;
                         self.next_seq += 1;
@@ -609,9 +683,13 @@ impl Writer {
                         new_pending.push((seq, Pending { bytes: event.value.len() as u64, received_at }));
                         frame::encode(&Record::Event { seq, received_at, event }, &mut buf);
                     }
-                    replies.push((reply, Ok(Appended { stored, duplicates })));
+                    replies.push((reply, Ok(Appended { stored, duplicates, seqs })));
                 }
                 Command::Ack(seqs) => acked.extend(seqs),
+                Command::FilesDone(seq, member) => {
+                    frame::encode(&Record::Files { seq, member: member.clone() }, &mut buf);
+                    files_done.push((seq, member));
+                }
                 Command::Close(tx) => close = Some(tx),
             }
         }
@@ -630,10 +708,16 @@ impl Writer {
                     st.unacked_bytes += p.bytes;
                     st.unacked.insert(seq, p);
                 }
+                for (seq, member) in files_done {
+                    if st.unacked.contains_key(&seq) {
+                        st.file_results.insert(seq, member);
+                    }
+                }
                 for seq in &acked {
                     if let Some(p) = st.unacked.remove(seq) {
                         st.unacked_bytes -= p.bytes;
                     }
+                    st.file_results.remove(seq);
                 }
                 st.committed_len = self.active_len;
                 if replies.iter().any(|(_, r)| matches!(r, Err(SpoolError::Full { .. }))) {
@@ -656,7 +740,7 @@ impl Writer {
             }
         }
         self.shared.committed.notify_waiters();
-        if !acked.is_empty() {
+        {
             if let Err(e) = self.compact() {
                 warn!(error = %e, "spool compaction failed; will retry");
             }

@@ -1,0 +1,77 @@
+//! Finding file URLs in an event: every JSON string that starts with an allowed prefix. The event's
+//! bytes are scanned once, without recursion and without re-serializing them.
+
+/// URLs in `event` (raw JSON) that start with one of `prefixes`, in document order, each once.
+pub fn file_urls(event: &[u8], prefixes: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut i = 0;
+    while i < event.len() {
+        if event[i] != b'"' {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        let mut escaped = false;
+        i += 1;
+        while i < event.len() {
+            match (escaped, event[i]) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => break,
+                _ => {}
+            }
+            i += 1;
+        }
+        let token = &event[start..(i + 1).min(event.len())];
+        i += 1;
+        if let Some(s) = decode(token) {
+            if prefixes.iter().any(|p| s.starts_with(p.as_str())) && !out.contains(&s) {
+                out.push(s);
+            }
+        }
+    }
+    out
+}
+
+/// A JSON string token to its text; only strings that could be URLs are decoded.
+fn decode(token: &[u8]) -> Option<String> {
+    if token.len() < 10 || !token.ends_with(b"\"") {
+        return None;
+    }
+    let inner = &token[1..token.len() - 1];
+    if !inner.contains(&b'\\') {
+        return std::str::from_utf8(inner).ok().map(str::to_owned);
+    }
+    serde_json::from_slice::<String>(token).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn prefixes() -> Vec<String> {
+        vec!["https://files.huggy.app/".into(), "https://bucket.s3.amazonaws.com/".into()]
+    }
+
+    #[test]
+    fn finds_file_and_file_url_anywhere_once() {
+        let ev = br#"{"id":1,"file":"https://files.huggy.app/a/b.pdf?token=x","nested":{"list":["https:\/\/files.huggy.app\/c.png", 5, "https://files.huggy.app/a/b.pdf?token=x"]},
+            "fileUrl":"https://bucket.s3.amazonaws.com/export.csv?X-Amz-Expires=3600","photo":"https://c.pzw.io/img/avatar.jpg","s":"say \"https://files.huggy.app/in-quote\""}"#;
+        assert_eq!(
+            file_urls(ev, &prefixes()),
+            vec![
+                "https://files.huggy.app/a/b.pdf?token=x".to_owned(),
+                "https://files.huggy.app/c.png".to_owned(),
+                "https://bucket.s3.amazonaws.com/export.csv?X-Amz-Expires=3600".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn none_in_published_fixtures_and_no_panic_on_garbage() {
+        assert!(file_urls(br#"{"file":null,"photo":"https://c.pzw.io/x.jpg"}"#, &prefixes()).is_empty());
+        for junk in [&b"\"https://files.huggy.app/x"[..], b"\"", b"\\\"\\", b"{\"a\":\"\\uZZZZhttps://files.huggy.app/\"}"] {
+            let _ = file_urls(junk, &prefixes());
+        }
+    }
+}

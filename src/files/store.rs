@@ -1,0 +1,116 @@
+//! Where captured files go: an `object_store` (local filesystem or any S3-compatible endpoint),
+//! written as a multipart stream so no file is ever held whole in memory, and aborted (leaving
+//! nothing) when a download fails.
+
+use std::sync::Arc;
+
+use object_store::aws::AmazonS3Builder;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as StorePath;
+use object_store::{ObjectStore, WriteMultipart};
+
+use crate::config::FilesConfig;
+
+/// Part size of multipart writes (S3's minimum is 5 MiB); at most two parts are buffered at once.
+const PART_BYTES: usize = 5 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("invalid files.store {0:?}: {1}")]
+    Config(String, String),
+    #[error(transparent)]
+    Store(#[from] object_store::Error),
+    #[error("cannot create {0}: {1}")]
+    Io(String, std::io::Error),
+}
+
+pub struct FileStore {
+    store: Arc<dyn ObjectStore>,
+    /// The URL prefix reported as `location` (`file:///abs/dir/` or `s3://bucket/prefix/`).
+    location_base: String,
+    /// Key prefix inside the store (the `prefix` of `s3://bucket/prefix`).
+    prefix: String,
+}
+
+impl FileStore {
+    /// # Errors
+    /// The store URL is malformed or its directory cannot be created.
+    pub fn from_config(cfg: &FilesConfig) -> Result<FileStore, StoreError> {
+        let bad = |why: &str| StoreError::Config(cfg.store.clone(), why.to_owned());
+        if let Some(dir) = cfg.store.strip_prefix("file://") {
+            std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+            let abs = std::fs::canonicalize(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
+            let store = LocalFileSystem::new_with_prefix(&abs)?;
+            return Ok(FileStore {
+                store: Arc::new(store),
+                location_base: format!("file://{}/", abs.display()),
+                prefix: String::new(),
+            });
+        }
+        let rest = cfg.store.strip_prefix("s3://").ok_or_else(|| bad("expected file:// or s3://"))?;
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        if bucket.is_empty() {
+            return Err(bad("no bucket"));
+        }
+        let mut b = AmazonS3Builder::from_env().with_bucket_name(bucket).with_allow_http(cfg.s3.allow_http);
+        if let Some(e) = &cfg.s3.endpoint {
+            b = b.with_endpoint(e);
+        }
+        if let Some(r) = &cfg.s3.region {
+            b = b.with_region(r);
+        }
+        if let Some(k) = &cfg.s3.access_key_id {
+            b = b.with_access_key_id(k.expose());
+        }
+        if let Some(s) = &cfg.s3.secret_access_key {
+            b = b.with_secret_access_key(s.expose());
+        }
+        let prefix = prefix.trim_matches('/').to_owned();
+        Ok(FileStore {
+            store: Arc::new(b.build()?),
+            location_base: format!("s3://{bucket}/{}", if prefix.is_empty() { String::new() } else { format!("{prefix}/") }),
+            prefix,
+        })
+    }
+
+    /// Starts a streamed write of `rel` (a `/`-separated relative key).
+    ///
+    /// # Errors
+    /// The store refused to start the upload.
+    pub async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
+        let key = if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) };
+        let path = StorePath::from_iter(key.split('/'));
+        let upload = self.store.put_multipart(&path).await?;
+        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), format!("{}{rel}", self.location_base)))
+    }
+
+    pub fn inner(&self) -> Arc<dyn ObjectStore> {
+        self.store.clone()
+    }
+}
+
+/// A streamed upload in progress.
+pub struct Writer(WriteMultipart);
+
+impl Writer {
+    /// # Errors
+    /// A part upload failed.
+    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+        self.0.wait_for_capacity(2).await?;
+        self.0.write(chunk);
+        Ok(())
+    }
+
+    /// # Errors
+    /// Completing the upload failed (the caller aborts nothing more: the store discards it).
+    pub async fn finish(self) -> Result<(), StoreError> {
+        self.0.finish().await?;
+        Ok(())
+    }
+
+    pub async fn abort(self) {
+        if let Err(e) = self.0.abort().await {
+            tracing::warn!(error = %e, "aborting a partial file upload failed");
+        }
+    }
+}
