@@ -30,6 +30,12 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Ask a running daemon's admin listener whether it is alive (or, with --ready, ready); exit 0
+    /// when it is, 1 otherwise. For container health checks where no HTTP client is installed.
+    Probe {
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -69,6 +75,21 @@ fn main() -> ExitCode {
                 for (topic, outcome) in publish::kafka::create_topics(&cfg, &cfg.kafka.brokers).await? {
                     println!("{topic}\t{}", if outcome == publish::kafka::TopicOutcome::Created { "created" } else { "exists" });
                 }
+                Ok(())
+            })
+        }
+        Command::Probe { ready } => {
+            let mut addr = cfg.admin.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            let url = format!("http://{addr}/{}", if ready { "readyz" } else { "healthz" });
+            block_on(async move {
+                let resp = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(3)).send().await?;
+                let status = resp.status();
+                let body = resp.text().await.unwrap_or_default();
+                println!("{status} {}", body.trim());
+                anyhow::ensure!(status.is_success(), "{url} answered {status}");
                 Ok(())
             })
         }

@@ -115,6 +115,7 @@ impl Metrics {
         };
         for o in HTTP_OUTCOMES {
             m.http_requests.with_label_values(&[o]);
+            m.request_duration.with_label_values(&[o]);
         }
         for t in type_labels() {
             for c in [&m.events_received, &m.events_published, &m.events_dead_lettered] {

@@ -277,6 +277,8 @@ pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
             let mut ev = build_event(&event_type, original_type.clone(), item, time);
             if let Some(reason) = &type_problem {
                 ev.dead_letter = Some(reason.clone());
+                // The type as sent tells these events apart; "invalid" would merge them.
+                ev.id = EventId::derive(raw_type, &ev.value);
             }
             out.push(ev);
         }
@@ -323,6 +325,9 @@ fn build_event(event_type: &EventType, original_type: Option<String>, raw: &RawV
     if !raw.get().starts_with('{') {
         return dead_event(event_type, raw, time, "event is not an object".into());
     }
+    if has_lone_surrogate(raw.get()) {
+        return dead_event(event_type, raw, time, "event has a \\u escape of a lone UTF-16 surrogate".into());
+    }
     let fields = match serde_json::from_str::<KeyFields<'_>>(raw.get()) {
         Ok(f) => f,
         Err(e) => return dead_event(event_type, raw, time, format!("event cannot be read: {e}")),
@@ -352,6 +357,41 @@ fn key_for(event_type: &EventType, f: &KeyFields<'_>) -> Option<String> {
         Some(CreatedCustomer | UpdatedCustomer | AgentChangedStatus) => f.id.and_then(decimal),
         _ => nested_id(f.chat).or_else(|| f.chat_id.and_then(decimal)),
     }
+}
+
+/// Whether a `\\uD800`–`\\uDFFF` escape appears without its pair: valid JSON grammar, but not
+/// Unicode, and many consumers reject or mangle it.
+fn has_lone_surrogate(json: &str) -> bool {
+    let b = json.as_bytes();
+    let hex_at = |i: usize| -> Option<u16> {
+        let h = b.get(i..i + 4)?;
+        u16::from_str_radix(std::str::from_utf8(h).ok()?, 16).ok()
+    };
+    let mut i = 0;
+    while i + 1 < b.len() {
+        if b[i] != b'\\' {
+            i += 1;
+            continue;
+        }
+        if b[i + 1] != b'u' {
+            i += 2;
+            continue;
+        }
+        let Some(u) = hex_at(i + 2) else { return false };
+        i += 6;
+        match u {
+            0xD800..=0xDBFF => {
+                let low = (b.get(i) == Some(&b'\\') && b.get(i + 1) == Some(&b'u')).then(|| hex_at(i + 2)).flatten();
+                match low {
+                    Some(0xDC00..=0xDFFF) => i += 6,
+                    _ => return true,
+                }
+            }
+            0xDC00..=0xDFFF => return true,
+            _ => {}
+        }
+    }
+    false
 }
 
 /// `{"id": …}` → the id as a decimal string.

@@ -232,3 +232,11 @@ fn appending_a_member_keeps_the_rest_byte_for_byte() {
     let v = append_member(br#"{"id":123456789012345678901,"s":"\u00e9}"}"#, "bridge_files", br#"[{"url":"u"}]"#);
     assert_eq!(v, br#"{"id":123456789012345678901,"s":"\u00e9}","bridge_files":[{"url":"u"}]}"#.to_vec());
 }
+
+#[test]
+fn lone_surrogates_are_dead_lettered_pairs_are_fine() {
+    let body = br#"{"token":"t","messages":{"receivedMessage":[{"a":"\ud83d\ude00"},{"a":"\ud800"},{"a":"x\udc00"},{"a":"\\ud800"},{"a":"\ud800\u0041"}]}}"#;
+    let events = split(&batch(body), 0);
+    let dead: Vec<bool> = events.iter().map(|e| e.dead_letter.is_some()).collect();
+    assert_eq!(dead, vec![false, true, true, false, true]);
+}

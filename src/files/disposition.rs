@@ -89,7 +89,7 @@ pub fn sanitize(name: &str) -> String {
         .chars()
         .map(|c| if c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%') { '_' } else { c })
         .collect();
-    let trimmed = cleaned.trim().trim_start_matches('.').trim();
+    let trimmed = cleaned.trim_start_matches(|c: char| c == '.' || c.is_whitespace()).trim_end();
     let mut out = trimmed.to_owned();
     if out.len() > MAX_NAME {
         let ext = out.rsplit_once('.').map(|(_, e)| e).filter(|e| e.len() <= 16 && !e.is_empty()).map(|e| format!(".{e}"));
@@ -143,6 +143,7 @@ mod tests {
         assert_eq!(sanitize("  \u{0}\n "), "__");
         assert_eq!(sanitize(""), "file");
         assert_eq!(sanitize("..."), "file");
+        assert_eq!(sanitize(". . .hidden"), "hidden");
         let long = format!("{}.pdf", "á".repeat(200));
         let s = sanitize(&long);
         assert!(s.len() <= MAX_NAME && s.ends_with(".pdf"), "{s}");

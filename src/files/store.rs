@@ -26,7 +26,10 @@ pub enum StoreError {
 
 pub struct FileStore {
     store: Arc<dyn ObjectStore>,
-    /// The URL prefix reported as `location` (`file:///abs/dir/` or `s3://bucket/prefix/`).
+    /// Set for `file://` stores: reports where a key really lands on disk (object_store
+    /// percent-encodes some characters of file names there).
+    local: Option<Arc<LocalFileSystem>>,
+    /// The URL prefix reported as `location` of S3 objects (`s3://bucket/`).
     location_base: String,
     /// Key prefix inside the store (the `prefix` of `s3://bucket/prefix`).
     prefix: String,
@@ -40,12 +43,8 @@ impl FileStore {
         if let Some(dir) = cfg.store.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
             let abs = std::fs::canonicalize(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
-            let store = LocalFileSystem::new_with_prefix(&abs)?;
-            return Ok(FileStore {
-                store: Arc::new(store),
-                location_base: format!("file://{}/", abs.display()),
-                prefix: String::new(),
-            });
+            let store = Arc::new(LocalFileSystem::new_with_prefix(&abs)?);
+            return Ok(FileStore { store: store.clone(), local: Some(store), location_base: String::new(), prefix: String::new() });
         }
         let rest = cfg.store.strip_prefix("s3://").ok_or_else(|| bad("expected file:// or s3://"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
@@ -65,11 +64,11 @@ impl FileStore {
         if let Some(s) = &cfg.s3.secret_access_key {
             b = b.with_secret_access_key(s.expose());
         }
-        let prefix = prefix.trim_matches('/').to_owned();
         Ok(FileStore {
             store: Arc::new(b.build()?),
-            location_base: format!("s3://{bucket}/{}", if prefix.is_empty() { String::new() } else { format!("{prefix}/") }),
-            prefix,
+            local: None,
+            location_base: format!("s3://{bucket}/"),
+            prefix: prefix.trim_matches('/').to_owned(),
         })
     }
 
@@ -80,8 +79,12 @@ impl FileStore {
     pub async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
         let key = if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) };
         let path = StorePath::from_iter(key.split('/'));
+        let location = match &self.local {
+            Some(fs) => format!("file://{}", fs.path_to_filesystem(&path)?.display()),
+            None => format!("{}{}", self.location_base, path.as_ref()),
+        };
         let upload = self.store.put_multipart(&path).await?;
-        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), format!("{}{rel}", self.location_base)))
+        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), location))
     }
 
     pub fn inner(&self) -> Arc<dyn ObjectStore> {

@@ -1,0 +1,15 @@
+//! URL detection over arbitrary bytes: never panics, finds only strings with an allowed prefix.
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../../src/files/detect.rs"]
+mod detect;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|data: &[u8]| {
+    let prefixes = vec!["https://files.huggy.app/".to_owned(), "http://127.0.0.1:1/".to_owned()];
+    for url in detect::file_urls(data, &prefixes) {
+        assert!(prefixes.iter().any(|p| url.starts_with(p.as_str())));
+    }
+});

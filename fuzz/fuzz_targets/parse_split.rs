@@ -1,0 +1,24 @@
+//! Any body: parsing and splitting never panic; every event's value is a byte-exact slice of the
+//! body; a well-formed event's value is a JSON object.
+#![no_main]
+
+#[allow(dead_code)]
+#[path = "../../src/event/mod.rs"]
+mod event;
+
+use libfuzzer_sys::fuzz_target;
+
+fuzz_target!(|body: &[u8]| {
+    let Ok(event::Body::Batch(batch)) = event::parse_body(body) else { return };
+    for ev in event::split(&batch, 0) {
+        assert!(body.windows(ev.value.len().max(1)).any(|w| w == ev.value.as_slice()) || ev.value.is_empty());
+        if ev.dead_letter.is_none() {
+            let v: serde_json::Value = serde_json::from_slice(&ev.value).expect("a published event is JSON");
+            assert!(v.is_object());
+            assert_eq!(ev.id, event::EventId::derive(ev.event_type.as_str(), &ev.value));
+            let appended = event::append_member(&ev.value, "bridge_files", b"[]");
+            let v2: serde_json::Value = serde_json::from_slice(&appended).expect("still JSON with bridge_files");
+            assert!(v2.get("bridge_files").is_some());
+        }
+    }
+});

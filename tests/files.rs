@@ -1,0 +1,412 @@
+//! File capture, end to end: a local file server that signs URLs expiring after a short TTL, the
+//! daemon in-process on the embedded broker (and as a process on a real broker for the crash test),
+//! and the records read back from Kafka with their `bridge_files`.
+
+mod common;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use common::*;
+use huggy_bridge::app::{self, Running};
+use huggy_bridge::config::{Config, Secret};
+use huggy_bridge::metrics::counter_sum;
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
+
+const SECRET: &str = "file-server-secret";
+
+/// Deterministic content of `size` bytes for `seed`.
+fn content(seed: u64, size: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..size)
+        .map(|_| {
+            x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            (x >> 33) as u8
+        })
+        .collect()
+}
+
+fn sig(name: &str, exp: u64) -> String {
+    hex::encode(&Sha256::digest(format!("{SECRET}/{name}/{exp}"))[..8])
+}
+
+#[derive(Clone, Default)]
+struct Server {
+    hits: Arc<Mutex<HashMap<String, usize>>>,
+    expired: Arc<Mutex<usize>>,
+    other_port: u16,
+}
+
+impl Server {
+    fn hits(&self, name: &str) -> usize {
+        self.hits.lock().unwrap().get(name).copied().unwrap_or(0)
+    }
+}
+
+async fn serve_file(State(s): State<Server>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> Response {
+    let n = {
+        let mut h = s.hits.lock().unwrap();
+        let e = h.entry(name.clone()).or_default();
+        *e += 1;
+        *e
+    };
+    let exp: u64 = q.get("exp").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    if q.get("sig") != Some(&sig(&name, exp)) || now > exp {
+        *s.expired.lock().unwrap() += 1;
+        return (StatusCode::FORBIDDEN, "token expired").into_response();
+    }
+    let size: usize = q.get("size").and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let seed: u64 = q.get("seed").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut headers = HeaderMap::new();
+    headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().unwrap());
+    match q.get("kind").map(String::as_str).unwrap_or("plain") {
+        "flaky" if n <= 2 => return (StatusCode::SERVICE_UNAVAILABLE, "try later").into_response(),
+        "redirect-meta" => return (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")]).into_response(),
+        "redirect-local" => {
+            let to = format!("http://127.0.0.2:{}/files/trap?exp={exp}&sig={}", s.other_port, sig("trap", exp));
+            return (StatusCode::FOUND, [(header::LOCATION, to)]).into_response();
+        }
+        "big" => {
+            // Streamed without Content-Length: the limit must hold while streaming.
+            let chunks = futures::stream::iter((0..size / 65536 + 1).map(|_| Ok::<_, std::io::Error>(vec![7u8; 65536])));
+            return (headers, axum::body::Body::from_stream(chunks)).into_response();
+        }
+        "slow" => tokio::time::sleep(Duration::from_secs(3)).await,
+        _ => {}
+    }
+    if let Some(cd) = q.get("cd") {
+        headers.insert(header::CONTENT_DISPOSITION, format!("attachment; filename=\"fallback.bin\"; filename*=UTF-8''{cd}").parse().unwrap());
+    }
+    (headers, content(seed, size)).into_response()
+}
+
+async fn start_server(ip: [u8; 4], other_port: u16) -> (SocketAddr, Server) {
+    let state = Server { other_port, ..Default::default() };
+    let app = axum::Router::new().route("/files/{name}", axum::routing::get(serve_file)).with_state(state.clone());
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from((ip, 0))).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (addr, state)
+}
+
+fn signed(addr: SocketAddr, name: &str, ttl_secs: u64, extra: &str) -> String {
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + ttl_secs;
+    // The server checks the signature of the decoded path segment.
+    let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+    format!("http://{addr}/files/{name}?exp={exp}&sig={}{extra}", sig(&decoded, exp))
+}
+
+fn event_with_file(id: usize, chat: usize, url: &str) -> String {
+    format!(r#"{{"id":{id},"body":"arquivo","file":"{url}","chat":{{"id":{chat}}},"company":{{"id":"7"}}}}"#)
+}
+
+fn batch(events: &[String]) -> String {
+    format!(r#"{{"time":1763700000,"token":"{LOAD_TOKEN}","messages":{{"receivedMessage":[{}]}}}}"#, events.join(","))
+}
+
+fn config(dir: &std::path::Path, file_server: SocketAddr) -> Config {
+    let mut cfg = Config::default();
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.huggy.tokens = vec![Secret::new(LOAD_TOKEN)];
+    cfg.kafka.brokers = "embedded".into();
+    cfg.kafka.partitions = 3;
+    cfg.spool.dir = dir.join("spool");
+    cfg.files.allowed_url_prefixes = vec![format!("http://{file_server}/files/")];
+    cfg.files.store = format!("file://{}", dir.join("files").display());
+    cfg.files.token_ttl_secs = 30;
+    cfg.files.max_file_bytes = 3 * 1024 * 1024;
+    cfg
+}
+
+async fn start(cfg: Config) -> Running {
+    app::start(cfg, CancellationToken::new()).await.expect("daemon starts")
+}
+
+async fn records(d: &Running) -> Vec<Rec> {
+    let b = d.embedded_bootstrap.clone().unwrap();
+    tokio::task::spawn_blocking(move || read_topics(&b, &["huggy.receivedMessage"])).await.unwrap()
+}
+
+fn bridge_files(r: &Rec) -> Vec<serde_json::Value> {
+    let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+    v["bridge_files"].as_array().cloned().unwrap_or_default()
+}
+
+async fn wait_published(d: &Running, n: u64, within: Duration) {
+    wait_for("events published", within, async || (counter_sum(&d.metrics.events_published) >= n).then_some(())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
+    let (addr, server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(config(dir.path(), addr)).await;
+    let n = 200;
+    let mut expected = HashMap::new();
+    let mut events = Vec::new();
+    for i in 0..n {
+        let size = 10 * 1024 + (i * 10_453) % (2 * 1024 * 1024 - 10 * 1024);
+        let (name, extra, expected_name) = if i % 2 == 0 {
+            (format!("obj{i}"), format!("&size={size}&seed={i}&cd=relat%C3%B3rio%20{i}.bin"), format!("relatório {i}.bin"))
+        } else {
+            (format!("arquivo%20{i}.bin"), format!("&size={size}&seed={i}"), format!("arquivo {i}.bin"))
+        };
+        let url = signed(addr, &name, 30, &extra);
+        expected.insert(url.clone(), (hex::encode(Sha256::digest(content(i as u64, size))), size as u64, expected_name));
+        events.push(event_with_file(i, 500 + i % 20, &url));
+    }
+    let started = Instant::now();
+    for chunk in events.chunks(50) {
+        let (status, text) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(chunk)).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    wait_published(&d, n as u64, Duration::from_secs(60)).await;
+    let took = started.elapsed();
+    let recs = records(&d).await;
+    assert_eq!(recs.len(), n);
+    let total: u64 = expected.values().map(|(_, s, _)| s).sum();
+    for r in &recs {
+        let files = bridge_files(r);
+        assert_eq!(files.len(), 1);
+        let f = &files[0];
+        let (sha, size, name) = &expected[f["url"].as_str().unwrap()];
+        assert_eq!(f["status"], "stored", "{f}");
+        assert_eq!(f["sha256"].as_str(), Some(sha.as_str()));
+        assert_eq!(f["size"].as_u64(), Some(*size));
+        assert_eq!(f["filename"].as_str(), Some(name.as_str()));
+        assert_eq!(f["content_type"], "application/octet-stream");
+        assert!(f["error"].is_null());
+        let location = f["location"].as_str().unwrap().strip_prefix("file://").unwrap();
+        let parts: Vec<&str> = location.rsplitn(7, '/').collect();
+        // <company>/<yyyy>/<mm>/<dd>/<event id>/<file name>
+        // On a local disk object_store percent-encodes non-ASCII bytes of the name.
+        assert_eq!(percent_encoding::percent_decode_str(parts[0]).decode_utf8_lossy(), name.as_str());
+        assert_eq!(parts[1].len(), 32, "{location}");
+        assert!(parts[2].len() == 2 && parts[3].len() == 2 && parts[4].len() == 4, "{location}");
+        assert_eq!(parts[5], "7", "{location}");
+        let meta = std::fs::metadata(location).unwrap_or_else(|e| panic!("{location}: {e}; store has {:?}", walk(&dir.path().join("files")).iter().take(3).collect::<Vec<_>>()));
+        assert_eq!(meta.len(), *size);
+        // The original bytes are untouched, with the member appended.
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        let original = event_with_file(v["id"].as_u64().unwrap() as usize, v["chat"]["id"].as_u64().unwrap() as usize, f["url"].as_str().unwrap());
+        assert!(r.value.starts_with(&original.as_bytes()[..original.len() - 1]));
+        assert!(r.value.ends_with(b"]}"));
+    }
+    assert_eq!(*server.expired.lock().unwrap(), 0, "no URL was used after its expiry");
+    let headroom_count = d.metrics.file_headroom.get_sample_count();
+    assert_eq!(headroom_count, n as u64);
+    eprintln!(
+        "burst: {n} files, {:.1} MB, stored and published in {took:?}: {:.1} files/s, {:.1} MB/s; min headroom sum/n {:.0}s",
+        total as f64 / 1e6,
+        n as f64 / took.as_secs_f64(),
+        total as f64 / 1e6 / took.as_secs_f64(),
+        d.metrics.file_headroom.get_sample_sum() / n as f64
+    );
+    d.shutdown();
+    d.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failures_are_reported_and_the_event_still_published() {
+    let (trap_addr, trap) = start_server([127, 0, 0, 2], 0).await;
+    let (addr, server) = start_server([127, 0, 0, 1], trap_addr.port()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), addr);
+    cfg.files.max_file_bytes = 1024 * 1024;
+    let d = start(cfg).await;
+    let expired = {
+        let exp = 1_000; // long gone
+        format!("http://{addr}/files/old?exp={exp}&sig={}", sig("old", exp))
+    };
+    let flaky = signed(addr, "flaky", 30, "&kind=flaky&size=5000&seed=3");
+    let big = signed(addr, "big", 30, "&kind=big&size=2097152");
+    let meta = signed(addr, "meta", 30, "&kind=redirect-meta");
+    let local = signed(addr, "local", 30, "&kind=redirect-local");
+    let off_list = format!("http://{addr}/elsewhere/x.pdf");
+    let events = vec![
+        event_with_file(1, 1, &expired),
+        event_with_file(2, 2, &flaky),
+        event_with_file(3, 3, &big),
+        event_with_file(4, 4, &meta),
+        event_with_file(5, 5, &local),
+        event_with_file(6, 6, &off_list),
+    ];
+    let (status, _) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&events)).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 6, Duration::from_secs(60)).await;
+    let recs = records(&d).await;
+    let by_chat = |c: u64| recs.iter().find(|r| r.key.as_deref() == Some(c.to_string().as_str())).unwrap();
+    let one = |c: u64| bridge_files(by_chat(c)).pop().unwrap();
+
+    let f = one(1);
+    assert_eq!(f["status"], "failed");
+    assert!(f["error"].as_str().unwrap().contains("403"), "{f}");
+    let f = one(2);
+    assert_eq!(f["status"], "stored", "503 twice then 200: {f}");
+    assert_eq!(server.hits("flaky"), 3);
+    let f = one(3);
+    assert_eq!(f["status"], "failed");
+    assert!(f["error"].as_str().unwrap().contains("larger than"), "{f}");
+    let f = one(4);
+    assert_eq!(f["status"], "failed");
+    assert!(f["error"].as_str().unwrap().contains("redirect refused"), "{f}");
+    let f = one(5);
+    assert_eq!(f["status"], "failed");
+    assert_eq!(trap.hits("trap"), 0, "the redirect target on another loopback address was never fetched");
+    assert!(bridge_files(by_chat(6)).is_empty(), "an off-list URL is not a file to capture");
+    assert_eq!(by_chat(6).value, event_with_file(6, 6, &off_list).into_bytes(), "value untouched");
+    assert_eq!(server.hits("x.pdf"), 0);
+
+    // Nothing of the oversized file, or of any failed one, is left in the store.
+    let stored: Vec<_> = walk(&dir.path().join("files"));
+    assert_eq!(stored.len(), 1, "only the flaky file is stored: {stored:?}");
+    d.shutdown();
+    d.wait().await.unwrap();
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn later_events_of_the_same_chat_wait_for_the_files_other_chats_do_not() {
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = start(config(dir.path(), addr)).await;
+    let slow = signed(addr, "slow", 30, "&kind=slow&size=100");
+    let events = vec![
+        event_with_file(1, 900, &slow),
+        r#"{"id":2,"body":"after the file","chat":{"id":900},"company":{"id":"7"}}"#.to_owned(),
+        r#"{"id":3,"body":"other chat","chat":{"id":901},"company":{"id":"7"}}"#.to_owned(),
+    ];
+    let (status, _) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&events)).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 1, Duration::from_secs(10)).await;
+    assert_eq!(counter_sum(&d.metrics.events_published), 1, "only the other chat's event went ahead");
+    wait_published(&d, 3, Duration::from_secs(30)).await;
+    let recs = records(&d).await;
+    let chat900: Vec<&Rec> = recs.iter().filter(|r| r.key.as_deref() == Some("900")).collect();
+    assert_eq!(chat900.len(), 2);
+    assert_eq!(bridge_files(chat900[0])[0]["status"], "stored");
+    assert!(String::from_utf8_lossy(&chat900[1].value).contains("after the file"));
+    d.shutdown();
+    d.wait().await.unwrap();
+}
+
+/// An S3-compatible server (moto) on loopback: `MOTO_SERVER`, else `moto_server` on PATH.
+fn moto_binary() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("MOTO_SERVER").filter(|p| !p.is_empty()) {
+        return Some(p.into());
+    }
+    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join("moto_server")).find(|p| p.is_file())
+}
+
+struct Moto(std::process::Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_are_streamed_into_an_s3_compatible_store() {
+    let Some(moto) = moto_binary() else {
+        assert!(std::env::var("HUGGY_BRIDGE_REQUIRE_S3").as_deref() != Ok("1"), "no moto_server and HUGGY_BRIDGE_REQUIRE_S3=1");
+        eprintln!("SKIPPED files_are_streamed_into_an_s3_compatible_store: no moto_server (pip install 'moto[server]')");
+        return;
+    };
+    let port = free_port();
+    let child = std::process::Command::new(moto)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _moto = Moto(child);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("moto up", Duration::from_secs(30), async || http.put(format!("{endpoint}/captured")).send().await.ok().filter(|r| r.status().is_success())).await;
+
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), addr);
+    cfg.files.store = "s3://captured/huggy".into();
+    cfg.files.s3.endpoint = Some(endpoint.clone());
+    cfg.files.s3.region = Some("us-east-1".into());
+    cfg.files.s3.access_key_id = Some(Secret::new("testing"));
+    cfg.files.s3.secret_access_key = Some(Secret::new("testing"));
+    cfg.files.s3.allow_http = true;
+    cfg.files.max_file_bytes = 16 * 1024 * 1024;
+    let d = start(cfg).await;
+    // 7 MiB: more than one multipart part.
+    let size = 7 * 1024 * 1024 + 123;
+    let url = signed(addr, "big.bin", 30, &format!("&size={size}&seed=9"));
+    let (status, _) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&[event_with_file(1, 1, &url)])).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 1, Duration::from_secs(60)).await;
+    let f = bridge_files(&records(&d).await[0]).pop().unwrap();
+    assert_eq!(f["status"], "stored", "{f}");
+    let location = f["location"].as_str().unwrap();
+    let key = location.strip_prefix("s3://captured/").expect("s3 location");
+    assert!(key.starts_with("huggy/7/"), "{key}");
+    let body = http.get(format!("{endpoint}/captured/{key}")).send().await.unwrap().bytes().await.unwrap();
+    assert_eq!(body.len(), size);
+    assert_eq!(hex::encode(Sha256::digest(&body)), f["sha256"].as_str().unwrap());
+    d.shutdown();
+    d.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_with_downloads_pending_then_restart_stores_the_files_and_publishes_once() {
+    let Some(bin) = real_broker_or_skip("files_sigkill") else { return };
+    let tansu = Tansu::start(&bin, None);
+    let (addr, server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &tansu.bootstrap(), 3);
+    let cfg = format!(
+        "[kafka]\nbrokers = \"{}\"\n[spool]\ndir = \"{}\"\n[files]\nallowed_url_prefixes = [\"http://{addr}/files/\"]\nstore = \"file://{}\"\ntoken_ttl_secs = 60\n",
+        tansu.bootstrap(),
+        dir.path().join("spool").display(),
+        dir.path().join("files").display()
+    );
+    let mut d = Daemon::start(dir.path(), &cfg).await;
+    let events: Vec<String> = (0..10).map(|i| event_with_file(i, 100 + i, &signed(addr, &format!("s{i}"), 60, "&kind=slow&size=2000"))).collect();
+    let (status, _) = post(&d.url(), batch(&events)).await;
+    assert_eq!(status, 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    d.kill9();
+    let d = Daemon::start(dir.path(), &cfg).await;
+    wait_for("published after restart", Duration::from_secs(60), async || {
+        (d.metric("huggy_bridge_events_published_total{type=\"receivedMessage\"}").await == 10.0).then_some(())
+    })
+    .await;
+    let recs = tokio::task::spawn_blocking(move || read_topics(&tansu.bootstrap(), &["huggy.receivedMessage"])).await.unwrap();
+    assert_eq!(recs.len(), 10, "each event published once");
+    for r in &recs {
+        let f = bridge_files(r).pop().unwrap();
+        assert_eq!(f["status"], "stored", "{f}");
+    }
+    assert!(server.hits("s0") >= 1);
+}
