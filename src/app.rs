@@ -15,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
 use crate::http::{self, AppState, ServeLimits};
-use crate::files::{Completion, FileCapture, FileJob};
+use crate::files::{bridge_files_json, Completion, FileCapture, FileJob, FileResult};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
 use crate::publish::kafka::{self, EmbeddedBroker};
@@ -102,6 +102,15 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
         fc.spawn_workers(cfg.files.concurrency, files_stop.clone());
         Some(fc)
     } else {
+        if let Some(s) = &spool {
+            // Captures interrupted by the last stop cannot resume with capture off: report them, so
+            // their events (and the events of the same keys behind them) are published.
+            for p in s.take_pending_files() {
+                let results: Vec<FileResult> =
+                    p.urls.iter().map(|u| FileResult::failed(u, "file capture is disabled (files.enabled = false)".into())).collect();
+                s.files_done(p.seq, bridge_files_json(&results)).await;
+            }
+        }
         None
     };
     let mode = match &spool {

@@ -42,7 +42,7 @@ pub struct FileResult {
 }
 
 impl FileResult {
-    fn failed(url: &str, error: String) -> Self {
+    pub fn failed(url: &str, error: String) -> Self {
         FileResult { url: url.to_owned(), status: "failed", location: None, sha256: None, size: None, content_type: None, filename: None, error: Some(error) }
     }
 }
