@@ -55,9 +55,8 @@ TOML
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null && break; sleep 0.1; done
   echo
   echo "== delivery.ack = \"$mode\""
-  if [ "$mode" = spool ]; then ref=(); else ref=(--no-reference); fi
   target/release/loadgen --url "http://127.0.0.1:$hport/webhooks/huggy" --pid "$dpid" \
-    --connections "$CONNECTIONS" --duration-secs "$DURATION" --label "$mode" "${ref[@]}"
+    --connections "$CONNECTIONS" --duration-secs "$DURATION" --label "$mode"
   published=$(curl -fs "http://127.0.0.1:$aport/metrics" | awk '/^huggy_bridge_events_published_total/{s+=$2} END{print s}')
   echo "published to Kafka by the end of the run: $published events"
   kill -TERM "$dpid"; wait "$dpid" || true

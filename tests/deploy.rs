@@ -6,7 +6,6 @@ mod common;
 use std::collections::BTreeSet;
 
 use huggy_bridge::app;
-use huggy_bridge::config::{Config, Secret};
 use tokio_util::sync::CancellationToken;
 
 /// `huggy_bridge_*` names in a text, histogram series suffixes folded to the family name.
@@ -35,12 +34,8 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
     assert!(wanted.len() >= 15, "{wanted:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = Config::default();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.huggy.tokens = vec![Secret::new("t")];
-    cfg.kafka.brokers = "embedded".into();
-    cfg.spool.dir = dir.path().join("spool");
+    let mut cfg = common::inprocess_config(dir.path(), &["t"]);
+    cfg.files.enabled = true;
     cfg.files.store = format!("file://{}", dir.path().join("files").display());
     let d = app::start(cfg, CancellationToken::new()).await.unwrap();
     let exported = reqwest::get(format!("http://{}/metrics", d.admin_addr)).await.unwrap().text().await.unwrap();

@@ -7,20 +7,13 @@ use std::time::Duration;
 
 use common::*;
 use huggy_bridge::app::{self, Running};
-use huggy_bridge::config::{AckMode, Config, Secret};
+use huggy_bridge::config::{AckMode, Config};
 use huggy_bridge::metrics::counter_sum;
 use tokio_util::sync::CancellationToken;
 
 fn config(dir: &std::path::Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.huggy.tokens = fixture_tokens().into_iter().map(Secret::new).collect();
-    cfg.kafka.brokers = "embedded".into();
-    cfg.kafka.partitions = 3;
-    cfg.spool.dir = dir.join("spool");
-    cfg.files.enabled = false;
-    cfg
+    let tokens = fixture_tokens();
+    inprocess_config(dir, &tokens.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
 async fn start(cfg: Config) -> Running {

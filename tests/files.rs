@@ -112,13 +112,8 @@ fn batch(events: &[String]) -> String {
 }
 
 fn config(dir: &std::path::Path, file_server: SocketAddr) -> Config {
-    let mut cfg = Config::default();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.huggy.tokens = vec![Secret::new(LOAD_TOKEN)];
-    cfg.kafka.brokers = "embedded".into();
-    cfg.kafka.partitions = 3;
-    cfg.spool.dir = dir.join("spool");
+    let mut cfg = inprocess_config(dir, &[LOAD_TOKEN]);
+    cfg.files.enabled = true;
     cfg.files.allowed_url_prefixes = vec![format!("http://{file_server}/files/")];
     cfg.files.store = format!("file://{}", dir.join("files").display());
     cfg.files.token_ttl_secs = 30;

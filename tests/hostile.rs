@@ -9,21 +9,15 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use huggy_bridge::app::{self, Running};
-use huggy_bridge::config::{Config, Secret};
+use huggy_bridge::config::Config;
 use huggy_bridge::metrics::counter_sum;
 use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = LOAD_TOKEN;
 
 fn config(dir: &std::path::Path) -> Config {
-    let mut cfg = Config::default();
-    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
-    cfg.huggy.tokens = vec![Secret::new(TOKEN)];
-    cfg.kafka.brokers = "embedded".into();
+    let mut cfg = inprocess_config(dir, &[TOKEN]);
     cfg.kafka.partitions = 1;
-    cfg.spool.dir = dir.join("spool");
-    cfg.files.enabled = false;
     cfg.http.max_body_bytes = 256 * 1024;
     cfg
 }

@@ -26,6 +26,24 @@ async fn read_async(bootstrap: &str, topics: Vec<String>) -> Vec<Rec> {
     tokio::task::spawn_blocking(move || read_topics(&b, &topics.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
 }
 
+/// A tansu broker that clients reach through a loopback proxy that can be cut, with the topics created.
+struct CuttableBroker {
+    _tansu: Tansu,
+    proxy: Proxy,
+    via_proxy: String,
+    dir: tempfile::TempDir,
+}
+
+fn cuttable_broker(bin: &std::path::Path) -> CuttableBroker {
+    let proxy_port = free_port();
+    let tansu = Tansu::start(bin, Some(proxy_port));
+    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
+    let via_proxy = format!("127.0.0.1:{proxy_port}");
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &via_proxy, 3);
+    CuttableBroker { _tansu: tansu, proxy, via_proxy, dir }
+}
+
 async fn ready(admin: &SocketAddr) -> bool {
     reqwest::get(format!("http://{admin}/readyz")).await.is_ok_and(|r| r.status() == 200)
 }
@@ -98,12 +116,7 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readiness_follows() {
     let Some(bin) = real_broker_or_skip("broker_cut_off") else { return };
-    let proxy_port = free_port();
-    let tansu = Tansu::start(&bin, Some(proxy_port));
-    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
-    let via_proxy = format!("127.0.0.1:{proxy_port}");
-    let dir = tempfile::tempdir().unwrap();
-    topics_create(dir.path(), &via_proxy, 3);
+    let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"), "")).await;
     wait_for("ready", Duration::from_secs(20), async || ready(&d.admin).await.then_some(())).await;
 
@@ -136,12 +149,7 @@ async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readi
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() {
     let Some(bin) = real_broker_or_skip("spool_cap") else { return };
-    let proxy_port = free_port();
-    let tansu = Tansu::start(&bin, Some(proxy_port));
-    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
-    let via_proxy = format!("127.0.0.1:{proxy_port}");
-    let dir = tempfile::tempdir().unwrap();
-    topics_create(dir.path(), &via_proxy, 3);
+    let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
     let cfg = spool_config(&via_proxy, &dir.path().join("spool"), "").replace("[spool]\n", "[spool]\nmax_bytes = 50000\n");
     let d = Daemon::start(dir.path(), &cfg).await;
@@ -161,12 +169,7 @@ async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn torn_spool_tail_is_discarded_at_start_and_the_rest_delivered() {
     let Some(bin) = real_broker_or_skip("torn_tail") else { return };
-    let proxy_port = free_port();
-    let tansu = Tansu::start(&bin, Some(proxy_port));
-    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
-    let via_proxy = format!("127.0.0.1:{proxy_port}");
-    let dir = tempfile::tempdir().unwrap();
-    topics_create(dir.path(), &via_proxy, 3);
+    let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
     let spool = dir.path().join("spool");
     let cfg = spool_config(&via_proxy, &spool, "");

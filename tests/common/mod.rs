@@ -62,6 +62,20 @@ pub async fn wait_for<T>(what: &str, within: Duration, mut f: impl AsyncFnMut() 
     }
 }
 
+/// A configuration for the daemon in-process: both listeners on port 0, the embedded broker, the
+/// spool in `dir`, file capture off.
+pub fn inprocess_config(dir: &Path, tokens: &[&str]) -> huggy_bridge::config::Config {
+    let mut cfg = huggy_bridge::config::Config::default();
+    cfg.http.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.huggy.tokens = tokens.iter().map(|t| huggy_bridge::config::Secret::new(*t)).collect();
+    cfg.kafka.brokers = "embedded".into();
+    cfg.kafka.partitions = 3;
+    cfg.spool.dir = dir.join("spool");
+    cfg.files.enabled = false;
+    cfg
+}
+
 // ---------------------------------------------------------------------------------------------
 // Real broker
 
