@@ -63,10 +63,13 @@ fn secrets_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error
     #[serde(untagged)]
     enum OneOrMany {
         One(String),
+        // An all-digit token from the environment arrives as a number.
+        Number(u64),
         Many(Vec<String>),
     }
     let items = match OneOrMany::deserialize(d)? {
         OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
+        OneOrMany::Number(n) => vec![n.to_string()],
         OneOrMany::Many(v) => v,
     };
     Ok(items
@@ -457,6 +460,16 @@ mod tests {
             let printed = cfg.to_redacted_toml();
             assert!(!printed.contains("a-token") && !printed.contains("hunter2"), "{printed}");
             assert!(printed.contains("linger.ms") && printed.contains("[redacted]"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_numeric_token_from_the_environment_is_a_token() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "12345678");
+            let cfg = Config::load(None).expect("loads");
+            assert_eq!(cfg.huggy.tokens[0].expose(), "12345678");
             Ok(())
         });
     }

@@ -1,5 +1,6 @@
 //! Any body: parsing and splitting never panic; every event's value is a byte-exact slice of the
-//! body; a well-formed event's value is a JSON object.
+//! body; a well-formed event's value is a JSON object (valid JSON text: numbers such as `128e613`,
+//! out of range for an f64, are valid and kept as they are).
 #![no_main]
 
 #[allow(dead_code)]
@@ -13,12 +14,12 @@ fuzz_target!(|body: &[u8]| {
     for ev in event::split(&batch, 0) {
         assert!(body.windows(ev.value.len().max(1)).any(|w| w == ev.value.as_slice()) || ev.value.is_empty());
         if ev.dead_letter.is_none() {
-            let v: serde_json::Value = serde_json::from_slice(&ev.value).expect("a published event is JSON");
-            assert!(v.is_object());
+            let raw: &serde_json::value::RawValue = serde_json::from_slice(&ev.value).expect("a published event is JSON");
+            assert!(raw.get().starts_with('{') && raw.get().ends_with('}'));
             assert_eq!(ev.id, event::EventId::derive(ev.event_type.as_str(), &ev.value));
             let appended = event::append_member(&ev.value, "bridge_files", b"[]");
-            let v2: serde_json::Value = serde_json::from_slice(&appended).expect("still JSON with bridge_files");
-            assert!(v2.get("bridge_files").is_some());
+            let _: &serde_json::value::RawValue = serde_json::from_slice(&appended).expect("still JSON with bridge_files");
+            assert!(appended.ends_with(b"\"bridge_files\":[]}"));
         }
     }
 });

@@ -210,6 +210,20 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
     assert!(parse_body(ok.as_bytes()).is_ok(), "brackets inside strings do not count");
 }
 
+/// Found by fuzzing (`fuzz/artifacts/parse_split/crash-efdb784f…`, the newInternalMessage fixture
+/// with its id mutated to `128e613`): valid JSON that no f64 holds. It is published byte for byte;
+/// the id is no decimal integer, so the key falls back to the chat.
+#[test]
+fn an_id_out_of_f64_range_is_kept_and_not_used_as_a_key() {
+    let body = br#"{"token":"t","messages":{"newInternalMessage":[{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}]}}"#;
+    let events = split(&batch(body), 0);
+    assert!(events[0].dead_letter.is_none());
+    assert_eq!(events[0].value, br#"{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}"#.to_vec());
+    assert_eq!(events[0].key.as_deref(), Some("214420"));
+    let body = br#"{"token":"t","messages":{"closedChat":[{"id": 128e613,"company":{"id":9}}]}}"#;
+    assert_eq!(split(&batch(body), 0)[0].key.as_deref(), Some("9"), "no chat id: the company orders it");
+}
+
 #[test]
 fn huge_numbers_pass_through_untouched() {
     let body = br#"{"token":"t","time":1e400,"messages":{"receivedMessage":[{"chat":{"id":1},"n":1e400,"m":-0.0e-999}]}}"#;
