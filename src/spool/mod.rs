@@ -12,7 +12,8 @@
 //!
 //! Durability: one writer thread takes every append waiting in its queue, writes them with one
 //! `write`, and calls `fdatasync` once for all of them (group commit) before any of their requests is
-//! answered. Acknowledgements are written without a sync of their own: losing one only means the
+//! answered. The dedup log is written at the same time but synced only before a segment is deleted:
+//! until then the segment is the durable record of the ids in it. Acknowledgements are written without a sync of their own: losing one only means the
 //! event is published again (at-least-once, same event id).
 //!
 //! Recovery: segments are read in order; events without an acknowledgement are published again, in
@@ -162,7 +163,14 @@ impl Spool {
         fs::create_dir_all(&settings.dir)?;
         let now = now_secs();
         let recovered = recover(&settings)?;
-        let dedup = Dedup::open(&settings.dir, settings.dedup_window_secs, now)?;
+        let mut dedup = Dedup::open(&settings.dir, settings.dedup_window_secs, now)?;
+        // The dedup log is synced lazily (before a segment is deleted); the ids of events still in
+        // segments are known from the segments themselves.
+        for (id, at) in &recovered.seen {
+            if *at >= now - dedup.window {
+                dedup.seen.entry(*id).or_insert(*at);
+            }
+        }
         let active = open_active(&settings.dir, recovered.next_seq)?;
         let committed_len = active.metadata()?.len();
         let mut segments = recovered.segments;
@@ -201,6 +209,7 @@ impl Spool {
             active_len: committed_len,
             next_seq: recovered.next_seq,
             dedup,
+            dedup_unsynced: false,
         };
         let thread = std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
         Ok(Spool { tx, shared, thread: Arc::new(Mutex::new(Some(thread))) })
@@ -411,6 +420,8 @@ impl Reader {
 }
 
 struct Recovered {
+    /// Ids of every event still in a segment, acknowledged or not, with their receipt time.
+    seen: Vec<(EventId, i64)>,
     unacked: BTreeMap<u64, Pending>,
     unacked_bytes: u64,
     segments: VecDeque<Segment>,
@@ -442,6 +453,7 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
     let mut unacked = BTreeMap::new();
     let mut segments = VecDeque::new();
     let mut with_files: BTreeMap<u64, PendingFiles> = BTreeMap::new();
+    let mut seen = Vec::new();
     let mut file_results: HashMap<u64, Vec<u8>> = HashMap::new();
     let mut next_seq = files.first().map_or(1, |(n, _)| *n).max(1);
     let last = files.len().saturating_sub(1);
@@ -452,6 +464,7 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
             match frame::decode_at(&buf, pos) {
                 Next::Frame(Record::Event { seq, received_at, event }, used) => {
                     unacked.insert(seq, Pending { bytes: event.value.len() as u64, received_at });
+                    seen.push((event.id, received_at));
                     if !event.files.is_empty() {
                         with_files.insert(seq, PendingFiles { seq, received_at, event_id: event.id, company: event.company, urls: event.files });
                     }
@@ -498,7 +511,7 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
     let unacked_bytes = unacked.values().map(|p: &Pending| p.bytes).sum();
     file_results.retain(|seq, _| unacked.contains_key(seq));
     let pending_files = with_files.into_values().filter(|p| unacked.contains_key(&p.seq) && !file_results.contains_key(&p.seq)).collect();
-    Ok(Recovered { unacked, unacked_bytes, segments, next_seq, file_results, pending_files })
+    Ok(Recovered { seen, unacked, unacked_bytes, segments, next_seq, file_results, pending_files })
 }
 
 fn open_active(dir: &Path, first_seq: u64) -> std::io::Result<File> {
@@ -595,6 +608,8 @@ struct Writer {
     active_len: u64,
     next_seq: u64,
     dedup: Dedup,
+    /// Dedup entries written since the dedup log was last synced.
+    dedup_unsynced: bool,
 }
 
 type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, SpoolError>);
@@ -762,15 +777,15 @@ impl Writer {
             if sync {
                 self.active.sync_data()?;
             }
+            // Not synced here: until their segment is deleted, the segment itself is the durable
+            // record of these ids (recovery reads them back); compaction syncs this log first.
             self.dedup.file.write_all(dedup_buf)?;
-            if sync {
-                self.dedup.file.sync_data()?;
-            }
             Ok(())
         })();
         match result {
             Ok(()) => {
                 self.active_len += buf.len() as u64;
+                self.dedup_unsynced |= !dedup_buf.is_empty();
                 Ok(())
             }
             Err(e) => {
@@ -815,6 +830,10 @@ impl Writer {
                 st.segments.pop_front().map(|s| s.path)
             };
             if let Some(path) = victim {
+                if self.dedup_unsynced {
+                    self.dedup.file.sync_data()?;
+                    self.dedup_unsynced = false;
+                }
                 fs::remove_file(&path)?;
             }
         }

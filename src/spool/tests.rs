@@ -76,6 +76,22 @@ async fn duplicates_within_the_window_are_not_stored_even_after_restart() {
 }
 
 #[tokio::test]
+async fn ids_in_segments_are_remembered_even_if_the_dedup_log_was_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
+    spool.close().await;
+    // The dedup log is synced lazily: a crash may lose its tail. The segment still has the id.
+    for (_, p) in list_numbered(dir.path(), "dedup-").unwrap() {
+        std::fs::write(p, b"").unwrap();
+    }
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let r = spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1));
+    spool.close().await;
+}
+
+#[tokio::test]
 async fn full_spool_refuses_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
