@@ -166,8 +166,16 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             http_stop.cancel();
             let _ = public_task.await;
             // In spool mode nothing in flight is at risk (the spool keeps it), so waiting on Kafka
-            // is bounded tighter: only to spare duplicates after the restart.
-            let spare = |d: Duration| if spool.is_some() { d.min(SPOOL_MODE_KAFKA_GRACE) } else { d };
+            // is bounded tighter, one budget for the publisher's window and the flush: it only spares
+            // duplicates after the restart.
+            let kafka_budget_from = Instant::now();
+            let spare = |d: Duration| {
+                if spool.is_some() {
+                    d.min(SPOOL_MODE_KAFKA_GRACE.saturating_sub(kafka_budget_from.elapsed()))
+                } else {
+                    d
+                }
+            };
             if let Some(t) = publisher_task {
                 publisher_soft_stop.cancel();
                 tokio::select! {
