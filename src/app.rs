@@ -14,8 +14,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
-use crate::http::{self, AppState, ServeLimits};
 use crate::files::{bridge_files_json, Completion, FileCapture, FileJob, FileResult};
+use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
 use crate::publish::kafka::{self, EmbeddedBroker};
@@ -70,7 +70,8 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
     let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(&cfg)?) } else { None };
     let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
     let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
-    let producer = kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone()).context("creating the Kafka producer")?;
+    let producer =
+        kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone()).context("creating the Kafka producer")?;
     let publisher = Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()));
 
     let spool = match cfg.delivery.ack {
@@ -96,7 +97,13 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             }));
             for p in s.take_pending_files() {
                 info!(seq = p.seq, files = p.urls.len(), "resuming file capture interrupted by the last stop");
-                fc.submit(FileJob { event_id: p.event_id, company: p.company, received_at: p.received_at, urls: p.urls, completion: Completion::Spool(p.seq) });
+                fc.submit(FileJob {
+                    event_id: p.event_id,
+                    company: p.company,
+                    received_at: p.received_at,
+                    urls: p.urls,
+                    completion: Completion::Spool(p.seq),
+                });
             }
         }
         fc.spawn_workers(cfg.files.concurrency, files_stop.clone());
@@ -106,8 +113,11 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             // Captures interrupted by the last stop cannot resume with capture off: report them, so
             // their events (and the events of the same keys behind them) are published.
             for p in s.take_pending_files() {
-                let results: Vec<FileResult> =
-                    p.urls.iter().map(|u| FileResult::failed(u, "file capture is disabled (files.enabled = false)".into())).collect();
+                let results: Vec<FileResult> = p
+                    .urls
+                    .iter()
+                    .map(|u| FileResult::failed(u, "file capture is disabled (files.enabled = false)".into()))
+                    .collect();
                 s.files_done(p.seq, bridge_files_json(&results)).await;
             }
         }
@@ -115,7 +125,10 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
     };
     let mode = match &spool {
         Some(s) => Mode::Spool(s.clone()),
-        None => Mode::Kafka { publisher: publisher.clone(), timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms) },
+        None => Mode::Kafka {
+            publisher: publisher.clone(),
+            timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms),
+        },
     };
     let ingest = Ingest { mode, files };
     let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone(), spool.clone()));
@@ -138,7 +151,13 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
         ))
     });
-    tokio::spawn(probe_kafka(publisher.clone(), health.clone(), state.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)), background_stop.clone()));
+    tokio::spawn(probe_kafka(
+        publisher.clone(),
+        health.clone(),
+        state.clone(),
+        Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)),
+        background_stop.clone(),
+    ));
 
     let deadline = Duration::from_secs(cfg.shutdown.timeout_secs);
     let http_stop = CancellationToken::new();
@@ -210,7 +229,13 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
 }
 
 /// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds.
-async fn probe_kafka(publisher: Arc<Publisher>, health: Arc<KafkaHealth>, state: Arc<AppState>, timeout: Duration, stop: CancellationToken) {
+async fn probe_kafka(
+    publisher: Arc<Publisher>,
+    health: Arc<KafkaHealth>,
+    state: Arc<AppState>,
+    timeout: Duration,
+    stop: CancellationToken,
+) {
     let mut was = None;
     loop {
         let p = publisher.clone();

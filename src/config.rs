@@ -72,12 +72,7 @@ fn secrets_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error
         OneOrMany::Number(n) => vec![n.to_string()],
         OneOrMany::Many(v) => v,
     };
-    Ok(items
-        .into_iter()
-        .map(|t| t.trim().to_owned())
-        .filter(|t| !t.is_empty())
-        .map(Secret::new)
-        .collect())
+    Ok(items.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret::new).collect())
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -196,10 +191,8 @@ fn is_secret_property(key: &str) -> bool {
 }
 
 fn redact_librdkafka<S: Serializer>(map: &BTreeMap<String, String>, s: S) -> Result<S::Ok, S::Error> {
-    let redacted: BTreeMap<&str, &str> = map
-        .iter()
-        .map(|(k, v)| (k.as_str(), if is_secret_property(k) { REDACTED } else { v.as_str() }))
-        .collect();
+    let redacted: BTreeMap<&str, &str> =
+        map.iter().map(|(k, v)| (k.as_str(), if is_secret_property(k) { REDACTED } else { v.as_str() })).collect();
     redacted.serialize(s)
 }
 
@@ -433,6 +426,7 @@ impl Config {
 }
 
 #[cfg(test)]
+#[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
 mod tests {
     use super::*;
     use figment::Jail;

@@ -59,7 +59,12 @@ impl Ingest {
     ///
     /// # Errors
     /// The events are not durable: the client must be told to retry (503).
-    pub async fn accept(&self, mut events: Vec<Event>, received_at: i64, metrics: &Metrics) -> Result<Accepted, IngestError> {
+    pub async fn accept(
+        &self,
+        mut events: Vec<Event>,
+        received_at: i64,
+        metrics: &Metrics,
+    ) -> Result<Accepted, IngestError> {
         let n = events.len();
         if let Some(fc) = &self.files {
             for ev in events.iter_mut().filter(|e| e.dead_letter.is_none()) {
@@ -68,9 +73,9 @@ impl Ingest {
         }
         let labels: Vec<&'static str> = events.iter().map(|e| e.event_type.label()).collect();
         let accepted = match &self.mode {
-            Mode::Spool(spool) => self.into_spool(spool, events, received_at).await?,
+            Mode::Spool(spool) => self.store_in_spool(spool, events, received_at).await?,
             Mode::Kafka { publisher, timeout } => {
-                tokio::time::timeout(*timeout, self.into_kafka(publisher, events, received_at))
+                tokio::time::timeout(*timeout, self.publish_to_kafka(publisher, events, received_at))
                     .await
                     .map_err(|_| IngestError::KafkaUnavailable)??;
                 Accepted { events: n, duplicates: 0 }
@@ -85,7 +90,12 @@ impl Ingest {
         Ok(accepted)
     }
 
-    async fn into_spool(&self, spool: &Spool, events: Vec<Event>, received_at: i64) -> Result<Accepted, IngestError> {
+    async fn store_in_spool(
+        &self,
+        spool: &Spool,
+        events: Vec<Event>,
+        received_at: i64,
+    ) -> Result<Accepted, IngestError> {
         let n = events.len();
         let with_files: Vec<(usize, FileJobParts)> = events
             .iter()
@@ -110,12 +120,23 @@ impl Ingest {
         Ok(Accepted { events: n, duplicates: r.duplicates })
     }
 
-    async fn into_kafka(&self, publisher: &Publisher, mut events: Vec<Event>, received_at: i64) -> Result<(), IngestError> {
+    async fn publish_to_kafka(
+        &self,
+        publisher: &Publisher,
+        mut events: Vec<Event>,
+        received_at: i64,
+    ) -> Result<(), IngestError> {
         if let Some(fc) = &self.files {
             let mut waits = Vec::new();
             for (i, ev) in events.iter().enumerate().filter(|(_, e)| !e.files.is_empty()) {
                 let (tx, rx) = oneshot::channel();
-                fc.submit(FileJob { event_id: ev.id, company: ev.company.clone(), received_at, urls: ev.files.clone(), completion: Completion::Reply(tx) });
+                fc.submit(FileJob {
+                    event_id: ev.id,
+                    company: ev.company.clone(),
+                    received_at,
+                    urls: ev.files.clone(),
+                    completion: Completion::Reply(tx),
+                });
                 waits.push((i, rx));
             }
             for (i, rx) in waits {

@@ -73,7 +73,10 @@ fn main() -> ExitCode {
                     anyhow::bail!("kafka.brokers is \"embedded\": the embedded broker creates its topics itself");
                 }
                 for (topic, outcome) in publish::kafka::create_topics(&cfg, &cfg.kafka.brokers).await? {
-                    println!("{topic}\t{}", if outcome == publish::kafka::TopicOutcome::Created { "created" } else { "exists" });
+                    println!(
+                        "{topic}\t{}",
+                        if outcome == publish::kafka::TopicOutcome::Created { "created" } else { "exists" }
+                    );
                 }
                 Ok(())
             })

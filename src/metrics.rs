@@ -10,8 +10,17 @@ use prometheus::{
 use crate::event::KnownType;
 
 /// Outcomes of a webhook request, the `outcome` label of `huggy_bridge_http_requests_total`.
-pub const HTTP_OUTCOMES: &[&str] =
-    &["accepted", "handshake", "unauthorized", "bad_request", "too_large", "timeout", "unavailable", "not_found", "method_not_allowed"];
+pub const HTTP_OUTCOMES: &[&str] = &[
+    "accepted",
+    "handshake",
+    "unauthorized",
+    "bad_request",
+    "too_large",
+    "timeout",
+    "unavailable",
+    "not_found",
+    "method_not_allowed",
+];
 
 /// Results of a file download, the `result` label of `huggy_bridge_file_downloads_total`.
 pub const FILE_RESULTS: &[&str] = &["stored", "failed", "expired", "refused", "too_large", "retried"];
@@ -59,36 +68,72 @@ impl Metrics {
         }
         let counter_vec = |name: &str, help: &str, label: &str| IntCounterVec::new(Opts::new(name, help), &[label]);
         let m = Metrics {
-            http_requests: reg!(counter_vec("huggy_bridge_http_requests_total", "Webhook requests by outcome.", "outcome")),
+            http_requests: reg!(counter_vec(
+                "huggy_bridge_http_requests_total",
+                "Webhook requests by outcome.",
+                "outcome"
+            )),
             request_duration: reg!(HistogramVec::new(
-                HistogramOpts::new("huggy_bridge_http_request_duration_seconds", "Webhook request duration, receipt to answer, by outcome.")
-                    .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+                HistogramOpts::new(
+                    "huggy_bridge_http_request_duration_seconds",
+                    "Webhook request duration, receipt to answer, by outcome."
+                )
+                .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
                 &["outcome"]
             )),
-            events_received: reg!(counter_vec("huggy_bridge_events_received_total", "Events accepted from Huggy, by event type.", "type")),
+            events_received: reg!(counter_vec(
+                "huggy_bridge_events_received_total",
+                "Events accepted from Huggy, by event type.",
+                "type"
+            )),
             events_duplicate: reg!(IntCounter::new(
                 "huggy_bridge_events_duplicate_total",
                 "Events acknowledged but not published again: their id was seen within the dedup window."
             )),
-            events_published: reg!(counter_vec("huggy_bridge_events_published_total", "Events acknowledged by Kafka on their topic, by event type.", "type")),
+            events_published: reg!(counter_vec(
+                "huggy_bridge_events_published_total",
+                "Events acknowledged by Kafka on their topic, by event type.",
+                "type"
+            )),
             events_dead_lettered: reg!(counter_vec(
                 "huggy_bridge_events_dead_lettered_total",
                 "Events written to the dead-letter topic, by event type.",
                 "type"
             )),
-            publish_retries: reg!(IntCounter::new("huggy_bridge_publish_retries_total", "Records sent again after a retryable Kafka error.")),
-            ack_latency: reg!(Histogram::with_opts(
-                HistogramOpts::new("huggy_bridge_ack_latency_seconds", "Time from receipt of an event to its acknowledgement by Kafka.")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0])
+            publish_retries: reg!(IntCounter::new(
+                "huggy_bridge_publish_retries_total",
+                "Records sent again after a retryable Kafka error."
             )),
-            spool_events: reg!(IntGauge::new("huggy_bridge_spool_events", "Events in the spool not yet acknowledged by Kafka.")),
-            spool_bytes: reg!(IntGauge::new("huggy_bridge_spool_bytes", "Bytes of events in the spool not yet acknowledged by Kafka.")),
-            spool_max_bytes: reg!(IntGauge::new("huggy_bridge_spool_max_bytes", "Configured spool cap (spool.max_bytes); past it the webhook answers 503.")),
+            ack_latency: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "huggy_bridge_ack_latency_seconds",
+                    "Time from receipt of an event to its acknowledgement by Kafka."
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0, 3600.0
+                ])
+            )),
+            spool_events: reg!(IntGauge::new(
+                "huggy_bridge_spool_events",
+                "Events in the spool not yet acknowledged by Kafka."
+            )),
+            spool_bytes: reg!(IntGauge::new(
+                "huggy_bridge_spool_bytes",
+                "Bytes of events in the spool not yet acknowledged by Kafka."
+            )),
+            spool_max_bytes: reg!(IntGauge::new(
+                "huggy_bridge_spool_max_bytes",
+                "Configured spool cap (spool.max_bytes); past it the webhook answers 503."
+            )),
             spool_oldest_age: reg!(IntGauge::new(
                 "huggy_bridge_spool_oldest_age_seconds",
                 "Age of the oldest event not yet acknowledged by Kafka (0 when none)."
             )),
-            file_downloads: reg!(counter_vec("huggy_bridge_file_downloads_total", "File downloads by result.", "result")),
+            file_downloads: reg!(counter_vec(
+                "huggy_bridge_file_downloads_total",
+                "File downloads by result.",
+                "result"
+            )),
             file_bytes: reg!(IntCounter::new("huggy_bridge_file_bytes_total", "Bytes of files stored.")),
             file_headroom: reg!(Histogram::with_opts(
                 HistogramOpts::new(
@@ -98,8 +143,14 @@ impl Metrics {
                 .buckets(vec![0.0, 10.0, 30.0, 60.0, 120.0, 240.0, 360.0, 480.0, 540.0, 570.0, 600.0])
             )),
             file_queue: reg!(IntGauge::new("huggy_bridge_file_queue_depth", "Files waiting for or in download.")),
-            kafka_connected: reg!(IntGauge::new("huggy_bridge_kafka_connected", "1 when at least one Kafka broker connection is up.")),
-            kafka_brokers_up: reg!(IntGauge::new("huggy_bridge_kafka_brokers_up", "Kafka brokers whose connection is up (librdkafka statistics).")),
+            kafka_connected: reg!(IntGauge::new(
+                "huggy_bridge_kafka_connected",
+                "1 when at least one Kafka broker connection is up."
+            )),
+            kafka_brokers_up: reg!(IntGauge::new(
+                "huggy_bridge_kafka_brokers_up",
+                "Kafka brokers whose connection is up (librdkafka statistics)."
+            )),
             kafka_queue_messages: reg!(IntGauge::new(
                 "huggy_bridge_kafka_producer_queue_messages",
                 "Messages in the librdkafka producer queue (statistics msg_cnt)."
@@ -108,9 +159,15 @@ impl Metrics {
                 "huggy_bridge_kafka_producer_queue_bytes",
                 "Bytes in the librdkafka producer queue (statistics msg_size)."
             )),
-            kafka_fatal: reg!(IntGauge::new("huggy_bridge_kafka_fatal_error", "1 after librdkafka raised a fatal error (the producer must be restarted).")),
+            kafka_fatal: reg!(IntGauge::new(
+                "huggy_bridge_kafka_fatal_error",
+                "1 after librdkafka raised a fatal error (the producer must be restarted)."
+            )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
-            build_info: reg!(IntGaugeVec::new(Opts::new("huggy_bridge_build_info", "Build information."), &["version"])),
+            build_info: reg!(IntGaugeVec::new(
+                Opts::new("huggy_bridge_build_info", "Build information."),
+                &["version"]
+            )),
             registry: registry.clone(),
         };
         for o in HTTP_OUTCOMES {

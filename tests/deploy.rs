@@ -39,8 +39,12 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
     cfg.files.store = format!("file://{}", dir.path().join("files").display());
     let d = app::start(cfg, CancellationToken::new()).await.unwrap();
     let exported = reqwest::get(format!("http://{}/metrics", d.admin_addr)).await.unwrap().text().await.unwrap();
-    let families: BTreeSet<String> =
-        exported.lines().filter_map(|l| l.strip_prefix("# TYPE ")).filter_map(|l| l.split_whitespace().next()).map(str::to_owned).collect();
+    let families: BTreeSet<String> = exported
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
     let missing: Vec<&String> = wanted
         .iter()
         .filter(|name| {

@@ -50,12 +50,15 @@ async fn post_fixtures_and_check(mode: AckMode) {
     }
     // Spool mode publishes the one event that two fixtures share (same type and bytes) once.
     let distinct = if mode == AckMode::Spool { 24 } else { 25 };
-    wait_for("every event published", Duration::from_secs(30), async || (published(&d) == distinct).then_some(())).await;
+    wait_for("every event published", Duration::from_secs(30), async || (published(&d) == distinct).then_some(()))
+        .await;
     let bootstrap = d.embedded_bootstrap.clone().unwrap();
     let topics = fixture_topics();
-    let recs = tokio::task::spawn_blocking(move || read_topics(&bootstrap, &topics.iter().map(String::as_str).collect::<Vec<_>>()))
-        .await
-        .unwrap();
+    let recs = tokio::task::spawn_blocking(move || {
+        read_topics(&bootstrap, &topics.iter().map(String::as_str).collect::<Vec<_>>())
+    })
+    .await
+    .unwrap();
     check_fixture_records(&recs, mode == AckMode::Spool);
     d.shutdown();
     d.wait().await.unwrap();
@@ -75,7 +78,12 @@ async fn every_fixture_becomes_correct_records_kafka_mode() {
 async fn handshake_echoes_a_configured_token_only() {
     let dir = tempfile::tempdir().unwrap();
     let d = start(config(dir.path())).await;
-    let r = reqwest::Client::new().post(url(&d)).body(std::fs::read(format!("{FIXTURES}/handshake.json")).unwrap()).send().await.unwrap();
+    let r = reqwest::Client::new()
+        .post(url(&d))
+        .body(std::fs::read(format!("{FIXTURES}/handshake.json")).unwrap())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     assert_eq!(r.text().await.unwrap(), "380c4e7399999999999999999999d354");
@@ -122,7 +130,8 @@ async fn rejections_have_their_status_and_code_and_publish_nothing() {
     }
     let get = reqwest::get(url(&d)).await.unwrap();
     assert_eq!(get.status(), 405);
-    let other = reqwest::Client::new().post(format!("http://{}/elsewhere", d.http_addr)).body("{}").send().await.unwrap();
+    let other =
+        reqwest::Client::new().post(format!("http://{}/elsewhere", d.http_addr)).body("{}").send().await.unwrap();
     assert_eq!(other.status(), 404);
     assert_eq!(metric_value(&d.admin_addr, "huggy_bridge_http_requests_total{outcome=\"unauthorized\"}").await, 3.0);
     let received = counter_sum(&d.metrics.events_received);
@@ -143,15 +152,24 @@ async fn a_malformed_event_is_dead_lettered_and_its_siblings_published() {
         "brandNewType":[{"chatID":77,"company":{"id":5}}]}}"#;
     let (status, text) = post(&url(&d), body).await;
     assert_eq!((status, text.as_str()), (200, r#"{"accepted":4}"#));
-    wait_for("publishing", Duration::from_secs(20), async || (published(&d) == 3 && dead_lettered(&d) == 1).then_some(())).await;
+    wait_for("publishing", Duration::from_secs(20), async || {
+        (published(&d) == 3 && dead_lettered(&d) == 1).then_some(())
+    })
+    .await;
     let bootstrap = d.embedded_bootstrap.clone().unwrap();
-    let recs = tokio::task::spawn_blocking(move || read_topics(&bootstrap, &["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"]))
-        .await
-        .unwrap();
+    let recs = tokio::task::spawn_blocking(move || {
+        read_topics(&bootstrap, &["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"])
+    })
+    .await
+    .unwrap();
     let on = |t: &str| recs.iter().filter(|r| r.topic == t).collect::<Vec<_>>();
     let received = on("huggy.receivedMessage");
     assert_eq!(received.len(), 2);
-    assert_eq!(received[0].value, br#"{"id":1,"chat":{"id":10},"company":{"id":5}}"#.to_vec(), "order kept within the key");
+    assert_eq!(
+        received[0].value,
+        br#"{"id":1,"chat":{"id":10},"company":{"id":5}}"#.to_vec(),
+        "order kept within the key"
+    );
     assert_eq!(received[1].value, br#"{"id":2,"chat":{"id":10},"company":{"id":5}}"#.to_vec());
     let dlq = on("huggy.dead-letter");
     assert_eq!(dlq.len(), 1);
@@ -228,7 +246,10 @@ async fn spool_mode_accepts_while_kafka_is_away_until_the_cap() {
     assert!(why.contains("kafka unreachable") && why.contains("spool full"), "{why}");
     assert_eq!(metric_value(&d.admin_addr, "huggy_bridge_spool_events").await as usize, first_refusal);
     assert!(metric_value(&d.admin_addr, "huggy_bridge_spool_oldest_age_seconds").await >= 0.0);
-    assert_eq!(metric_value(&d.admin_addr, "huggy_bridge_http_requests_total{outcome=\"unavailable\"}").await as usize, 10 - first_refusal);
+    assert_eq!(
+        metric_value(&d.admin_addr, "huggy_bridge_http_requests_total{outcome=\"unavailable\"}").await as usize,
+        10 - first_refusal
+    );
     d.shutdown();
     d.wait().await.unwrap();
 }

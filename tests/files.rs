@@ -49,7 +49,11 @@ impl Server {
     }
 }
 
-async fn serve_file(State(s): State<Server>, Path(name): Path<String>, Query(q): Query<HashMap<String, String>>) -> Response {
+async fn serve_file(
+    State(s): State<Server>,
+    Path(name): Path<String>,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
     let n = {
         let mut h = s.hits.lock().unwrap();
         let e = h.entry(name.clone()).or_default();
@@ -68,21 +72,28 @@ async fn serve_file(State(s): State<Server>, Path(name): Path<String>, Query(q):
     headers.insert(header::CONTENT_TYPE, "application/octet-stream".parse().unwrap());
     match q.get("kind").map(String::as_str).unwrap_or("plain") {
         "flaky" if n <= 2 => return (StatusCode::SERVICE_UNAVAILABLE, "try later").into_response(),
-        "redirect-meta" => return (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")]).into_response(),
+        "redirect-meta" => {
+            return (StatusCode::FOUND, [(header::LOCATION, "http://169.254.169.254/latest/meta-data/")])
+                .into_response()
+        }
         "redirect-local" => {
             let to = format!("http://127.0.0.2:{}/files/trap?exp={exp}&sig={}", s.other_port, sig("trap", exp));
             return (StatusCode::FOUND, [(header::LOCATION, to)]).into_response();
         }
         "big" => {
             // Streamed without Content-Length: the limit must hold while streaming.
-            let chunks = futures::stream::iter((0..size / 65536 + 1).map(|_| Ok::<_, std::io::Error>(vec![7u8; 65536])));
+            let chunks =
+                futures::stream::iter((0..size / 65536 + 1).map(|_| Ok::<_, std::io::Error>(vec![7u8; 65536])));
             return (headers, axum::body::Body::from_stream(chunks)).into_response();
         }
         "slow" => tokio::time::sleep(Duration::from_secs(3)).await,
         _ => {}
     }
     if let Some(cd) = q.get("cd") {
-        headers.insert(header::CONTENT_DISPOSITION, format!("attachment; filename=\"fallback.bin\"; filename*=UTF-8''{cd}").parse().unwrap());
+        headers.insert(
+            header::CONTENT_DISPOSITION,
+            format!("attachment; filename=\"fallback.bin\"; filename*=UTF-8''{cd}").parse().unwrap(),
+        );
     }
     (headers, content(seed, size)).into_response()
 }
@@ -150,12 +161,17 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
     for i in 0..n {
         let size = 10 * 1024 + (i * 10_453) % (2 * 1024 * 1024 - 10 * 1024);
         let (name, extra, expected_name) = if i % 2 == 0 {
-            (format!("obj{i}"), format!("&size={size}&seed={i}&cd=relat%C3%B3rio%20{i}.bin"), format!("relatório {i}.bin"))
+            (
+                format!("obj{i}"),
+                format!("&size={size}&seed={i}&cd=relat%C3%B3rio%20{i}.bin"),
+                format!("relatório {i}.bin"),
+            )
         } else {
             (format!("arquivo%20{i}.bin"), format!("&size={size}&seed={i}"), format!("arquivo {i}.bin"))
         };
         let url = signed(addr, &name, 30, &extra);
-        expected.insert(url.clone(), (hex::encode(Sha256::digest(content(i as u64, size))), size as u64, expected_name));
+        expected
+            .insert(url.clone(), (hex::encode(Sha256::digest(content(i as u64, size))), size as u64, expected_name));
         events.push(event_with_file(i, 500 + i % 20, &url));
     }
     let started = Instant::now();
@@ -187,11 +203,20 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
         assert_eq!(parts[1].len(), 32, "{location}");
         assert!(parts[2].len() == 2 && parts[3].len() == 2 && parts[4].len() == 4, "{location}");
         assert_eq!(parts[5], "7", "{location}");
-        let meta = std::fs::metadata(location).unwrap_or_else(|e| panic!("{location}: {e}; store has {:?}", walk(&dir.path().join("files")).iter().take(3).collect::<Vec<_>>()));
+        let meta = std::fs::metadata(location).unwrap_or_else(|e| {
+            panic!(
+                "{location}: {e}; store has {:?}",
+                walk(&dir.path().join("files")).iter().take(3).collect::<Vec<_>>()
+            )
+        });
         assert_eq!(meta.len(), *size);
         // The original bytes are untouched, with the member appended.
         let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
-        let original = event_with_file(v["id"].as_u64().unwrap() as usize, v["chat"]["id"].as_u64().unwrap() as usize, f["url"].as_str().unwrap());
+        let original = event_with_file(
+            v["id"].as_u64().unwrap() as usize,
+            v["chat"]["id"].as_u64().unwrap() as usize,
+            f["url"].as_str().unwrap(),
+        );
         assert!(r.value.starts_with(&original.as_bytes()[..original.len() - 1]));
         assert!(r.value.ends_with(b"]}"));
     }
@@ -313,7 +338,11 @@ fn moto_binary() -> Option<std::path::PathBuf> {
     if let Some(p) = std::env::var_os("MOTO_SERVER").filter(|p| !p.is_empty()) {
         return Some(p.into());
     }
-    std::env::var_os("PATH")?.to_str()?.split(':').map(|d| std::path::Path::new(d).join("moto_server")).find(|p| p.is_file())
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join("moto_server"))
+        .find(|p| p.is_file())
 }
 
 struct Moto(std::process::Child);
@@ -328,8 +357,13 @@ impl Drop for Moto {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_are_streamed_into_an_s3_compatible_store() {
     let Some(moto) = moto_binary() else {
-        assert!(std::env::var("HUGGY_BRIDGE_REQUIRE_S3").as_deref() != Ok("1"), "no moto_server and HUGGY_BRIDGE_REQUIRE_S3=1");
-        eprintln!("SKIPPED files_are_streamed_into_an_s3_compatible_store: no moto_server (pip install 'moto[server]')");
+        assert!(
+            std::env::var("HUGGY_BRIDGE_REQUIRE_S3").as_deref() != Ok("1"),
+            "no moto_server and HUGGY_BRIDGE_REQUIRE_S3=1"
+        );
+        eprintln!(
+            "SKIPPED files_are_streamed_into_an_s3_compatible_store: no moto_server (pip install 'moto[server]')"
+        );
         return;
     };
     let port = free_port();
@@ -342,7 +376,10 @@ async fn files_are_streamed_into_an_s3_compatible_store() {
     let _moto = Moto(child);
     let endpoint = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
-    wait_for("moto up", Duration::from_secs(30), async || http.put(format!("{endpoint}/captured")).send().await.ok().filter(|r| r.status().is_success())).await;
+    wait_for("moto up", Duration::from_secs(30), async || {
+        http.put(format!("{endpoint}/captured")).send().await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
 
     let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
     let dir = tempfile::tempdir().unwrap();
@@ -358,7 +395,8 @@ async fn files_are_streamed_into_an_s3_compatible_store() {
     // 7 MiB: more than one multipart part.
     let size = 7 * 1024 * 1024 + 123;
     let url = signed(addr, "big.bin", 30, &format!("&size={size}&seed=9"));
-    let (status, _) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&[event_with_file(1, 1, &url)])).await;
+    let (status, _) =
+        post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&[event_with_file(1, 1, &url)])).await;
     assert_eq!(status, 200);
     wait_published(&d, 1, Duration::from_secs(60)).await;
     let f = bridge_files(&records(&d).await[0]).pop().unwrap();
@@ -387,7 +425,9 @@ async fn sigkill_with_downloads_pending_then_restart_stores_the_files_and_publis
         dir.path().join("files").display()
     );
     let mut d = Daemon::start(dir.path(), &cfg).await;
-    let events: Vec<String> = (0..10).map(|i| event_with_file(i, 100 + i, &signed(addr, &format!("s{i}"), 60, "&kind=slow&size=2000"))).collect();
+    let events: Vec<String> = (0..10)
+        .map(|i| event_with_file(i, 100 + i, &signed(addr, &format!("s{i}"), 60, "&kind=slow&size=2000")))
+        .collect();
     let (status, _) = post(&d.url(), batch(&events)).await;
     assert_eq!(status, 200);
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -397,7 +437,8 @@ async fn sigkill_with_downloads_pending_then_restart_stores_the_files_and_publis
         (d.metric("huggy_bridge_events_published_total{type=\"receivedMessage\"}").await == 10.0).then_some(())
     })
     .await;
-    let recs = tokio::task::spawn_blocking(move || read_topics(&tansu.bootstrap(), &["huggy.receivedMessage"])).await.unwrap();
+    let recs =
+        tokio::task::spawn_blocking(move || read_topics(&tansu.bootstrap(), &["huggy.receivedMessage"])).await.unwrap();
     assert_eq!(recs.len(), 10, "each event published once");
     for r in &recs {
         let f = bridge_files(r).pop().unwrap();

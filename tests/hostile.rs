@@ -50,16 +50,36 @@ async fn malformed_bodies_get_a_4xx_with_a_code_and_publish_nothing() {
         ("messages null", wrap("null"), 400, "missing_messages"),
         ("messages a string", wrap("\"x\""), 400, "messages_not_object"),
         ("messages an array", wrap("[1,2]"), 400, "messages_not_object"),
-        ("duplicate top-level keys", format!(r#"{{"token":"{TOKEN}","token":"{TOKEN}","messages":{{}}}}"#).into_bytes(), 400, "invalid_json"),
-        ("invalid UTF-8", [&b"{\"token\":\""[..], TOKEN.as_bytes(), b"\",\"messages\":{\"a\":[{\"b\":\"\xC3\x28\"}]}}"].concat(), 400, "invalid_json"),
+        (
+            "duplicate top-level keys",
+            format!(r#"{{"token":"{TOKEN}","token":"{TOKEN}","messages":{{}}}}"#).into_bytes(),
+            400,
+            "invalid_json",
+        ),
+        (
+            "invalid UTF-8",
+            [&b"{\"token\":\""[..], TOKEN.as_bytes(), b"\",\"messages\":{\"a\":[{\"b\":\"\xC3\x28\"}]}}"].concat(),
+            400,
+            "invalid_json",
+        ),
         ("raw NUL in a string", wrap("{\"a\":[{\"b\":\"x\u{0}y\"}]}"), 400, "invalid_json"),
         ("100,000 levels deep", deep.into_bytes(), 400, "too_deep"),
         ("empty", Vec::new(), 400, "invalid_json"),
         ("whitespace only", b" \n\t \r\n".to_vec(), 400, "invalid_json"),
         ("token a number", br#"{"token":123,"messages":{"receivedMessage":[{"id":1}]}}"#.to_vec(), 401, "unauthorized"),
-        ("token an object", br#"{"token":{"t":1},"messages":{"receivedMessage":[{"id":1}]}}"#.to_vec(), 401, "unauthorized"),
+        (
+            "token an object",
+            br#"{"token":{"t":1},"messages":{"receivedMessage":[{"id":1}]}}"#.to_vec(),
+            401,
+            "unauthorized",
+        ),
         ("token null", br#"{"token":null,"messages":{}}"#.to_vec(), 401, "unauthorized"),
-        ("token with escapes", br#"{"token":"132ce76c7abb1154f01ebc0d508162e\u0034","messages":{}}"#.to_vec(), 401, "unauthorized"),
+        (
+            "token with escapes",
+            br#"{"token":"132ce76c7abb1154f01ebc0d508162e\u0034","messages":{}}"#.to_vec(),
+            401,
+            "unauthorized",
+        ),
     ];
     for (what, body, status, code) in cases {
         let r = reqwest::Client::new().post(url(&d)).body(body).send().await.unwrap();
@@ -88,14 +108,25 @@ async fn odd_events_inside_a_valid_batch_are_dead_lettered_never_published_as_va
     })
     .await;
     let b = d.embedded_bootstrap.clone().unwrap();
-    let recs = tokio::task::spawn_blocking(move || read_topics(&b, &["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"])).await.unwrap();
+    let recs = tokio::task::spawn_blocking(move || {
+        read_topics(&b, &["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"])
+    })
+    .await
+    .unwrap();
     let valid: Vec<&Rec> = recs.iter().filter(|r| r.topic != "huggy.dead-letter").collect();
     let valid_values: Vec<String> = valid.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect();
-    assert_eq!(valid_values, vec![r#"{"n":1e400,"chat":{"id":1}}"#.to_owned()], "only the well-formed event is published as valid");
+    assert_eq!(
+        valid_values,
+        vec![r#"{"n":1e400,"chat":{"id":1}}"#.to_owned()],
+        "only the well-formed event is published as valid"
+    );
     let dlq: Vec<&Rec> = recs.iter().filter(|r| r.topic == "huggy.dead-letter").collect();
     assert_eq!(dlq.len(), 11);
     assert!(dlq.iter().all(|r| r.header("huggy_dlq_reason").is_some_and(|h| !h.is_empty())));
-    assert!(dlq.iter().all(|r| r.header("ce_type").is_some_and(|t| t.len() < 100 && !t.contains('\u{7}'))), "no garbage in headers");
+    assert!(
+        dlq.iter().all(|r| r.header("ce_type").is_some_and(|t| t.len() < 100 && !t.contains('\u{7}'))),
+        "no garbage in headers"
+    );
     d.shutdown();
     d.wait().await.unwrap();
 }
@@ -117,7 +148,11 @@ async fn oversized_bodies_are_refused_without_reading_them() {
     let addr = d.http_addr;
     // Content-Length says 100 MB; only the headers are sent.
     let answer = tokio::task::spawn_blocking(move || {
-        raw_exchange(addr, b"POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n{", Duration::from_secs(5))
+        raw_exchange(
+            addr,
+            b"POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-length: 100000000\r\n\r\n{",
+            Duration::from_secs(5),
+        )
     })
     .await
     .unwrap();
@@ -153,11 +188,15 @@ async fn a_batch_of_10000_events_is_accepted_and_fully_published() {
     let mut cfg = config(dir.path());
     cfg.http.max_body_bytes = 4 * 1024 * 1024;
     let d = start(cfg).await;
-    let events: Vec<String> = (0..10_000).map(|i| format!(r#"{{"id":{i},"chat":{{"id":{}}},"company":{{"id":1}}}}"#, i % 50)).collect();
+    let events: Vec<String> =
+        (0..10_000).map(|i| format!(r#"{{"id":{i},"chat":{{"id":{}}},"company":{{"id":1}}}}"#, i % 50)).collect();
     let body = wrap(&format!(r#"{{"receivedMessage":[{}]}}"#, events.join(",")));
     let (status, text) = post(&url(&d), body).await;
     assert_eq!((status, text.as_str()), (200, r#"{"accepted":10000}"#));
-    wait_for("10,000 published", Duration::from_secs(60), async || (counter_sum(&d.metrics.events_published) == 10_000).then_some(())).await;
+    wait_for("10,000 published", Duration::from_secs(60), async || {
+        (counter_sum(&d.metrics.events_published) == 10_000).then_some(())
+    })
+    .await;
     let b = d.embedded_bootstrap.clone().unwrap();
     let recs = tokio::task::spawn_blocking(move || read_topics(&b, &["huggy.receivedMessage"])).await.unwrap();
     assert_eq!(recs.len(), 10_000);
@@ -182,7 +221,12 @@ async fn idle_and_stalled_clients_do_not_stop_a_normal_request() {
     let mut stalled = Vec::new();
     for _ in 0..100 {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        tokio::io::AsyncWriteExt::write_all(&mut s, b"POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{").await.unwrap();
+        tokio::io::AsyncWriteExt::write_all(
+            &mut s,
+            b"POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
         stalled.push(s);
     }
     let trickle = tokio::spawn(async move {
@@ -191,7 +235,9 @@ async fn idle_and_stalled_clients_do_not_stop_a_normal_request() {
         for mut s in stalled {
             let _ = tokio::io::AsyncWriteExt::write_all(&mut s, b" ").await;
             let mut buf = Vec::new();
-            let r = tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf)).await;
+            let r =
+                tokio::time::timeout(Duration::from_secs(10), tokio::io::AsyncReadExt::read_to_end(&mut s, &mut buf))
+                    .await;
             answers.push((r.is_ok(), String::from_utf8_lossy(&buf).into_owned()));
         }
         (started.elapsed(), answers)
@@ -214,7 +260,9 @@ async fn idle_and_stalled_clients_do_not_stop_a_normal_request() {
     let mut closed = 0;
     for mut s in idle {
         let mut buf = [0u8; 64];
-        if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_secs(6), tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await {
+        if let Ok(Ok(0)) =
+            tokio::time::timeout(Duration::from_secs(6), tokio::io::AsyncReadExt::read(&mut s, &mut buf)).await
+        {
             closed += 1;
         }
     }
@@ -250,7 +298,10 @@ async fn the_connection_limit_holds_and_the_next_client_is_served_when_a_slot_fr
 async fn tokens_never_reach_logs_error_bodies_or_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let wrong = "wr0ng-token-fedcba9876543210";
-    let cfg = format!("[huggy]\n[kafka]\nbrokers = \"embedded\"\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n", dir.path().join("spool").display());
+    let cfg = format!(
+        "[huggy]\n[kafka]\nbrokers = \"embedded\"\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n",
+        dir.path().join("spool").display()
+    );
     let d = Daemon::start(dir.path(), &cfg.replace("[huggy]\n", "")).await;
     let batch = |t: &str| format!(r#"{{"time":1,"token":"{t}","messages":{{"receivedMessage":[{{"id":1}}]}}}}"#);
     let (s, body) = post(&d.url(), batch(wrong)).await;
@@ -265,10 +316,17 @@ async fn tokens_never_reach_logs_error_bodies_or_metrics() {
     for t in fixture_tokens() {
         assert!(!log.contains(&t), "configured token in the log");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge")).args(["check-config", "--config"]).arg(dir.path().join("config.toml")).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+        .args(["check-config", "--config"])
+        .arg(dir.path().join("config.toml"))
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let printed = String::from_utf8_lossy(&out.stdout);
-    assert!(printed.contains("[redacted]") && !fixture_tokens().iter().any(|t| printed.contains(t.as_str())), "{printed}");
+    assert!(
+        printed.contains("[redacted]") && !fixture_tokens().iter().any(|t| printed.contains(t.as_str())),
+        "{printed}"
+    );
 }
 
 #[test]
@@ -276,12 +334,24 @@ fn check_config_exits_1_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge")).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("brokerz"), "{err}");
-    std::fs::write(&path, "[huggy]\ntokens = [\"t\"]\n[http]\nlisten = \"127.0.0.1:1\"\n[admin]\nlisten = \"127.0.0.1:1\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge")).args(["check-config", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        "[huggy]\ntokens = [\"t\"]\n[http]\nlisten = \"127.0.0.1:1\"\n[admin]\nlisten = \"127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must differ"));
 }

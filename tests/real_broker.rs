@@ -23,7 +23,9 @@ fn spool_config(bootstrap: &str, spool: &std::path::Path, extra: &str) -> String
 
 async fn read_async(bootstrap: &str, topics: Vec<String>) -> Vec<Rec> {
     let b = bootstrap.to_owned();
-    tokio::task::spawn_blocking(move || read_topics(&b, &topics.iter().map(String::as_str).collect::<Vec<_>>())).await.unwrap()
+    tokio::task::spawn_blocking(move || read_topics(&b, &topics.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .unwrap()
 }
 
 /// A tansu broker that clients reach through a loopback proxy that can be cut, with the topics created.
@@ -50,7 +52,8 @@ async fn ready(admin: &SocketAddr) -> bool {
 
 /// Waits until the daemon's spool is empty (everything acknowledged by Kafka).
 async fn drained(d: &Daemon, within: Duration) {
-    wait_for("spool drained", within, async || (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(())).await;
+    wait_for("spool drained", within, async || (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(()))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,7 +66,8 @@ async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_ide
         assert!(first.lines().count() >= 21 && first.lines().all(|l| l.ends_with("\tcreated")), "{first}");
         let second = topics_create(dir.path(), &tansu.bootstrap(), 3);
         assert!(second.lines().all(|l| l.ends_with("\texists")), "{second}");
-        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "").replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
+        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "")
+            .replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
         let d = Daemon::start(dir.path(), &cfg).await;
         for (name, body) in batch_fixtures() {
             let (status, text) = post(&d.url(), body).await;
@@ -73,7 +77,9 @@ async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_ide
         wait_for("published", Duration::from_secs(30), async || {
             let mut sum = 0.0;
             for t in fixture_topics() {
-                sum += d.metric(&format!("huggy_bridge_events_published_total{{type=\"{}\"}}", &t["huggy.".len()..])).await;
+                sum += d
+                    .metric(&format!("huggy_bridge_events_published_total{{type=\"{}\"}}", &t["huggy.".len()..]))
+                    .await;
             }
             (sum == distinct).then_some(())
         })
@@ -140,7 +146,10 @@ async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readi
     assert_eq!(load.refused + load.failed, 0, "spool mode refused nothing during the outage: {load:?}");
     drained(&d, Duration::from_secs(90)).await;
     wait_for("ready again", Duration::from_secs(20), async || ready(&d.admin).await.then_some(())).await;
-    eprintln!("partition: backlog of {backlog} events at restore; drained and ready {:?} after restore", restored_at.elapsed());
+    eprintln!(
+        "partition: backlog of {backlog} events at restore; drained and ready {:?} after restore",
+        restored_at.elapsed()
+    );
     let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
     let dups = assert_nothing_acked_is_missing(&load, &recs);
     eprintln!("partition: {} events acknowledged, {} records, {dups} duplicates", load.acked_count(), recs.len());
@@ -151,7 +160,8 @@ async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() 
     let Some(bin) = real_broker_or_skip("spool_cap") else { return };
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
-    let cfg = spool_config(&via_proxy, &dir.path().join("spool"), "").replace("[spool]\n", "[spool]\nmax_bytes = 50000\n");
+    let cfg =
+        spool_config(&via_proxy, &dir.path().join("spool"), "").replace("[spool]\n", "[spool]\nmax_bytes = 50000\n");
     let d = Daemon::start(dir.path(), &cfg).await;
     let load = run_load(d.url(), 4, 5, 60, Arc::new(AtomicBool::new(false))).await;
     assert!(load.ok > 0 && load.refused > 0, "{load:?}");
@@ -177,7 +187,11 @@ async fn torn_spool_tail_is_discarded_at_start_and_the_rest_delivered() {
     let load = run_load(d.url(), 2, 5, 10, Arc::new(AtomicBool::new(false))).await;
     assert_eq!(load.ok, 20);
     d.kill9();
-    let mut segments: Vec<_> = std::fs::read_dir(&spool).unwrap().map(|e| e.unwrap().path()).filter(|p| p.to_string_lossy().contains("segment-")).collect();
+    let mut segments: Vec<_> = std::fs::read_dir(&spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("segment-"))
+        .collect();
     segments.sort();
     let newest = segments.last().unwrap();
     // A write cut short by the crash: a frame header promising more than is there.
@@ -201,7 +215,8 @@ async fn sigterm_under_load_exits_zero_in_time_and_loses_nothing_in_both_modes()
         let tansu = Tansu::start(&bin, None);
         let dir = tempfile::tempdir().unwrap();
         topics_create(dir.path(), &tansu.bootstrap(), 3);
-        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "").replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
+        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "")
+            .replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
         let mut d = Daemon::start(dir.path(), &cfg).await;
         let stop = Arc::new(AtomicBool::new(false));
         let load = tokio::spawn(run_load(d.url(), 8, 5, 100_000, stop.clone()));
@@ -220,6 +235,10 @@ async fn sigterm_under_load_exits_zero_in_time_and_loses_nothing_in_both_modes()
         }
         let recs = read_async(&tansu.bootstrap(), vec!["huggy.receivedMessage".into()]).await;
         let dups = assert_nothing_acked_is_missing(&load, &recs);
-        eprintln!("sigterm {mode}: exit 0 after {took:?}; {} events acknowledged, {} records, {dups} duplicates", load.acked_count(), recs.len());
+        eprintln!(
+            "sigterm {mode}: exit 0 after {took:?}; {} events acknowledged, {} records, {dups} duplicates",
+            load.acked_count(),
+            recs.len()
+        );
     }
 }

@@ -57,7 +57,8 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let sizes: Vec<usize> = (0..args.files).map(|i| size_of(i, &args)).collect();
     let total: usize = sizes.iter().sum();
-    let router = axum::Router::new().route("/files/{i}", axum::routing::get(file)).with_state(std::sync::Arc::new(sizes));
+    let router =
+        axum::Router::new().route("/files/{i}", axum::routing::get(file)).with_state(std::sync::Arc::new(sizes));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let server: SocketAddr = listener.local_addr()?;
     tokio::spawn(async move { axum::serve(listener, router).await });
@@ -76,8 +77,11 @@ async fn main() -> anyhow::Result<()> {
     huggy_bridge::telemetry::init(&cfg.log);
     let d = app::start(cfg, CancellationToken::new()).await?;
     let urls: Vec<String> = (0..args.files).map(|i| format!("http://{server}/files/{i}")).collect();
-    let events: Vec<String> =
-        urls.iter().enumerate().map(|(i, u)| format!(r#"{{"id":{i},"file":"{u}","chat":{{"id":{}}},"company":{{"id":1}}}}"#, i % 50)).collect();
+    let events: Vec<String> = urls
+        .iter()
+        .enumerate()
+        .map(|(i, u)| format!(r#"{{"id":{i},"file":"{u}","chat":{{"id":{}}},"company":{{"id":1}}}}"#, i % 50))
+        .collect();
     let http = reqwest::Client::new();
     let started = Instant::now();
     for chunk in events.chunks(50) {
@@ -114,7 +118,10 @@ async fn main() -> anyhow::Result<()> {
     let _ = std::fs::remove_dir_all(&dir);
 
     let mb = total as f64 / 1e6;
-    println!("files: {}, {:.1} MB total ({}–{} KiB), bridge concurrency {}", args.files, mb, args.min_kib, args.max_kib, args.concurrency);
+    println!(
+        "files: {}, {:.1} MB total ({}–{} KiB), bridge concurrency {}",
+        args.files, mb, args.min_kib, args.max_kib, args.concurrency
+    );
     println!(
         "    bridge burst: {:>8.2} s  {:>7.1} files/s  {:>7.1} MB/s  (webhook → stored → published with bridge_files; {stored} stored)",
         bridge.as_secs_f64(),

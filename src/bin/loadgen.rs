@@ -87,7 +87,10 @@ impl Figures {
 
 fn peak_rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|l| l.strip_prefix("VmHWM:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// One batch with every event made unique by a `bench_n` member.
@@ -126,7 +129,9 @@ async fn run_load(url: &str, connections: usize, duration: Duration) -> (u64, u6
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
-                    let Ok((mut send, conn)) = hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp)).await else {
+                    let Ok((mut send, conn)) =
+                        hyper::client::conn::http1::handshake::<_, Full<Bytes>>(TokioIo::new(tcp)).await
+                    else {
                         errors += 1;
                         continue;
                     };
@@ -134,7 +139,10 @@ async fn run_load(url: &str, connections: usize, duration: Duration) -> (u64, u6
                     while !stop.load(Ordering::Relaxed) {
                         let (body, n) = batch(&counter, i);
                         i += connections;
-                        let req = Request::post(uri.clone()).header("content-type", "application/json").body(Full::new(body)).expect("request");
+                        let req = Request::post(uri.clone())
+                            .header("content-type", "application/json")
+                            .body(Full::new(body))
+                            .expect("request");
                         let t0 = Instant::now();
                         match send.send_request(req).await {
                             Ok(resp) => {
@@ -184,7 +192,8 @@ fn percentile(sorted: &[u32], p: f64) -> f64 {
 async fn measure(url: &str, pid: Option<u32>, args: &Args) -> Figures {
     // Warm up (connections, allocator, page cache), then measure.
     let _ = run_load(url, args.connections, Duration::from_secs(2)).await;
-    let (requests, events, errors, mut lat, secs) = run_load(url, args.connections, Duration::from_secs(args.duration_secs)).await;
+    let (requests, events, errors, mut lat, secs) =
+        run_load(url, args.connections, Duration::from_secs(args.duration_secs)).await;
     lat.sort_unstable();
     Figures {
         requests,
@@ -207,7 +216,10 @@ async fn serve_reference(addr: SocketAddr) {
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
                 let body = req.into_body().collect().await?.to_bytes();
-                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(format!("{{\"accepted\":{}}}", body.len().min(1))))))
+                Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(format!(
+                    "{{\"accepted\":{}}}",
+                    body.len().min(1)
+                )))))
             });
             let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tcp), svc).await;
         });
@@ -225,7 +237,8 @@ fn main() {
         let reference = if args.no_reference {
             None
         } else {
-            let port = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
+            let port =
+                std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port").port();
             let mut child = std::process::Command::new(std::env::current_exe().expect("own path"))
                 .args(["--serve-reference", &format!("127.0.0.1:{port}")])
                 .spawn()
@@ -241,7 +254,10 @@ fn main() {
             let _ = child.wait();
             Some(f)
         };
-        println!("connections {}, {} s per run, batches from the published Huggy examples", args.connections, args.duration_secs);
+        println!(
+            "connections {}, {} s per run, batches from the published Huggy examples",
+            args.connections, args.duration_secs
+        );
         if let Some(r) = &reference {
             r.print("reference");
         }

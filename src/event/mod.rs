@@ -46,7 +46,9 @@ impl BodyError {
 #[derive(Debug)]
 pub enum Body<'a> {
     /// `{"token": T, "validToken": true}`, sent when the URL is saved in Huggy.
-    Handshake { token: Option<&'a str> },
+    Handshake {
+        token: Option<&'a str>,
+    },
     Batch(Batch<'a>),
 }
 
@@ -97,9 +99,8 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
     if !messages.get().starts_with('{') {
         return Err(BodyError::MessagesNotAnObject);
     }
-    let groups = serde_json::from_str::<OrderedGroups<'_>>(messages.get())
-        .map_err(|e| BodyError::NotJson(e.to_string()))?
-        .0;
+    let groups =
+        serde_json::from_str::<OrderedGroups<'_>>(messages.get()).map_err(|e| BodyError::NotJson(e.to_string()))?.0;
     let time = env.time.and_then(|t| t.get().parse::<i64>().ok());
     Ok(Body::Batch(Batch { token, time, groups }))
 }

@@ -215,7 +215,8 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
 /// the id is no decimal integer, so the key falls back to the chat.
 #[test]
 fn an_id_out_of_f64_range_is_kept_and_not_used_as_a_key() {
-    let body = br#"{"token":"t","messages":{"newInternalMessage":[{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}]}}"#;
+    let body =
+        br#"{"token":"t","messages":{"newInternalMessage":[{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}]}}"#;
     let events = split(&batch(body), 0);
     assert!(events[0].dead_letter.is_none());
     assert_eq!(events[0].value, br#"{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}"#.to_vec());
@@ -226,7 +227,8 @@ fn an_id_out_of_f64_range_is_kept_and_not_used_as_a_key() {
 
 #[test]
 fn huge_numbers_pass_through_untouched() {
-    let body = br#"{"token":"t","time":1e400,"messages":{"receivedMessage":[{"chat":{"id":1},"n":1e400,"m":-0.0e-999}]}}"#;
+    let body =
+        br#"{"token":"t","time":1e400,"messages":{"receivedMessage":[{"chat":{"id":1},"n":1e400,"m":-0.0e-999}]}}"#;
     let events = split(&batch(body), 7);
     assert_eq!(events[0].value, br#"{"chat":{"id":1},"n":1e400,"m":-0.0e-999}"#.to_vec());
     assert_eq!(events[0].time, 7, "a time that is not an integer falls back to receipt time");

@@ -70,7 +70,9 @@ mod tests {
     #[test]
     fn none_in_published_fixtures_and_no_panic_on_garbage() {
         assert!(file_urls(br#"{"file":null,"photo":"https://c.pzw.io/x.jpg"}"#, &prefixes()).is_empty());
-        for junk in [&b"\"https://files.huggy.app/x"[..], b"\"", b"\\\"\\", b"{\"a\":\"\\uZZZZhttps://files.huggy.app/\"}"] {
+        for junk in
+            [&b"\"https://files.huggy.app/x"[..], b"\"", b"\\\"\\", b"{\"a\":\"\\uZZZZhttps://files.huggy.app/\"}"]
+        {
             let _ = file_urls(junk, &prefixes());
         }
     }

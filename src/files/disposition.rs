@@ -87,12 +87,19 @@ const MAX_NAME: usize = 160;
 pub fn sanitize(name: &str) -> String {
     let cleaned: String = name
         .chars()
-        .map(|c| if c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%') { '_' } else { c })
+        .map(|c| {
+            if c.is_control() || matches!(c, '/' | '\\' | ':' | '*' | '?' | '"' | '<' | '>' | '|' | '%') {
+                '_'
+            } else {
+                c
+            }
+        })
         .collect();
     let trimmed = cleaned.trim_start_matches(|c: char| c == '.' || c.is_whitespace()).trim_end();
     let mut out = trimmed.to_owned();
     if out.len() > MAX_NAME {
-        let ext = out.rsplit_once('.').map(|(_, e)| e).filter(|e| e.len() <= 16 && !e.is_empty()).map(|e| format!(".{e}"));
+        let ext =
+            out.rsplit_once('.').map(|(_, e)| e).filter(|e| e.len() <= 16 && !e.is_empty()).map(|e| format!(".{e}"));
         let keep = MAX_NAME - ext.as_ref().map_or(0, String::len);
         let mut cut = keep;
         while !out.is_char_boundary(cut) {
@@ -118,12 +125,18 @@ mod tests {
     fn extended_name_wins_and_is_decoded() {
         let v = r#"attachment; filename="fallback.pdf"; filename*=UTF-8''Relat%C3%B3rio%20final%20%E2%82%AC.pdf"#;
         assert_eq!(filename_from_disposition(v).as_deref(), Some("Relatório final €.pdf"));
-        assert_eq!(filename_from_disposition("attachment; filename*=iso-8859-1'pt'ol%E1.txt").as_deref(), Some("olá.txt"));
+        assert_eq!(
+            filename_from_disposition("attachment; filename*=iso-8859-1'pt'ol%E1.txt").as_deref(),
+            Some("olá.txt")
+        );
     }
 
     #[test]
     fn plain_names_quoted_or_not() {
-        assert_eq!(filename_from_disposition(r#"inline; filename="a \"b\"; c.png""#).as_deref(), Some(r#"a "b"; c.png"#));
+        assert_eq!(
+            filename_from_disposition(r#"inline; filename="a \"b\"; c.png""#).as_deref(),
+            Some(r#"a "b"; c.png"#)
+        );
         assert_eq!(filename_from_disposition("attachment; filename=report.csv").as_deref(), Some("report.csv"));
         assert_eq!(filename_from_disposition("attachment"), None);
         assert_eq!(filename_from_disposition("attachment; filename*=UTF-8''%FF%FE"), None, "invalid UTF-8 is no name");

@@ -50,7 +50,9 @@ impl Guard {
     /// # Errors
     /// The reason it may not.
     pub fn check(&self, url: &Url) -> Result<(), Refusal> {
-        if !matches!(url.scheme(), "http" | "https") || !self.prefixes.iter().any(|p| url.as_str().starts_with(p.as_str())) {
+        if !matches!(url.scheme(), "http" | "https")
+            || !self.prefixes.iter().any(|p| url.as_str().starts_with(p.as_str()))
+        {
             return Err(Refusal::NotAllowed);
         }
         let ip = match url.host() {
@@ -114,7 +116,8 @@ impl Resolve for GuardedResolver {
             let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> = all.iter().copied().filter(|a| guard.ip_allowed(a.ip())).collect();
             if allowed.is_empty() {
-                let e: Box<dyn std::error::Error + Send + Sync> = format!("{host} resolves only to internal addresses").into();
+                let e: Box<dyn std::error::Error + Send + Sync> =
+                    format!("{host} resolves only to internal addresses").into();
                 return Err(e);
             }
             let addrs: Addrs = Box::new(allowed.into_iter());
@@ -152,7 +155,20 @@ mod tests {
 
     #[test]
     fn internal_addresses() {
-        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254"] {
+        for ip in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "100.64.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+            "::ffff:169.254.169.254",
+        ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
         for ip in ["8.8.8.8", "52.216.1.1", "2606:4700::1111"] {
@@ -169,6 +185,9 @@ mod tests {
         assert_eq!(ok("http://127.0.0.1:8999/files/a"), Ok(()), "named explicitly by a prefix");
         assert_eq!(ok("http://127.0.0.1:8999/other"), Err(Refusal::NotAllowed));
         let g2 = Guard::new(&["http://169.254.169.254.nip.io/".into(), "http://".into()]);
-        assert_eq!(g2.check(&Url::parse("http://169.254.169.254/latest/meta-data").unwrap()), Err(Refusal::Internal("169.254.169.254".parse().unwrap())));
+        assert_eq!(
+            g2.check(&Url::parse("http://169.254.169.254/latest/meta-data").unwrap()),
+            Err(Refusal::Internal("169.254.169.254".parse().unwrap()))
+        );
     }
 }

@@ -43,7 +43,16 @@ pub struct FileResult {
 
 impl FileResult {
     pub fn failed(url: &str, error: String) -> Self {
-        FileResult { url: url.to_owned(), status: "failed", location: None, sha256: None, size: None, content_type: None, filename: None, error: Some(error) }
+        FileResult {
+            url: url.to_owned(),
+            status: "failed",
+            location: None,
+            sha256: None,
+            size: None,
+            content_type: None,
+            filename: None,
+            error: Some(error),
+        }
     }
 }
 
@@ -73,7 +82,8 @@ enum Failure {
 
 impl Failure {
     fn retryable(&self) -> bool {
-        matches!(self, Failure::Status(s) if *s >= 500 || *s == 429 || *s == 408) || matches!(self, Failure::Transport(_) | Failure::Store(_))
+        matches!(self, Failure::Status(s) if *s >= 500 || *s == 429 || *s == 408)
+            || matches!(self, Failure::Transport(_) | Failure::Store(_))
     }
 
     fn metric(&self) -> &'static str {
@@ -272,7 +282,13 @@ impl FileCapture {
     }
 
     /// Downloads one file, retrying while the deadline allows; never fails, reports instead.
-    async fn capture(&self, url: &str, deadline: i64, index: usize, (event_id, company, received_at): (EventId, Option<String>, i64)) -> FileResult {
+    async fn capture(
+        &self,
+        url: &str,
+        deadline: i64,
+        index: usize,
+        (event_id, company, received_at): (EventId, Option<String>, i64),
+    ) -> FileResult {
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(250))
             .with_max_delay(Duration::from_secs(20))
@@ -320,7 +336,15 @@ impl FileCapture {
         }
     }
 
-    async fn attempt(&self, raw_url: &str, deadline: i64, index: usize, event_id: EventId, company: Option<&str>, received_at: i64) -> Result<FileResult, Failure> {
+    async fn attempt(
+        &self,
+        raw_url: &str,
+        deadline: i64,
+        index: usize,
+        event_id: EventId,
+        company: Option<&str>,
+        received_at: i64,
+    ) -> Result<FileResult, Failure> {
         let url = url::Url::parse(raw_url).map_err(|e| Failure::Transport(format!("invalid url: {e}")))?;
         self.guard.check(&url).map_err(|r: Refusal| Failure::Refused(r.to_string()))?;
         let left = Duration::from_secs(u64::try_from(deadline - now_secs()).unwrap_or(0));
@@ -341,12 +365,15 @@ impl FileCapture {
                 return Err(Failure::TooLarge(len));
             }
         }
-        let content_type = resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let content_type =
+            resp.headers().get(reqwest::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
         let final_url = resp.url().clone();
         let name = resp
             .headers()
             .get(reqwest::header::CONTENT_DISPOSITION)
-            .and_then(|v| v.to_str().ok().map(str::to_owned).or_else(|| Some(String::from_utf8_lossy(v.as_bytes()).into_owned())))
+            .and_then(|v| {
+                v.to_str().ok().map(str::to_owned).or_else(|| Some(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            })
             .and_then(|v| disposition::filename_from_disposition(&v))
             .or_else(|| disposition::filename_from_url(&url))
             .or_else(|| disposition::filename_from_url(&final_url))
@@ -359,7 +386,9 @@ impl FileCapture {
         let mut size = 0u64;
         let streamed: Result<(), Failure> = async {
             loop {
-                let next = tokio::time::timeout(self.idle_timeout, body.next()).await.map_err(|_| Failure::Transport("transfer stalled".into()))?;
+                let next = tokio::time::timeout(self.idle_timeout, body.next())
+                    .await
+                    .map_err(|_| Failure::Transport("transfer stalled".into()))?;
                 let Some(chunk) = next else { break };
                 let chunk = chunk.map_err(|e| classify_transport(&e))?;
                 size += chunk.len() as u64;
@@ -411,7 +440,10 @@ fn classify_transport(e: &reqwest::Error) -> Failure {
 /// `<company>/<yyyy>/<mm>/<dd>/<event id>/<file name>`; a second file of the same event gets its
 /// index in front of the name so two files never overwrite each other.
 fn object_key(company: Option<&str>, received_at: i64, event_id: EventId, index: usize, name: &str) -> String {
-    let date = humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(received_at.max(0).unsigned_abs())).to_string();
+    let date = humantime::format_rfc3339_seconds(
+        std::time::UNIX_EPOCH + Duration::from_secs(received_at.max(0).unsigned_abs()),
+    )
+    .to_string();
     let (y, m, d) = (&date[0..4], &date[5..7], &date[8..10]);
     let company = disposition::sanitize(company.unwrap_or("unknown"));
     let name = if index == 0 { name.to_owned() } else { format!("{index}-{name}") };

@@ -44,7 +44,12 @@ impl FileStore {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
             let abs = std::fs::canonicalize(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
             let store = Arc::new(LocalFileSystem::new_with_prefix(&abs)?);
-            return Ok(FileStore { store: store.clone(), local: Some(store), location_base: String::new(), prefix: String::new() });
+            return Ok(FileStore {
+                store: store.clone(),
+                local: Some(store),
+                location_base: String::new(),
+                prefix: String::new(),
+            });
         }
         let rest = cfg.store.strip_prefix("s3://").ok_or_else(|| bad("expected file:// or s3://"))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));

@@ -49,7 +49,13 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(cfg: &Config, ingest: Ingest, metrics: Arc<Metrics>, kafka: Arc<KafkaHealth>, spool: Option<Spool>) -> Self {
+    pub fn new(
+        cfg: &Config,
+        ingest: Ingest,
+        metrics: Arc<Metrics>,
+        kafka: Arc<KafkaHealth>,
+        spool: Option<Spool>,
+    ) -> Self {
         AppState {
             tokens: cfg.huggy.tokens.clone(),
             ingest,
@@ -115,10 +121,7 @@ impl AppState {
 
 /// The public router; built apart from binding so tests can call it directly.
 pub fn public_router(path: &str, state: Arc<AppState>) -> Router {
-    Router::new()
-        .route(path, post(webhook::handle).fallback(method_not_allowed))
-        .fallback(not_found)
-        .with_state(state)
+    Router::new().route(path, post(webhook::handle).fallback(method_not_allowed)).fallback(not_found).with_state(state)
 }
 
 async fn not_found(State(st): State<Arc<AppState>>) -> ApiError {
@@ -151,7 +154,8 @@ async fn readyz(State(st): State<Arc<AppState>>) -> Response {
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "ready": false, "reasons": reasons }))).into_response()
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "ready": false, "reasons": reasons })))
+            .into_response()
     }
 }
 
@@ -163,7 +167,13 @@ pub struct ServeLimits {
 }
 
 /// Serves `router` on `listener` until `stop`, then lets in-flight requests finish within `drain`.
-pub async fn serve(listener: TcpListener, router: Router, limits: ServeLimits, stop: CancellationToken, drain: Duration) {
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServeLimits,
+    stop: CancellationToken,
+    drain: Duration,
+) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();

@@ -77,10 +77,7 @@ async fn process(st: &AppState, req: Request) -> Result<(&'static str, Response)
             let n = events.len();
             let accepted = st.ingest.accept(events, received_at, &st.metrics).await.map_err(|e| {
                 warn!(error = %e, "batch not made durable");
-                ApiError::Unavailable {
-                    reason: e.code(),
-                    retry_after_secs: st.retry_after_secs,
-                }
+                ApiError::Unavailable { reason: e.code(), retry_after_secs: st.retry_after_secs }
             })?;
             info!(events = n, duplicates = accepted.duplicates, "batch accepted");
             let body = axum::Json(serde_json::json!({ "accepted": accepted.events }));

@@ -63,7 +63,9 @@ impl ClientContext for BridgeContext {
                 error!(target: "librdkafka", facility = fac, "{log_message}")
             }
             RDKafkaLogLevel::Warning => warn!(target: "librdkafka", facility = fac, "{log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => info!(target: "librdkafka", facility = fac, "{log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                info!(target: "librdkafka", facility = fac, "{log_message}")
+            }
             RDKafkaLogLevel::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{log_message}"),
         }
     }
@@ -83,7 +85,12 @@ pub type Producer = FutureProducer<BridgeContext>;
 ///
 /// # Errors
 /// librdkafka refuses the configuration.
-pub fn producer(cfg: &Config, bootstrap: &str, metrics: Arc<Metrics>, health: Arc<KafkaHealth>) -> Result<Producer, KafkaError> {
+pub fn producer(
+    cfg: &Config,
+    bootstrap: &str,
+    metrics: Arc<Metrics>,
+    health: Arc<KafkaHealth>,
+) -> Result<Producer, KafkaError> {
     let message_timeout = match cfg.delivery.ack {
         AckMode::Spool => 0,
         AckMode::Kafka => cfg.delivery.kafka_ack_timeout_ms.max(1),

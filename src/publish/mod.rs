@@ -99,7 +99,10 @@ impl Publisher {
         for ev in events {
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
-                None => self.enqueue(&self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value).await.map_err(PublishError::Kafka),
+                None => self
+                    .enqueue(&self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value)
+                    .await
+                    .map_err(PublishError::Kafka),
             });
         }
         let waited = join_all(pending.into_iter().map(|p| async move {
@@ -164,7 +167,13 @@ impl Publisher {
     }
 
     /// Hands one record to librdkafka, waiting while its queue is full.
-    async fn enqueue(&self, topic: &str, ev: &Event, headers: OwnedHeaders, value: &[u8]) -> Result<DeliveryFuture, KafkaError> {
+    async fn enqueue(
+        &self,
+        topic: &str,
+        ev: &Event,
+        headers: OwnedHeaders,
+        value: &[u8],
+    ) -> Result<DeliveryFuture, KafkaError> {
         let mut wait = Duration::from_millis(1);
         loop {
             let mut rec = FutureRecord::to(topic).payload(value).headers(headers.clone());
@@ -203,7 +212,13 @@ pub struct Stops {
 ///
 /// An event whose files are still being captured is parked, and so is every later event with the
 /// same key (order per key); events of other keys go on. Parked events go first once ready.
-pub async fn run_spool_publisher(spool: Spool, publisher: Arc<Publisher>, window: usize, metrics: Arc<Metrics>, stops: Stops) {
+pub async fn run_spool_publisher(
+    spool: Spool,
+    publisher: Arc<Publisher>,
+    window: usize,
+    metrics: Arc<Metrics>,
+    stops: Stops,
+) {
     let Stops { soft: stop, hard } = stops;
     let mut reader = spool.reader();
     let committed = spool.committed();

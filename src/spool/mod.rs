@@ -175,7 +175,10 @@ impl Spool {
         let committed_len = active.metadata()?.len();
         let mut segments = recovered.segments;
         if segments.back().map(|s| s.first_seq) != Some(recovered.next_seq) {
-            segments.push_back(Segment { first_seq: recovered.next_seq, path: segment_path(&settings.dir, recovered.next_seq) });
+            segments.push_back(Segment {
+                first_seq: recovered.next_seq,
+                path: segment_path(&settings.dir, recovered.next_seq),
+            });
         }
         let reader_segment = segments.front().map_or(recovered.next_seq, |s| s.first_seq);
         info!(
@@ -368,7 +371,13 @@ impl Reader {
 
     /// Reads frames of one segment from `self.offset`; `limit` caps the bytes read in the active
     /// segment. Returns whether the segment may hold more.
-    fn read_segment(&mut self, path: &Path, limit: Option<u64>, max: usize, out: &mut Vec<Stored>) -> Result<bool, SpoolError> {
+    fn read_segment(
+        &mut self,
+        path: &Path,
+        limit: Option<u64>,
+        max: usize,
+        out: &mut Vec<Stored>,
+    ) -> Result<bool, SpoolError> {
         let mut file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -466,7 +475,16 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
                     unacked.insert(seq, Pending { bytes: event.value.len() as u64, received_at });
                     seen.push((event.id, received_at));
                     if !event.files.is_empty() {
-                        with_files.insert(seq, PendingFiles { seq, received_at, event_id: event.id, company: event.company, urls: event.files });
+                        with_files.insert(
+                            seq,
+                            PendingFiles {
+                                seq,
+                                received_at,
+                                event_id: event.id,
+                                company: event.company,
+                                urls: event.files,
+                            },
+                        );
                     }
                     next_seq = next_seq.max(seq + 1);
                     pos += used;
@@ -510,7 +528,10 @@ fn recover(settings: &SpoolSettings) -> Result<Recovered, SpoolError> {
     }
     let unacked_bytes = unacked.values().map(|p: &Pending| p.bytes).sum();
     file_results.retain(|seq, _| unacked.contains_key(seq));
-    let pending_files = with_files.into_values().filter(|p| unacked.contains_key(&p.seq) && !file_results.contains_key(&p.seq)).collect();
+    let pending_files = with_files
+        .into_values()
+        .filter(|p| unacked.contains_key(&p.seq) && !file_results.contains_key(&p.seq))
+        .collect();
     Ok(Recovered { seen, unacked, unacked_bytes, segments, next_seq, file_results, pending_files })
 }
 
@@ -674,7 +695,10 @@ impl Writer {
                         for e in &fresh {
                             group_ids.remove(&e.id);
                         }
-                        replies.push((reply, Err(SpoolError::Full { used: used + group_bytes, max: self.settings.max_bytes })));
+                        replies.push((
+                            reply,
+                            Err(SpoolError::Full { used: used + group_bytes, max: self.settings.max_bytes }),
+                        ));
                         continue;
                     }
                     group_bytes += bytes;

