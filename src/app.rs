@@ -143,13 +143,14 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
     let publisher_hard_stop = CancellationToken::new();
     let background_stop = CancellationToken::new();
     let publisher_task = spool.clone().map(|s| {
-        tokio::spawn(publish::run_spool_publisher(
+        let work = publish::run_spool_publisher(
             s,
             publisher.clone(),
             cfg.kafka.max_in_flight_records,
             metrics.clone(),
             publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
-        ))
+        );
+        on_own_thread("spool-publisher", work)
     });
     tokio::spawn(probe_kafka(
         publisher.clone(),
@@ -226,6 +227,26 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
         }
     });
     Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, stop, task })
+}
+
+/// Runs `work` on a thread of its own (a current-thread runtime), so that reading the spool and
+/// handing thousands of records to librdkafka never delays the request path's workers.
+fn on_own_thread<F>(name: &str, work: F) -> tokio::sync::oneshot::Receiver<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(work),
+            Err(e) => tracing::error!(error = %e, "cannot start the publisher's runtime"),
+        }
+        let _ = done_tx.send(());
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the publisher's thread");
+    }
+    done_rx
 }
 
 /// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds.
