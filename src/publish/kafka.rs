@@ -91,16 +91,18 @@ pub fn producer(
     metrics: Arc<Metrics>,
     health: Arc<KafkaHealth>,
 ) -> Result<Producer, KafkaError> {
-    let message_timeout = match cfg.delivery.ack {
-        AckMode::Spool => 0,
-        AckMode::Kafka => cfg.delivery.kafka_ack_timeout_ms.max(1),
+    // Spool mode: never time out (the spool holds the record; order per key stays intact) and batch
+    // a little. Kafka mode: a request waits for the acks, so time out with it and do not linger.
+    let (message_timeout, linger_ms) = match cfg.delivery.ack {
+        AckMode::Spool => (0, 5),
+        AckMode::Kafka => (cfg.delivery.kafka_ack_timeout_ms.max(1), 1),
     };
     let mut cc = base_config(bootstrap);
     cc.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("max.in.flight.requests.per.connection", "5")
         .set("compression.type", "lz4")
-        .set("linger.ms", "5")
+        .set("linger.ms", linger_ms.to_string())
         .set("message.timeout.ms", message_timeout.to_string())
         .set("statistics.interval.ms", "2000")
         .set("queue.buffering.max.messages", "100000");
