@@ -87,42 +87,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
         AckMode::Kafka => None,
     };
     let files_stop = CancellationToken::new();
-    let files = if cfg.files.enabled {
-        let fc = FileCapture::new(&cfg.files, metrics.clone()).context("setting up file capture")?;
-        if let Some(s) = &spool {
-            let sink_spool = s.clone();
-            fc.set_spool_sink(Arc::new(move |seq, member| {
-                let s = sink_spool.clone();
-                tokio::spawn(async move { s.files_done(seq, member).await });
-            }));
-            for p in s.take_pending_files() {
-                info!(seq = p.seq, files = p.urls.len(), "resuming file capture interrupted by the last stop");
-                fc.submit(FileJob {
-                    event_id: p.event_id,
-                    company: p.company,
-                    received_at: p.received_at,
-                    urls: p.urls,
-                    completion: Completion::Spool(p.seq),
-                });
-            }
-        }
-        fc.spawn_workers(cfg.files.concurrency, files_stop.clone());
-        Some(fc)
-    } else {
-        if let Some(s) = &spool {
-            // Captures interrupted by the last stop cannot resume with capture off: report them, so
-            // their events (and the events of the same keys behind them) are published.
-            for p in s.take_pending_files() {
-                let results: Vec<FileResult> = p
-                    .urls
-                    .iter()
-                    .map(|u| FileResult::failed(u, "file capture is disabled (files.enabled = false)".into()))
-                    .collect();
-                s.files_done(p.seq, bridge_files_json(&results)).await;
-            }
-        }
-        None
-    };
+    let files = start_file_capture(&cfg, spool.as_ref(), metrics.clone(), files_stop.clone()).await?;
     let mode = match &spool {
         Some(s) => Mode::Spool(s.clone()),
         None => Mode::Kafka {
@@ -227,6 +192,47 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
         }
     });
     Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, stop, task })
+}
+
+/// Starts the file-capture workers (when enabled) and hands them the captures a previous run left
+/// unfinished; with capture disabled, reports those as failed so their events get published.
+async fn start_file_capture(
+    cfg: &Config,
+    spool: Option<&Spool>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) -> anyhow::Result<Option<Arc<FileCapture>>> {
+    let pending = spool.map(Spool::take_pending_files).unwrap_or_default();
+    if !cfg.files.enabled {
+        if let Some(s) = spool {
+            for p in pending {
+                let why = "file capture is disabled (files.enabled = false)";
+                let results: Vec<FileResult> = p.urls.iter().map(|u| FileResult::failed(u, why.into())).collect();
+                s.files_done(p.seq, bridge_files_json(&results)).await;
+            }
+        }
+        return Ok(None);
+    }
+    let fc = FileCapture::new(&cfg.files, metrics).context("setting up file capture")?;
+    if let Some(s) = spool {
+        let sink_spool = s.clone();
+        fc.set_spool_sink(Arc::new(move |seq, member| {
+            let s = sink_spool.clone();
+            tokio::spawn(async move { s.files_done(seq, member).await });
+        }));
+    }
+    for p in pending {
+        info!(seq = p.seq, files = p.urls.len(), "resuming file capture interrupted by the last stop");
+        fc.submit(FileJob {
+            event_id: p.event_id,
+            company: p.company,
+            received_at: p.received_at,
+            urls: p.urls,
+            completion: Completion::Spool(p.seq),
+        });
+    }
+    fc.spawn_workers(cfg.files.concurrency, stop);
+    Ok(Some(fc))
 }
 
 /// Runs `work` on a thread of its own (a current-thread runtime), so that reading the spool and

@@ -277,7 +277,7 @@ impl Spool {
     pub fn reader(&self) -> Reader {
         let st = self.shared.lock();
         let segment = st.segments.front().map_or(0, |s| s.first_seq);
-        Reader { shared: self.shared.clone(), segment, offset: 0, buf: Vec::new(), buf_start: 0 }
+        Reader { shared: self.shared.clone(), segment, offset: 0, buf: Vec::new() }
     }
 
     /// Writes what is queued, syncs and stops the writer. Idempotent.
@@ -299,7 +299,6 @@ pub struct Reader {
     segment: u64,
     offset: u64,
     buf: Vec<u8>,
-    buf_start: u64,
 }
 
 impl Reader {
@@ -328,10 +327,6 @@ impl Reader {
     /// # Errors
     /// A segment cannot be read.
     pub fn read_now(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
-        self.read_some(max)
-    }
-
-    fn read_some(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
         let mut out = Vec::new();
         while out.len() < max {
             let (path, limit, is_active, next_segment) = {
@@ -389,7 +384,7 @@ impl Reader {
             self.buf.resize(want, 0);
             file.seek(SeekFrom::Start(self.offset))?;
             file.read_exact(&mut self.buf)?;
-            self.buf_start = self.offset;
+            let buf_start = self.offset;
             let mut pos = 0;
             let mut complete = false;
             while out.len() < max {
@@ -410,13 +405,13 @@ impl Reader {
                     Next::Torn(why) => {
                         // Past the committed end nothing is torn; in a closed segment this is
                         // corruption found at recovery, already logged: skip the rest.
-                        warn!(segment = %path.display(), offset = self.buf_start + pos as u64, %why, "skipping unreadable spool data");
+                        warn!(segment = %path.display(), offset = buf_start + pos as u64, %why, "skipping unreadable spool data");
                         self.offset = end;
                         return Ok(false);
                     }
                 }
             }
-            self.offset = self.buf_start + pos as u64;
+            self.offset = buf_start + pos as u64;
             if pos == 0 && !complete {
                 // One frame larger than the chunk: read more next time round.
                 self.buf.resize(want * 2, 0);
