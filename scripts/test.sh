@@ -38,7 +38,7 @@ export MOTO_SERVER
 # Rust test suite.
 bash scripts/validate-deploy.sh
 
-export HUGGY_BRIDGE_REQUIRE_BROKER=1
+export HUGGY_TEST_REQUIRE_BROKER=1
 # moto comes from PyPI: on a machine without Python the S3 test skips (and says so), unless STRICT=1.
-if [ -n "$MOTO_SERVER" ] || [ "${STRICT:-0}" = 1 ]; then export HUGGY_BRIDGE_REQUIRE_S3=1; fi
+if [ -n "$MOTO_SERVER" ] || [ "${STRICT:-0}" = 1 ]; then export HUGGY_TEST_REQUIRE_S3=1; fi
 exec cargo test --locked "$@"

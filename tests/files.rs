@@ -358,8 +358,8 @@ impl Drop for Moto {
 async fn files_are_streamed_into_an_s3_compatible_store() {
     let Some(moto) = moto_binary() else {
         assert!(
-            std::env::var("HUGGY_BRIDGE_REQUIRE_S3").as_deref() != Ok("1"),
-            "no moto_server and HUGGY_BRIDGE_REQUIRE_S3=1"
+            std::env::var("HUGGY_TEST_REQUIRE_S3").as_deref() != Ok("1"),
+            "no moto_server and HUGGY_TEST_REQUIRE_S3=1"
         );
         eprintln!(
             "SKIPPED files_are_streamed_into_an_s3_compatible_store: no moto_server (pip install 'moto[server]')"

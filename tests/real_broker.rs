@@ -2,7 +2,7 @@
 //! provisioning, and the fault tests — SIGKILL under load, the broker cut off, the spool cap, a torn
 //! spool tail, SIGTERM under load. They count what was acknowledged and what reached Kafka.
 //!
-//! Skipped when no tansu binary is found, unless `HUGGY_BRIDGE_REQUIRE_BROKER=1` (CI), where a missing
+//! Skipped when no tansu binary is found, unless `HUGGY_TEST_REQUIRE_BROKER=1` (CI), where a missing
 //! broker fails them.
 
 mod common;

