@@ -258,6 +258,18 @@ impl fmt::Debug for EventId {
 
 /// Splits a batch into events, in document order. Never fails: an event that cannot be published to
 /// its own topic comes back with `dead_letter` set, so its siblings are still accepted.
+///
+/// ```
+/// use huggy_bridge::event::{parse_body, split, Body};
+///
+/// let body = br#"{"time":1700000000,"token":"t","messages":{"receivedMessage":[{"id":1, "chat":{"id":42}}, 7]}}"#;
+/// let Ok(Body::Batch(batch)) = parse_body(body) else { panic!("a batch") };
+/// let events = split(&batch, 0);
+/// assert_eq!(events[0].key.as_deref(), Some("42"));
+/// assert_eq!(events[0].value, br#"{"id":1, "chat":{"id":42}}"#, "byte for byte");
+/// assert_eq!(events[0].ce_time(), "2023-11-14T22:13:20Z");
+/// assert_eq!(events[1].dead_letter.as_deref(), Some("event is not an object"));
+/// ```
 pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
     let time = batch.time.unwrap_or(received_at);
     let mut out = Vec::new();
