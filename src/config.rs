@@ -382,7 +382,7 @@ impl Config {
             }
         }
         for ty in self.kafka.topics.keys() {
-            if crate::event::KnownType::parse(ty).is_none() {
+            if crate::event::KnownType::parse_ignore_case(ty).is_none() {
                 return bad(format!("kafka.topics.{ty}: not a Huggy event type this bridge knows"));
             }
         }
@@ -464,6 +464,19 @@ mod tests {
             jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "12345678");
             let cfg = Config::load(None).expect("loads");
             assert_eq!(cfg.huggy.tokens[0].expose(), "12345678");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn topic_overrides_from_the_environment_ignore_letter_case() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__TOPICS__RECEIVEDMESSAGE", "chat.inbound");
+            let cfg = Config::load(None).expect("loads");
+            let routes = crate::publish::Routes::new(&cfg.kafka);
+            let t = crate::event::EventType::Known(crate::event::KnownType::ReceivedMessage);
+            assert_eq!(routes.topic_for(&t), "chat.inbound");
             Ok(())
         });
     }

@@ -70,7 +70,11 @@ fn main() -> ExitCode {
             telemetry::init(&cfg.log);
             block_on(async {
                 if cfg.kafka.is_embedded() {
-                    anyhow::bail!("kafka.brokers is \"embedded\": the embedded broker creates its topics itself");
+                    // Nothing to create: the embedded broker starts with every routable topic.
+                    for topic in publish::kafka::routable_topics(&cfg) {
+                        println!("{topic}\tembedded (created when the daemon starts)");
+                    }
+                    return Ok(());
                 }
                 for (topic, outcome) in publish::kafka::create_topics(&cfg, &cfg.kafka.brokers).await? {
                     println!(

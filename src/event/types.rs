@@ -22,6 +22,12 @@ macro_rules! known_types {
             pub fn parse(name: &str) -> Option<Self> {
                 match name { $($name => Some(KnownType::$variant),)+ _ => None }
             }
+
+            /// The normalized name in any letter case: configuration keys may arrive lowercased
+            /// (environment variables), e.g. `kafka.topics.receivedmessage`.
+            pub fn parse_ignore_case(name: &str) -> Option<Self> {
+                Self::ALL.iter().copied().find(|k| k.as_str().eq_ignore_ascii_case(name))
+            }
         }
     };
 }

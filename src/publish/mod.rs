@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::KafkaConfig;
-use crate::event::{Event, EventType};
+use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
 use crate::spool::{now_secs, Spool, Stored};
 pub use kafka::{KafkaHealth, Producer};
@@ -34,7 +34,12 @@ impl Routes {
     pub fn new(cfg: &KafkaConfig) -> Self {
         Routes {
             template: cfg.topic_template.clone(),
-            overrides: cfg.topics.clone(),
+            // Keyed by the canonical type name: keys from the environment arrive lowercased.
+            overrides: cfg
+                .topics
+                .iter()
+                .filter_map(|(k, v)| KnownType::parse_ignore_case(k).map(|t| (t.as_str().to_owned(), v.clone())))
+                .collect(),
             fallback: cfg.fallback_topic.clone(),
             dead_letter: cfg.dead_letter_topic.clone(),
         }
