@@ -227,7 +227,8 @@ pub struct SpoolConfig {
     pub max_bytes: u64,
     /// An event id seen within this window is acknowledged but not published again.
     pub dedup_window_secs: u64,
-    /// Readiness turns false when the oldest undelivered event is older than this.
+    /// Readiness turns false when the oldest undelivered event is older than this. Above
+    /// `files.token_ttl_secs`: an event may wait that long for its files.
     pub max_undelivered_age_secs: u64,
 }
 
@@ -237,7 +238,7 @@ impl Default for SpoolConfig {
             dir: PathBuf::from("./data/spool"),
             max_bytes: 1024 * 1024 * 1024,
             dedup_window_secs: 24 * 3600,
-            max_undelivered_age_secs: 300,
+            max_undelivered_age_secs: 900,
         }
     }
 }
@@ -396,6 +397,12 @@ impl Config {
             return bad("spool.max_bytes must be positive".into());
         }
         if self.files.enabled {
+            if self.spool.max_undelivered_age_secs <= self.files.token_ttl_secs {
+                return bad(format!(
+                    "spool.max_undelivered_age_secs ({}) must exceed files.token_ttl_secs ({}): an event may wait that long for its files",
+                    self.spool.max_undelivered_age_secs, self.files.token_ttl_secs
+                ));
+            }
             if self.files.concurrency == 0 {
                 return bad("files.concurrency must be positive".into());
             }
@@ -502,5 +509,10 @@ mod tests {
         cfg.kafka.topics.clear();
         cfg.kafka.topic_template = "static".into();
         assert!(cfg.validate().is_err());
+        cfg.kafka.topic_template = "huggy.{event}".into();
+        cfg.spool.max_undelivered_age_secs = 600;
+        assert!(cfg.validate().unwrap_err().to_string().contains("must exceed files.token_ttl_secs"));
+        cfg.files.enabled = false;
+        cfg.validate().expect("without file capture any age is fine");
     }
 }
