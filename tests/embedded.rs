@@ -52,13 +52,12 @@ async fn post_fixtures_and_check(mode: AckMode) {
     let distinct = if mode == AckMode::Spool { 24 } else { 25 };
     wait_for("every event published", Duration::from_secs(30), async || (published(&d) == distinct).then_some(()))
         .await;
-    let bootstrap = d.embedded_bootstrap.clone().unwrap();
     let topics = fixture_topics();
-    let recs = tokio::task::spawn_blocking(move || {
-        read_topics(&bootstrap, &topics.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
+    let recs = read_topics_async(
+        d.embedded_bootstrap.as_deref().unwrap(),
+        &topics.iter().map(String::as_str).collect::<Vec<_>>(),
+    )
+    .await;
     check_fixture_records(&recs, mode == AckMode::Spool);
     d.shutdown();
     d.wait().await.unwrap();
@@ -156,12 +155,8 @@ async fn a_malformed_event_is_dead_lettered_and_its_siblings_published() {
         (published(&d) == 3 && dead_lettered(&d) == 1).then_some(())
     })
     .await;
-    let bootstrap = d.embedded_bootstrap.clone().unwrap();
-    let recs = tokio::task::spawn_blocking(move || {
-        read_topics(&bootstrap, &["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"])
-    })
-    .await
-    .unwrap();
+    let topics = ["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"];
+    let recs = read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &topics).await;
     let on = |t: &str| recs.iter().filter(|r| r.topic == t).collect::<Vec<_>>();
     let received = on("huggy.receivedMessage");
     assert_eq!(received.len(), 2);

@@ -137,8 +137,7 @@ async fn start(cfg: Config) -> Running {
 }
 
 async fn records(d: &Running) -> Vec<Rec> {
-    let b = d.embedded_bootstrap.clone().unwrap();
-    tokio::task::spawn_blocking(move || read_topics(&b, &["huggy.receivedMessage"])).await.unwrap()
+    read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &["huggy.receivedMessage"]).await
 }
 
 fn bridge_files(r: &Rec) -> Vec<serde_json::Value> {
@@ -437,8 +436,7 @@ async fn sigkill_with_downloads_pending_then_restart_stores_the_files_and_publis
         (d.metric("huggy_bridge_events_published_total{type=\"receivedMessage\"}").await == 10.0).then_some(())
     })
     .await;
-    let recs =
-        tokio::task::spawn_blocking(move || read_topics(&tansu.bootstrap(), &["huggy.receivedMessage"])).await.unwrap();
+    let recs = read_topics_async(&tansu.bootstrap(), &["huggy.receivedMessage"]).await;
     assert_eq!(recs.len(), 10, "each event published once");
     for r in &recs {
         let f = bridge_files(r).pop().unwrap();

@@ -107,12 +107,8 @@ async fn odd_events_inside_a_valid_batch_are_dead_lettered_never_published_as_va
         (counter_sum(&d.metrics.events_published) + counter_sum(&d.metrics.events_dead_lettered) == 12).then_some(())
     })
     .await;
-    let b = d.embedded_bootstrap.clone().unwrap();
-    let recs = tokio::task::spawn_blocking(move || {
-        read_topics(&b, &["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"])
-    })
-    .await
-    .unwrap();
+    let topics = ["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"];
+    let recs = read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &topics).await;
     let valid: Vec<&Rec> = recs.iter().filter(|r| r.topic != "huggy.dead-letter").collect();
     let valid_values: Vec<String> = valid.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect();
     assert_eq!(
@@ -197,8 +193,7 @@ async fn a_batch_of_10000_events_is_accepted_and_fully_published() {
         (counter_sum(&d.metrics.events_published) == 10_000).then_some(())
     })
     .await;
-    let b = d.embedded_bootstrap.clone().unwrap();
-    let recs = tokio::task::spawn_blocking(move || read_topics(&b, &["huggy.receivedMessage"])).await.unwrap();
+    let recs = read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &["huggy.receivedMessage"]).await;
     assert_eq!(recs.len(), 10_000);
     d.shutdown();
     d.wait().await.unwrap();

@@ -21,13 +21,6 @@ fn spool_config(bootstrap: &str, spool: &std::path::Path, extra: &str) -> String
     )
 }
 
-async fn read_async(bootstrap: &str, topics: Vec<String>) -> Vec<Rec> {
-    let b = bootstrap.to_owned();
-    tokio::task::spawn_blocking(move || read_topics(&b, &topics.iter().map(String::as_str).collect::<Vec<_>>()))
-        .await
-        .unwrap()
-}
-
 /// A tansu broker that clients reach through a loopback proxy that can be cut, with the topics created.
 struct CuttableBroker {
     _tansu: Tansu,
@@ -84,7 +77,9 @@ async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_ide
             (sum == distinct).then_some(())
         })
         .await;
-        let recs = read_async(&tansu.bootstrap(), fixture_topics()).await;
+        let recs =
+            read_topics_async(&tansu.bootstrap(), &fixture_topics().iter().map(String::as_str).collect::<Vec<_>>())
+                .await;
         check_fixture_records(&recs, mode == "spool");
     }
 }
@@ -107,7 +102,7 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     assert!(load.ok > 50, "load too small to mean anything: {load:?}");
     let d = Daemon::start(dir.path(), &cfg).await;
     drained(&d, Duration::from_secs(60)).await;
-    let recs = read_async(&tansu.bootstrap(), vec!["huggy.receivedMessage".into()]).await;
+    let recs = read_topics_async(&tansu.bootstrap(), &["huggy.receivedMessage"]).await;
     let dups = assert_nothing_acked_is_missing(&load, &recs);
     eprintln!(
         "sigkill: {} requests acknowledged ({} events), {} failed at the kill; {} records in Kafka, {} duplicates",
@@ -150,7 +145,7 @@ async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readi
         "partition: backlog of {backlog} events at restore; drained and ready {:?} after restore",
         restored_at.elapsed()
     );
-    let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
+    let recs = read_topics_async(&via_proxy, &["huggy.receivedMessage"]).await;
     let dups = assert_nothing_acked_is_missing(&load, &recs);
     eprintln!("partition: {} events acknowledged, {} records, {dups} duplicates", load.acked_count(), recs.len());
 }
@@ -171,7 +166,7 @@ async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() 
     assert!(!ready(&d.admin).await);
     proxy.restore();
     drained(&d, Duration::from_secs(60)).await;
-    let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
+    let recs = read_topics_async(&via_proxy, &["huggy.receivedMessage"]).await;
     assert_nothing_acked_is_missing(&load, &recs);
     eprintln!("cap: {} accepted, {} refused with 503; {} records", load.ok, load.refused, recs.len());
 }
@@ -204,7 +199,7 @@ async fn torn_spool_tail_is_discarded_at_start_and_the_rest_delivered() {
     drained(&d, Duration::from_secs(60)).await;
     let log = d.log_text();
     assert!(log.contains("torn write") && log.contains("discarded_bytes=104"), "the discarded tail is logged:\n{log}");
-    let recs = read_async(&via_proxy, vec!["huggy.receivedMessage".into()]).await;
+    let recs = read_topics_async(&via_proxy, &["huggy.receivedMessage"]).await;
     assert_nothing_acked_is_missing(&load, &recs);
 }
 
@@ -233,7 +228,7 @@ async fn sigterm_under_load_exits_zero_in_time_and_loses_nothing_in_both_modes()
             let d2 = Daemon::start(dir.path(), &cfg).await;
             drained(&d2, Duration::from_secs(60)).await;
         }
-        let recs = read_async(&tansu.bootstrap(), vec!["huggy.receivedMessage".into()]).await;
+        let recs = read_topics_async(&tansu.bootstrap(), &["huggy.receivedMessage"]).await;
         let dups = assert_nothing_acked_is_missing(&load, &recs);
         eprintln!(
             "sigterm {mode}: exit 0 after {took:?}; {} events acknowledged, {} records, {dups} duplicates",

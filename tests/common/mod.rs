@@ -267,6 +267,15 @@ pub fn read_topics(bootstrap: &str, topics: &[&str]) -> Vec<Rec> {
     topics.iter().flat_map(|t| read_topic(bootstrap, t)).collect()
 }
 
+/// [`read_topics`] from async code (the consumer blocks, so it runs on the blocking pool).
+pub async fn read_topics_async(bootstrap: &str, topics: &[&str]) -> Vec<Rec> {
+    let b = bootstrap.to_owned();
+    let t: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    tokio::task::spawn_blocking(move || read_topics(&b, &t.iter().map(String::as_str).collect::<Vec<_>>()))
+        .await
+        .expect("consumer task")
+}
+
 fn read_topic(bootstrap: &str, topic: &str) -> Vec<Rec> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
