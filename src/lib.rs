@@ -20,6 +20,7 @@
 //! - [`metrics`], [`telemetry`], [`shutdown`], and [`app`], which wires them together.
 
 pub mod app;
+pub mod clock;
 pub mod config;
 pub mod event;
 pub mod files;

@@ -24,7 +24,7 @@ use tracing::{info, warn};
 use crate::config::FilesConfig;
 use crate::event::EventId;
 use crate::metrics::Metrics;
-use crate::spool::now_secs;
+use crate::clock::now_secs;
 use fetch::{Guard, Refusal};
 use store::FileStore;
 

@@ -31,7 +31,8 @@ use crate::config::{Config, Secret};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::publish::KafkaHealth;
-use crate::spool::{now_secs, Spool};
+use crate::clock::now_secs;
+use crate::spool::Spool;
 
 /// What the handlers share.
 pub struct AppState {

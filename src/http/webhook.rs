@@ -16,7 +16,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{ApiError, AppState};
 use crate::event::{self, Body as WebhookBody};
-use crate::spool::now_secs;
+use crate::clock::now_secs;
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 

@@ -18,7 +18,8 @@ use tracing::{debug, error, info, warn};
 use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
-use crate::spool::{now_secs, Spool, Stored};
+use crate::clock::now_secs;
+use crate::spool::{Spool, Stored};
 pub use kafka::{KafkaHealth, Producer};
 
 /// Topic routing from the configuration.

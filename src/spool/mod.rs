@@ -32,6 +32,7 @@ use std::thread::JoinHandle;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{error, info, warn};
 
+use crate::clock::now_secs;
 use crate::event::{Event, EventId};
 use frame::{Next, Record};
 
@@ -872,11 +873,6 @@ fn to_ranges(seqs: &mut [u64]) -> Vec<(u64, u64)> {
     out
 }
 
-pub fn now_secs() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
 
 #[cfg(test)]
 mod tests;
