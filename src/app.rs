@@ -1,9 +1,11 @@
 //! The composition root: builds every part, wires them, spawns the tasks, and orders the drain on
 //! shutdown: stop accepting → finish in-flight requests → let the publisher finish its window →
 //! flush the producer → close the spool.
+//!
+//! The [`Pipeline`] (producer, spool, file capture, spool publisher) is what runs behind the webhook;
+//! `huggy-bridge spool drain` runs it alone, without listeners, until the spool is empty.
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,12 +17,13 @@ use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
 use crate::files::{bridge_files_json, Completion, FileCapture, FileJob, FileResult};
+use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
 use crate::publish::kafka::{self, EmbeddedBroker};
 use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
-use crate::spool::{Spool, SpoolSettings, SEGMENT_BYTES};
+use crate::spool::{SegmentIo, Spool, SpoolSettings};
 
 /// How long a spool-mode shutdown waits on Kafka (publisher window, producer flush).
 const SPOOL_MODE_KAFKA_GRACE: Duration = Duration::from_secs(5);
@@ -51,6 +54,13 @@ impl Running {
     }
 }
 
+/// Replacements for parts of the daemon, for tests that need a disk that fails.
+#[derive(Default, Clone)]
+pub struct Overrides {
+    /// The spool's write and sync calls.
+    pub spool_io: Option<Arc<dyn SegmentIo>>,
+}
+
 /// Runs the daemon until `stop` is cancelled, then drains.
 ///
 /// # Errors
@@ -65,66 +75,31 @@ pub async fn run(cfg: Config, stop: CancellationToken) -> anyhow::Result<()> {
 /// # Errors
 /// A part could not be started (listener, spool, producer).
 pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Running> {
-    let metrics = Arc::new(Metrics::new());
-    let health = Arc::new(KafkaHealth::default());
-    let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(&cfg)?) } else { None };
-    let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
-    let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
-    let producer =
-        kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone()).context("creating the Kafka producer")?;
-    let publisher = Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()));
+    start_with(cfg, stop, Overrides::default()).await
+}
 
-    let spool = match cfg.delivery.ack {
-        AckMode::Spool => Some(
-            Spool::open(SpoolSettings {
-                dir: cfg.spool.dir.clone(),
-                max_bytes: cfg.spool.max_bytes,
-                dedup_window_secs: cfg.spool.dedup_window_secs,
-                segment_bytes: SEGMENT_BYTES,
-            })
-            .with_context(|| format!("opening the spool in {}", cfg.spool.dir.display()))?,
-        ),
-        AckMode::Kafka => None,
-    };
-    let files_stop = CancellationToken::new();
-    let files = start_file_capture(&cfg, spool.as_ref(), metrics.clone(), files_stop.clone()).await?;
-    let mode = match &spool {
+/// [`start`] with some parts replaced.
+///
+/// # Errors
+/// A part could not be started (listener, spool, producer).
+pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrides) -> anyhow::Result<Running> {
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Pipeline::start(&cfg, metrics.clone(), &overrides).await?;
+    let health = pipeline.health.clone();
+    let mode = match &pipeline.spool {
         Some(s) => Mode::Spool(s.clone()),
         None => Mode::Kafka {
-            publisher: publisher.clone(),
+            publisher: pipeline.publisher.clone(),
             timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms),
         },
     };
-    let ingest = Ingest { mode, files };
-    let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone(), spool.clone()));
+    let ingest = Ingest { mode, files: pipeline.files.clone() };
+    let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone()));
 
     let public = http::bind(cfg.http.listen, "http.listen").await?;
     let admin = http::bind(cfg.admin.listen, "admin.listen").await?;
     let http_addr = public.local_addr()?;
     let admin_addr = admin.local_addr()?;
-
-    // Tasks that outlive the request path stop on their own tokens, in drain order.
-    let publisher_soft_stop = CancellationToken::new();
-    let publisher_hard_stop = CancellationToken::new();
-    let background_stop = CancellationToken::new();
-    let publisher_task = spool.clone().map(|s| {
-        let work = publish::run_spool_publisher(
-            s,
-            publisher.clone(),
-            cfg.kafka.max_in_flight_records,
-            metrics.clone(),
-            publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
-        );
-        on_own_thread("spool-publisher", work)
-    });
-    tokio::spawn(probe_kafka(
-        publisher.clone(),
-        health.clone(),
-        state.clone(),
-        Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)),
-        background_stop.clone(),
-    ));
-
     let deadline = Duration::from_secs(cfg.shutdown.timeout_secs);
     let http_stop = CancellationToken::new();
     let public_task = tokio::spawn(http::serve(
@@ -139,54 +114,20 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
     info!(%http_addr, %admin_addr, path = %cfg.http.path, ack = ?cfg.delivery.ack, "huggy-bridge listening");
     crate::shutdown::notify_ready(stop.clone());
 
+    let embedded_bootstrap = pipeline.embedded_bootstrap.clone();
     let task = tokio::spawn({
         let stop = stop.clone();
         async move {
             stop.cancelled().await;
             let began = Instant::now();
-            let left = || deadline.saturating_sub(began.elapsed());
             info!(deadline_secs = deadline.as_secs(), "shutdown: no new requests; draining");
             crate::shutdown::notify_stopping();
-            state.draining.store(true, Ordering::Relaxed);
+            health.start_draining();
             http_stop.cancel();
             let _ = public_task.await;
-            // In spool mode nothing in flight is at risk (the spool keeps it), so waiting on Kafka
-            // is bounded tighter, one budget for the publisher's window and the flush: it only spares
-            // duplicates after the restart.
-            let kafka_budget_from = Instant::now();
-            let spare = |d: Duration| {
-                if spool.is_some() {
-                    d.min(SPOOL_MODE_KAFKA_GRACE.saturating_sub(kafka_budget_from.elapsed()))
-                } else {
-                    d
-                }
-            };
-            if let Some(t) = publisher_task {
-                publisher_soft_stop.cancel();
-                tokio::select! {
-                    _ = t => {}
-                    () = tokio::time::sleep(spare(left())) => {
-                        warn!("publisher did not finish its window in time; its records stay in the spool");
-                        publisher_hard_stop.cancel();
-                    }
-                }
-            }
-            let flush_for = spare(left());
-            let p = publisher.clone();
-            let flushed = tokio::task::spawn_blocking(move || p.producer().flush(flush_for)).await;
-            match flushed {
-                Ok(Ok(())) => info!("producer flushed"),
-                Ok(Err(e)) => warn!(error = %e, "producer flush incomplete; unacknowledged events stay in the spool"),
-                Err(e) => warn!(error = %e, "producer flush task failed"),
-            }
-            files_stop.cancel();
-            if let Some(s) = &spool {
-                s.close().await;
-            }
-            background_stop.cancel();
+            pipeline.shutdown(deadline.saturating_sub(began.elapsed())).await;
             admin_stop.cancel();
             let _ = admin_task.await;
-            drop(embedded);
             info!(elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
             Ok(())
         }
@@ -194,45 +135,243 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
     Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, stop, task })
 }
 
-/// Starts the file-capture workers (when enabled) and hands them the captures a previous run left
-/// unfinished; with capture disabled, reports those as failed so their events get published.
+/// What `spool drain` did.
+#[derive(Debug, Clone, Copy)]
+pub struct Drained {
+    pub events: u64,
+    pub elapsed: Duration,
+}
+
+/// Publishes everything undelivered in the spool of `cfg` (capturing the files its events still
+/// wait for) and returns once the spool is empty; for the volume of a replica that was scaled away.
+/// `stop` gives up early, leaving the rest in the spool.
+///
+/// # Errors
+/// The spool is held by another process or cannot be opened; the producer cannot be made; `stop`
+/// was cancelled before the spool was empty.
+pub async fn drain_spool(mut cfg: Config, stop: CancellationToken) -> anyhow::Result<Drained> {
+    cfg.delivery.ack = AckMode::Spool;
+    let began = Instant::now();
+    let metrics = Arc::new(Metrics::new());
+    let pipeline = Pipeline::start(&cfg, metrics, &Overrides::default()).await?;
+    let spool = pipeline.spool.clone().context("spool drain needs the spool")?;
+    let total = spool.stats().events;
+    info!(events = total, dir = %cfg.spool.dir.display(), "draining the spool");
+    let committed = spool.committed();
+    let mut last_log = Instant::now();
+    let result = loop {
+        let notified = committed.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let s = spool.stats();
+        if s.events == 0 {
+            break Ok(());
+        }
+        if last_log.elapsed() > Duration::from_secs(5) {
+            info!(left = s.events, pending_files = s.pending_files, kafka = pipeline.health.kafka().is_reachable(), "draining");
+            last_log = Instant::now();
+        }
+        tokio::select! {
+            () = &mut notified => {}
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.cancelled() => break Err(anyhow::anyhow!("interrupted with {} events left in the spool", s.events)),
+        }
+    };
+    pipeline.shutdown(Duration::from_secs(cfg.shutdown.timeout_secs)).await;
+    result.map(|()| Drained { events: total, elapsed: began.elapsed() })
+}
+
+/// The stages behind the webhook: producer, spool (in spool mode), file capture, spool publisher.
+struct Pipeline {
+    embedded: Option<EmbeddedBroker>,
+    embedded_bootstrap: Option<String>,
+    publisher: Arc<Publisher>,
+    spool: Option<Spool>,
+    files: Option<Arc<FileCapture>>,
+    health: Arc<Health>,
+    publisher_task: Option<tokio::sync::oneshot::Receiver<()>>,
+    publisher_soft_stop: CancellationToken,
+    publisher_hard_stop: CancellationToken,
+    files_stop: CancellationToken,
+    background_stop: CancellationToken,
+}
+
+impl Pipeline {
+    async fn start(cfg: &Config, metrics: Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Pipeline> {
+        let kafka_health = Arc::new(KafkaHealth::default());
+        let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(cfg)?) } else { None };
+        let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
+        let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
+        let producer = kafka::producer(cfg, &bootstrap, metrics.clone(), kafka_health.clone())
+            .context("creating the Kafka producer")?;
+        let publisher = Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()));
+        let spool = match cfg.delivery.ack {
+            AckMode::Spool => Some(open_spool(cfg, &metrics, overrides)?),
+            AckMode::Kafka => None,
+        };
+        let files_stop = CancellationToken::new();
+        let files = start_file_capture(cfg, spool.as_ref(), metrics.clone(), files_stop.clone()).await?;
+        let pulse = Pulse::new();
+        let health = Arc::new(Health::new(cfg, kafka_health.clone(), spool.clone(), pulse.clone(), metrics.clone()));
+
+        // Tasks that outlive the request path stop on their own tokens, in drain order.
+        let publisher_soft_stop = CancellationToken::new();
+        let publisher_hard_stop = CancellationToken::new();
+        let background_stop = CancellationToken::new();
+        let publisher_task = spool.clone().map(|s| {
+            let work = publish::run_spool_publisher(
+                s,
+                publisher.clone(),
+                cfg.kafka.max_in_flight_records,
+                metrics.clone(),
+                publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
+                pulse,
+            );
+            on_own_thread("spool-publisher", work)
+        });
+        tokio::spawn(probe_kafka(
+            publisher.clone(),
+            kafka_health,
+            health.clone(),
+            Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)),
+            background_stop.clone(),
+        ));
+        Ok(Pipeline {
+            embedded,
+            embedded_bootstrap,
+            publisher,
+            spool,
+            files,
+            health,
+            publisher_task,
+            publisher_soft_stop,
+            publisher_hard_stop,
+            files_stop,
+            background_stop,
+        })
+    }
+
+    /// The drain after the listeners closed: the publisher finishes its window, the producer
+    /// flushes, captures stop (what they had not finished is captured again after the restart), the
+    /// spool closes. In spool mode nothing in flight is at risk (the spool keeps it), so Kafka gets
+    /// a tighter budget: it only spares duplicates after the restart.
+    async fn shutdown(self, budget: Duration) {
+        let began = Instant::now();
+        let left = || budget.saturating_sub(began.elapsed());
+        let spare = |d: Duration| {
+            if self.spool.is_some() {
+                d.min(SPOOL_MODE_KAFKA_GRACE.saturating_sub(began.elapsed()))
+            } else {
+                d
+            }
+        };
+        if let Some(t) = self.publisher_task {
+            self.publisher_soft_stop.cancel();
+            tokio::select! {
+                _ = t => {}
+                () = tokio::time::sleep(spare(left())) => {
+                    warn!("publisher did not finish its window in time; its records stay in the spool");
+                    self.publisher_hard_stop.cancel();
+                }
+            }
+        }
+        let flush_for = spare(left());
+        let p = self.publisher.clone();
+        match tokio::task::spawn_blocking(move || p.producer().flush(flush_for)).await {
+            Ok(Ok(())) => info!("producer flushed"),
+            Ok(Err(e)) => warn!(error = %e, "producer flush incomplete; unacknowledged events stay in the spool"),
+            Err(e) => warn!(error = %e, "producer flush task failed"),
+        }
+        self.files_stop.cancel();
+        if let Some(s) = &self.spool {
+            s.close().await;
+        }
+        self.background_stop.cancel();
+        drop(self.embedded);
+    }
+}
+
+/// Opens the spool, reporting what recovery found as metrics.
+fn open_spool(cfg: &Config, metrics: &Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Spool> {
+    let mut settings = SpoolSettings::new(cfg.spool.dir.clone(), cfg.spool.max_bytes, cfg.spool.dedup_window_secs);
+    if let Some(io) = &overrides.spool_io {
+        settings.io = io.clone();
+    }
+    let fsync = metrics.spool_fsync_duration.clone();
+    settings.sync_observer = Some(Arc::new(move |secs| fsync.observe(secs)));
+    let spool = Spool::open(settings).with_context(|| format!("opening the spool in {}", cfg.spool.dir.display()))?;
+    let report = spool.recovery_report();
+    metrics.spool_damaged.inc_by(u64::from(report.damaged_regions));
+    info!(
+        segments = report.segments,
+        bytes = report.bytes_read,
+        frames = report.frames,
+        elapsed_ms = report.elapsed_ms,
+        torn_tails = report.torn_tails,
+        damaged_regions = report.damaged_regions,
+        events_lost = report.events_lost,
+        "spool recovered"
+    );
+    Ok(spool)
+}
+
+/// Starts the file-capture workers (when enabled) and, in spool mode, the task that feeds them the
+/// spool's file work: every durable event with files, whether it was just committed or found at
+/// recovery, whatever became of the request that brought it. With capture disabled, file work is
+/// reported failed so its events get published.
 async fn start_file_capture(
     cfg: &Config,
     spool: Option<&Spool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<Option<Arc<FileCapture>>> {
-    let pending = spool.map(Spool::take_pending_files).unwrap_or_default();
-    if !cfg.files.enabled {
+    let fc = if cfg.files.enabled {
+        let fc = FileCapture::new(&cfg.files, metrics).context("setting up file capture")?;
         if let Some(s) = spool {
-            for p in pending {
-                let why = "file capture is disabled (files.enabled = false)";
-                let results: Vec<FileResult> = p.urls.iter().map(|u| FileResult::failed(u, why.into())).collect();
-                s.files_done(p.seq, bridge_files_json(&results)).await;
+            let sink_spool = s.clone();
+            fc.set_spool_sink(Arc::new(move |seq, member| {
+                let s = sink_spool.clone();
+                tokio::spawn(async move { s.files_done(seq, member).await });
+            }));
+        }
+        fc.spawn_workers(cfg.files.concurrency, stop.clone());
+        Some(fc)
+    } else {
+        None
+    };
+    if let Some(s) = spool {
+        tokio::spawn(feed_file_work(s.clone(), fc.clone(), stop));
+    }
+    Ok(fc)
+}
+
+/// Hands the spool's file work to the capture stage as it appears.
+async fn feed_file_work(spool: Spool, fc: Option<Arc<FileCapture>>, stop: CancellationToken) {
+    let notify = spool.file_work_notify();
+    loop {
+        for w in spool.take_file_work() {
+            match &fc {
+                Some(fc) => fc.submit(FileJob {
+                    event_id: w.event_id,
+                    company: w.company,
+                    received_at: w.received_at,
+                    urls: w.urls,
+                    completion: Completion::Spool(w.seq),
+                }),
+                None => {
+                    let why = "file capture is disabled (files.enabled = false)";
+                    let results: Vec<FileResult> = w.urls.iter().map(|u| FileResult::failed(u, why.into())).collect();
+                    spool.files_done(w.seq, bridge_files_json(&results)).await;
+                }
             }
         }
-        return Ok(None);
+        // `notify_one` stores a permit when nobody waits, so work committed between the take above
+        // and this wait is not missed.
+        tokio::select! {
+            () = notify.notified() => {}
+            () = stop.cancelled() => break,
+        }
     }
-    let fc = FileCapture::new(&cfg.files, metrics).context("setting up file capture")?;
-    if let Some(s) = spool {
-        let sink_spool = s.clone();
-        fc.set_spool_sink(Arc::new(move |seq, member| {
-            let s = sink_spool.clone();
-            tokio::spawn(async move { s.files_done(seq, member).await });
-        }));
-    }
-    for p in pending {
-        info!(seq = p.seq, files = p.urls.len(), "resuming file capture interrupted by the last stop");
-        fc.submit(FileJob {
-            event_id: p.event_id,
-            company: p.company,
-            received_at: p.received_at,
-            urls: p.urls,
-            completion: Completion::Spool(p.seq),
-        });
-    }
-    fc.spawn_workers(cfg.files.concurrency, stop);
-    Ok(Some(fc))
 }
 
 /// Runs `work` on a thread of its own (a current-thread runtime), so that reading the spool and
@@ -255,11 +394,12 @@ where
     done_rx
 }
 
-/// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds.
+/// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds; refreshes
+/// the state gauges at the same pace.
 async fn probe_kafka(
     publisher: Arc<Publisher>,
-    health: Arc<KafkaHealth>,
-    state: Arc<AppState>,
+    kafka_health: Arc<KafkaHealth>,
+    health: Arc<Health>,
     timeout: Duration,
     stop: CancellationToken,
 ) {
@@ -270,7 +410,7 @@ async fn probe_kafka(
             .await
             .map(|r| r.is_ok())
             .unwrap_or(false);
-        health.reachable.store(ok, Ordering::Relaxed);
+        kafka_health.reachable.store(ok, std::sync::atomic::Ordering::Relaxed);
         if was != Some(ok) {
             if ok {
                 info!("kafka reachable");
@@ -279,7 +419,7 @@ async fn probe_kafka(
             }
             was = Some(ok);
         }
-        state.refresh_gauges();
+        health.refresh_gauges();
         tokio::select! {
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
             () = stop.cancelled() => break,

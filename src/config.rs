@@ -223,13 +223,20 @@ impl Default for DeliveryConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
     pub dir: PathBuf,
-    /// Undelivered bytes kept at most; past it the webhook answers 503, never drops.
+    /// Bytes the spool keeps on disk at most (segments, delivered events included until their
+    /// segment is deleted, and the dedup snapshot); past it the webhook answers 503, never drops.
     pub max_bytes: u64,
-    /// An event id seen within this window is acknowledged but not published again.
+    /// An event id durably stored within this window is acknowledged but not stored again (a batch
+    /// Huggy sends twice). 19–39 bytes of memory per id.
     pub dedup_window_secs: u64,
-    /// Readiness turns false when the oldest undelivered event is older than this. Above
-    /// `files.token_ttl_secs`: an event may wait that long for its files.
+    /// A warning is logged while the oldest undelivered event is older than this (readiness does not
+    /// depend on it: riding out a Kafka outage is what the spool is for; alert on
+    /// `huggy_bridge_spool_oldest_age_seconds`). Above `files.token_ttl_secs`: an event may wait that
+    /// long for its files.
     pub max_undelivered_age_secs: u64,
+    /// Liveness fails when the spool writer has had work and made no progress for this long (the
+    /// publisher: five times this, while Kafka is reachable).
+    pub stall_timeout_secs: u64,
 }
 
 impl Default for SpoolConfig {
@@ -237,8 +244,11 @@ impl Default for SpoolConfig {
         Self {
             dir: PathBuf::from("./data/spool"),
             max_bytes: 1024 * 1024 * 1024,
-            dedup_window_secs: 24 * 3600,
+            // Huggy sends a batch again when it did not get our answer, within minutes; an hour covers
+            // that with room to spare at 14 MB per 100 events/s. Consumers deduplicate by ce_id anyway.
+            dedup_window_secs: 3600,
             max_undelivered_age_secs: 900,
+            stall_timeout_secs: 60,
         }
     }
 }

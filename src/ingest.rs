@@ -19,8 +19,8 @@ use crate::spool::{Spool, SpoolError};
 pub enum IngestError {
     #[error("spool is full")]
     SpoolFull,
-    #[error("spool cannot write: {0}")]
-    SpoolFailed(String),
+    #[error("spool cannot write")]
+    SpoolFailed(#[source] SpoolError),
     #[error("kafka did not acknowledge the batch in time")]
     KafkaUnavailable,
 }
@@ -97,23 +97,12 @@ impl Ingest {
         received_at: i64,
     ) -> Result<Accepted, IngestError> {
         let n = events.len();
-        let with_files: Vec<(usize, FileJobParts)> = events
-            .iter()
-            .enumerate()
-            .filter(|(_, e)| !e.files.is_empty())
-            .map(|(i, e)| (i, (e.id, e.company.clone(), e.files.clone())))
-            .collect();
+        // Captures start from the durable event (the spool hands it to the capture stage), so
+        // nothing here depends on this request still being there once the append is done.
         let r = spool.append(events, received_at).await.map_err(|e| match e {
             SpoolError::Full { .. } => IngestError::SpoolFull,
-            other => IngestError::SpoolFailed(other.to_string()),
+            other => IngestError::SpoolFailed(other),
         })?;
-        if let Some(fc) = &self.files {
-            for (i, (event_id, company, urls)) in with_files {
-                if let Some(seq) = r.seqs[i] {
-                    fc.submit(FileJob { event_id, company, received_at, urls, completion: Completion::Spool(seq) });
-                }
-            }
-        }
         if r.duplicates > 0 {
             info!(duplicates = r.duplicates, of = n, "events already seen within the dedup window");
         }
@@ -155,5 +144,3 @@ impl Ingest {
         Ok(())
     }
 }
-
-type FileJobParts = (crate::event::EventId, Option<String>, Vec<String>);

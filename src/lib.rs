@@ -17,13 +17,15 @@
 //!   client, earliest-deadline-first scheduling, streaming into an object store).
 //! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
 //!   loop that drains the spool.
-//! - [`metrics`], [`telemetry`], [`shutdown`], and [`app`], which wires them together.
+//! - [`health`]: readiness, liveness and the gauges read from state.
+//! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
 
 pub mod app;
 pub mod clock;
 pub mod config;
 pub mod event;
 pub mod files;
+pub mod health;
 pub mod http;
 pub mod ingest;
 pub mod metrics;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use huggy_bridge::config::Config;
-use huggy_bridge::{app, publish, shutdown, telemetry};
+use huggy_bridge::{app, publish, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -30,6 +30,12 @@ enum Command {
         #[command(subcommand)]
         command: TopicsCommand,
     },
+    /// Offline spool commands, for a spool no daemon is running on (e.g. the volume of a replica
+    /// that was scaled away). They refuse to open a spool that a running process holds.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Ask a running daemon's admin listener whether it is alive (or, with --ready, ready); exit 0
     /// when it is, 1 otherwise. For container health checks where no HTTP client is installed.
     Probe {
@@ -44,6 +50,20 @@ enum TopicsCommand {
     Create,
     /// List the topics the configuration can route to.
     List,
+}
+
+#[derive(Subcommand)]
+enum SpoolCommand {
+    /// Print what the spool holds: undelivered events per type, bytes, oldest age, pending file
+    /// captures, segments, damage found. Reads only; exit 0.
+    Status {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Publish everything undelivered (capturing the files its events wait for) and exit 0 once
+    /// the spool is empty.
+    Drain,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +105,36 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Spool { command: SpoolCommand::Status { json } } => match spool::offline_status(&cfg.spool.dir) {
+            Ok(status) => {
+                if json {
+                    match serde_json::to_string_pretty(&status) {
+                        Ok(text) => println!("{text}"),
+                        Err(e) => {
+                            eprintln!("huggy-bridge: {e}");
+                            return ExitCode::FAILURE;
+                        }
+                    }
+                } else {
+                    print_status(&status);
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("huggy-bridge: spool status: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
+        Command::Spool { command: SpoolCommand::Drain } => {
+            telemetry::init(&cfg.log);
+            block_on(async {
+                let stop = CancellationToken::new();
+                shutdown::cancel_on_signals(stop.clone());
+                let drained = app::drain_spool(cfg, stop).await?;
+                println!("drained {} events in {:.1}s", drained.events, drained.elapsed.as_secs_f64());
+                Ok(())
+            })
+        }
         Command::Probe { ready } => {
             let mut addr = cfg.admin.listen;
             if addr.ip().is_unspecified() {
@@ -109,6 +159,39 @@ fn main() -> ExitCode {
             })
         }
     }
+}
+
+fn print_status(s: &spool::OfflineStatus) {
+    println!("spool:               {}", s.dir.display());
+    println!("undelivered events:  {}", s.undelivered_events);
+    for (t, n) in &s.by_type {
+        println!("  {t:<32} {n}");
+    }
+    println!("undelivered bytes:   {}", s.undelivered_bytes);
+    match s.oldest_age_secs {
+        Some(age) => println!("oldest undelivered:  {age}s ago"),
+        None => println!("oldest undelivered:  -"),
+    }
+    println!("pending file captures: {}", s.pending_file_captures);
+    println!("segments:            {} ({} bytes on disk)", s.segments, s.disk_bytes);
+    let d = &s.damage;
+    if d.damaged_regions > 0 || d.torn_tails > 0 {
+        println!(
+            "damage:              {} damaged regions ({} bytes, {} events lost), {} torn tails",
+            d.damaged_regions, d.damaged_bytes, d.events_lost, d.torn_tails
+        );
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        src = s.source();
+    }
+    out
 }
 
 fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {

@@ -39,6 +39,12 @@ pub struct Metrics {
     pub spool_bytes: IntGauge,
     pub spool_max_bytes: IntGauge,
     pub spool_oldest_age: IntGauge,
+    pub spool_disk_bytes: IntGauge,
+    pub spool_fs_free_bytes: IntGauge,
+    pub spool_fsync_duration: Histogram,
+    pub spool_damaged: IntCounter,
+    pub spool_pending_files: IntGauge,
+    pub live: IntGauge,
     pub file_downloads: IntCounterVec,
     pub file_bytes: IntCounter,
     pub file_headroom: Histogram,
@@ -129,6 +135,30 @@ impl Metrics {
                 "huggy_bridge_spool_oldest_age_seconds",
                 "Age of the oldest event not yet acknowledged by Kafka (0 when none)."
             )),
+            spool_disk_bytes: reg!(IntGauge::new(
+                "huggy_bridge_spool_disk_bytes",
+                "Bytes the spool holds on disk (segments, delivered events included until their segment is deleted, and the dedup snapshot); spool.max_bytes caps this."
+            )),
+            spool_fs_free_bytes: reg!(IntGauge::new(
+                "huggy_bridge_spool_fs_free_bytes",
+                "Free bytes on the filesystem of spool.dir (for unprivileged users)."
+            )),
+            spool_fsync_duration: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "huggy_bridge_spool_fsync_duration_seconds",
+                    "Duration of each group commit's fdatasync."
+                )
+                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0])
+            )),
+            spool_damaged: reg!(IntCounter::new(
+                "huggy_bridge_spool_damaged_frames_total",
+                "Damaged regions (one or more frames that do not checksum) found in spool segments at start-up; the segment is copied into spool.dir/damaged."
+            )),
+            spool_pending_files: reg!(IntGauge::new(
+                "huggy_bridge_spool_pending_file_captures",
+                "Durable events waiting for their files to be captured before they are published."
+            )),
+            live: reg!(IntGauge::new("huggy_bridge_live", "1 when /healthz answers 200.")),
             file_downloads: reg!(counter_vec(
                 "huggy_bridge_file_downloads_total",
                 "File downloads by result.",

@@ -8,7 +8,6 @@ mod error;
 mod webhook;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,95 +27,37 @@ use tracing::{debug, info, warn};
 pub use error::ApiError;
 
 use crate::config::{Config, Secret};
+use crate::health::Health;
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
-use crate::publish::KafkaHealth;
-use crate::clock::now_secs;
-use crate::spool::Spool;
 
 /// What the handlers share.
 pub struct AppState {
     pub tokens: Vec<Secret>,
     pub ingest: Ingest,
     pub metrics: Arc<Metrics>,
-    pub kafka: Arc<KafkaHealth>,
-    pub spool: Option<Spool>,
+    /// Readiness, liveness and state gauges; also where shutdown is announced.
+    pub health: Arc<Health>,
     pub max_body_bytes: usize,
     pub body_timeout: Duration,
     pub retry_after_secs: u64,
-    pub max_undelivered_age_secs: u64,
-    /// Set when shutdown begins: new webhook requests get 503, readiness turns false.
-    pub draining: AtomicBool,
 }
 
 impl AppState {
-    pub fn new(
-        cfg: &Config,
-        ingest: Ingest,
-        metrics: Arc<Metrics>,
-        kafka: Arc<KafkaHealth>,
-        spool: Option<Spool>,
-    ) -> Self {
+    pub fn new(cfg: &Config, ingest: Ingest, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
             tokens: cfg.huggy.tokens.clone(),
             ingest,
             metrics,
-            kafka,
-            spool,
+            health,
             max_body_bytes: cfg.http.max_body_bytes,
             body_timeout: cfg.body_timeout(),
             retry_after_secs: cfg.http.retry_after_secs,
-            max_undelivered_age_secs: cfg.spool.max_undelivered_age_secs,
-            draining: AtomicBool::new(false),
         }
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Relaxed)
-    }
-
-    /// Reasons the daemon is not ready; empty when it is.
-    pub fn not_ready_reasons(&self) -> Vec<String> {
-        let mut reasons = Vec::new();
-        if self.is_draining() {
-            reasons.push("shutting down".to_owned());
-        }
-        if !self.kafka.is_reachable() {
-            reasons.push("kafka unreachable".to_owned());
-        }
-        if self.kafka.is_fatal() {
-            reasons.push("kafka producer hit a fatal error".to_owned());
-        }
-        if let Some(spool) = &self.spool {
-            let s = spool.stats();
-            if !s.writable {
-                reasons.push("spool not writable".to_owned());
-            }
-            if s.full {
-                reasons.push(format!("spool full ({} of {} bytes)", s.bytes, s.max_bytes));
-            }
-            if let Some(at) = s.oldest_received_at {
-                let age = (now_secs() - at).max(0).unsigned_abs();
-                if age > self.max_undelivered_age_secs {
-                    reasons.push(format!("oldest undelivered event is {age}s old"));
-                }
-            }
-        }
-        reasons
-    }
-
-    /// Refreshes gauges that are read from state rather than counted.
-    pub fn refresh_gauges(&self) {
-        if let Some(spool) = &self.spool {
-            let s = spool.stats();
-            self.metrics.spool_events.set(s.events as i64);
-            self.metrics.spool_bytes.set(s.bytes as i64);
-            self.metrics.spool_max_bytes.set(s.max_bytes as i64);
-            let age = s.oldest_received_at.map_or(0, |at| (now_secs() - at).max(0));
-            self.metrics.spool_oldest_age.set(age);
-        }
-        self.metrics.kafka_connected.set(i64::from(self.kafka.is_reachable()));
-        self.metrics.ready.set(i64::from(self.not_ready_reasons().is_empty()));
+        self.health.is_draining()
     }
 }
 
@@ -139,23 +80,34 @@ async fn method_not_allowed(State(st): State<Arc<AppState>>) -> ApiError {
 pub fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
 }
 
 async fn metrics(State(st): State<Arc<AppState>>) -> Response {
-    st.refresh_gauges();
+    st.health.refresh_gauges();
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render()).into_response()
 }
 
 async fn readyz(State(st): State<Arc<AppState>>) -> Response {
-    let reasons = st.not_ready_reasons();
+    let reasons = st.health.not_ready_reasons();
     st.metrics.ready.set(i64::from(reasons.is_empty()));
     if reasons.is_empty() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "ready": false, "reasons": reasons })))
+            .into_response()
+    }
+}
+
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    let reasons = st.health.not_live_reasons();
+    st.metrics.live.set(i64::from(reasons.is_empty()));
+    if reasons.is_empty() {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, axum::Json(serde_json::json!({ "live": false, "reasons": reasons })))
             .into_response()
     }
 }

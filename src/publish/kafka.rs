@@ -32,6 +32,10 @@ impl KafkaHealth {
     pub fn is_fatal(&self) -> bool {
         self.fatal.load(Ordering::Relaxed)
     }
+    /// Whether a fatal error cannot be healed by this process (no fresh producer could be made).
+    pub fn cannot_recover(&self) -> bool {
+        self.is_fatal()
+    }
 }
 
 pub struct BridgeContext {

@@ -224,6 +224,7 @@ pub async fn run_spool_publisher(
     window: usize,
     metrics: Arc<Metrics>,
     stops: Stops,
+    pulse: Arc<crate::health::Pulse>,
 ) {
     let Stops { soft: stop, hard } = stops;
     let mut reader = spool.reader();
@@ -235,6 +236,7 @@ pub async fn run_spool_publisher(
         .without_max_times();
     let mut parked: Vec<Stored> = Vec::new();
     while !stop.is_cancelled() {
+        pulse.beat();
         let notified = committed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
@@ -265,7 +267,7 @@ pub async fn run_spool_publisher(
         while !todo.is_empty() {
             let refs: Vec<&Event> = todo.iter().map(|s| &s.event).collect();
             let outcomes = tokio::select! {
-                o = publisher.publish_all(&refs) => o,
+                o = publisher.publish_all(&refs) => { pulse.beat(); o }
                 () = hard.cancelled() => {
                     info!(records = refs.len(), "shutdown while publishing; unacknowledged records stay in the spool");
                     return;

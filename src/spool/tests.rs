@@ -4,7 +4,29 @@ use super::*;
 use crate::event::{EventId, EventType, KnownType};
 
 fn settings(dir: &Path) -> SpoolSettings {
-    SpoolSettings { dir: dir.to_owned(), max_bytes: 1 << 30, dedup_window_secs: 3600, segment_bytes: SEGMENT_BYTES }
+    SpoolSettings::new(dir.to_owned(), 1 << 30, 3600)
+}
+
+/// Waits until acknowledged segments were deleted (compaction runs after the acknowledgement's
+/// group is written).
+async fn wait_for_room(spool: &Spool) {
+    let before = spool.stats().disk_bytes;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.stats().disk_bytes >= before {
+        assert!(std::time::Instant::now() < deadline, "no segment was deleted: {:?}", spool.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Disk bytes of one event frame of `ev(n, "1")` for a one- or two-digit `n`.
+async fn one_frame() -> u64 {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let empty = spool.stats().disk_bytes;
+    spool.append(vec![ev(10, "1")], 1).await.unwrap();
+    let used = spool.stats().disk_bytes - empty;
+    spool.close().await;
+    used
 }
 
 fn ev(n: u32, key: &str) -> Event {
@@ -84,10 +106,9 @@ async fn ids_in_segments_are_remembered_even_if_the_dedup_log_was_lost() {
     let spool = Spool::open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     spool.close().await;
-    // The dedup log is synced lazily: a crash may lose its tail. The segment still has the id.
-    for (_, p) in list_numbered(dir.path(), "dedup-").unwrap() {
-        std::fs::write(p, b"").unwrap();
-    }
+    // The dedup snapshot is written only before a segment is deleted: a crash may leave none.
+    // The segment still has the id.
+    let _ = std::fs::remove_file(dir.path().join("dedup.snapshot"));
     let spool = Spool::open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 1));
@@ -97,18 +118,23 @@ async fn ids_in_segments_are_remembered_even_if_the_dedup_log_was_lost() {
 #[tokio::test]
 async fn full_spool_refuses_and_stores_nothing() {
     let dir = tempfile::tempdir().unwrap();
+    // Room for the segment header and ten events; every group rolls the segment, so acknowledged
+    // events free their space once their segment is deleted.
+    let frame = one_frame().await;
     let mut s = settings(dir.path());
-    s.max_bytes = 100;
+    s.max_bytes = 16 + 10 * frame;
+    s.segment_bytes = 1;
     let spool = Spool::open(s).unwrap();
     spool.append(vec![ev(1, "1"), ev(2, "1")], 1).await.unwrap();
-    let err = spool.append((3..10).map(|i| ev(i, "1")).collect(), 1).await.unwrap_err();
+    let err = spool.append((3..12).map(|i| ev(i, "1")).collect(), 1).await.unwrap_err();
     assert!(matches!(err, SpoolError::Full { .. }), "{err}");
     assert_eq!(spool.stats().events, 2);
     // Refused ids are not remembered as seen: the retry is stored once there is room.
     let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
     spool.ack(seqs).await;
-    let r = spool.append(vec![ev(3, "1")], 1).await.unwrap();
-    assert_eq!(r.stored, 1);
+    wait_for_room(&spool).await;
+    let r = spool.append((3..12).map(|i| ev(i, "1")).collect(), 1).await;
+    assert_eq!(r.as_ref().map(|r| r.stored).ok(), Some(9), "{r:?} {:?} frame {frame}", spool.stats());
     spool.close().await;
 }
 
@@ -118,10 +144,10 @@ async fn torn_tail_is_discarded_and_everything_before_it_kept() {
     let spool = Spool::open(settings(dir.path())).unwrap();
     spool.append((0..5).map(|i| ev(i, "1")).collect(), 1).await.unwrap();
     spool.close().await;
-    let newest = list_numbered(dir.path(), "segment-").unwrap().pop().unwrap().1;
+    let newest = list_segments(dir.path()).unwrap().pop().unwrap().1;
     let good_len = std::fs::metadata(&newest).unwrap().len();
     // A write cut short: a header announcing 500 bytes, and 20 of them.
-    let mut f = OpenOptions::new().append(true).open(&newest).unwrap();
+    let mut f = std::fs::OpenOptions::new().append(true).open(&newest).unwrap();
     f.write_all(&500u32.to_le_bytes()).unwrap();
     f.write_all(&[0xAB; 24]).unwrap();
     drop(f);
@@ -144,7 +170,7 @@ async fn checksum_mismatch_at_the_tail_is_a_torn_write() {
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     spool.append(vec![ev(2, "1")], 1).await.unwrap();
     spool.close().await;
-    let newest = list_numbered(dir.path(), "segment-").unwrap().pop().unwrap().1;
+    let newest = list_segments(dir.path()).unwrap().pop().unwrap().1;
     let mut bytes = std::fs::read(&newest).unwrap();
     let last = bytes.len() - 1;
     bytes[last] ^= 0xFF;
@@ -163,7 +189,7 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
     for i in 0..40 {
         spool.append(vec![ev(i, "1")], 1).await.unwrap();
     }
-    let segments = list_numbered(dir.path(), "segment-").unwrap().len();
+    let segments = list_segments(dir.path()).unwrap().len();
     assert!(segments > 3, "rolled over into {segments} segments");
     let got = read_all(&spool).await;
     assert_eq!(got.len(), 40);
@@ -175,7 +201,7 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let mut left = usize::MAX;
     while std::time::Instant::now() < deadline {
-        left = list_numbered(dir.path(), "segment-").unwrap().len();
+        left = list_segments(dir.path()).unwrap().len();
         if left <= 2 {
             break;
         }
@@ -191,4 +217,308 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
 #[test]
 fn ranges_merge() {
     assert_eq!(to_ranges(&mut [5, 1, 2, 3, 9, 8]), vec![(1, 3), (5, 5), (8, 9)]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What the spool must survive (SPEC §4a)
+
+fn with_files(n: u32, key: &str) -> Event {
+    let mut e = ev(n, key);
+    e.files = vec![format!("https://files.huggy.app/{n}.pdf")];
+    e
+}
+
+/// Flips one byte in the middle of the frame of the `nth` event (0-based) of a segment.
+fn flip_in_event(path: &Path, nth: usize) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let mut pos = format::SEGMENT_HEADER_LEN;
+    let mut seen = 0;
+    loop {
+        match format::decode_at(&bytes, pos) {
+            format::Next::Frame(format::Record::Event { .. }, used) if seen == nth => {
+                bytes[pos + used / 2] ^= 0x5A;
+                break;
+            }
+            format::Next::Frame(format::Record::Event { .. }, used) => {
+                seen += 1;
+                pos += used;
+            }
+            format::Next::Frame(_, used) => pos += used,
+            other => panic!("no event {nth} in {}: {other:?}", path.display()),
+        }
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn one_flipped_byte_costs_one_event_and_everything_after_it_is_delivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    for i in 0..30 {
+        spool.append(vec![ev(i, "1")], 1).await.unwrap();
+    }
+    // Acknowledge the first five, so the acknowledgement frame sits before the damage.
+    spool.ack((1..=5).collect()).await;
+    spool.close().await;
+    let newest = list_segments(dir.path()).unwrap().pop().unwrap().1;
+    flip_in_event(&newest, 9);
+
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let report = spool.recovery_report().clone();
+    assert_eq!(report.damaged_regions, 1, "{report:?}");
+    assert_eq!(report.events_lost, 1, "{report:?}");
+    assert_eq!(report.torn_tails, 0, "{report:?}");
+    assert_eq!(report.kept_aside.len(), 1, "{report:?}");
+    assert!(report.kept_aside[0].exists());
+    let got: Vec<u32> = read_all(&spool)
+        .await
+        .iter()
+        .map(|s| serde_json::from_slice::<serde_json::Value>(&s.event.value).unwrap()["id"].as_u64().unwrap() as u32)
+        .collect();
+    let want: Vec<u32> = (5..30).filter(|i| *i != 9).collect();
+    assert_eq!(got, want, "events 5-29 but the damaged one");
+    spool.close().await;
+    // The damaged file was not truncated: a second start finds the same, and keeps one copy aside.
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(spool.stats().events, 24);
+    assert_eq!(spool.recovery_report().kept_aside.len(), 1);
+    assert_eq!(std::fs::read_dir(dir.path().join("damaged")).unwrap().count(), 1);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn damage_in_an_older_segment_is_contained_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.segment_bytes = 2048;
+    let spool = Spool::open(s.clone()).unwrap();
+    for i in 0..60 {
+        spool.append(vec![ev(i, "1")], 1).await.unwrap();
+    }
+    spool.close().await;
+    let segments = list_segments(dir.path()).unwrap();
+    assert!(segments.len() > 3);
+    flip_in_event(&segments[1].1, 2);
+    let spool = Spool::open(s).unwrap();
+    assert_eq!(spool.recovery_report().damaged_regions, 1);
+    assert_eq!(spool.stats().events, 59);
+    assert_eq!(read_all(&spool).await.len(), 59);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn an_unknown_format_version_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append(vec![ev(1, "1")], 1).await.unwrap();
+    spool.close().await;
+    let seg = list_segments(dir.path()).unwrap()[0].1.clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
+    std::fs::write(&seg, &bytes).unwrap();
+    let err = Spool::open(settings(dir.path())).err().expect("refuses");
+    let msg = err.to_string();
+    assert!(matches!(err, SpoolError::Format { .. }) && msg.contains("format 99"), "{msg}");
+    // Nothing was changed: the file is as it was.
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_spool_of_the_unversioned_format_refuses_to_start_with_advice() {
+    let dir = tempfile::tempdir().unwrap();
+    // A frame of the first format: [len][crc][payload], no segment header.
+    std::fs::write(dir.path().join("segment-00000000000000000001.log"), [12, 0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3]).unwrap();
+    let msg = Spool::open(settings(dir.path())).err().expect("refuses").to_string();
+    assert!(msg.contains("huggy-bridge 0.1") && msg.contains("delivered everything"), "{msg}");
+}
+
+#[tokio::test]
+async fn a_frame_that_checksums_but_does_not_decode_refuses_to_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append(vec![ev(1, "1")], 1).await.unwrap();
+    spool.close().await;
+    let seg = list_segments(dir.path()).unwrap()[0].1.clone();
+    let mut bytes = std::fs::read(&seg).unwrap();
+    // A record kind this build does not know, with a valid checksum (as a newer build would write).
+    let mut frame = Vec::new();
+    frame.extend_from_slice(&format::FRAME_MAGIC.to_le_bytes());
+    let payload = [77u8, 1, 2, 3];
+    let len = (payload.len() as u32).to_le_bytes();
+    let mut h = crc32fast::Hasher::new();
+    h.update(&len);
+    h.update(&payload);
+    frame.extend_from_slice(&len);
+    frame.extend_from_slice(&h.finalize().to_le_bytes());
+    frame.extend_from_slice(&payload);
+    bytes.extend_from_slice(&frame);
+    std::fs::write(&seg, &bytes).unwrap();
+    let msg = Spool::open(settings(dir.path())).err().expect("refuses").to_string();
+    assert!(msg.contains("does not decode") && msg.contains("unknown record kind 77"), "{msg}");
+    assert_eq!(std::fs::read(&seg).unwrap(), bytes, "not truncated as torn");
+}
+
+#[tokio::test]
+async fn a_second_open_of_the_same_directory_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append(vec![ev(1, "1")], 1).await.unwrap();
+    let before: Vec<_> = list_segments(dir.path()).unwrap();
+    let err = Spool::open(settings(dir.path())).err().expect("refused");
+    assert!(matches!(err, SpoolError::Locked(LockError::Held(_))), "{err}");
+    assert!(matches!(offline_status(dir.path()), Err(SpoolError::Locked(_))));
+    assert_eq!(list_segments(dir.path()).unwrap(), before);
+    // The first keeps working.
+    spool.append(vec![ev(2, "1")], 1).await.unwrap();
+    assert_eq!(read_all(&spool).await.len(), 2);
+    spool.close().await;
+    drop(spool);
+    let status = offline_status(dir.path()).unwrap();
+    assert_eq!(status.undelivered_events, 2);
+    assert_eq!(status.by_type.get("receivedMessage"), Some(&2));
+}
+
+#[tokio::test]
+async fn after_a_refusal_smaller_batches_are_refused_until_below_the_low_water_mark() {
+    let dir = tempfile::tempdir().unwrap();
+    let frame = one_frame().await;
+    let mut s = settings(dir.path());
+    s.max_bytes = 16 + 20 * frame;
+    s.segment_bytes = 1;
+    let spool = Spool::open(s).unwrap();
+    spool.append((0..10).map(|i| ev(i, "1")).collect(), 1).await.unwrap();
+    // A batch of the chat that does not fit is refused ...
+    let big = || (10..25).map(|i| ev(i, "1")).collect::<Vec<_>>();
+    assert!(matches!(spool.append(big(), 1).await, Err(SpoolError::Full { .. })));
+    // ... and so is a later, smaller one of the same chat that would fit: it must not overtake.
+    assert!(matches!(spool.append(vec![ev(30, "1")], 1).await, Err(SpoolError::Full { .. })));
+    assert!(spool.stats().full);
+    // Once delivery frees room for the refused batch below the low-water mark, batches are taken
+    // again: the refused one first, then the later one.
+    let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
+    spool.ack(seqs).await;
+    wait_for_room(&spool).await;
+    assert_eq!(spool.append(big(), 1).await.unwrap().stored, 15);
+    assert!(!spool.stats().full);
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn file_work_comes_from_the_durable_event_and_again_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let notify = spool.file_work_notify();
+    // The caller goes away right after handing the batch over: the work is there anyway.
+    let handle = {
+        let spool = spool.clone();
+        tokio::spawn(async move { spool.append(vec![with_files(1, "1"), ev(2, "1"), with_files(3, "2")], 1).await })
+    };
+    tokio::time::timeout(Duration::from_secs(5), notify.notified()).await.expect("file work announced");
+    handle.abort();
+    let work = spool.take_file_work();
+    assert_eq!(work.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![1, 3]);
+    assert!(spool.take_file_work().is_empty(), "handed out once");
+    assert_eq!(spool.stats().pending_files, 2);
+    spool.files_done(1, b"[]".to_vec()).await;
+    spool.close().await;
+    // After a restart only the event whose files were not done is handed out again.
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(spool.take_file_work().iter().map(|w| w.seq).collect::<Vec<_>>(), vec![3]);
+    assert_eq!(spool.files_result(1).as_deref(), Some(&b"[]"[..]));
+    spool.close().await;
+}
+
+/// Fails the `n`th `fdatasync` (1-based) the way a disk does: `EIO`, and the pages written since the
+/// file's last successful sync are gone. Optionally every sync after it fails too.
+struct FaultyIo {
+    syncs: std::sync::atomic::AtomicUsize,
+    fail_at: usize,
+    fail_after: bool,
+    synced_len: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
+}
+
+impl FaultyIo {
+    fn new(fail_at: usize, fail_after: bool) -> Arc<FaultyIo> {
+        Arc::new(FaultyIo {
+            syncs: Default::default(),
+            fail_at,
+            fail_after,
+            synced_len: Default::default(),
+        })
+    }
+}
+
+impl SegmentIo for FaultyIo {
+    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let n = self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let mut lens = self.synced_len.lock().unwrap();
+        if n == self.fail_at || (self.fail_after && n > self.fail_at) {
+            let keep = lens.get(&file.as_raw_fd()).copied().unwrap_or(0);
+            file.set_len(keep)?;
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        file.sync_data()?;
+        lens.insert(file.as_raw_fd(), file.metadata()?.len());
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_failed_fdatasync_answers_no_2xx_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    // Sync 1: the first segment's header. 2, 3: two appends. 4: fails.
+    s.io = FaultyIo::new(4, false);
+    let spool = Spool::open(s).unwrap();
+    spool.append(vec![ev(1, "1")], 1).await.unwrap();
+    spool.append(vec![with_files(2, "2")], 1).await.unwrap();
+    // An acknowledgement (not synced by itself) and a file result ride along with the failing group.
+    spool.ack(vec![1]).await;
+    let failed = spool.append(vec![ev(3, "1")], 1).await;
+    assert!(matches!(failed, Err(SpoolError::WriteFailed(_))), "{failed:?}");
+    // The writer goes on, on a fresh segment.
+    spool.files_done(2, b"[{\"status\":\"stored\"}]".to_vec()).await;
+    let retried = spool.append(vec![ev(3, "1")], 1).await.unwrap();
+    assert_eq!(retried.stored, 1, "the failed batch is not a duplicate of something never stored");
+    assert!(spool.stats().writable);
+    spool.close().await;
+
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let left: Vec<u32> = read_all(&spool)
+        .await
+        .iter()
+        .map(|s| serde_json::from_slice::<serde_json::Value>(&s.event.value).unwrap()["id"].as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(left, vec![2, 3], "acknowledged 1 stays acknowledged; 2 and 3 are undelivered");
+    assert!(spool.files_result(left_seq(&spool, 2).await).is_some(), "the file result survived the failure");
+    assert_eq!(spool.recovery_report().damaged_regions, 0, "the failed write is not mistaken for damage");
+    spool.close().await;
+}
+
+async fn left_seq(spool: &Spool, id: u32) -> u64 {
+    read_all(spool)
+        .await
+        .iter()
+        .find(|s| serde_json::from_slice::<serde_json::Value>(&s.event.value).unwrap()["id"] == id)
+        .unwrap()
+        .seq
+}
+
+#[tokio::test]
+async fn a_disk_that_keeps_failing_refuses_every_batch_and_recovers_nothing_it_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.io = FaultyIo::new(3, true);
+    let spool = Spool::open(s).unwrap();
+    spool.append(vec![ev(1, "1")], 1).await.unwrap();
+    for i in 2..5 {
+        assert!(spool.append(vec![ev(i, "1")], 1).await.is_err());
+    }
+    assert!(!spool.stats().writable);
+    spool.close().await;
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(spool.stats().events, 1, "only the acknowledged-to-Huggy event");
+    spool.append(vec![ev(2, "1")], 1).await.unwrap();
+    spool.close().await;
 }

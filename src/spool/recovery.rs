@@ -1,0 +1,301 @@
+//! Recovery: what a previous run left in `spool.dir`, read segment by segment in bounded chunks.
+//!
+//! What damage costs:
+//! - A frame cut short or failing its checksum **at the end of the newest segment, with nothing
+//!   valid after it**, is a torn write that was never acknowledged to Huggy (its group's `fdatasync`
+//!   had not returned): it is logged and truncated away.
+//! - The bytes after the durable length of a segment abandoned after a failed write (recorded by an
+//!   `Abandoned` frame in the next segment) belong to a group that was answered 503: skipped, logged.
+//! - Anything else that does not checksum is **damage**: logged with its offset and size, counted,
+//!   the segment is copied into `damaged/` for inspection, and reading resumes at the next valid
+//!   frame (found by its magic and checksum), so every valid frame after the damage is still
+//!   delivered. Only the events whose frames were hit are lost.
+//! - A frame that checksums but does not decode, or a segment in another format, stops the start-up
+//!   with a clear error: it is data this build does not understand, never "torn".
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use tracing::{error, info, warn};
+
+use super::chunks::Chunks;
+use super::dedup::Dedup;
+use super::format::{self, Next, Record};
+use super::{list_segments, FileWork, Pending, Segment, SpoolError};
+use crate::clock::now_secs;
+
+/// Whether recovery may change files (the daemon) or only read them (`spool status`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Repair,
+    ReadOnly,
+}
+
+/// What recovery found.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub bytes_read: u64,
+    pub frames: u64,
+    pub torn_tails: u32,
+    /// Regions that did not checksum, outside a torn tail or an abandoned write.
+    pub damaged_regions: u32,
+    pub damaged_bytes: u64,
+    /// Events whose frames fell in damaged regions, from the gaps in sequence numbers.
+    pub events_lost: u64,
+    /// Copies of damaged segments, for inspection.
+    pub kept_aside: Vec<PathBuf>,
+    pub elapsed_ms: u64,
+}
+
+pub(crate) struct Recovered {
+    pub(crate) unacked: BTreeMap<u64, Pending>,
+    /// Undelivered events by type label (read-only mode only).
+    pub(crate) unacked_by_type: BTreeMap<String, u64>,
+    pub(crate) segments: VecDeque<Segment>,
+    pub(crate) next_seq: u64,
+    pub(crate) file_results: HashMap<u64, Vec<u8>>,
+    pub(crate) file_work: Vec<FileWork>,
+    pub(crate) disk_bytes: u64,
+    pub(crate) report: RecoveryReport,
+}
+
+/// Reads every segment in order: undelivered events, file results and work, the next sequence
+/// number; adds the ids of stored events to `dedup`.
+///
+/// # Errors
+/// A segment in another format or with an undecodable frame ([`SpoolError::Format`]); I/O errors.
+pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Result<Recovered, SpoolError> {
+    let started = Instant::now();
+    let files = list_segments(dir)?;
+    let mut r = Recovered {
+        unacked: BTreeMap::new(),
+        unacked_by_type: BTreeMap::new(),
+        segments: VecDeque::new(),
+        next_seq: files.first().map_or(1, |(n, _)| *n).max(1),
+        file_results: HashMap::new(),
+        file_work: Vec::new(),
+        disk_bytes: 0,
+        report: RecoveryReport::default(),
+    };
+    let abandoned = abandoned_limits(&files)?;
+    let mut wanted: BTreeMap<u64, FileWork> = BTreeMap::new();
+    let mut types: HashMap<u64, &'static str> = HashMap::new();
+    let last = files.len().saturating_sub(1);
+    for (i, (first_seq, path)) in files.iter().enumerate() {
+        let newest = i == last;
+        let mut chunks = Chunks::open(path)?;
+        let head_len = chunks.len.min(format::SEGMENT_HEADER_LEN as u64) as usize;
+        let head = chunks.at(0, head_len)?[..head_len].to_vec();
+        match format::check_header(&head) {
+            Ok(true) => {}
+            Ok(false) | Err(format::HeaderError::Short(_)) if newest => {
+                // Created by a roll-over that never wrote its header: nothing was ever stored in it.
+                if mode == Mode::Repair {
+                    warn!(segment = %path.display(), bytes = chunks.len, "spool: removing a segment cut short before its header");
+                    fs::remove_file(path)?;
+                }
+                r.next_seq = r.next_seq.max(*first_seq);
+                continue;
+            }
+            Ok(false) => {
+                if mode == Mode::Repair {
+                    fs::remove_file(path)?;
+                }
+                continue;
+            }
+            Err(e) => return Err(SpoolError::Format { path: path.clone(), reason: e.to_string() }),
+        }
+        r.report.segments += 1;
+        let limit = abandoned.get(first_seq).copied();
+        let mut pos = format::SEGMENT_HEADER_LEN as u64;
+        let mut last_event_seq: Option<u64> = None;
+        let mut damaged = false;
+        loop {
+            match chunks.frame_at(pos)? {
+                Next::End => break,
+                Next::Frame(rec, used) => {
+                    r.report.frames += 1;
+                    if let Record::Event { seq, .. } = &rec {
+                        last_event_seq = Some(*seq);
+                    }
+                    apply(&mut r, &mut wanted, &mut types, dedup, mode, rec, used, now);
+                    pos += used as u64;
+                }
+                Next::Undecodable(e) => {
+                    return Err(SpoolError::Format {
+                        path: path.clone(),
+                        reason: format!("{e} (at offset {pos}); this build cannot read it, refusing to start"),
+                    });
+                }
+                Next::Bad(why) => {
+                    if limit.is_some_and(|l| pos >= l) {
+                        info!(segment = %path.display(), offset = pos, bytes = chunks.len - pos,
+                            "spool: skipping the failed write at the end of a segment abandoned after an i/o error");
+                        break;
+                    }
+                    match chunks.resync(pos + 1)? {
+                        Some(next) => {
+                            let lost = match (last_event_seq, first_event_seq_at(&mut chunks, next)?) {
+                                (Some(before), Some(after)) if after > before + 1 => after - before - 1,
+                                (None, Some(after)) if after > *first_seq => after - *first_seq,
+                                _ => 0,
+                            };
+                            error!(
+                                segment = %path.display(), offset = pos, damaged_bytes = next - pos, events_lost = lost, %why,
+                                "spool: damaged data inside a segment; skipped to the next valid frame (the frames after it are delivered)"
+                            );
+                            r.report.damaged_regions += 1;
+                            r.report.damaged_bytes += next - pos;
+                            r.report.events_lost += lost;
+                            damaged = true;
+                            pos = next;
+                        }
+                        None if newest => {
+                            warn!(
+                                segment = %path.display(), offset = pos, discarded_bytes = chunks.len - pos, %why,
+                                "spool: discarding a torn write at the end of the newest segment (it was never acknowledged)"
+                            );
+                            r.report.torn_tails += 1;
+                            if mode == Mode::Repair {
+                                let f = OpenOptions::new().write(true).open(path)?;
+                                f.set_len(pos)?;
+                                f.sync_all()?;
+                                chunks.len = pos;
+                            }
+                            break;
+                        }
+                        None => {
+                            error!(
+                                segment = %path.display(), offset = pos, damaged_bytes = chunks.len - pos, %why,
+                                "spool: damaged data at the end of an older segment"
+                            );
+                            r.report.damaged_regions += 1;
+                            r.report.damaged_bytes += chunks.len - pos;
+                            damaged = true;
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if damaged && mode == Mode::Repair {
+            keep_aside(dir, path, &mut r.report)?;
+        }
+        r.report.bytes_read += chunks.len;
+        r.disk_bytes += chunks.len;
+        r.next_seq = r.next_seq.max(*first_seq);
+        r.segments.push_back(Segment { first_seq: *first_seq, path: path.clone(), limit, size: chunks.len });
+    }
+    r.file_results.retain(|seq, _| r.unacked.contains_key(seq));
+    r.file_work =
+        wanted.into_values().filter(|w| r.unacked.contains_key(&w.seq) && !r.file_results.contains_key(&w.seq)).collect();
+    if mode == Mode::ReadOnly {
+        for seq in r.unacked.keys() {
+            *r.unacked_by_type.entry(types.get(seq).copied().unwrap_or("unknown").to_owned()).or_default() += 1;
+        }
+    }
+    r.report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    Ok(r)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    r: &mut Recovered,
+    wanted: &mut BTreeMap<u64, FileWork>,
+    types: &mut HashMap<u64, &'static str>,
+    dedup: &mut Dedup,
+    mode: Mode,
+    rec: Record,
+    _used: usize,
+    now: i64,
+) {
+    match rec {
+        Record::Event { seq, received_at, event } => {
+            r.next_seq = r.next_seq.max(seq + 1);
+            dedup.insert(event.id, received_at, now);
+            if mode == Mode::ReadOnly {
+                types.insert(seq, event.event_type.label());
+            }
+            if !event.files.is_empty() {
+                wanted.insert(
+                    seq,
+                    FileWork { seq, received_at, event_id: event.id, company: event.company.clone(), urls: event.files },
+                );
+            }
+            r.unacked.insert(seq, Pending { bytes: event.value.len() as u64, received_at });
+        }
+        Record::Acked(ranges) => {
+            for (a, b) in ranges {
+                let seqs: Vec<u64> = r.unacked.range(a..=b).map(|(s, _)| *s).collect();
+                for s in seqs {
+                    r.unacked.remove(&s);
+                    wanted.remove(&s);
+                    types.remove(&s);
+                }
+            }
+        }
+        Record::Files { seq, member } => {
+            if r.unacked.contains_key(&seq) {
+                r.file_results.insert(seq, member);
+            }
+        }
+        Record::Abandoned { .. } => {}
+    }
+}
+
+/// Durable lengths of abandoned segments, from the `Abandoned` frame that opens the segment after.
+fn abandoned_limits(files: &[(u64, PathBuf)]) -> Result<HashMap<u64, u64>, SpoolError> {
+    let mut out = HashMap::new();
+    for (_, path) in files {
+        let mut chunks = Chunks::open(path)?;
+        if chunks.len <= format::SEGMENT_HEADER_LEN as u64 {
+            continue;
+        }
+        let head = chunks.at(0, format::SEGMENT_HEADER_LEN)?[..format::SEGMENT_HEADER_LEN].to_vec();
+        if format::check_header(&head) != Ok(true) {
+            continue;
+        }
+        if let Next::Frame(Record::Abandoned { first_seq, durable_len }, _) =
+            chunks.frame_at(format::SEGMENT_HEADER_LEN as u64)?
+        {
+            out.insert(first_seq, durable_len);
+        }
+    }
+    Ok(out)
+}
+
+/// The sequence number of the first event frame at or after `pos` (to size a damaged gap).
+fn first_event_seq_at(chunks: &mut Chunks, mut pos: u64) -> std::io::Result<Option<u64>> {
+    for _ in 0..64 {
+        match chunks.frame_at(pos)? {
+            Next::Frame(Record::Event { seq, .. }, _) => return Ok(Some(seq)),
+            Next::Frame(_, used) => pos += used as u64,
+            _ => return Ok(None),
+        }
+    }
+    Ok(None)
+}
+
+/// Copies a damaged segment into `damaged/` (once per file name and start).
+fn keep_aside(dir: &Path, path: &Path, report: &mut RecoveryReport) -> std::io::Result<()> {
+    let aside = dir.join("damaged");
+    fs::create_dir_all(&aside)?;
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let prefix = format!("{name}.");
+    for entry in fs::read_dir(&aside)? {
+        let kept = entry?.path();
+        if kept.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix)) {
+            // Kept aside by an earlier start already.
+            report.kept_aside.push(kept);
+            return Ok(());
+        }
+    }
+    let to = aside.join(format!("{prefix}{}", now_secs()));
+    fs::copy(path, &to)?;
+    error!(copy = %to.display(), "spool: damaged segment kept aside for inspection");
+    report.kept_aside.push(to);
+    Ok(())
+}

@@ -1,0 +1,494 @@
+//! The one writer: a thread that takes every command waiting in its queue (bounded in bytes, see
+//! [`GROUP_MAX_BYTES`]) and commits them as one group.
+//!
+//! What is synced when:
+//! - A group holding events or file results is written with one `write` and made durable with one
+//!   `fdatasync` **before** any of its requests is answered (group commit).
+//! - A group holding only acknowledgements is written without a sync: losing it in a crash means
+//!   those events are published again (at-least-once, same event id). Until a later sync succeeds,
+//!   the writer keeps those records in memory.
+//! - A new segment's header is synced, and so is the directory entry, before anything is written
+//!   after it; a full segment is synced before the next one starts.
+//! - The dedup window is written to `dedup.snapshot` and synced before a segment is deleted.
+//!
+//! When a `write` or `fdatasync` fails (Postgres' "fsyncgate": after a failed `fdatasync` the
+//! kernel may have dropped the dirty pages, and a second `fdatasync` can succeed without them), the
+//! segment is never synced again as if nothing happened. Its group is answered 503; the writer
+//! starts a fresh segment whose first frame records how much of the failed one is durable, rewrites
+//! there every acknowledgement and file result not known to be durable (those of the failed group
+//! included), syncs it, and goes on. If even that fails, every append is refused (readiness turns
+//! false) and the next group tries a fresh segment again.
+
+use std::collections::HashSet;
+use std::fs::{self, File, OpenOptions};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::{mpsc, oneshot, Notify};
+use tracing::{error, info, warn};
+
+use super::dedup::Dedup;
+use super::format::{self, Record};
+use super::lock::DirLock;
+use super::recovery::Recovered;
+use super::{
+    millis_now, segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared,
+    SpoolError, SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
+};
+use crate::clock::now_secs;
+use crate::event::EventId;
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    active: File,
+    active_first_seq: u64,
+    active_len: u64,
+    /// Bytes of the active segment known to be durable.
+    synced_len: u64,
+    next_seq: u64,
+    dedup: Dedup,
+    /// Bytes of `dedup.snapshot` on disk.
+    snapshot_bytes: u64,
+    /// Acknowledgements and file results written but not known to be durable.
+    carry: Vec<Record>,
+    /// The active segment failed a write or sync: the next group starts a fresh one.
+    broken: bool,
+    _lock: DirLock,
+}
+
+type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, SpoolError>);
+
+impl Writer {
+    /// Builds the shared state from what recovery found and opens a fresh active segment.
+    pub(crate) fn start(
+        settings: SpoolSettings,
+        recovered: Recovered,
+        dedup: Dedup,
+        lock: DirLock,
+    ) -> Result<(Writer, Arc<Shared>), SpoolError> {
+        let unacked_bytes = recovered.unacked.values().map(|p| p.bytes).sum();
+        let snapshot_bytes = fs::metadata(settings.dir.join("dedup.snapshot")).map_or(0, |m| m.len());
+        let files_pending = recovered.file_work.len();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                unacked: recovered.unacked,
+                unacked_bytes,
+                segments: recovered.segments,
+                committed_len: 0,
+                reader_segment: 0,
+                disk_bytes: recovered.disk_bytes + snapshot_bytes,
+                write_error: false,
+                refusing: false,
+                refused_need: 0,
+                file_results: recovered.file_results,
+                file_work: recovered.file_work.into_iter().collect(),
+                files_pending,
+                dedup_ids: dedup.len(),
+            }),
+            committed: Arc::new(Notify::new()),
+            file_work: Arc::new(Notify::new()),
+            heartbeat: Heartbeat::default(),
+            settings,
+        });
+        shared.heartbeat.last_commit_ms.store(millis_now(), Ordering::Relaxed);
+        let mut next_seq = recovered.next_seq;
+        let (active, first_seq, len) = fresh_segment(&shared, &mut next_seq, &[])?;
+        {
+            let mut st = shared.lock();
+            st.segments.push_back(Segment { first_seq, path: segment_path(&shared.settings.dir, first_seq), limit: None, size: len });
+            st.committed_len = len;
+            st.disk_bytes += len;
+            st.reader_segment = st.segments.front().map_or(first_seq, |s| s.first_seq);
+        }
+        let writer = Writer {
+            shared: shared.clone(),
+            active,
+            active_first_seq: first_seq,
+            active_len: len,
+            synced_len: len,
+            next_seq,
+            dedup,
+            snapshot_bytes,
+            carry: Vec::new(),
+            broken: false,
+            _lock: lock,
+        };
+        Ok((writer, shared))
+    }
+
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut close_reply = None;
+        while close_reply.is_none() {
+            let Some(first) = rx.blocking_recv() else { break };
+            let mut bytes = command_bytes(&first);
+            let mut group = vec![first];
+            while group.len() < QUEUE && bytes < GROUP_MAX_BYTES {
+                match rx.try_recv() {
+                    Ok(c) => {
+                        bytes += command_bytes(&c);
+                        group.push(c);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let shared = self.shared.clone();
+            let hb = &shared.heartbeat;
+            hb.busy_since_ms.store(millis_now(), Ordering::Relaxed);
+            let n = group.len() as u64;
+            close_reply = self.commit(group);
+            hb.queued.fetch_sub(n, Ordering::Relaxed);
+            hb.last_commit_ms.store(millis_now(), Ordering::Relaxed);
+            hb.busy_since_ms.store(0, Ordering::Relaxed);
+        }
+        if !self.broken {
+            if let Err(e) = self.shared.settings.io.sync_data(&self.active) {
+                error!(error = %e, "spool: final sync failed; unsynced acknowledgements will be published again");
+            }
+        }
+        info!("spool closed");
+        if let Some(tx) = close_reply {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Commits one group with a single write and at most one sync.
+    fn commit(&mut self, group: Vec<Command>) -> Option<oneshot::Sender<()>> {
+        let now = now_secs();
+        self.dedup.expire(now);
+        if self.broken {
+            self.replace_segment();
+        }
+        let settings = &self.shared.settings;
+        let (max_bytes, low_water) = (settings.max_bytes, settings.low_water());
+        let (usage, mut refusing, mut refused_need, unacked_empty) = {
+            let st = self.shared.lock();
+            (st.disk_bytes, st.refusing, st.refused_need, st.unacked.is_empty())
+        };
+        let mut buf = Vec::new();
+        let mut replies: Vec<Reply> = Vec::new();
+        let mut new_pending: Vec<(u64, Pending)> = Vec::new();
+        let mut new_ids: Vec<(EventId, i64)> = Vec::new();
+        let mut new_work: Vec<FileWork> = Vec::new();
+        let mut group_ids: HashSet<EventId> = HashSet::new();
+        let mut acked: Vec<u64> = Vec::new();
+        let mut files_done: Vec<(u64, Vec<u8>)> = Vec::new();
+        let mut close = None;
+        for cmd in group {
+            match cmd {
+                Command::Append { events, received_at, reply } => {
+                    if self.broken {
+                        replies.push((reply, Err(SpoolError::WriteFailed(unusable()))));
+                        continue;
+                    }
+                    let mark = buf.len();
+                    let first = self.next_seq;
+                    let mut seqs = Vec::with_capacity(events.len());
+                    let (mut stored, mut duplicates) = (0, 0);
+                    let (pending_mark, ids_mark, work_mark) = (new_pending.len(), new_ids.len(), new_work.len());
+                    for event in events {
+                        if self.dedup.contains(&event.id, now) || !group_ids.insert(event.id) {
+                            duplicates += 1;
+                            seqs.push(None);
+                            continue;
+                        }
+                        let seq = self.next_seq;
+                        self.next_seq += 1;
+                        stored += 1;
+                        seqs.push(Some(seq));
+                        new_ids.push((event.id, received_at));
+                        new_pending.push((seq, Pending { bytes: event.value.len() as u64, received_at }));
+                        if !event.files.is_empty() {
+                            new_work.push(FileWork {
+                                seq,
+                                received_at,
+                                event_id: event.id,
+                                company: event.company.clone(),
+                                urls: event.files.clone(),
+                            });
+                        }
+                        format::encode(&Record::Event { seq, received_at, event }, &mut buf);
+                    }
+                    let before = usage + mark as u64;
+                    let bytes = (buf.len() - mark) as u64;
+                    // Once a batch was refused for lack of room, every batch is refused until the
+                    // refused one would fit again below the low-water mark, so that no later batch
+                    // (of the same chat) can overtake it. With nothing left to deliver no room will
+                    // be freed: start over.
+                    let resume = !refusing
+                        || (before < low_water && before + refused_need <= max_bytes)
+                        || (unacked_empty && new_pending.len() == stored);
+                    if stored > 0 && (!resume || before + bytes > max_bytes) {
+                        for (id, _) in &new_ids[ids_mark..] {
+                            group_ids.remove(id);
+                        }
+                        buf.truncate(mark);
+                        new_pending.truncate(pending_mark);
+                        new_ids.truncate(ids_mark);
+                        new_work.truncate(work_mark);
+                        self.next_seq = first;
+                        refusing = true;
+                        refused_need = refused_need.max(bytes);
+                        replies.push((reply, Err(SpoolError::Full { used: before, max: max_bytes })));
+                        continue;
+                    }
+                    if stored > 0 {
+                        refusing = false;
+                        refused_need = 0;
+                    }
+                    replies.push((reply, Ok(Appended { stored, duplicates, seqs })));
+                }
+                Command::Ack(seqs) => acked.extend(seqs),
+                Command::FilesDone(seq, member) => {
+                    format::encode(&Record::Files { seq, member: member.clone() }, &mut buf);
+                    files_done.push((seq, member));
+                }
+                Command::Close(tx) => close = Some(tx),
+            }
+        }
+        let ack_record = (!acked.is_empty()).then(|| Record::Acked(to_ranges(&mut acked)));
+        if let Some(r) = &ack_record {
+            format::encode(r, &mut buf);
+        }
+        let must_sync = !new_pending.is_empty() || !files_done.is_empty();
+        let written = if buf.is_empty() || self.broken { Ok(false) } else { self.write(&buf, must_sync) };
+        let ok = match written {
+            Ok(synced) => {
+                if synced {
+                    self.carry.clear();
+                } else if let Some(r) = &ack_record {
+                    self.carry.push(r.clone());
+                }
+                true
+            }
+            Err(e) => {
+                error!(error = %e, segment = self.active_first_seq, "spool: write failed; this group is refused and the segment abandoned");
+                self.carry.extend(ack_record.clone());
+                self.carry.extend(files_done.iter().map(|(seq, m)| Record::Files { seq: *seq, member: m.clone() }));
+                self.broken = true;
+                for (_, r) in &mut replies {
+                    if r.is_ok() {
+                        *r = Err(SpoolError::WriteFailed(std::io::Error::new(e.kind(), e.to_string())));
+                    }
+                }
+                false
+            }
+        };
+        if ok {
+            for (id, at) in &new_ids {
+                self.dedup.insert(*id, *at, now);
+            }
+        }
+        {
+            let mut st = self.shared.lock();
+            if ok {
+                st.disk_bytes += buf.len() as u64;
+                for (seq, p) in new_pending {
+                    st.unacked_bytes += p.bytes;
+                    st.unacked.insert(seq, p);
+                }
+                st.files_pending += new_work.len();
+                st.file_work.extend(new_work.iter().cloned());
+                st.committed_len = self.active_len;
+            }
+            // Acknowledgements and file results are facts whether or not their frames were written:
+            // the failure path keeps them for the fresh segment.
+            for (seq, member) in files_done {
+                if st.unacked.contains_key(&seq) && st.file_results.insert(seq, member).is_none() {
+                    st.files_pending = st.files_pending.saturating_sub(1);
+                }
+            }
+            for seq in &acked {
+                if let Some(p) = st.unacked.remove(seq) {
+                    st.unacked_bytes -= p.bytes;
+                }
+                st.file_results.remove(seq);
+            }
+            st.refusing = refusing;
+            st.refused_need = refused_need;
+            st.write_error = self.broken;
+            st.dedup_ids = self.dedup.len();
+        }
+        if ok && !new_work.is_empty() {
+            self.shared.file_work.notify_one();
+        }
+        self.shared.committed.notify_waiters();
+        for (tx, r) in replies {
+            let _ = tx.send(r);
+        }
+        if self.broken {
+            self.replace_segment();
+        } else {
+            if let Err(e) = self.compact() {
+                warn!(error = %e, "spool: compaction failed; will retry after the next group");
+            }
+            self.maybe_roll();
+        }
+        close
+    }
+
+    /// Writes `buf` at the end of the active segment, synced when `sync`. Returns whether it synced.
+    fn write(&mut self, buf: &[u8], sync: bool) -> std::io::Result<bool> {
+        let io = &self.shared.settings.io;
+        io.write_all(&mut self.active, buf)?;
+        self.active_len += buf.len() as u64;
+        if sync {
+            let started = Instant::now();
+            io.sync_data(&self.active)?;
+            self.synced_len = self.active_len;
+            if let Some(observe) = &self.shared.settings.sync_observer {
+                observe(started.elapsed().as_secs_f64());
+            }
+        }
+        Ok(sync)
+    }
+
+    /// After a failure: a fresh segment that records how much of the failed one is durable and
+    /// carries the records not known to be durable.
+    fn replace_segment(&mut self) {
+        let durable_len = self.synced_len;
+        let mut head = Vec::new();
+        format::encode(&Record::Abandoned { first_seq: self.active_first_seq, durable_len }, &mut head);
+        for r in &self.carry {
+            format::encode(r, &mut head);
+        }
+        match fresh_segment(&self.shared, &mut self.next_seq, &head) {
+            Ok((file, first_seq, len)) => {
+                info!(abandoned = self.active_first_seq, durable_len, segment = first_seq, "spool: writing on a fresh segment");
+                let mut st = self.shared.lock();
+                if let Some(old) = st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq) {
+                    old.limit = Some(durable_len);
+                    old.size = self.active_len;
+                }
+                st.segments.push_back(Segment {
+                    first_seq,
+                    path: segment_path(&self.shared.settings.dir, first_seq),
+                    limit: None,
+                    size: len,
+                });
+                st.committed_len = len;
+                st.disk_bytes += len;
+                st.write_error = false;
+                drop(st);
+                self.active = file;
+                self.active_first_seq = first_seq;
+                self.active_len = len;
+                self.synced_len = len;
+                self.carry.clear();
+                self.broken = false;
+            }
+            Err(e) => {
+                error!(error = %e, "spool: cannot start a fresh segment; refusing batches until the disk takes writes again");
+            }
+        }
+    }
+
+    fn maybe_roll(&mut self) {
+        if self.active_len < self.shared.settings.segment_bytes
+            || self.active_len <= format::SEGMENT_HEADER_LEN as u64
+        {
+            return;
+        }
+        if let Err(e) = self.shared.settings.io.sync_data(&self.active) {
+            error!(error = %e, "spool: sync before roll-over failed; abandoning the segment");
+            self.broken = true;
+            self.shared.lock().write_error = true;
+            self.replace_segment();
+            return;
+        }
+        self.synced_len = self.active_len;
+        self.carry.clear();
+        match fresh_segment(&self.shared, &mut self.next_seq, &[]) {
+            Ok((file, first_seq, len)) => {
+                let mut st = self.shared.lock();
+                if let Some(old) = st.segments.back_mut() {
+                    old.size = self.active_len;
+                }
+                st.segments.push_back(Segment {
+                    first_seq,
+                    path: segment_path(&self.shared.settings.dir, first_seq),
+                    limit: None,
+                    size: len,
+                });
+                st.committed_len = len;
+                st.disk_bytes += len;
+                drop(st);
+                self.active = file;
+                self.active_first_seq = first_seq;
+                self.active_len = len;
+                self.synced_len = len;
+            }
+            Err(e) => warn!(error = %e, "spool: segment roll-over failed; the current segment keeps growing"),
+        }
+    }
+
+    /// Deletes old segments whose events are all acknowledged and that the reader has left, after
+    /// making the dedup window durable (their ids would otherwise be forgotten by a restart).
+    fn compact(&mut self) -> std::io::Result<()> {
+        let mut persisted = false;
+        loop {
+            let victim = {
+                let st = self.shared.lock();
+                if st.segments.len() < 2 {
+                    return Ok(());
+                }
+                let first = &st.segments[0];
+                let next_first = st.segments[1].first_seq;
+                let oldest_unacked = st.unacked.keys().next().copied().unwrap_or(u64::MAX);
+                if oldest_unacked < next_first
+                    || st.reader_segment == first.first_seq
+                    || first.first_seq == self.active_first_seq
+                {
+                    return Ok(());
+                }
+                first.clone()
+            };
+            if !persisted && self.dedup.enabled() {
+                self.dedup.persist()?;
+                let size = fs::metadata(self.shared.settings.dir.join("dedup.snapshot")).map_or(0, |m| m.len());
+                let mut st = self.shared.lock();
+                st.disk_bytes = (st.disk_bytes + size).saturating_sub(self.snapshot_bytes);
+                self.snapshot_bytes = size;
+                persisted = true;
+            }
+            fs::remove_file(&victim.path)?;
+            let mut st = self.shared.lock();
+            st.segments.pop_front();
+            st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
+        }
+    }
+}
+
+fn unusable() -> std::io::Error {
+    std::io::Error::other("the spool cannot write: its last segment failed and no fresh one could be started")
+}
+
+/// Bytes an event-carrying command adds to a group.
+fn command_bytes(c: &Command) -> usize {
+    match c {
+        Command::Append { events, .. } => events.iter().map(|e| e.value.len() + 128).sum(),
+        Command::FilesDone(_, m) => m.len(),
+        _ => 16,
+    }
+}
+
+/// Creates a new segment at `next_seq` (moving past a name in use), writes its header and `head`,
+/// and makes both and the directory entry durable. Returns the file, its first seq and length.
+fn fresh_segment(shared: &Shared, next_seq: &mut u64, head: &[u8]) -> std::io::Result<(File, u64, u64)> {
+    let dir = &shared.settings.dir;
+    while segment_path(dir, *next_seq).exists() {
+        *next_seq += 1;
+    }
+    let path: PathBuf = segment_path(dir, *next_seq);
+    let mut file = OpenOptions::new().create_new(true).append(true).open(&path)?;
+    let mut bytes = format::segment_header().to_vec();
+    bytes.extend_from_slice(head);
+    let io = &shared.settings.io;
+    let made = io.write_all(&mut file, &bytes).and_then(|()| io.sync_data(&file)).and_then(|()| sync_dir(dir));
+    if let Err(e) = made {
+        let _ = fs::remove_file(&path);
+        return Err(e);
+    }
+    Ok((file, *next_seq, bytes.len() as u64))
+}
