@@ -168,7 +168,12 @@ pub async fn drain_spool(mut cfg: Config, stop: CancellationToken) -> anyhow::Re
             break Ok(());
         }
         if last_log.elapsed() > Duration::from_secs(5) {
-            info!(left = s.events, pending_files = s.pending_files, kafka = pipeline.health.kafka().is_reachable(), "draining");
+            info!(
+                left = s.events,
+                pending_files = s.pending_files,
+                kafka = pipeline.health.kafka().is_reachable(),
+                "draining"
+            );
             last_log = Instant::now();
         }
         tokio::select! {

@@ -169,7 +169,9 @@ impl Health {
             }
             match free_bytes(&self.spool_dir) {
                 Ok(free) => m.spool_fs_free_bytes.set(gauge(free)),
-                Err(e) => warn!(error = %e, dir = %self.spool_dir.display(), "cannot read free space of the spool's filesystem"),
+                Err(e) => {
+                    warn!(error = %e, dir = %self.spool_dir.display(), "cannot read free space of the spool's filesystem")
+                }
             }
         }
         m.kafka_connected.set(i64::from(self.kafka.is_reachable()));

@@ -115,7 +115,7 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readiness_follows() {
+async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_stays_ready() {
     let Some(bin) = real_broker_or_skip("broker_cut_off") else { return };
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"), "")).await;
@@ -126,10 +126,16 @@ async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_readi
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.cut();
     let cut_at = Instant::now();
-    wait_for("not ready after the cut", Duration::from_secs(15), async || (!ready(&d.admin).await).then_some(())).await;
-    eprintln!("partition: not ready {:?} after the cut", cut_at.elapsed());
+    // Spool mode rides out the outage: the replica stays ready (SPEC §7) once Kafka is seen gone,
+    // and all through it.
+    wait_for("kafka seen unreachable", Duration::from_secs(15), async || {
+        (d.metric("huggy_bridge_kafka_connected").await == 0.0).then_some(())
+    })
+    .await;
+    eprintln!("partition: kafka seen unreachable {:?} after the cut", cut_at.elapsed());
     while cut_at.elapsed() < Duration::from_secs(16) {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(ready(&d.admin).await, "spool mode turned unready during a Kafka outage");
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let backlog = d.metric("huggy_bridge_spool_events").await;
     assert!(backlog > 0.0, "requests kept being accepted into the spool while cut off");

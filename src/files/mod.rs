@@ -21,10 +21,10 @@ use tokio::sync::{oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::clock::now_secs;
 use crate::config::FilesConfig;
 use crate::event::EventId;
 use crate::metrics::Metrics;
-use crate::clock::now_secs;
 use fetch::{Guard, Refusal};
 use store::FileStore;
 

@@ -15,8 +15,8 @@ use subtle::ConstantTimeEq;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{ApiError, AppState};
-use crate::event::{self, Body as WebhookBody};
 use crate::clock::now_secs;
+use crate::event::{self, Body as WebhookBody};
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 

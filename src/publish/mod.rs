@@ -15,10 +15,10 @@ use rdkafka::producer::{DeliveryFuture, FutureRecord};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::clock::now_secs;
 use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
-use crate::clock::now_secs;
 use crate::spool::{Spool, Stored};
 pub use kafka::{KafkaHealth, Producer};
 

@@ -81,4 +81,3 @@ impl Chunks {
         Ok(None)
     }
 }
-

@@ -102,7 +102,9 @@ impl Dedup {
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %path.display(), error = %e, "dedup snapshot unreadable; ignored (a re-sent batch may be published twice)"),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "dedup snapshot unreadable; ignored (a re-sent batch may be published twice)")
+            }
         }
     }
 

@@ -80,7 +80,11 @@ pub fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
         return Ok(false);
     }
     if head.len() < SEGMENT_HEADER_LEN {
-        return if SEGMENT_MAGIC.starts_with(head) { Err(HeaderError::Short(head.len())) } else { Err(HeaderError::Unversioned) };
+        return if SEGMENT_MAGIC.starts_with(head) {
+            Err(HeaderError::Short(head.len()))
+        } else {
+            Err(HeaderError::Unversioned)
+        };
     }
     if &head[..8] != SEGMENT_MAGIC {
         return Err(HeaderError::Unversioned);

@@ -37,7 +37,8 @@ impl DirLock {
     /// [`LockError::Held`] when another process holds it.
     pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
         let io_err = |source| LockError::Io { path: dir.to_owned(), source };
-        let file = OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;
+        let file =
+            OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;
         match file.try_lock() {
             Ok(()) => Ok(DirLock { _file: file }),
             Err(TryLockError::WouldBlock) => Err(LockError::Held(dir.to_owned())),

@@ -385,20 +385,20 @@ impl Spool {
 }
 
 fn stats_of(shared: &Shared) -> SpoolStats {
-        let st = shared.lock();
-        let max_bytes = shared.settings.max_bytes;
-        SpoolStats {
-            events: st.unacked.len() as u64,
-            bytes: st.unacked_bytes,
-            disk_bytes: st.disk_bytes,
-            max_bytes,
-            segments: st.segments.len(),
-            oldest_received_at: st.unacked.values().next().map(|p| p.received_at),
-            pending_files: st.files_pending,
-            writable: !st.write_error,
-            full: st.refusing || st.disk_bytes >= max_bytes,
-            dedup_ids: st.dedup_ids,
-        }
+    let st = shared.lock();
+    let max_bytes = shared.settings.max_bytes;
+    SpoolStats {
+        events: st.unacked.len() as u64,
+        bytes: st.unacked_bytes,
+        disk_bytes: st.disk_bytes,
+        max_bytes,
+        segments: st.segments.len(),
+        oldest_received_at: st.unacked.values().next().map(|p| p.received_at),
+        pending_files: st.files_pending,
+        writable: !st.write_error,
+        full: st.refusing || st.disk_bytes >= max_bytes,
+        dedup_ids: st.dedup_ids,
+    }
 }
 
 /// What `huggy-bridge spool status` shows: read without changing anything, under the lock.

@@ -190,8 +190,10 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
         r.segments.push_back(Segment { first_seq: *first_seq, path: path.clone(), limit, size: chunks.len });
     }
     r.file_results.retain(|seq, _| r.unacked.contains_key(seq));
-    r.file_work =
-        wanted.into_values().filter(|w| r.unacked.contains_key(&w.seq) && !r.file_results.contains_key(&w.seq)).collect();
+    r.file_work = wanted
+        .into_values()
+        .filter(|w| r.unacked.contains_key(&w.seq) && !r.file_results.contains_key(&w.seq))
+        .collect();
     if mode == Mode::ReadOnly {
         for seq in r.unacked.keys() {
             *r.unacked_by_type.entry(types.get(seq).copied().unwrap_or("unknown").to_owned()).or_default() += 1;
@@ -222,7 +224,13 @@ fn apply(
             if !event.files.is_empty() {
                 wanted.insert(
                     seq,
-                    FileWork { seq, received_at, event_id: event.id, company: event.company.clone(), urls: event.files },
+                    FileWork {
+                        seq,
+                        received_at,
+                        event_id: event.id,
+                        company: event.company.clone(),
+                        urls: event.files,
+                    },
                 );
             }
             r.unacked.insert(seq, Pending { bytes: event.value.len() as u64, received_at });

@@ -439,12 +439,7 @@ struct FaultyIo {
 
 impl FaultyIo {
     fn new(fail_at: usize, fail_after: bool) -> Arc<FaultyIo> {
-        Arc::new(FaultyIo {
-            syncs: Default::default(),
-            fail_at,
-            fail_after,
-            synced_len: Default::default(),
-        })
+        Arc::new(FaultyIo { syncs: Default::default(), fail_at, fail_after, synced_len: Default::default() })
     }
 }
 

@@ -97,7 +97,12 @@ impl Writer {
         let (active, first_seq, len) = fresh_segment(&shared, &mut next_seq, &[])?;
         {
             let mut st = shared.lock();
-            st.segments.push_back(Segment { first_seq, path: segment_path(&shared.settings.dir, first_seq), limit: None, size: len });
+            st.segments.push_back(Segment {
+                first_seq,
+                path: segment_path(&shared.settings.dir, first_seq),
+                limit: None,
+                size: len,
+            });
             st.committed_len = len;
             st.disk_bytes += len;
             st.reader_segment = st.segments.front().map_or(first_seq, |s| s.first_seq);
@@ -325,6 +330,15 @@ impl Writer {
             }
             self.maybe_roll();
         }
+        // Room freed by delivery ends a refusal without waiting for the next batch: a replica that
+        // is not ready receives no batches.
+        let mut st = self.shared.lock();
+        if st.refusing && st.disk_bytes < low_water && st.disk_bytes + st.refused_need <= max_bytes {
+            st.refusing = false;
+            st.refused_need = 0;
+            info!(disk_bytes = st.disk_bytes, "spool has room again; taking batches");
+        }
+        drop(st);
         close
     }
 
@@ -355,7 +369,12 @@ impl Writer {
         }
         match fresh_segment(&self.shared, &mut self.next_seq, &head) {
             Ok((file, first_seq, len)) => {
-                info!(abandoned = self.active_first_seq, durable_len, segment = first_seq, "spool: writing on a fresh segment");
+                info!(
+                    abandoned = self.active_first_seq,
+                    durable_len,
+                    segment = first_seq,
+                    "spool: writing on a fresh segment"
+                );
                 let mut st = self.shared.lock();
                 if let Some(old) = st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq) {
                     old.limit = Some(durable_len);
@@ -385,8 +404,7 @@ impl Writer {
     }
 
     fn maybe_roll(&mut self) {
-        if self.active_len < self.shared.settings.segment_bytes
-            || self.active_len <= format::SEGMENT_HEADER_LEN as u64
+        if self.active_len < self.shared.settings.segment_bytes || self.active_len <= format::SEGMENT_HEADER_LEN as u64
         {
             return;
         }
