@@ -104,6 +104,19 @@ PY
   rm -rf "$rendered"
 else missing "kubectl (kustomize) or kubernetes-validate"; fi
 
+echo "== Grafana dashboard"
+python3 - <<'PY'
+import json
+d = json.load(open("deploy/grafana/huggy-bridge.json"))
+names = [v["name"] for v in d["templating"]["list"]]
+assert {"datasource", "namespace", "instance"} <= set(names), names
+for p in d["panels"]:
+    assert p["fieldConfig"]["defaults"].get("unit"), f"{p['title']}: one unit for the axis"
+    for t in p["targets"]:
+        assert 'namespace=~"$namespace"' in t["expr"] and 'instance=~"$instance"' in t["expr"], f"{p['title']}: {t['expr']}"
+print(f"dashboard: {len(d['panels'])} panels, every query filtered by namespace and instance")
+PY
+
 echo "== docker-compose.yml"
 python3 - <<'PY'
 import yaml
