@@ -336,6 +336,22 @@ impl Default for LogConfig {
     }
 }
 
+/// The top-level sections (`http`, `kafka`, …), as the declared defaults serialize them.
+fn section_names() -> Vec<String> {
+    match figment::value::Value::serialize(Config::default()) {
+        Ok(figment::value::Value::Dict(_, sections)) => sections.into_keys().collect(),
+        other => unreachable!("the default configuration serializes to a table, got {other:?}"),
+    }
+}
+
+/// Whether an environment key (prefix stripped) is configuration: its first `__`-separated segment
+/// names a section. Only `__` nests, so `ADMIN_PORT` (a Kubernetes service link) is not `admin.port`;
+/// an unknown key inside a section (`KAFKA__BROKRES`) still reaches the `deny_unknown_fields` check.
+fn names_a_section(sections: &[String], key: &str) -> bool {
+    let first = key.split("__").next().unwrap_or_default();
+    sections.iter().any(|s| s.eq_ignore_ascii_case(first))
+}
+
 impl Config {
     /// Loads defaults, then `path` (or `./config.toml` when it exists), then the environment, and validates.
     ///
@@ -352,7 +368,24 @@ impl Config {
             None if Path::new("config.toml").exists() => figment = figment.merge(Toml::file_exact("config.toml")),
             None => {}
         }
-        figment.merge(Env::prefixed(ENV_PREFIX).split("__"))
+        let sections = section_names();
+        figment.merge(Env::prefixed(ENV_PREFIX).filter(move |key| names_a_section(&sections, key.as_str())).split("__"))
+    }
+
+    /// Names of the variables under [`ENV_PREFIX`] that configuration loading ignored because their
+    /// first segment is not a section (Kubernetes service links such as `HUGGY_BRIDGE_SERVICE_HOST`,
+    /// `HUGGY_BRIDGE_PORT`, `HUGGY_BRIDGE_ADMIN_PORT`). Logged once telemetry is up.
+    pub fn ignored_env_vars() -> Vec<String> {
+        let sections = section_names();
+        let mut names: Vec<String> = std::env::vars_os()
+            .filter_map(|(k, _)| k.into_string().ok())
+            .filter(|k| {
+                k.get(..ENV_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+                    && !names_a_section(&sections, &k[ENV_PREFIX.len()..])
+            })
+            .collect();
+        names.sort();
+        names
     }
 
     fn validated(self) -> Result<Self, ConfigError> {
@@ -524,5 +557,68 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("must exceed files.token_ttl_secs"));
         cfg.files.enabled = false;
         cfg.validate().expect("without file capture any age is fine");
+    }
+
+    /// What kubelet injects for Services `huggy-bridge` (ports `http`, `admin`) and `huggy-bridge-admin`.
+    pub(crate) const KUBELET_SERVICE_LINKS: &[(&str, &str)] = &[
+        ("HUGGY_BRIDGE_SERVICE_HOST", "10.96.0.12"),
+        ("HUGGY_BRIDGE_SERVICE_PORT", "8080"),
+        ("HUGGY_BRIDGE_SERVICE_PORT_HTTP", "8080"),
+        ("HUGGY_BRIDGE_SERVICE_PORT_ADMIN", "9090"),
+        ("HUGGY_BRIDGE_PORT", "tcp://10.96.0.12:8080"),
+        ("HUGGY_BRIDGE_PORT_8080_TCP", "tcp://10.96.0.12:8080"),
+        ("HUGGY_BRIDGE_PORT_8080_TCP_PROTO", "tcp"),
+        ("HUGGY_BRIDGE_PORT_8080_TCP_PORT", "8080"),
+        ("HUGGY_BRIDGE_PORT_8080_TCP_ADDR", "10.96.0.12"),
+        ("HUGGY_BRIDGE_ADMIN_SERVICE_HOST", "10.96.0.13"),
+        ("HUGGY_BRIDGE_ADMIN_SERVICE_PORT", "9090"),
+        ("HUGGY_BRIDGE_ADMIN_SERVICE_PORT_ADMIN", "9090"),
+        ("HUGGY_BRIDGE_ADMIN_PORT", "tcp://10.96.0.13:9090"),
+        ("HUGGY_BRIDGE_ADMIN_PORT_9090_TCP", "tcp://10.96.0.13:9090"),
+        ("HUGGY_BRIDGE_ADMIN_PORT_9090_TCP_PROTO", "tcp"),
+        ("HUGGY_BRIDGE_ADMIN_PORT_9090_TCP_PORT", "9090"),
+        ("HUGGY_BRIDGE_ADMIN_PORT_9090_TCP_ADDR", "10.96.0.13"),
+    ];
+
+    #[test]
+    fn kubernetes_service_links_are_ignored_and_reported() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_ADMIN__LISTEN", "127.0.0.1:9999");
+            for (k, v) in KUBELET_SERVICE_LINKS {
+                jail.set_env(k, v);
+            }
+            let cfg = Config::load(None).expect("service links are not configuration");
+            assert_eq!(cfg.admin.listen, SocketAddr::from(([127, 0, 0, 1], 9999)), "a real admin key still applies");
+            let mut expected: Vec<String> = KUBELET_SERVICE_LINKS.iter().map(|(k, _)| k.to_string()).collect();
+            expected.sort();
+            assert_eq!(Config::ignored_env_vars(), expected);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn an_unknown_key_inside_a_known_section_is_still_an_error() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_SERVICE_HOST", "10.96.0.12");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__BROKRES", "k1:9092");
+            let err = Config::load(None).unwrap_err().to_string();
+            assert!(err.contains("brokres"), "{err}");
+            assert_eq!(Config::ignored_env_vars(), ["HUGGY_BRIDGE_SERVICE_HOST"], "a section typo is not ignored");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn only_a_double_underscore_nests() {
+        let sections = section_names();
+        assert!(sections.len() >= 9, "{sections:?}");
+        for key in ["HTTP__LISTEN", "ADMIN__LISTEN", "kafka__brokers", "SPOOL__DIR", "LOG__LEVEL", "FILES__STORE"] {
+            assert!(names_a_section(&sections, key), "{key}");
+        }
+        for key in ["ADMIN_PORT", "ADMIN_SERVICE_HOST", "PORT", "SERVICE_HOST", "KAFKA_PORT_9092_TCP", ""] {
+            assert!(!names_a_section(&sections, key), "{key}");
+        }
     }
 }

@@ -152,6 +152,9 @@ fn main() -> ExitCode {
         }
         Command::Run => {
             telemetry::init(&cfg.log);
+            for name in Config::ignored_env_vars() {
+                tracing::debug!(variable = %name, "not a configuration section; environment variable ignored");
+            }
             block_on(async {
                 let stop = CancellationToken::new();
                 shutdown::cancel_on_signals(stop.clone());

@@ -213,6 +213,11 @@ impl Metrics {
             m.file_downloads.with_label_values(&[r]);
         }
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, … (from /proc).
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .expect("process collector registered once");
         m
     }
 

@@ -8,19 +8,27 @@ use std::collections::BTreeSet;
 use huggy_bridge::app;
 use tokio_util::sync::CancellationToken;
 
-/// `huggy_bridge_*` names in a text, histogram series suffixes folded to the family name.
+/// `huggy_bridge_*` and `process_*` names in a text, histogram series suffixes folded to the family name.
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let bytes = text.as_bytes();
-    let mut i = 0;
-    while let Some(pos) = text[i..].find("huggy_bridge_") {
-        let start = i + pos;
-        let mut end = start;
-        while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
-            end += 1;
+    for prefix in ["huggy_bridge_", "process_"] {
+        let mut i = 0;
+        while let Some(pos) = text[i..].find(prefix) {
+            let start = i + pos;
+            let mut end = start;
+            while end < bytes.len() && (bytes[end].is_ascii_alphanumeric() || bytes[end] == b'_') {
+                end += 1;
+            }
+            // A word that merely ends in the prefix (`subprocess_`) is not a metric name.
+            let inside_word = prefix == "process_"
+                && start > 0
+                && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+            if !inside_word {
+                out.insert(text[start..end].to_owned());
+            }
+            i = end;
         }
-        out.insert(text[start..end].to_owned());
-        i = end;
     }
     out
 }
