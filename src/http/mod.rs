@@ -4,6 +4,7 @@
 //! The public server is hyper driven by hand, so that it can bound what a hostile client can hold:
 //! a connection limit, a header (and idle keep-alive) timeout, a body timeout, a body size limit.
 
+mod budget;
 mod error;
 mod webhook;
 
@@ -25,6 +26,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use budget::{BodyBudget, Reservation};
 pub use error::ApiError;
 
 use crate::config::{Config, Secret};
@@ -42,6 +44,8 @@ pub struct AppState {
     pub kafka: Arc<KafkaHealth>,
     pub spool: Option<Spool>,
     pub max_body_bytes: usize,
+    /// Request bodies held at once (`http.max_inflight_bytes`).
+    pub body_budget: Arc<BodyBudget>,
     pub body_timeout: Duration,
     pub retry_after_secs: u64,
     pub max_undelivered_age_secs: u64,
@@ -60,6 +64,7 @@ impl AppState {
         AppState {
             tokens: cfg.huggy.tokens.clone(),
             ingest,
+            body_budget: BodyBudget::new(cfg.http.max_inflight_bytes, metrics.http_inflight_body_bytes.clone()),
             metrics,
             kafka,
             spool,
