@@ -195,8 +195,11 @@ fn a_state_that_returns_in_a_later_batch_is_a_new_event() {
         ("updatedChatDepartment.json", r#""department":30643"#, r#""department":30644"#),
     ];
     for (name, a, b) in toggles {
-        let bodies =
-            [variant(name, 1_700_000_000, a, a), variant(name, 1_700_000_060, a, b), variant(name, 1_700_000_120, a, a)];
+        let bodies = [
+            variant(name, 1_700_000_000, a, a),
+            variant(name, 1_700_000_060, a, b),
+            variant(name, 1_700_000_120, a, a),
+        ];
         let events: Vec<Event> = bodies.iter().map(|body| split(&batch(body), 0).remove(0)).collect();
         assert_eq!(events[0].value, events[2].value, "{name}: first and third are byte-identical");
         assert_ne!(events[0].value, events[1].value, "{name}");

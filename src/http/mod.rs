@@ -29,11 +29,11 @@ use tracing::{debug, info, warn};
 pub use budget::{BodyBudget, Reservation};
 pub use error::ApiError;
 
+use crate::clock::now_secs;
 use crate::config::{Config, Secret};
 use crate::ingest::Ingest;
 use crate::metrics::Metrics;
 use crate::publish::KafkaHealth;
-use crate::clock::now_secs;
 use crate::spool::Spool;
 
 /// What the handlers share.
@@ -172,6 +172,11 @@ pub struct ServeLimits {
     pub max_connections: usize,
 }
 
+/// Largest read buffer of one connection (hyper's default is about 400 KiB). With bodies bounded by
+/// `http.max_inflight_bytes`, what connections hold is the other half of the memory bound:
+/// `http.max_connections` × this. Request heads must fit in it too (Huggy's are well under 2 KiB).
+const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Serves `router` on `listener` until `stop`, then lets in-flight requests finish within `drain`.
 pub async fn serve(
     listener: TcpListener,
@@ -183,7 +188,11 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(CONNECTION_READ_BUFFER_BYTES);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },

@@ -16,9 +16,9 @@ use subtle::ConstantTimeEq;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::{ApiError, AppState, Reservation};
+use crate::clock::now_secs;
 use crate::config::Secret;
 use crate::event::{self, Body as WebhookBody};
-use crate::clock::now_secs;
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -68,7 +68,7 @@ pub async fn handle(State(st): State<Arc<AppState>>, req: Request) -> Response {
     resp
 }
 
-async fn process(st: &AppState, req: Request) -> Result<(&'static str, Response), ApiError> {
+async fn process(st: &Arc<AppState>, req: Request) -> Result<(&'static str, Response), ApiError> {
     if st.is_draining() {
         return Err(ApiError::Unavailable { reason: "shutting_down", retry_after_secs: st.retry_after_secs });
     }
@@ -77,20 +77,31 @@ async fn process(st: &AppState, req: Request) -> Result<(&'static str, Response)
         return Err(ApiError::TooLarge { limit: st.max_body_bytes });
     }
     // Held until the answer is ready, or until hyper drops this future because the client left.
-    let (body, _held) = read_body(st, req.into_body(), declared).await?;
+    let (body, held) = read_body(st, req.into_body(), declared).await?;
     let received_at = now_secs();
-    match event::parse_body(&body)? {
-        WebhookBody::Handshake { token } => {
-            let token = token.filter(|t| token_accepted(&st.tokens, t)).ok_or(ApiError::Unauthorized)?;
+    let (decoded, _held) = if body.len() <= DECODE_INLINE_BYTES {
+        (decode(&body, &st.tokens, received_at), held)
+    } else {
+        // Scanning megabytes of JSON takes long enough to hold up every other request on this
+        // worker; the blocking pool keeps the workers free. The reservation goes along, so the
+        // bytes stay counted until the decoding ends, even if the client leaves meanwhile.
+        let shared = Arc::clone(st);
+        let decoding = tokio::task::spawn_blocking(move || (decode(&body, &shared.tokens, received_at), held));
+        match decoding.await {
+            Ok(done) => done,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => {
+                return Err(ApiError::Unavailable { reason: "shutting_down", retry_after_secs: st.retry_after_secs })
+            }
+        }
+    };
+    match decoded? {
+        Decoded::Handshake(token) => {
             info!("handshake answered");
-            let resp = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], token.to_owned()).into_response();
+            let resp = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], token).into_response();
             Ok(("handshake", resp))
         }
-        WebhookBody::Batch(batch) => {
-            if !batch.token.is_some_and(|t| token_accepted(&st.tokens, t)) {
-                return Err(ApiError::Unauthorized);
-            }
-            let events = event::split(&batch, received_at);
+        Decoded::Batch(events) => {
             let n = events.len();
             let accepted = st.ingest.accept(events, received_at, &st.metrics).await.map_err(|e| {
                 warn!(error = %e, "batch not made durable");
@@ -99,6 +110,32 @@ async fn process(st: &AppState, req: Request) -> Result<(&'static str, Response)
             info!(events = n, duplicates = accepted.duplicates, "batch accepted");
             let body = axum::Json(serde_json::json!({ "accepted": accepted.events }));
             Ok(("accepted", (StatusCode::OK, body).into_response()))
+        }
+    }
+}
+
+/// Bodies up to this size are decoded on the async worker; larger ones on the blocking pool.
+const DECODE_INLINE_BYTES: usize = 64 * 1024;
+
+/// An authenticated body, owned.
+enum Decoded {
+    /// The token to echo back.
+    Handshake(String),
+    Batch(Vec<event::Event>),
+}
+
+/// Parses and authenticates a body and splits a batch into events. Pure CPU work, no I/O.
+fn decode(body: &[u8], tokens: &[Secret], received_at: i64) -> Result<Decoded, ApiError> {
+    match event::parse_body(body)? {
+        WebhookBody::Handshake { token } => {
+            let token = token.filter(|t| token_accepted(tokens, t)).ok_or(ApiError::Unauthorized)?;
+            Ok(Decoded::Handshake(token.to_owned()))
+        }
+        WebhookBody::Batch(batch) => {
+            if !batch.token.is_some_and(|t| token_accepted(tokens, t)) {
+                return Err(ApiError::Unauthorized);
+            }
+            Ok(Decoded::Batch(event::split(&batch, received_at)))
         }
     }
 }
