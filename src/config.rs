@@ -104,6 +104,9 @@ pub struct HttpConfig {
     pub max_connections: usize,
     /// Seconds suggested to Huggy in `Retry-After` on a 503.
     pub retry_after_secs: u64,
+    /// Request-body bytes held in memory at once, across all requests; past it new requests get 503
+    /// `overloaded` before their body is read.
+    pub max_inflight_bytes: usize,
 }
 
 impl Default for HttpConfig {
@@ -116,6 +119,7 @@ impl Default for HttpConfig {
             body_timeout_ms: 15_000,
             max_connections: 1024,
             retry_after_secs: 5,
+            max_inflight_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -402,6 +406,12 @@ impl Config {
         if self.http.max_body_bytes == 0 {
             return bad("http.max_body_bytes must be positive".into());
         }
+        if self.http.max_inflight_bytes < self.http.max_body_bytes {
+            return bad(format!(
+                "http.max_inflight_bytes ({}) must be at least http.max_body_bytes ({}): a body of the largest accepted size could never be read",
+                self.http.max_inflight_bytes, self.http.max_body_bytes
+            ));
+        }
         if self.http.max_connections == 0 {
             return bad("http.max_connections must be positive".into());
         }
@@ -438,6 +448,12 @@ impl Config {
         }
         if self.spool.max_bytes == 0 {
             return bad("spool.max_bytes must be positive".into());
+        }
+        if self.delivery.ack == AckMode::Spool && self.spool.max_bytes < self.http.max_body_bytes as u64 {
+            return bad(format!(
+                "spool.max_bytes ({}) must be at least http.max_body_bytes ({}): a batch of the largest accepted size could never be stored",
+                self.spool.max_bytes, self.http.max_body_bytes
+            ));
         }
         if self.files.enabled {
             if self.spool.max_undelivered_age_secs <= self.files.token_ttl_secs {
@@ -620,5 +636,20 @@ mod tests {
         for key in ["ADMIN_PORT", "ADMIN_SERVICE_HOST", "PORT", "SERVICE_HOST", "KAFKA_PORT_9092_TCP", ""] {
             assert!(!names_a_section(&sections, key), "{key}");
         }
+    }
+
+    #[test]
+    fn body_limits_must_fit_the_inflight_budget_and_the_spool() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        assert_eq!(cfg.http.max_inflight_bytes, 256 * 1024 * 1024);
+        cfg.http.max_inflight_bytes = cfg.http.max_body_bytes - 1;
+        assert!(cfg.validate().unwrap_err().to_string().contains("http.max_inflight_bytes"));
+        cfg.http.max_inflight_bytes = cfg.http.max_body_bytes;
+        cfg.validate().expect("one body at a time is a valid budget");
+        cfg.spool.max_bytes = cfg.http.max_body_bytes as u64 - 1;
+        assert!(cfg.validate().unwrap_err().to_string().contains("spool.max_bytes"));
+        cfg.delivery.ack = AckMode::Kafka;
+        cfg.validate().expect("kafka mode does not store batches in the spool");
     }
 }

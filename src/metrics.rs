@@ -18,6 +18,7 @@ pub const HTTP_OUTCOMES: &[&str] = &[
     "too_large",
     "timeout",
     "unavailable",
+    "overloaded",
     "not_found",
     "method_not_allowed",
 ];
@@ -29,6 +30,7 @@ pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    pub http_inflight_body_bytes: IntGauge,
     pub events_received: IntCounterVec,
     pub events_duplicate: IntCounter,
     pub events_published: IntCounterVec,
@@ -86,6 +88,10 @@ impl Metrics {
                 )
                 .buckets(vec![0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
                 &["outcome"]
+            )),
+            http_inflight_body_bytes: reg!(IntGauge::new(
+                "huggy_bridge_http_inflight_body_bytes",
+                "Request-body bytes held by requests being read or handled; at http.max_inflight_bytes new requests get 503."
             )),
             events_received: reg!(counter_vec(
                 "huggy_bridge_events_received_total",

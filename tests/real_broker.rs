@@ -163,7 +163,8 @@ async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() 
     proxy.cut();
     let cfg =
         spool_config(&via_proxy, &dir.path().join("spool"), "").replace("[spool]\n", "[spool]\nmax_bytes = 50000\n");
-    let d = Daemon::start(dir.path(), &cfg).await;
+    // A spool smaller than the default body limit is refused by check-config; lower the limit with it.
+    let d = Daemon::start_with_env(dir.path(), &cfg, &[("HUGGY_BRIDGE_HTTP__MAX_BODY_BYTES", "50000")]).await;
     let load = run_load(d.url(), 4, 5, 60, Arc::new(AtomicBool::new(false))).await;
     assert!(load.ok > 0 && load.refused > 0, "{load:?}");
     let r = reqwest::Client::new().post(d.url()).body(load_batch(99, 0, 5).0).send().await.unwrap();

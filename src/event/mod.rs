@@ -6,6 +6,7 @@
 
 mod types;
 
+use std::collections::HashMap;
 use std::fmt;
 
 use serde::de::{IgnoredAny, MapAccess, Visitor};
@@ -59,6 +60,8 @@ pub struct Batch<'a> {
     pub token: Option<&'a str>,
     /// Batch `time` in unix seconds, when present and numeric.
     pub time: Option<i64>,
+    /// What tells this batch apart from others in its events' ids.
+    pub stamp: BatchStamp,
     /// `messages` in document order: (event type as sent, the value under it).
     pub groups: Vec<(String, &'a RawValue)>,
 }
@@ -102,7 +105,27 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
     let groups =
         serde_json::from_str::<OrderedGroups<'_>>(messages.get()).map_err(|e| BodyError::NotJson(e.to_string()))?.0;
     let time = env.time.and_then(|t| t.get().parse::<i64>().ok());
-    Ok(Body::Batch(Batch { token, time, groups }))
+    let stamp = match time {
+        Some(t) => BatchStamp::Time(t),
+        None => BatchStamp::Untimed(Sha256::digest(messages.get().as_bytes()).into()),
+    };
+    Ok(Body::Batch(Batch { token, time, stamp, groups }))
+}
+
+/// The batch's part of its events' ids (SPEC §5): the batch `time`, which Huggy sets on every batch
+/// and keeps on a re-send, so a state that returns in a later batch gets a new id.
+///
+/// A batch without an integer `time` has nothing that tells it apart from the next batch but its
+/// content. Receipt time would give a re-sent batch new ids (duplicates published); nothing at all
+/// would merge a returning state with its first occurrence across any two such batches. The digest of
+/// the `messages` bytes is the middle way: a verbatim re-send keeps its ids, and an event repeated in a
+/// later batch gets a new id unless the whole batch is byte-identical — which is indistinguishable
+/// from a re-send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BatchStamp {
+    Time(i64),
+    /// SHA-256 of the raw `messages` value.
+    Untimed([u8; 32]),
 }
 
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128; events
@@ -225,22 +248,48 @@ pub fn append_member(object: &[u8], name: &str, json: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Deterministic event id: the first 128 bits of SHA-256 over the normalized type and the event bytes,
-/// as 32 hex digits. The same event delivered twice gets the same id; different events do not collide
-/// in practice.
+/// Deterministic event id (SPEC §5), shown as 32 hex digits: the first 128 bits of SHA-256 over
+///
+/// | part | encoding |
+/// |---|---|
+/// | normalized event type | u32 big-endian length, then the UTF-8 bytes |
+/// | batch stamp | `0x01` + `time` as i64 big-endian, or `0x00` + SHA-256 of `messages` (no `time`) |
+/// | event bytes, as received | u64 big-endian length, then the bytes |
+/// | occurrence number | u32 big-endian: 0 for the first event of this type with these bytes in the batch, 1 for the next… |
+///
+/// The same batch delivered again yields the same ids; a state that returns in a later batch, or an
+/// event repeated within one batch, gets a new one.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EventId(pub [u8; 16]);
 
 impl EventId {
-    pub fn derive(event_type: &str, value: &[u8]) -> Self {
+    pub fn new(event_type: &str, stamp: &BatchStamp, value: &[u8], occurrence: u32) -> Self {
         let mut h = Sha256::new();
+        h.update(u32::try_from(event_type.len()).unwrap_or(u32::MAX).to_be_bytes());
         h.update(event_type.as_bytes());
-        h.update([0u8]);
+        match stamp {
+            BatchStamp::Time(t) => {
+                h.update([1u8]);
+                h.update(t.to_be_bytes());
+            }
+            BatchStamp::Untimed(digest) => {
+                h.update([0u8]);
+                h.update(digest);
+            }
+        }
+        h.update((value.len() as u64).to_be_bytes());
         h.update(value);
+        h.update(occurrence.to_be_bytes());
         let digest = h.finalize();
         let mut id = [0u8; 16];
         id.copy_from_slice(&digest[..16]);
         EventId(id)
+    }
+
+    /// The id of a lone event in a batch stamped `time` 0: for tests and tools that need an id for
+    /// bytes outside any batch. Webhook events get theirs from [`split`].
+    pub fn derive(event_type: &str, value: &[u8]) -> Self {
+        Self::new(event_type, &BatchStamp::Time(0), value, 0)
     }
 }
 
@@ -272,6 +321,7 @@ impl fmt::Debug for EventId {
 /// ```
 pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
     let time = batch.time.unwrap_or(received_at);
+    let mut seen = Occurrences::default();
     let mut out = Vec::new();
     for (raw_type, list) in &batch.groups {
         let parsed = EventType::parse(raw_type);
@@ -279,19 +329,25 @@ pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
             Ok((t, renamed)) => (t, renamed.then(|| raw_type.clone()), None),
             Err(reason) => (EventType::Unknown("invalid".into()), None, Some(reason)),
         };
+        // The name in the id: the normalized one, or the type as sent when it is invalid
+        // ("invalid" would merge events of different bad types).
+        let id_type: &str = match (&event_type, &type_problem) {
+            (EventType::Known(k), _) => k.as_str(),
+            _ => raw_type,
+        };
         let items: Vec<&RawValue> = match serde_json::from_str::<Vec<&RawValue>>(list.get()) {
             Ok(items) => items,
             Err(_) => {
-                out.push(dead_event(&event_type, list, time, "event list is not an array".into()));
+                let id = seen.id(id_type, &batch.stamp, list.get().as_bytes());
+                out.push(dead_event(id, &event_type, list, time, "event list is not an array".into()));
                 continue;
             }
         };
         for item in items {
-            let mut ev = build_event(&event_type, original_type.clone(), item, time);
+            let id = seen.id(id_type, &batch.stamp, item.get().as_bytes());
+            let mut ev = build_event(id, &event_type, original_type.clone(), item, time);
             if let Some(reason) = &type_problem {
                 ev.dead_letter = Some(reason.clone());
-                // The type as sent tells these events apart; "invalid" would merge them.
-                ev.id = EventId::derive(raw_type, &ev.value);
             }
             out.push(ev);
         }
@@ -299,9 +355,25 @@ pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
     out
 }
 
-fn dead_event(event_type: &EventType, raw: &RawValue, time: i64, reason: String) -> Event {
+/// How many times each (type, bytes) pair has come up so far in one batch, for the occurrence number
+/// of [`EventId`].
+#[derive(Default)]
+struct Occurrences<'b> {
+    counts: HashMap<(&'b str, &'b [u8]), u32>,
+}
+
+impl<'b> Occurrences<'b> {
+    fn id(&mut self, event_type: &'b str, stamp: &BatchStamp, value: &'b [u8]) -> EventId {
+        let n = self.counts.entry((event_type, value)).or_insert(0);
+        let id = EventId::new(event_type, stamp, value, *n);
+        *n = n.saturating_add(1);
+        id
+    }
+}
+
+fn dead_event(id: EventId, event_type: &EventType, raw: &RawValue, time: i64, reason: String) -> Event {
     Event {
-        id: EventId::derive(event_type.as_str(), raw.get().as_bytes()),
+        id,
         event_type: event_type.clone(),
         original_type: None,
         key: None,
@@ -334,21 +406,21 @@ struct IdOnly<'a> {
     id: Option<&'a RawValue>,
 }
 
-fn build_event(event_type: &EventType, original_type: Option<String>, raw: &RawValue, time: i64) -> Event {
+fn build_event(id: EventId, event_type: &EventType, original_type: Option<String>, raw: &RawValue, time: i64) -> Event {
     if !raw.get().starts_with('{') {
-        return dead_event(event_type, raw, time, "event is not an object".into());
+        return dead_event(id, event_type, raw, time, "event is not an object".into());
     }
     if has_lone_surrogate(raw.get()) {
-        return dead_event(event_type, raw, time, "event has a \\u escape of a lone UTF-16 surrogate".into());
+        return dead_event(id, event_type, raw, time, "event has a \\u escape of a lone UTF-16 surrogate".into());
     }
     let fields = match serde_json::from_str::<KeyFields<'_>>(raw.get()) {
         Ok(f) => f,
-        Err(e) => return dead_event(event_type, raw, time, format!("event cannot be read: {e}")),
+        Err(e) => return dead_event(id, event_type, raw, time, format!("event cannot be read: {e}")),
     };
     let company = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
     let key = key_for(event_type, &fields).or_else(|| company.clone());
     Event {
-        id: EventId::derive(event_type.as_str(), raw.get().as_bytes()),
+        id,
         event_type: event_type.clone(),
         original_type,
         key,

@@ -1,5 +1,7 @@
 use std::collections::HashSet;
 
+use sha2::{Digest, Sha256};
+
 use super::*;
 use crate::config::KafkaConfig;
 use crate::publish::Routes;
@@ -71,7 +73,7 @@ fn every_fixture_splits_into_the_expected_records() {
             assert!(find(&body, &ev.value).is_some(), "{name}: value is not a byte-exact slice of the body");
             let parsed: serde_json::Value = serde_json::from_slice(&ev.value).expect("value is JSON");
             assert!(parsed.is_object(), "{name}");
-            assert_eq!(ev.id, EventId::derive(ty, &ev.value), "{name}");
+            assert_eq!(ev.id, EventId::new(ty, &b.stamp, &ev.value, 0), "{name}");
             assert!(ev.time > 0, "{name}: batch time used");
             ids.insert((ev.id, ev.value.clone()));
             count += 1;
@@ -127,16 +129,116 @@ fn bytes_survive_exactly_big_ids_escapes_emoji_whitespace() {
 
 #[test]
 fn same_event_same_id_different_event_different_id() {
-    let a = br#"{"token":"t","messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
-    let b = br#"{"token":"other","time":99,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
-    let c = br#"{"token":"t","messages":{"receivedMessage":[{"id":2,"chat":{"id":5}}]}}"#;
-    let d = br#"{"token":"t","messages":{"receivedAllMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    let a = br#"{"token":"t","time":99,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    let b = br#"{"token":"other", "time":99, "messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    let c = br#"{"token":"t","time":99,"messages":{"receivedMessage":[{"id":2,"chat":{"id":5}}]}}"#;
+    let d = br#"{"token":"t","time":99,"messages":{"receivedAllMessage":[{"id":1,"chat":{"id":5}}]}}"#;
     let id = |body: &[u8]| split(&batch(body), 0)[0].id;
-    assert_eq!(id(a), id(b), "redelivery in another batch keeps the id");
+    assert_eq!(id(a), id(a), "a verbatim re-send keeps the id");
+    assert_eq!(id(a), id(b), "only type, batch time, event bytes and occurrence count");
     assert_ne!(id(a), id(c));
     assert_ne!(id(a), id(d), "the type is part of the id");
     // Pinned: ids must not change between releases, consumers deduplicate on them.
-    assert_eq!(id(a).to_string(), "b788eb4dbded3c17d758692a39551f47");
+    assert_eq!(id(a).to_string(), PINNED_ID);
+}
+
+const PINNED_ID: &str = "297fb1f2d8caf748e5031671ab4493e9";
+
+/// SPEC §5 restated independently of the implementation: SHA-256 over length-prefixed parts.
+fn spec_id(ty: &str, time: Option<i64>, messages: &[u8], value: &[u8], occurrence: u32) -> String {
+    let mut h = Sha256::new();
+    h.update((ty.len() as u32).to_be_bytes());
+    h.update(ty);
+    match time {
+        Some(t) => {
+            h.update([1]);
+            h.update(t.to_be_bytes());
+        }
+        None => {
+            h.update([0]);
+            h.update(Sha256::digest(messages));
+        }
+    }
+    h.update((value.len() as u64).to_be_bytes());
+    h.update(value);
+    h.update(occurrence.to_be_bytes());
+    hex::encode(&h.finalize()[..16])
+}
+
+#[test]
+fn the_id_is_the_documented_digest() {
+    let ev = br#"{"id":1,"chat":{"id":5}}"#;
+    let body = br#"{"token":"t","time":99,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    assert_eq!(split(&batch(body), 0)[0].id.to_string(), spec_id("receivedMessage", Some(99), b"", ev, 0));
+    let messages = br#"{"sendedAllMessage":[{"id":1,"chat":{"id":5}}]}"#;
+    let body = [&br#"{"token":"t","messages":"#[..], messages, b"}"].concat();
+    assert_eq!(
+        split(&batch(&body), 0)[0].id.to_string(),
+        spec_id("sentAllMessage", None, messages, ev, 0),
+        "without time; the normalized type"
+    );
+    // Length prefixes: moving bytes between the type and the value changes the id.
+    assert_ne!(EventId::new("ab", &BatchStamp::Time(1), b"c", 0), EventId::new("a", &BatchStamp::Time(1), b"bc", 0));
+}
+
+/// `fixture` with its `time` replaced and, when given, `from` replaced by `to` in the events.
+fn variant(name: &str, time: i64, from: &str, to: &str) -> Vec<u8> {
+    let mut v: serde_json::Value = serde_json::from_slice(&fixture(name)).unwrap();
+    v["time"] = time.into();
+    serde_json::to_string(&v).unwrap().replace(from, to).into_bytes()
+}
+
+#[test]
+fn a_state_that_returns_in_a_later_batch_is_a_new_event() {
+    let toggles = [
+        ("agentChangedStatus.json", r#""isOnline":true"#, r#""isOnline":false"#),
+        ("updatedChatDepartment.json", r#""department":30643"#, r#""department":30644"#),
+    ];
+    for (name, a, b) in toggles {
+        let bodies = [
+            variant(name, 1_700_000_000, a, a),
+            variant(name, 1_700_000_060, a, b),
+            variant(name, 1_700_000_120, a, a),
+        ];
+        let events: Vec<Event> = bodies.iter().map(|body| split(&batch(body), 0).remove(0)).collect();
+        assert_eq!(events[0].value, events[2].value, "{name}: first and third are byte-identical");
+        assert_ne!(events[0].value, events[1].value, "{name}");
+        let ids: HashSet<EventId> = events.iter().map(|e| e.id).collect();
+        assert_eq!(ids.len(), 3, "{name}: three states, three ids");
+        let again = split(&batch(&bodies[2]), 0);
+        assert_eq!(again[0].id, events[2].id, "{name}: the third batch re-sent keeps its id");
+    }
+}
+
+#[test]
+fn identical_events_in_one_batch_are_distinct_and_stable() {
+    let body = br#"{"token":"t","time":5,"messages":{
+        "agentChangedStatus":[{"id":7,"isOnline":true},{"id":7,"isOnline":false},{"id":7,"isOnline":true}],
+        "sendedAllMessage":[{"id":1}],
+        "sentAllMessage":[{"id":1}],
+        "receivedMessage":[{"id":7,"isOnline":true}]
+    }}"#;
+    let events = split(&batch(body), 0);
+    let ids: HashSet<EventId> = events.iter().map(|e| e.id).collect();
+    assert_eq!(ids.len(), events.len(), "every event of the batch has its own id");
+    let ev = br#"{"id":7,"isOnline":true}"#;
+    assert_eq!(events[0].id, EventId::new("agentChangedStatus", &BatchStamp::Time(5), ev, 0));
+    assert_eq!(events[2].id, EventId::new("agentChangedStatus", &BatchStamp::Time(5), ev, 1));
+    assert_eq!(events[4].id, EventId::new("sentAllMessage", &BatchStamp::Time(5), br#"{"id":1}"#, 1), "one type");
+    assert_eq!(events[5].id, EventId::new("receivedMessage", &BatchStamp::Time(5), ev, 0), "counted per type");
+    let again: Vec<EventId> = split(&batch(body), 99).iter().map(|e| e.id).collect();
+    assert_eq!(again, events.iter().map(|e| e.id).collect::<Vec<_>>(), "a re-send keeps every id, in order");
+}
+
+#[test]
+fn a_batch_without_time_keeps_its_ids_on_a_resend_and_differs_from_other_batches() {
+    let one = br#"{"token":"t","messages":{"updatedCustomer":[{"id":3,"name":"a"}]}}"#;
+    let two = br#"{"token":"t","messages":{"updatedCustomer":[{"id":3,"name":"a"}],"closedChat":[{"id":1}]}}"#;
+    let id = |body: &[u8], received_at| split(&batch(body), received_at)[0].id;
+    assert_eq!(id(one, 1), id(one, 2), "not the receipt time: a re-send a second later keeps the id");
+    assert_ne!(id(one, 1), id(two, 1), "the same event in a different batch is a new event");
+    let timed = br#"{"token":"t","time":1,"messages":{"updatedCustomer":[{"id":3,"name":"a"}]}}"#;
+    assert_ne!(id(one, 1), id(timed, 1));
 }
 
 #[test]

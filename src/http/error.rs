@@ -21,6 +21,8 @@ pub enum ApiError {
     BodyRead,
     #[error("temporarily unavailable: {reason}")]
     Unavailable { reason: &'static str, retry_after_secs: u64 },
+    #[error("request bodies being read hold the in-flight budget; retry later")]
+    Overloaded { retry_after_secs: u64 },
     #[error("not found")]
     NotFound,
     #[error("method not allowed")]
@@ -34,7 +36,7 @@ impl ApiError {
             ApiError::BadBody(_) | ApiError::BodyRead => StatusCode::BAD_REQUEST,
             ApiError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Timeout => StatusCode::REQUEST_TIMEOUT,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable { .. } | ApiError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
@@ -48,6 +50,7 @@ impl ApiError {
             ApiError::Timeout => "body_timeout",
             ApiError::BodyRead => "body_unreadable",
             ApiError::Unavailable { reason, .. } => reason,
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
         }
@@ -61,6 +64,7 @@ impl ApiError {
             ApiError::TooLarge { .. } => "too_large",
             ApiError::Timeout => "timeout",
             ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Overloaded { .. } => "overloaded",
             ApiError::NotFound => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
         }
@@ -71,10 +75,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(serde_json::json!({ "error": self.to_string(), "code": self.code() }));
         let mut resp = (self.status(), body).into_response();
-        if let ApiError::Unavailable { retry_after_secs, .. } = self {
+        if let ApiError::Unavailable { retry_after_secs, .. } | ApiError::Overloaded { retry_after_secs } = self {
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
         }
-        if matches!(self, ApiError::Timeout | ApiError::TooLarge { .. }) {
+        if matches!(self, ApiError::Timeout | ApiError::TooLarge { .. } | ApiError::Overloaded { .. }) {
             // The rest of the body will not be read: do not keep the connection.
             resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }

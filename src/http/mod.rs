@@ -4,6 +4,7 @@
 //! The public server is hyper driven by hand, so that it can bound what a hostile client can hold:
 //! a connection limit, a header (and idle keep-alive) timeout, a body timeout, a body size limit.
 
+mod budget;
 mod error;
 mod webhook;
 
@@ -24,6 +25,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub use budget::{BodyBudget, Reservation};
 pub use error::ApiError;
 
 use crate::config::{Config, Secret};
@@ -39,6 +41,8 @@ pub struct AppState {
     /// Readiness, liveness and state gauges; also where shutdown is announced.
     pub health: Arc<Health>,
     pub max_body_bytes: usize,
+    /// Request bodies held at once (`http.max_inflight_bytes`).
+    pub body_budget: Arc<BodyBudget>,
     pub body_timeout: Duration,
     pub retry_after_secs: u64,
 }
@@ -48,6 +52,7 @@ impl AppState {
         AppState {
             tokens: cfg.huggy.tokens.clone(),
             ingest,
+            body_budget: BodyBudget::new(cfg.http.max_inflight_bytes, metrics.http_inflight_body_bytes.clone()),
             metrics,
             health,
             max_body_bytes: cfg.http.max_body_bytes,
@@ -119,6 +124,11 @@ pub struct ServeLimits {
     pub max_connections: usize,
 }
 
+/// Largest read buffer of one connection (hyper's default is about 400 KiB). With bodies bounded by
+/// `http.max_inflight_bytes`, what connections hold is the other half of the memory bound:
+/// `http.max_connections` × this. Request heads must fit in it too (Huggy's are well under 2 KiB).
+const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
+
 /// Serves `router` on `listener` until `stop`, then lets in-flight requests finish within `drain`.
 pub async fn serve(
     listener: TcpListener,
@@ -130,7 +140,11 @@ pub async fn serve(
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .keep_alive(true)
+        .max_buf_size(CONNECTION_READ_BUFFER_BYTES);
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },

@@ -360,6 +360,12 @@ pub struct Daemon {
 impl Daemon {
     /// Starts the binary with a config file written to `dir`, and waits until `/healthz` answers.
     pub async fn start(dir: &Path, config_toml: &str) -> Daemon {
+        Self::start_with_env(dir, config_toml, &[]).await
+    }
+
+    /// [`Daemon::start`] with extra environment variables (`HUGGY_BRIDGE_HTTP__…` reaches the
+    /// `[http]` section, which the generated config file already opens).
+    pub async fn start_with_env(dir: &Path, config_toml: &str, env: &[(&str, &str)]) -> Daemon {
         let http = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
         let tokens: Vec<String> = fixture_tokens().iter().map(|t| format!("{t:?}")).collect();
@@ -376,6 +382,7 @@ impl Daemon {
             .arg(&path)
             .env("RUST_LOG", "info,librdkafka=warn")
             .env("HUGGY_BRIDGE_LOG__FORMAT", "text")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(logf)
             .spawn()
