@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
-use crate::files::{bridge_files_json, Completion, FileCapture, FileJob, FileResult};
+use crate::files::{bridge_files_json, Completion, FileCapture, FileDone, FileJob, FileResult};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
@@ -95,6 +95,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
             timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms),
         },
     };
+    let files_for_stop = files.clone();
     let ingest = Ingest { mode, files };
     let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone(), spool.clone()));
 
@@ -180,6 +181,9 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
                 Err(e) => warn!(error = %e, "producer flush task failed"),
             }
             files_stop.cancel();
+            if let Some(f) = &files_for_stop {
+                f.stopped().await;
+            }
             if let Some(s) = &spool {
                 s.close().await;
             }
@@ -213,13 +217,14 @@ async fn start_file_capture(
         }
         return Ok(None);
     }
-    let fc = FileCapture::new(&cfg.files, metrics).context("setting up file capture")?;
-    if let Some(s) = spool {
-        let sink_spool = s.clone();
-        fc.set_spool_sink(Arc::new(move |seq, member| {
-            let s = sink_spool.clone();
-            tokio::spawn(async move { s.files_done(seq, member).await });
-        }));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<FileDone>(1024);
+    let fc = FileCapture::new(&cfg.files, metrics, done_tx).context("setting up file capture")?;
+    if let Some(s) = spool.cloned() {
+        tokio::spawn(async move {
+            while let Some(d) = done_rx.recv().await {
+                s.files_done(d.seq, d.member).await;
+            }
+        });
     }
     for p in pending {
         info!(seq = p.seq, files = p.urls.len(), "resuming file capture interrupted by the last stop");
@@ -231,7 +236,7 @@ async fn start_file_capture(
             completion: Completion::Spool(p.seq),
         });
     }
-    fc.spawn_workers(cfg.files.concurrency, stop);
+    fc.spawn_workers(stop);
     Ok(Some(fc))
 }
 
