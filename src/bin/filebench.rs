@@ -59,6 +59,9 @@ struct Args {
     /// Also run the burst with concurrency fixed at the floor.
     #[arg(long)]
     compare_fixed: bool,
+    /// Log filter (e.g. `warn,huggy_bridge::files=info` shows every change of the limit).
+    #[arg(long, default_value = "error")]
+    log: String,
 }
 
 fn size_of(i: usize, a: &Args) -> usize {
@@ -73,6 +76,7 @@ fn unix_now() -> f64 {
 #[derive(Clone)]
 struct Host {
     sizes: Arc<Vec<usize>>,
+    noise: bytes::Bytes,
     first_byte: Duration,
     per_conn_bps: f64,
     aggregate: Option<(Arc<Mutex<Instant>>, f64)>,
@@ -105,16 +109,12 @@ async fn file(State(h): State<Host>, Path(i): Path<usize>, Query(q): Query<HashM
     let busy = Busy(h.active.clone());
     tokio::time::sleep(h.first_byte).await;
     let started = Instant::now();
-    let mut x = i as u64 + 1;
+    // Content: a window into a shared random buffer, different per file (no copy, no per-byte work).
+    let offset = (i * 4099) % (h.noise.len() - CHUNK);
     let stream = futures::stream::unfold((0usize, busy), move |(sent, busy)| {
         let h = h.clone();
-        let seed = x;
-        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
         async move {
             if sent >= size {
-                let left = ((exp + 1.0 - unix_now()) * 1000.0) as i64;
-                let mut m = h.min_headroom_ms.lock().unwrap_or_else(|p| p.into_inner());
-                *m = Some(m.map_or(left, |v| v.min(left)));
                 return None;
             }
             let end = (sent + CHUNK).min(size);
@@ -128,16 +128,15 @@ async fn file(State(h): State<Host>, Path(i): Path<usize>, Query(q): Query<HashM
                 };
                 tokio::time::sleep_until(at.into()).await;
             }
-            let mut s = seed;
-            let chunk: Vec<u8> = (sent..end)
-                .map(|_| {
-                    s ^= s << 13;
-                    s ^= s >> 7;
-                    s ^= s << 17;
-                    s as u8
-                })
-                .collect();
-            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(chunk)), (end, busy)))
+            if end == size {
+                // The client stops reading at Content-Length: the last chunk is the completion.
+                let left = ((exp + 1.0 - unix_now()) * 1000.0) as i64;
+                let mut m = h.min_headroom_ms.lock().unwrap_or_else(|p| p.into_inner());
+                *m = Some(m.map_or(left, |v| v.min(left)));
+            }
+            let at = (offset + sent) % (h.noise.len() - CHUNK);
+            let chunk = h.noise.slice(at..at + (end - sent));
+            Some((Ok::<_, std::io::Error>(chunk), (end, busy)))
         }
     });
     let mut headers = HeaderMap::new();
@@ -159,8 +158,18 @@ struct Run {
 
 async fn burst(args: &Args, max_concurrency: usize) -> anyhow::Result<Run> {
     let sizes: Vec<usize> = (0..args.files).map(|i| size_of(i, args)).collect();
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..8 * 1024 * 1024)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
     let host = Host {
         sizes: Arc::new(sizes),
+        noise: bytes::Bytes::from(noise),
         first_byte: Duration::from_millis(args.first_byte_ms),
         per_conn_bps: args.conn_kib_per_sec as f64 * 1024.0,
         aggregate: (args.host_kib_per_sec > 0)
@@ -254,7 +263,7 @@ fn report(label: &str, args: &Args, mb: f64, r: &Run) {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let mut quiet = Config::default();
-    quiet.log.level = "warn".into();
+    quiet.log.level = args.log.clone();
     huggy_bridge::telemetry::init(&quiet.log);
     let total: usize = (0..args.files).map(|i| size_of(i, &args)).sum();
     let mb = total as f64 / 1e6;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 /// Time given to a change of the limit before its effect on throughput is judged.
 pub const SETTLE: Duration = Duration::from_secs(2);
 /// How long a saturated host is left at the limit that saturated it before growth is tried again.
-pub const RECHECK: Duration = Duration::from_secs(15);
+pub const RECHECK: Duration = Duration::from_secs(10);
 /// Share of the time left that a plan counts on (the rest absorbs estimation error).
 const SAFETY: f64 = 0.8;
 /// A file is given up only when even this fraction of its estimated time would not fit.
@@ -94,25 +94,36 @@ pub struct Plan {
 
 /// Plans the queue: `pending` in deadline order, `inflight_secs` the estimated connection-seconds
 /// the running downloads still need, `limit` the current limit, `can_grow` whether it may rise.
+///
+/// The requirement counts every file whose deadline has not passed, including those given up in
+/// the same plan: it says what the queue needs, so that a limit held by a saturated host is not
+/// lowered because the files it could not serve were dropped.
 pub fn plan(now: f64, pending: &[Pending], inflight_secs: f64, limit: usize, can_grow: bool) -> Plan {
     let limit = limit.max(1) as f64;
+    // Work ahead of a file: of the files kept (what the limit will actually serve), and of all.
     let mut ahead = inflight_secs.max(0.0);
+    let mut ahead_all = ahead;
     let mut required: f64 = 0.0;
     let mut out = Plan::default();
     for (i, p) in pending.iter().enumerate() {
         let left = p.deadline - now;
+        if left <= 0.0 {
+            out.doomed.push(i);
+            continue;
+        }
+        let slack = left * SAFETY - p.service_secs;
+        if slack > 0.0 {
+            required = required.max(ahead_all / slack + 1.0);
+        }
+        ahead_all += p.service_secs;
         let finish = ahead / limit + p.service_secs;
-        if left <= 0.0 || (!can_grow && p.trusted && OPTIMISM * finish >= left) {
+        if !can_grow && p.trusted && OPTIMISM * finish >= left {
             // Not counted ahead of later files: it will not take their bandwidth.
             out.doomed.push(i);
             continue;
         }
         if finish > left {
             out.at_risk += 1;
-        }
-        let slack = left * SAFETY - p.service_secs;
-        if slack > 0.0 {
-            required = required.max(ahead / slack + 1.0);
         }
         ahead += p.service_secs;
     }
@@ -258,6 +269,7 @@ mod tests {
             p.trusted = false;
         }
         assert_eq!(plan(now, &untrusted, 0.0, 4, false).doomed, vec![40], "guesses give nothing up");
+        assert_eq!(stuck.required, grow.required, "what is given up still counts as needed");
     }
 
     #[test]
