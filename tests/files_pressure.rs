@@ -443,3 +443,87 @@ async fn kafka_mode_a_slow_or_unreachable_file_host_costs_the_file_not_the_batch
     d.shutdown();
     d.wait().await.unwrap();
 }
+
+fn moto_binary() -> Option<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("MOTO_SERVER").map(std::path::PathBuf::from).filter(|p| p.is_file()) {
+        return Some(p);
+    }
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| std::path::Path::new(d).join("moto_server"))
+        .find(|p| p.is_file())
+}
+
+struct Moto(std::process::Child);
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_multipart_upload_cut_off_by_shutdown_is_aborted() {
+    let Some(moto) = moto_binary() else {
+        assert!(std::env::var("HUGGY_TEST_REQUIRE_S3").as_deref() != Ok("1"), "no moto_server");
+        eprintln!("SKIPPED an_s3_multipart_upload_cut_off_by_shutdown_is_aborted: no moto_server");
+        return;
+    };
+    let port = free_port();
+    let child = std::process::Command::new(moto)
+        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let _moto = Moto(child);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    wait_for("moto up", Duration::from_secs(30), async || {
+        http.put(format!("{endpoint}/cut")).send().await.ok().filter(|r| r.status().is_success())
+    })
+    .await;
+    let uploads = async || {
+        let text = http.get(format!("{endpoint}/cut?uploads")).send().await.unwrap().text().await.unwrap();
+        text.matches("<UploadId>").count()
+    };
+
+    let host = Host::new(Duration::from_millis(10), 512.0 * 1024.0, None);
+    let addr = start_host(host.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = files_config(dir.path(), addr, 60, 2, 2);
+    cfg.store = "s3://cut/huggy".into();
+    cfg.s3.endpoint = Some(endpoint.clone());
+    cfg.s3.region = Some("us-east-1".into());
+    cfg.s3.access_key_id = Some(huggy_bridge::config::Secret::new("testing"));
+    cfg.s3.secret_access_key = Some(huggy_bridge::config::Secret::new("testing"));
+    cfg.s3.allow_http = true;
+    cfg.max_file_bytes = 64 * 1024 * 1024;
+    let metrics = Arc::new(Metrics::new());
+    let (tx, mut rx) = mpsc::channel(8);
+    let fc = FileCapture::new(&cfg, metrics.clone(), tx).unwrap();
+    let stop = CancellationToken::new();
+    fc.spawn_workers(stop.clone());
+    let deadline = now_unix() + 60;
+    let size = 32 * 1024 * 1024;
+    let files: Vec<File> = (0..2)
+        .map(|i| File {
+            url: format!("http://{addr}/f/s3cut{i}.bin?exp={deadline}&size={size}&seed={i}"),
+            seed: i,
+            size,
+            deadline,
+        })
+        .collect();
+    submit(&fc, 0, &files, 60);
+    // Both downloads streaming: their multipart uploads exist on the store.
+    wait_for("multipart uploads under way", Duration::from_secs(40), async || (uploads().await == 2).then_some(()))
+        .await;
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), fc.stopped()).await.expect("stops promptly");
+    assert!(rx.try_recv().is_err(), "a download cut off is not reported");
+    assert_eq!(uploads().await, 0, "every multipart upload was aborted");
+    let listing = http.get(format!("{endpoint}/cut?list-type=2")).send().await.unwrap().text().await.unwrap();
+    assert!(!listing.contains("<Key>"), "no object left behind: {listing}");
+}
