@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
-use crate::files::{bridge_files_json, Completion, FileCapture, FileJob, FileResult};
+use crate::files::{bridge_files_json, Completion, FileCapture, FileDone, FileJob, FileResult};
 use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
@@ -288,6 +288,10 @@ impl Pipeline {
             Err(e) => warn!(error = %e, "producer flush task failed"),
         }
         self.files_stop.cancel();
+        if let Some(f) = &self.files {
+            // Downloads cut off are aborted in the store before the spool closes.
+            f.stopped().await;
+        }
         if let Some(s) = &self.spool {
             s.close().await;
         }
@@ -331,15 +335,18 @@ async fn start_file_capture(
     stop: CancellationToken,
 ) -> anyhow::Result<Option<Arc<FileCapture>>> {
     let fc = if cfg.files.enabled {
-        let fc = FileCapture::new(&cfg.files, metrics).context("setting up file capture")?;
-        if let Some(s) = spool {
-            let sink_spool = s.clone();
-            fc.set_spool_sink(Arc::new(move |seq, member| {
-                let s = sink_spool.clone();
-                tokio::spawn(async move { s.files_done(seq, member).await });
-            }));
+        // Results flow back into the spool's writer through one bounded channel (awaiting room,
+        // never a task per result).
+        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<FileDone>(1024);
+        let fc = FileCapture::new(&cfg.files, metrics, done_tx).context("setting up file capture")?;
+        if let Some(s) = spool.cloned() {
+            tokio::spawn(async move {
+                while let Some(d) = done_rx.recv().await {
+                    s.files_done(d.seq, d.member).await;
+                }
+            });
         }
-        fc.spawn_workers(cfg.files.concurrency, stop.clone());
+        fc.spawn_workers(stop.clone());
         Some(fc)
     } else {
         None

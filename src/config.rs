@@ -266,8 +266,10 @@ pub struct FilesConfig {
     pub max_file_bytes: u64,
     /// `file://path` or `s3://bucket/prefix`.
     pub store: String,
-    /// Downloads running at once.
+    /// Downloads running at once at least (the floor); more open under deadline pressure.
     pub concurrency: usize,
+    /// Downloads running at once at most, however many files are at risk.
+    pub max_concurrency: usize,
     pub connect_timeout_ms: u64,
     /// A transfer that receives nothing for this long is abandoned (and retried while the token lives).
     pub idle_timeout_ms: u64,
@@ -286,6 +288,7 @@ impl Default for FilesConfig {
             max_file_bytes: 100 * 1024 * 1024,
             store: "file://./data/files".into(),
             concurrency: 16,
+            max_concurrency: 256,
             connect_timeout_ms: 5_000,
             idle_timeout_ms: 20_000,
             s3: S3Config::default(),
@@ -468,10 +471,15 @@ impl Config {
             if !(self.files.store.starts_with("file://") || self.files.store.starts_with("s3://")) {
                 return bad(format!("files.store must be file://… or s3://…, got {:?}", self.files.store));
             }
+            if self.files.max_concurrency < self.files.concurrency {
+                return bad(format!(
+                    "files.max_concurrency ({}) must be at least files.concurrency ({}), the floor",
+                    self.files.max_concurrency, self.files.concurrency
+                ));
+            }
             for p in &self.files.allowed_url_prefixes {
-                let ok = url::Url::parse(p).map(|u| matches!(u.scheme(), "http" | "https") && u.host().is_some());
-                if !matches!(ok, Ok(true)) {
-                    return bad(format!("files.allowed_url_prefixes: {p:?} is not an http(s) URL prefix"));
+                if let Err(why) = crate::files::fetch::Prefix::parse(p) {
+                    return bad(format!("files.allowed_url_prefixes: {p:?} {why}"));
                 }
             }
         }
@@ -651,5 +659,20 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("spool.max_bytes"));
         cfg.delivery.ack = AckMode::Kafka;
         cfg.validate().expect("kafka mode does not store batches in the spool");
+    }
+
+    #[test]
+    fn file_prefixes_without_a_slash_and_inverted_concurrency_are_refused() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app".into()];
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("must end with '/'") && err.contains("\"https://files.huggy.app/\""), "{err}");
+        cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app@evil.com/".into()];
+        assert!(cfg.validate().unwrap_err().to_string().contains("user information"));
+        cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app/".into()];
+        cfg.validate().expect("a prefix ending in a slash is fine");
+        cfg.files.max_concurrency = 8;
+        assert!(cfg.validate().unwrap_err().to_string().contains("files.max_concurrency (8)"));
     }
 }

@@ -75,7 +75,7 @@ impl Ingest {
         let accepted = match &self.mode {
             Mode::Spool(spool) => self.store_in_spool(spool, events, received_at).await?,
             Mode::Kafka { publisher, timeout } => {
-                tokio::time::timeout(*timeout, self.publish_to_kafka(publisher, events, received_at))
+                tokio::time::timeout(*timeout, self.publish_to_kafka(publisher, events, received_at, *timeout))
                     .await
                     .map_err(|_| IngestError::KafkaUnavailable)??;
                 Accepted { events: n, duplicates: 0 }
@@ -109,23 +109,29 @@ impl Ingest {
         Ok(Accepted { events: n, duplicates: r.duplicates })
     }
 
+    /// Captures the events' files within part of the ack budget `timeout` (the rest is kept for
+    /// Kafka): a file not stored by then is reported `failed` with `error: "ack_timeout"` and the
+    /// event is published all the same, so a slow or unreachable file host never costs a 503.
     async fn publish_to_kafka(
         &self,
         publisher: &Publisher,
         mut events: Vec<Event>,
         received_at: i64,
+        timeout: Duration,
     ) -> Result<(), IngestError> {
         if let Some(fc) = &self.files {
+            let files_budget = timeout.saturating_sub((timeout / 4).max(Duration::from_secs(1)));
             let mut waits = Vec::new();
             for (i, ev) in events.iter().enumerate().filter(|(_, e)| !e.files.is_empty()) {
                 let (tx, rx) = oneshot::channel();
-                fc.submit(FileJob {
+                let job = FileJob {
                     event_id: ev.id,
                     company: ev.company.clone(),
                     received_at,
                     urls: ev.files.clone(),
                     completion: Completion::Reply(tx),
-                });
+                };
+                fc.submit_within(job, files_budget);
                 waits.push((i, rx));
             }
             for (i, rx) in waits {

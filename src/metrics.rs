@@ -23,8 +23,10 @@ pub const HTTP_OUTCOMES: &[&str] = &[
     "method_not_allowed",
 ];
 
-/// Results of a file download, the `result` label of `huggy_bridge_file_downloads_total`.
-pub const FILE_RESULTS: &[&str] = &["stored", "failed", "expired", "refused", "too_large", "retried"];
+/// Final results of a file, the `result` label of `huggy_bridge_file_downloads_total`: each file is
+/// counted once, under one of these (retries are counted apart, in
+/// `huggy_bridge_file_download_retries_total`).
+pub const FILE_RESULTS: &[&str] = &["stored", "failed", "expired", "refused", "too_large", "ack_timeout"];
 
 pub struct Metrics {
     pub registry: Registry,
@@ -51,6 +53,12 @@ pub struct Metrics {
     pub file_bytes: IntCounter,
     pub file_headroom: Histogram,
     pub file_queue: IntGauge,
+    pub file_retries: IntCounter,
+    pub file_concurrency: IntGauge,
+    pub file_concurrency_limit: IntGauge,
+    pub file_saturated: IntGauge,
+    pub files_at_risk: IntGauge,
+    pub file_store_free: IntGauge,
     pub kafka_connected: IntGauge,
     pub kafka_brokers_up: IntGauge,
     pub kafka_queue_messages: IntGauge,
@@ -179,6 +187,30 @@ impl Metrics {
                 .buckets(vec![0.0, 10.0, 30.0, 60.0, 120.0, 240.0, 360.0, 480.0, 540.0, 570.0, 600.0])
             )),
             file_queue: reg!(IntGauge::new("huggy_bridge_file_queue_depth", "Files waiting for or in download.")),
+            file_retries: reg!(IntCounter::new(
+                "huggy_bridge_file_download_retries_total",
+                "File download attempts that failed and were retried (not final results)."
+            )),
+            file_concurrency: reg!(IntGauge::new(
+                "huggy_bridge_file_download_concurrency",
+                "File downloads running now."
+            )),
+            file_concurrency_limit: reg!(IntGauge::new(
+                "huggy_bridge_file_download_concurrency_limit",
+                "Downloads allowed at once now: files.concurrency, raised towards files.max_concurrency under deadline pressure."
+            )),
+            file_saturated: reg!(IntGauge::new(
+                "huggy_bridge_file_download_saturated",
+                "1 while more connections no longer raised the file hosts' throughput (growth paused)."
+            )),
+            files_at_risk: reg!(IntGauge::new(
+                "huggy_bridge_files_at_risk",
+                "Queued files projected to miss their token's deadline at the current concurrency."
+            )),
+            file_store_free: reg!(IntGauge::new(
+                "huggy_bridge_file_store_fs_free_bytes",
+                "Bytes available to the daemon on the filesystem of a file:// store (-1 for an s3:// store)."
+            )),
             kafka_connected: reg!(IntGauge::new(
                 "huggy_bridge_kafka_connected",
                 "1 when at least one Kafka broker connection is up."

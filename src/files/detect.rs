@@ -1,8 +1,11 @@
-//! Finding file URLs in an event: every JSON string that starts with an allowed prefix. The event's
-//! bytes are scanned once, without recursion and without re-serializing them.
+//! Finding file URLs in an event: every JSON string that is a URL under an allowed prefix, by the
+//! same parsed comparison the fetch guard makes ([`super::fetch::allowed`]). The event's bytes are
+//! scanned once, without recursion and without re-serializing them.
 
-/// URLs in `event` (raw JSON) that start with one of `prefixes`, in document order, each once.
-pub fn file_urls(event: &[u8], prefixes: &[String]) -> Vec<String> {
+use super::fetch::{allowed, Prefix};
+
+/// URLs in `event` (raw JSON) under one of `prefixes`, in document order, each once.
+pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
     while i < event.len() {
@@ -25,7 +28,8 @@ pub fn file_urls(event: &[u8], prefixes: &[String]) -> Vec<String> {
         let token = &event[start..(i + 1).min(event.len())];
         i += 1;
         if let Some(s) = decode(token) {
-            if prefixes.iter().any(|p| s.starts_with(p.as_str())) && !out.contains(&s) {
+            let maybe_url = s.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("http"));
+            if maybe_url && allowed(prefixes, &s) && !out.contains(&s) {
                 out.push(s);
             }
         }
@@ -48,9 +52,10 @@ fn decode(token: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::fetch::parse_prefixes;
 
-    fn prefixes() -> Vec<String> {
-        vec!["https://files.huggy.app/".into(), "https://bucket.s3.amazonaws.com/".into()]
+    fn prefixes() -> Vec<Prefix> {
+        parse_prefixes(&["https://files.huggy.app/".into(), "https://bucket.s3.amazonaws.com/".into()])
     }
 
     #[test]
@@ -75,5 +80,11 @@ mod tests {
         {
             let _ = file_urls(junk, &prefixes());
         }
+    }
+
+    #[test]
+    fn lookalike_urls_are_not_files() {
+        let ev = br#"{"a":"https://files.huggy.app.evil.com/x","b":"https://files.huggy.app@evil.com/x","c":"https://files.huggy.app:8443/x","d":"https://files.huggy.app/ok"}"#;
+        assert_eq!(file_urls(ev, &prefixes()), vec!["https://files.huggy.app/ok".to_owned()]);
     }
 }

@@ -24,25 +24,116 @@ pub enum Refusal {
     Internal(IpAddr),
 }
 
+/// A redirect the guard refused to follow.
+#[derive(Debug, thiserror::Error)]
+#[error("redirect refused")]
+pub struct RedirectRefused(#[source] pub Refusal);
+
+/// A host name whose every address is internal (and not named by a prefix).
+#[derive(Debug, thiserror::Error)]
+#[error("{0} resolves only to internal addresses")]
+pub struct ResolvedInternal(pub String);
+
+/// Why a configured prefix is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrefixError {
+    #[error("not a URL")]
+    NotUrl,
+    #[error("only http and https are fetched")]
+    Scheme,
+    #[error("names no host")]
+    NoHost,
+    #[error("carries user information")]
+    UserInfo,
+    #[error("carries a query or fragment (a prefix is scheme, host, port and path)")]
+    QueryOrFragment,
+    #[error("must end with '/': a prefix is matched on whole path segments, so write {0:?}")]
+    NoTrailingSlash(String),
+}
+
+/// An allowed URL prefix, compared by parts: scheme, host and port exactly (as the URL parser
+/// normalises them: case, IDNA, percent-encoding), then the path on segment boundaries. A string
+/// comparison would let `https://files.huggy.app` admit `https://files.huggy.app.evil.com/x` and
+/// `https://files.huggy.app@evil.com/x`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prefix {
+    scheme: String,
+    host: Host<String>,
+    port: Option<u16>,
+    /// Always ends with `/`.
+    path: String,
+}
+
+impl Prefix {
+    /// # Errors
+    /// Why `raw` cannot be a prefix.
+    pub fn parse(raw: &str) -> Result<Prefix, PrefixError> {
+        let u = Url::parse(raw).map_err(|_| PrefixError::NotUrl)?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(PrefixError::Scheme);
+        }
+        let host = u.host().ok_or(PrefixError::NoHost)?.to_owned();
+        if !u.username().is_empty() || u.password().is_some() {
+            return Err(PrefixError::UserInfo);
+        }
+        if u.query().is_some() || u.fragment().is_some() {
+            return Err(PrefixError::QueryOrFragment);
+        }
+        if !raw.ends_with('/') {
+            let mut fixed = u.clone();
+            if !fixed.path().ends_with('/') {
+                fixed.set_path(&format!("{}/", fixed.path()));
+            }
+            return Err(PrefixError::NoTrailingSlash(fixed.to_string()));
+        }
+        Ok(Prefix { scheme: u.scheme().to_owned(), host, port: u.port_or_known_default(), path: u.path().to_owned() })
+    }
+
+    /// Whether `url` lies under this prefix. URLs with user information never do.
+    pub fn matches(&self, url: &Url) -> bool {
+        url.scheme() == self.scheme
+            && url.username().is_empty()
+            && url.password().is_none()
+            && url.host().map(|h| h.to_owned()).as_ref() == Some(&self.host)
+            && url.port_or_known_default() == self.port
+            && url.path().starts_with(&self.path)
+    }
+
+    fn ip(&self) -> Option<IpAddr> {
+        match self.host {
+            Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
+            Host::Ipv6(ip) => Some(IpAddr::V6(ip)),
+            Host::Domain(_) => None,
+        }
+    }
+}
+
+/// The configured prefixes that parse (configuration validation rejects the others).
+pub fn parse_prefixes(raw: &[String]) -> Vec<Prefix> {
+    raw.iter().filter_map(|p| Prefix::parse(p).ok()).collect()
+}
+
+/// Whether `text` is a URL under one of `prefixes`: what detection and the fetch guard both ask.
+pub fn allowed(prefixes: &[Prefix], text: &str) -> bool {
+    Url::parse(text).is_ok_and(|u| prefixes.iter().any(|p| p.matches(&u)))
+}
+
 /// The allow-list: prefixes, and the internal addresses a prefix names explicitly.
 #[derive(Debug, Clone)]
 pub struct Guard {
-    prefixes: Vec<String>,
+    prefixes: Vec<Prefix>,
     explicit: HashSet<IpAddr>,
 }
 
 impl Guard {
     pub fn new(prefixes: &[String]) -> Self {
-        let explicit = prefixes
-            .iter()
-            .filter_map(|p| Url::parse(p).ok())
-            .filter_map(|u| match u.host()? {
-                Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
-                Host::Ipv6(ip) => Some(IpAddr::V6(ip)),
-                Host::Domain(_) => None,
-            })
-            .collect();
-        Guard { prefixes: prefixes.to_vec(), explicit }
+        let prefixes = parse_prefixes(prefixes);
+        let explicit = prefixes.iter().filter_map(Prefix::ip).collect();
+        Guard { prefixes, explicit }
+    }
+
+    pub fn prefixes(&self) -> &[Prefix] {
+        &self.prefixes
     }
 
     /// Whether `url` may be fetched (before any DNS lookup).
@@ -50,21 +141,18 @@ impl Guard {
     /// # Errors
     /// The reason it may not.
     pub fn check(&self, url: &Url) -> Result<(), Refusal> {
-        if !matches!(url.scheme(), "http" | "https")
-            || !self.prefixes.iter().any(|p| url.as_str().starts_with(p.as_str()))
-        {
+        let ip = match url.host() {
+            Some(Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+            Some(Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+            _ => None,
+        };
+        if let Some(ip) = ip.filter(|ip| !self.ip_allowed(*ip)) {
+            return Err(Refusal::Internal(ip));
+        }
+        if !self.prefixes.iter().any(|p| p.matches(url)) {
             return Err(Refusal::NotAllowed);
         }
-        let ip = match url.host() {
-            Some(Host::Ipv4(ip)) => IpAddr::V4(ip),
-            Some(Host::Ipv6(ip)) => IpAddr::V6(ip),
-            _ => return Ok(()),
-        };
-        if self.ip_allowed(ip) {
-            Ok(())
-        } else {
-            Err(Refusal::Internal(ip))
-        }
+        Ok(())
     }
 
     pub fn ip_allowed(&self, ip: IpAddr) -> bool {
@@ -72,7 +160,8 @@ impl Guard {
     }
 }
 
-/// Private, loopback, link-local, unspecified, shared, multicast and similar non-public addresses.
+/// Private, loopback, link-local, unspecified, shared, benchmarking, multicast, translation and
+/// similar non-public addresses.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
@@ -87,6 +176,7 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || o[0] == 0
                 || (o[0] == 100 && (64..128).contains(&o[1]))
                 || (o[0] == 192 && o[1] == 0 && o[2] == 0)
+                || (o[0] == 198 && (o[1] & 0xfe) == 18)
                 || o[0] >= 240
         }
         IpAddr::V6(v6) => {
@@ -99,7 +189,12 @@ pub fn is_internal(ip: IpAddr) -> bool {
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00
                 || (s[0] & 0xffc0) == 0xfe80
+                // NAT64, well-known (64:ff9b::/96) and local-use (64:ff9b:1::/48)
                 || (s[0] == 0x64 && s[1] == 0xff9b)
+                // 6to4: reaches whatever IPv4 address it embeds
+                || s[0] == 0x2002
+                // IPv4-compatible (deprecated)
+                || s[..6].iter().all(|&x| x == 0)
                 || (s[0] == 0x2001 && s[1] == 0xdb8)
         }
     }
@@ -116,8 +211,7 @@ impl Resolve for GuardedResolver {
             let all: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
             let allowed: Vec<SocketAddr> = all.iter().copied().filter(|a| guard.ip_allowed(a.ip())).collect();
             if allowed.is_empty() {
-                let e: Box<dyn std::error::Error + Send + Sync> =
-                    format!("{host} resolves only to internal addresses").into();
+                let e: Box<dyn std::error::Error + Send + Sync> = Box::new(ResolvedInternal(host));
                 return Err(e);
             }
             let addrs: Addrs = Box::new(allowed.into_iter());
@@ -138,7 +232,7 @@ pub fn client(guard: Arc<Guard>, connect_timeout: Duration) -> reqwest::Result<r
             if attempt.previous().len() >= MAX_REDIRECTS {
                 attempt.error("too many redirects")
             } else if let Err(why) = g.check(attempt.url()) {
-                attempt.error(format!("redirect refused: {why}"))
+                attempt.error(RedirectRefused(why))
             } else {
                 attempt.follow()
             }
@@ -168,10 +262,19 @@ mod tests {
             "fd00::1",
             "::ffff:127.0.0.1",
             "::ffff:169.254.169.254",
+            "64:ff9b::a00:1",
+            "64:ff9b:1::1",
+            "64:ff9b:1:ffff::8.8.8.8",
+            "2002:7f00:1::1",
+            "2002:808:808::1",
+            "::7f00:1",
+            "::808:808",
+            "198.18.0.1",
+            "198.19.255.254",
         ] {
             assert!(is_internal(ip.parse().unwrap()), "{ip}");
         }
-        for ip in ["8.8.8.8", "52.216.1.1", "2606:4700::1111"] {
+        for ip in ["8.8.8.8", "52.216.1.1", "2606:4700::1111", "198.20.0.1", "198.17.255.255", "2003::1"] {
             assert!(!is_internal(ip.parse().unwrap()), "{ip}");
         }
     }
@@ -189,5 +292,83 @@ mod tests {
             g2.check(&Url::parse("http://169.254.169.254/latest/meta-data").unwrap()),
             Err(Refusal::Internal("169.254.169.254".parse().unwrap()))
         );
+    }
+
+    fn guard() -> Guard {
+        Guard::new(&["https://files.huggy.app/".into(), "https://bucket.s3.amazonaws.com/exports/".into()])
+    }
+
+    fn admits(g: &Guard, u: &str) -> bool {
+        let url = Url::parse(u).unwrap();
+        let admitted = g.check(&url).is_ok();
+        assert_eq!(admitted, allowed(g.prefixes(), u), "detection and the guard disagree on {u}");
+        admitted
+    }
+
+    #[test]
+    fn prefixes_compare_parsed_parts_not_strings() {
+        let g = guard();
+        for u in [
+            "https://files.huggy.app/x.pdf?token=1",
+            "https://FILES.HUGGY.APP/x.pdf",
+            "https://files.huggy.app:443/x.pdf",
+            "https://files%2Ehuggy.app/x.pdf",
+            "https://bucket.s3.amazonaws.com/exports/a.csv?X-Amz-Expires=600",
+            "https://bucket.s3.amazonaws.com/exports/sub/dir/a.csv",
+        ] {
+            assert!(admits(&g, u), "{u}");
+        }
+        for u in [
+            // suffix host
+            "https://files.huggy.app.evil.com/x",
+            // userinfo: the host is evil.com, or credentials are smuggled to the right host
+            "https://files.huggy.app@evil.com/x",
+            "https://files.huggy.app:443@evil.com/x",
+            "https://user:pw@files.huggy.app/x",
+            // port and scheme
+            "https://files.huggy.app:8443/x",
+            "http://files.huggy.app/x",
+            // path segment boundary and traversal, plain or percent-encoded
+            "https://bucket.s3.amazonaws.com/exports-private/a.csv",
+            "https://bucket.s3.amazonaws.com/exports",
+            "https://bucket.s3.amazonaws.com/exports/../secrets/a.csv",
+            "https://bucket.s3.amazonaws.com/exports/%2e%2e/secrets/a.csv",
+            "https://bucket.s3.amazonaws.com/exports/%2E%2E/secrets/a.csv",
+            "https://bucket.s3.amazonaws.com/exports%2F..%2Fsecrets/a.csv",
+            "https://bucket.s3.amazonaws.com/EXPORTS/a.csv",
+        ] {
+            assert!(!admits(&g, u), "{u}");
+        }
+    }
+
+    #[test]
+    fn unusable_prefixes_are_named() {
+        assert_eq!(
+            Prefix::parse("https://files.huggy.app"),
+            Err(PrefixError::NoTrailingSlash("https://files.huggy.app/".into()))
+        );
+        assert_eq!(
+            Prefix::parse("https://b.s3.amazonaws.com/exports"),
+            Err(PrefixError::NoTrailingSlash("https://b.s3.amazonaws.com/exports/".into()))
+        );
+        assert_eq!(Prefix::parse("https://u@files.huggy.app/"), Err(PrefixError::UserInfo));
+        assert_eq!(Prefix::parse("https://files.huggy.app/?a=1"), Err(PrefixError::QueryOrFragment));
+        assert_eq!(Prefix::parse("ftp://files.huggy.app/"), Err(PrefixError::Scheme));
+        assert_eq!(Prefix::parse("files.huggy.app/"), Err(PrefixError::NotUrl));
+        assert!(Prefix::parse("http://127.0.0.1:8999/files/").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_name_resolving_inside_is_refused_by_type() {
+        let guard = Arc::new(Guard::new(&["http://localhost:9/files/".into()]));
+        let c = client(guard, Duration::from_secs(2)).unwrap();
+        let err = c.get("http://localhost:9/files/x").send().await.unwrap_err();
+        let mut src: Option<&(dyn std::error::Error + 'static)> = Some(&err);
+        let mut found = false;
+        while let Some(e) = src {
+            found |= e.downcast_ref::<ResolvedInternal>().is_some();
+            src = e.source();
+        }
+        assert!(found, "{err:?}");
     }
 }
