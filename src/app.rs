@@ -72,7 +72,15 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
     let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
     let producer =
         kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone()).context("creating the Kafka producer")?;
-    let publisher = Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()));
+    let recreate = publish::Recreate {
+        health: health.clone(),
+        make: Box::new({
+            let (cfg, bootstrap, metrics, health) = (cfg.clone(), bootstrap.clone(), metrics.clone(), health.clone());
+            move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
+        }),
+    };
+    let publisher =
+        Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate));
 
     let spool = match cfg.delivery.ack {
         AckMode::Spool => Some(
@@ -121,7 +129,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
         publisher.clone(),
         health.clone(),
         state.clone(),
-        Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)),
+        (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000))),
         background_stop.clone(),
     ));
 
@@ -255,27 +263,30 @@ where
     done_rx
 }
 
-/// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds.
+/// Keeps `KafkaHealth::reachable` true to reality every two seconds: librdkafka's broker states,
+/// else a metadata request for one topic (`probe`: the topic and the request's timeout).
 async fn probe_kafka(
     publisher: Arc<Publisher>,
     health: Arc<KafkaHealth>,
     state: Arc<AppState>,
-    timeout: Duration,
+    probe: (String, Duration),
     stop: CancellationToken,
 ) {
     let mut was = None;
     loop {
-        let p = publisher.clone();
-        let ok = tokio::task::spawn_blocking(move || p.producer().client().fetch_metadata(None, timeout).map(|_| ()))
+        // A producer that failed fatally is replaced here too, not only when there is work: in kafka
+        // ack mode a replica that is not ready gets no requests that would replace it.
+        publisher.heal().await;
+        let (p, h, (topic, timeout)) = (publisher.clone(), health.clone(), probe.clone());
+        let ok = tokio::task::spawn_blocking(move || kafka::probe_reachable(&p.producer(), &h, &topic, timeout))
             .await
-            .map(|r| r.is_ok())
             .unwrap_or(false);
         health.reachable.store(ok, Ordering::Relaxed);
         if was != Some(ok) {
             if ok {
                 info!("kafka reachable");
             } else {
-                warn!("kafka unreachable");
+                warn!(reason = health.last_error().as_deref().unwrap_or("no broker answered"), "kafka unreachable");
             }
             was = Some(ok);
         }

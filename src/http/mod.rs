@@ -81,11 +81,8 @@ impl AppState {
         if self.is_draining() {
             reasons.push("shutting down".to_owned());
         }
-        if !self.kafka.is_reachable() {
-            reasons.push("kafka unreachable".to_owned());
-        }
-        if self.kafka.is_fatal() {
-            reasons.push("kafka producer hit a fatal error".to_owned());
+        if let Some(why) = self.kafka.not_ready_reason() {
+            reasons.push(why);
         }
         if let Some(spool) = &self.spool {
             let s = spool.stats();
