@@ -364,11 +364,14 @@ impl KafkaConfig {
                 }
             }
         }
-        let named = [("kafka.fallback_topic", &self.fallback_topic), ("kafka.dead_letter_topic", &self.dead_letter_topic)];
+        let named =
+            [("kafka.fallback_topic", &self.fallback_topic), ("kafka.dead_letter_topic", &self.dead_letter_topic)];
         let overrides = self.topics.iter().map(|(k, v)| (k.as_str(), v));
         for (key, t) in named.into_iter().chain(overrides) {
             if !crate::event::is_valid_topic(t) {
-                out.push(format!("{key}: {t:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"));
+                out.push(format!(
+                    "{key}: {t:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"
+                ));
             }
         }
         if let Some(m) = self.min_insync_replicas {
@@ -987,4 +990,3 @@ mod tests {
         });
     }
 }
-

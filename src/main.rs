@@ -50,7 +50,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that receive no webhooks need no webhook tokens.
     let offline = matches!(cli.command, Some(Command::Topics { .. }));
-    let loaded = if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
+    let loaded =
+        if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
     let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {

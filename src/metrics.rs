@@ -194,7 +194,9 @@ impl Metrics {
                     "huggy_bridge_kafka_produce_latency_seconds",
                     "Time from handing a record to librdkafka to its delivery report (acks=all), successful or not."
                 )
-                .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0])
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+                ])
             )),
             publish_errors: reg!(counter_vec(
                 "huggy_bridge_publish_errors_total",

@@ -78,7 +78,12 @@ struct TlsProxy {
 }
 
 impl TlsProxy {
-    async fn start(port: u16, target: SocketAddr, server: &Leaf, client_ca: Option<CertificateDer<'static>>) -> TlsProxy {
+    async fn start(
+        port: u16,
+        target: SocketAddr,
+        server: &Leaf,
+        client_ca: Option<CertificateDer<'static>>,
+    ) -> TlsProxy {
         let builder = rustls::ServerConfig::builder();
         let builder = match client_ca {
             Some(ca) => {
@@ -137,7 +142,11 @@ async fn tls_broker(bin: &Path, mtls: bool) -> TlsBroker {
 /// The `[kafka]` part of a daemon's configuration for a TLS broker, kafka ack mode.
 fn tls_kafka_toml(bootstrap: &str, ca_file: &Path, client: Option<&Leaf>) -> String {
     let mtls = client.map_or(String::new(), |c| {
-        format!("cert_file = {:?}\nkey_file = {:?}\n", c.cert_file.display().to_string(), c.key_file.display().to_string())
+        format!(
+            "cert_file = {:?}\nkey_file = {:?}\n",
+            c.cert_file.display().to_string(),
+            c.key_file.display().to_string()
+        )
     });
     format!(
         "[kafka]\nbrokers = \"{bootstrap}\"\npartitions = 1\n[kafka.tls]\nenabled = true\nca_file = {:?}\n{mtls}\
@@ -188,8 +197,7 @@ async fn mtls_to_a_tls_only_broker_topics_create_and_every_fixture_acknowledged(
     assert!(stdout.lines().count() >= 21 && stdout.lines().all(|l| l.ends_with("\tcreated")), "{stdout}");
 
     let d = Daemon::start(dir, &kafka_toml).await;
-    wait_for("ready over TLS", Duration::from_secs(30), async || (readyz(&d.admin).await.0 == 200).then_some(()))
-        .await;
+    wait_for("ready over TLS", Duration::from_secs(30), async || (readyz(&d.admin).await.0 == 200).then_some(())).await;
     for (name, body) in batch_fixtures() {
         let (status, text) = post(&d.url(), body).await;
         assert_eq!(status, 200, "{name}: {text}\n{}", d.log_text());
@@ -330,9 +338,7 @@ async fn a_fatal_producer_error_mid_stream_gets_a_fresh_producer_and_the_spool_l
 async fn a_producer_fenced_at_start_is_replaced_and_kafka_mode_answers_2xx_again() {
     let setup = mock_setup(huggy_bridge::config::AckMode::Kafka);
     // The producer id request fails with "fenced": fatal for the first producer the daemon makes.
-    setup
-        .cluster
-        .request_errors(RDKafkaApiKey::InitProducerId, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+    setup.cluster.request_errors(RDKafkaApiKey::InitProducerId, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
     let stop = tokio_util::sync::CancellationToken::new();
     let running = huggy_bridge::app::start(setup.cfg.clone(), stop.clone()).await.unwrap();
     let url = format!("http://{}/webhooks/huggy", running.http_addr);

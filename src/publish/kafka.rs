@@ -394,12 +394,21 @@ pub fn classify(err: &KafkaError) -> ErrorClass {
     use RDKafkaErrorCode::*;
     match err.rdkafka_error_code() {
         Some(
-            MessageSizeTooLarge | InvalidMessageSize | MessageBatchTooLarge | InvalidRecord | InvalidMessage
-            | InvalidTopic | PolicyViolation | UnsupportedCompressionType,
+            MessageSizeTooLarge
+            | InvalidMessageSize
+            | MessageBatchTooLarge
+            | InvalidRecord
+            | InvalidMessage
+            | InvalidTopic
+            | PolicyViolation
+            | UnsupportedCompressionType,
         ) => ErrorClass::Permanent,
         Some(
-            TopicAuthorizationFailed | ClusterAuthorizationFailed | TransactionalIdAuthorizationFailed
-            | SaslAuthenticationFailed | Authentication,
+            TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | TransactionalIdAuthorizationFailed
+            | SaslAuthenticationFailed
+            | Authentication,
         ) => ErrorClass::Authorization,
         Some(Fatal | Fenced | ProducerFenced) => ErrorClass::Fatal,
         _ => ErrorClass::Transient,
@@ -426,7 +435,7 @@ pub fn is_queue_full(err: &KafkaError) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Secret, SaslMechanism};
+    use crate::config::{SaslMechanism, Secret};
 
     fn err(code: RDKafkaErrorCode) -> KafkaError {
         KafkaError::MessageProduction(code)

@@ -16,10 +16,10 @@ use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::clock::now_secs;
 use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
-use crate::clock::now_secs;
 use crate::spool::{Spool, Stored};
 use kafka::ErrorClass;
 pub use kafka::{KafkaHealth, Producer};
@@ -568,7 +568,8 @@ mod tests {
     #[test]
     fn release_appends_bridge_files_once_the_result_is_in() {
         let events = vec![stored(1, "chat-a", true), stored(2, "chat-a", false)];
-        let (ready, parked) = release(events.into_iter(), |seq| (seq == 1).then(|| br#"[{"status":"stored"}]"#.to_vec()));
+        let (ready, parked) =
+            release(events.into_iter(), |seq| (seq == 1).then(|| br#"[{"status":"stored"}]"#.to_vec()));
         assert!(parked.is_empty());
         assert_eq!(seqs(&ready), [1, 2]);
         assert_eq!(ready[0].event.value, br#"{"a":1,"bridge_files":[{"status":"stored"}]}"#.to_vec());
