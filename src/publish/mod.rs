@@ -513,9 +513,11 @@ mod tests {
     use crate::event::EventId;
 
     fn routes(overrides: &[(&str, &str)]) -> Routes {
-        let mut cfg = KafkaConfig::default();
-        cfg.topic_template = "chat.{event}.v1".into();
-        cfg.topics = overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+        let cfg = KafkaConfig {
+            topic_template: "chat.{event}.v1".into(),
+            topics: overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..KafkaConfig::default()
+        };
         Routes::new(&cfg)
     }
 
