@@ -209,7 +209,18 @@ impl Pipeline {
         let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
         let producer = kafka::producer(cfg, &bootstrap, metrics.clone(), kafka_health.clone())
             .context("creating the Kafka producer")?;
-        let publisher = Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()));
+        // A producer that fails fatally (fenced idempotence, …) is replaced by a fresh one made the
+        // same way; the spool still holds every unacknowledged event.
+        let recreate = publish::Recreate {
+            health: kafka_health.clone(),
+            make: Box::new({
+                let (cfg, bootstrap, metrics, health) =
+                    (cfg.clone(), bootstrap.clone(), metrics.clone(), kafka_health.clone());
+                move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
+            }),
+        };
+        let publisher =
+            Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate));
         let spool = match cfg.delivery.ack {
             AckMode::Spool => Some(open_spool(cfg, &metrics, overrides)?),
             AckMode::Kafka => None,
@@ -238,7 +249,7 @@ impl Pipeline {
             publisher.clone(),
             kafka_health,
             health.clone(),
-            Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)),
+            (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000))),
             background_stop.clone(),
         ));
         Ok(Pipeline {
@@ -407,27 +418,31 @@ where
 }
 
 /// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds; refreshes
-/// the state gauges at the same pace.
+/// Keeps `KafkaHealth::reachable` true to reality every two seconds — librdkafka's broker states,
+/// else a metadata request for one topic (`probe`: the topic and the request's timeout) — replaces a
+/// producer that failed fatally, and refreshes the state gauges at the same pace.
 async fn probe_kafka(
     publisher: Arc<Publisher>,
     kafka_health: Arc<KafkaHealth>,
     health: Arc<Health>,
-    timeout: Duration,
+    probe: (String, Duration),
     stop: CancellationToken,
 ) {
     let mut was = None;
     loop {
-        let p = publisher.clone();
-        let ok = tokio::task::spawn_blocking(move || p.producer().client().fetch_metadata(None, timeout).map(|_| ()))
+        // A producer that failed fatally is replaced here too, not only when there is work: in kafka
+        // ack mode a replica that is not ready gets no requests that would replace it.
+        publisher.heal().await;
+        let (p, h, (topic, timeout)) = (publisher.clone(), kafka_health.clone(), probe.clone());
+        let ok = tokio::task::spawn_blocking(move || kafka::probe_reachable(&p.producer(), &h, &topic, timeout))
             .await
-            .map(|r| r.is_ok())
             .unwrap_or(false);
         kafka_health.reachable.store(ok, std::sync::atomic::Ordering::Relaxed);
         if was != Some(ok) {
             if ok {
                 info!("kafka reachable");
             } else {
-                warn!("kafka unreachable");
+                warn!(reason = kafka_health.last_error().as_deref().unwrap_or("no broker answered"), "kafka unreachable");
             }
             was = Some(ok);
         }

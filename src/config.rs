@@ -157,13 +157,157 @@ pub struct KafkaConfig {
     pub replication_factor: i32,
     /// Per-event-type topic overrides, e.g. `receivedMessage = "chat.inbound"`.
     pub topics: BTreeMap<String, String>,
-    /// librdkafka properties passed through as they are (after the bridge's own defaults).
-    #[serde(serialize_with = "redact_librdkafka")]
+    /// TLS to the brokers.
+    pub tls: KafkaTlsConfig,
+    /// SASL authentication (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).
+    pub sasl: KafkaSaslConfig,
+    /// librdkafka properties passed through as they are (after the bridge's own defaults), except
+    /// those [`refused_property`] names. Nested tables are flattened with dots, so
+    /// `HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__SOCKET__KEEPALIVE__ENABLE` sets `socket.keepalive.enable`.
+    #[serde(serialize_with = "redact_librdkafka", deserialize_with = "flat_properties")]
     pub librdkafka: BTreeMap<String, String>,
     /// Time allowed for a Kafka admin or metadata request (`topics create`, readiness probe).
     pub request_timeout_ms: u64,
     /// Records the spool publisher keeps in flight at once.
     pub max_in_flight_records: usize,
+    /// `min.insync.replicas` of the topics `topics create` makes; unset: 2 when
+    /// `replication_factor` is 3 or more (so `acks=all` survives one broker), else the broker's default.
+    pub min_insync_replicas: Option<i32>,
+}
+
+/// `[kafka.tls]`: TLS to the brokers, with server verification and an optional client certificate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaTlsConfig {
+    pub enabled: bool,
+    /// PEM CA bundle; empty: the system's roots.
+    pub ca_file: String,
+    /// PEM client certificate (mTLS); needs `key_file`.
+    pub cert_file: String,
+    /// PEM private key of `cert_file`.
+    pub key_file: String,
+    /// Password of an encrypted `key_file`.
+    #[serde(deserialize_with = "scalar_secret")]
+    pub key_password: Option<Secret>,
+}
+
+/// SASL mechanisms librdkafka can use without a system SASL library.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// No SASL.
+    #[default]
+    None,
+    Plain,
+    ScramSha256,
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name librdkafka and Kafka use (`""` for none).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::None => "",
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+impl Serialize for SaslMechanism {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for SaslMechanism {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        match s.trim().to_ascii_uppercase().as_str() {
+            "" => Ok(SaslMechanism::None),
+            "PLAIN" => Ok(SaslMechanism::Plain),
+            "SCRAM-SHA-256" => Ok(SaslMechanism::ScramSha256),
+            "SCRAM-SHA-512" => Ok(SaslMechanism::ScramSha512),
+            other => Err(serde::de::Error::custom(format!(
+                "unsupported SASL mechanism {other:?}: use \"PLAIN\", \"SCRAM-SHA-256\" or \"SCRAM-SHA-512\""
+            ))),
+        }
+    }
+}
+
+/// `[kafka.sasl]`: SASL credentials. The password is a [`Secret`], settable as
+/// `HUGGY_BRIDGE_KAFKA__SASL__PASSWORD`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaSaslConfig {
+    pub mechanism: SaslMechanism,
+    #[serde(deserialize_with = "scalar_string")]
+    pub username: String,
+    #[serde(deserialize_with = "scalar_secret")]
+    pub password: Option<Secret>,
+}
+
+impl KafkaSaslConfig {
+    fn password_is_empty(&self) -> bool {
+        self.password.as_ref().is_none_or(|p| p.expose().is_empty())
+    }
+}
+
+/// A scalar as a string: values from the environment arrive typed (`1234` is a number).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Scalar {
+    Str(String),
+    Int(i64),
+    UInt(u64),
+    Float(f64),
+    Bool(bool),
+}
+
+impl Scalar {
+    fn into_string(self) -> String {
+        match self {
+            Scalar::Str(s) => s,
+            Scalar::Int(n) => n.to_string(),
+            Scalar::UInt(n) => n.to_string(),
+            Scalar::Float(n) => n.to_string(),
+            Scalar::Bool(b) => b.to_string(),
+        }
+    }
+}
+
+fn scalar_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Scalar::deserialize(d).map(Scalar::into_string)
+}
+
+fn scalar_secret<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Secret>, D::Error> {
+    Option::<Scalar>::deserialize(d).map(|s| s.map(|s| Secret::new(s.into_string())))
+}
+
+/// librdkafka properties from a table that may be nested: TOML's dotted keys (`socket.timeout.ms = 1`)
+/// and environment variables (`…__LIBRDKAFKA__SOCKET__TIMEOUT__MS`) arrive as nested tables; the
+/// property is the path joined with dots.
+fn flat_properties<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Node {
+        Leaf(Scalar),
+        Table(BTreeMap<String, Node>),
+    }
+    fn flatten(prefix: &str, table: BTreeMap<String, Node>, out: &mut BTreeMap<String, String>) {
+        for (k, v) in table {
+            let key = if prefix.is_empty() { k } else { format!("{prefix}.{k}") };
+            match v {
+                Node::Leaf(s) => {
+                    out.insert(key, s.into_string());
+                }
+                Node::Table(t) => flatten(&key, t, out),
+            }
+        }
+    }
+    let mut out = BTreeMap::new();
+    flatten("", BTreeMap::<String, Node>::deserialize(d)?, &mut out);
+    Ok(out)
 }
 
 impl Default for KafkaConfig {
@@ -176,9 +320,12 @@ impl Default for KafkaConfig {
             partitions: 6,
             replication_factor: 1,
             topics: BTreeMap::new(),
+            tls: KafkaTlsConfig::default(),
+            sasl: KafkaSaslConfig::default(),
             librdkafka: BTreeMap::new(),
             request_timeout_ms: 10_000,
             max_in_flight_records: 2_000,
+            min_insync_replicas: None,
         }
     }
 }
@@ -186,6 +333,133 @@ impl Default for KafkaConfig {
 impl KafkaConfig {
     pub fn is_embedded(&self) -> bool {
         self.brokers.trim() == "embedded"
+    }
+
+    /// `min.insync.replicas` for `topics create`: the configured value, else 2 when the replication
+    /// factor is 3 or more, else none (the broker's default).
+    pub fn effective_min_insync_replicas(&self) -> Option<i32> {
+        self.min_insync_replicas.or((self.replication_factor >= 3).then_some(2))
+    }
+
+    /// librdkafka's `security.protocol` for `[kafka.tls]` and `[kafka.sasl]`; `None` when neither is on.
+    pub fn security_protocol(&self) -> Option<&'static str> {
+        match (self.tls.enabled, self.sasl.mechanism != SaslMechanism::None) {
+            (false, false) => None,
+            (true, false) => Some("ssl"),
+            (false, true) => Some("sasl_plaintext"),
+            (true, true) => Some("sasl_ssl"),
+        }
+    }
+
+    /// The problems with `[kafka]`; `ack` decides what the passthrough may hold.
+    fn problems(&self, ack: AckMode) -> Vec<String> {
+        let mut out = Vec::new();
+        if !self.topic_template.contains("{event}") {
+            out.push("kafka.topic_template must contain {event}".to_owned());
+        } else {
+            for k in crate::event::KnownType::ALL {
+                let t = self.topic_template.replace("{event}", k.as_str());
+                if !crate::event::is_valid_topic(&t) {
+                    out.push(format!(
+                        "kafka.topic_template makes {t:?} for {}, not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)",
+                        k.as_str()
+                    ));
+                    break;
+                }
+            }
+        }
+        let named =
+            [("kafka.fallback_topic", &self.fallback_topic), ("kafka.dead_letter_topic", &self.dead_letter_topic)];
+        let overrides = self.topics.iter().map(|(k, v)| (k.as_str(), v));
+        for (key, t) in named.into_iter().chain(overrides) {
+            if !crate::event::is_valid_topic(t) {
+                out.push(format!(
+                    "{key}: {t:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"
+                ));
+            }
+        }
+        if let Some(m) = self.min_insync_replicas {
+            if m < 1 || m > self.replication_factor {
+                out.push(format!(
+                    "kafka.min_insync_replicas ({m}) must be between 1 and kafka.replication_factor ({})",
+                    self.replication_factor
+                ));
+            }
+        }
+        let tls = &self.tls;
+        if !tls.enabled {
+            if !tls.ca_file.is_empty() || !tls.cert_file.is_empty() || !tls.key_file.is_empty() {
+                out.push("kafka.tls: files are set but kafka.tls.enabled is false".to_owned());
+            }
+        } else {
+            if tls.cert_file.is_empty() != tls.key_file.is_empty() {
+                out.push("kafka.tls.cert_file and kafka.tls.key_file go together (mTLS needs both)".to_owned());
+            }
+            for (key, path) in [("ca_file", &tls.ca_file), ("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if !path.is_empty() && !Path::new(path).is_file() {
+                    out.push(format!("kafka.tls.{key}: {path:?} is not a readable file"));
+                }
+            }
+        }
+        let sasl = &self.sasl;
+        match sasl.mechanism {
+            SaslMechanism::None if !sasl.username.is_empty() || !sasl.password_is_empty() => {
+                out.push("kafka.sasl: credentials are set but kafka.sasl.mechanism is empty".to_owned());
+            }
+            SaslMechanism::None => {}
+            m if sasl.username.is_empty() || sasl.password_is_empty() => {
+                out.push(format!("kafka.sasl: {} needs username and password", m.as_str()));
+            }
+            _ => {}
+        }
+        for (k, v) in &self.librdkafka {
+            if let Some(why) = refused_property(k, v, ack, self) {
+                out.push(format!("kafka.librdkafka.{k} is refused: {why}"));
+            }
+        }
+        out
+    }
+}
+
+/// Why a passthrough property is refused, if it is: properties that would break the promise behind
+/// a 2xx (every event reaches Kafka, in order per key), or that the bridge sets from its own keys.
+pub fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &KafkaConfig) -> Option<String> {
+    let v = value.trim().to_ascii_lowercase();
+    let section_owned = |section: &str| format!("set by [{section}]; configure it there");
+    match key.trim().to_ascii_lowercase().as_str() {
+        "acks" | "request.required.acks" if !matches!(v.as_str(), "all" | "-1") => Some(
+            "a 2xx promises the event is on every in-sync replica; the bridge produces with acks=all".into(),
+        ),
+        "enable.idempotence" if v != "true" => Some(
+            "without idempotence a retried request can duplicate or reorder records of one key".into(),
+        ),
+        "max.in.flight.requests.per.connection" | "max.in.flight" if !v.parse::<u32>().is_ok_and(|n| n <= 5) => {
+            Some("above 5 the idempotent producer cannot keep records of one key in order".into())
+        }
+        "message.timeout.ms" | "delivery.timeout.ms" if ack == AckMode::Spool => Some(
+            "in spool mode records never time out inside librdkafka (0), so a failed record cannot be overtaken by a later one of its key".into(),
+        ),
+        "transactional.id" => Some(
+            "the bridge never commits a transaction: its records would stay invisible to read_committed consumers".into(),
+        ),
+        "partitioner" if v == "random" => Some("a random partitioner breaks per-key order".into()),
+        "enable.gapless.guarantee" if v == "true" => Some(
+            "it makes every permanent error (a record too large) fatal for the producer instead of dead-lettering one event".into(),
+        ),
+        "bootstrap.servers" | "metadata.broker.list" => Some("set by kafka.brokers".into()),
+        "statistics.interval.ms" => Some("the bridge's Kafka health reads librdkafka statistics every 2 s".into()),
+        "security.protocol" if kafka.tls.enabled || kafka.sasl.mechanism != SaslMechanism::None => {
+            Some(section_owned("kafka.tls] / [kafka.sasl"))
+        }
+        "sasl.mechanism" | "sasl.mechanisms" | "sasl.username" | "sasl.password"
+            if kafka.sasl.mechanism != SaslMechanism::None =>
+        {
+            Some(section_owned("kafka.sasl"))
+        }
+        "ssl.ca.location" | "ssl.certificate.location" | "ssl.key.location" | "ssl.key.password" if kafka.tls.enabled => {
+            Some(section_owned("kafka.tls"))
+        }
+        _ => None,
     }
 }
 
@@ -359,6 +633,21 @@ fn names_a_section(sections: &[String], key: &str) -> bool {
     sections.iter().any(|s| s.eq_ignore_ascii_case(first))
 }
 
+/// Kafka secrets set in the environment, taken as they are: figment reads environment values as
+/// TOML-like literals, which would turn a password such as `0123`, `true` or `[x]` into a number,
+/// a boolean or an array.
+const RAW_SECRET_KEYS: &[(&str, &str)] =
+    &[("KAFKA__SASL__PASSWORD", "kafka.sasl.password"), ("KAFKA__TLS__KEY_PASSWORD", "kafka.tls.key_password")];
+
+fn raw_secrets_from_env(mut figment: Figment) -> Figment {
+    for (var, key) in RAW_SECRET_KEYS {
+        if let Ok(value) = std::env::var(format!("{ENV_PREFIX}{var}")) {
+            figment = figment.merge(Serialized::default(key, value));
+        }
+    }
+    figment
+}
+
 impl Config {
     /// Loads defaults, then `path` (or `./config.toml` when it exists), then the environment, and validates.
     ///
@@ -376,7 +665,9 @@ impl Config {
             None => {}
         }
         let sections = section_names();
-        figment.merge(Env::prefixed(ENV_PREFIX).filter(move |key| names_a_section(&sections, key.as_str())).split("__"))
+        raw_secrets_from_env(figment.merge(
+            Env::prefixed(ENV_PREFIX).filter(move |key| names_a_section(&sections, key.as_str())).split("__"),
+        ))
     }
 
     /// Names of the variables under [`ENV_PREFIX`] that configuration loading ignored because their
@@ -400,8 +691,27 @@ impl Config {
         Ok(self)
     }
 
+    /// Loads like [`Config::load`] for commands that receive no webhooks (`topics`): `huggy.tokens`
+    /// may be empty.
+    ///
+    /// # Errors
+    /// As [`Config::load`], except for missing tokens.
+    pub fn load_offline(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let cfg = Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        cfg.validate_offline()?;
+        Ok(cfg)
+    }
+
     /// Rejects values that would make the daemon misbehave rather than fail.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.huggy.tokens.is_empty() {
+            return Err(ConfigError::Invalid("huggy.tokens is empty: no batch could ever be accepted".into()));
+        }
+        self.validate_offline()
+    }
+
+    /// [`Config::validate`] without the webhook's tokens.
+    pub fn validate_offline(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
         if !self.http.path.starts_with('/') {
             return bad(format!("http.path must start with '/', got {:?}", self.http.path));
@@ -421,22 +731,12 @@ impl Config {
         if self.http.listen == self.admin.listen {
             return bad("http.listen and admin.listen must differ".into());
         }
-        if self.huggy.tokens.is_empty() {
-            return bad("huggy.tokens is empty: no batch could ever be accepted".into());
-        }
         if self.kafka.brokers.trim().is_empty() {
             return bad("kafka.brokers is empty".into());
         }
-        if !self.kafka.topic_template.contains("{event}") {
-            return bad("kafka.topic_template must contain {event}".into());
-        }
-        let topics = std::iter::once(&self.kafka.fallback_topic)
-            .chain(std::iter::once(&self.kafka.dead_letter_topic))
-            .chain(self.kafka.topics.values());
-        for t in topics {
-            if !crate::event::is_valid_topic(t) {
-                return bad(format!("{t:?} is not a valid Kafka topic name"));
-            }
+        let kafka_problems = self.kafka.problems(self.delivery.ack);
+        if !kafka_problems.is_empty() {
+            return bad(kafka_problems.join("; "));
         }
         for ty in self.kafka.topics.keys() {
             if crate::event::KnownType::parse_ignore_case(ty).is_none() {
@@ -674,5 +974,182 @@ mod tests {
         cfg.validate().expect("a prefix ending in a slash is fine");
         cfg.files.max_concurrency = 8;
         assert!(cfg.validate().unwrap_err().to_string().contains("files.max_concurrency (8)"));
+    }
+
+    fn with_token() -> Config {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        cfg
+    }
+
+    #[test]
+    fn tls_and_sasl_load_from_toml_and_the_password_from_the_environment_redacted() {
+        Jail::expect_with(|jail| {
+            jail.create_file("ca.pem", "not checked here")?;
+            jail.create_file(
+                "bridge.toml",
+                r#"
+                [huggy]
+                tokens = ["t"]
+                [kafka]
+                brokers = "b-1.msk:9096"
+                [kafka.tls]
+                enabled = true
+                ca_file = "ca.pem"
+                [kafka.sasl]
+                mechanism = "scram-sha-512"
+                username = "bridge"
+                "#,
+            )?;
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__PASSWORD", "[0123456789]");
+            let cfg = Config::load(Some(Path::new("bridge.toml"))).expect("loads");
+            assert_eq!(cfg.kafka.sasl.mechanism, SaslMechanism::ScramSha512);
+            let password = cfg.kafka.sasl.password.as_ref().map(Secret::expose);
+            assert_eq!(password, Some("[0123456789]"), "taken as it is, not as a TOML array");
+            assert_eq!(cfg.kafka.security_protocol(), Some("sasl_ssl"));
+            let printed = cfg.to_redacted_toml();
+            assert!(!printed.contains("0123456789"), "{printed}");
+            assert!(printed.contains("mechanism = \"SCRAM-SHA-512\""), "{printed}");
+            assert!(!format!("{cfg:?}").contains("0123456789"), "Debug redacts too");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn librdkafka_properties_from_the_environment_and_dotted_toml_keys() {
+        Jail::expect_with(|jail| {
+            jail.create_file(
+                "c.toml",
+                "[huggy]\ntokens=[\"t\"]\n[kafka.librdkafka]\n\"linger.ms\" = \"7\"\nsocket.timeout.ms = 30000\n",
+            )?;
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__SOCKET__KEEPALIVE__ENABLE", "true");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__SASL__OAUTHBEARER__CLIENT__SECRET", "hunter2");
+            let cfg = Config::load(Some(Path::new("c.toml"))).expect("loads");
+            let p = &cfg.kafka.librdkafka;
+            assert_eq!(p.get("linger.ms").map(String::as_str), Some("7"));
+            assert_eq!(p.get("socket.timeout.ms").map(String::as_str), Some("30000"));
+            assert_eq!(p.get("socket.keepalive.enable").map(String::as_str), Some("true"));
+            assert_eq!(p.get("sasl.oauthbearer.client.secret").map(String::as_str), Some("hunter2"));
+            assert!(!cfg.to_redacted_toml().contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn the_passthrough_guard_refuses_what_breaks_the_2xx_promise_naming_property_and_reason() {
+        let refused = [
+            ("acks", "1", "acks=all"),
+            ("request.required.acks", "0", "acks=all"),
+            ("enable.idempotence", "false", "idempotence"),
+            ("max.in.flight.requests.per.connection", "6", "above 5"),
+            ("max.in.flight", "100", "above 5"),
+            ("message.timeout.ms", "30000", "never time out"),
+            ("delivery.timeout.ms", "30000", "never time out"),
+            ("transactional.id", "bridge-1", "transaction"),
+            ("partitioner", "random", "per-key order"),
+            ("bootstrap.servers", "x:9092", "kafka.brokers"),
+        ];
+        for (k, v, why) in refused {
+            let mut cfg = with_token();
+            cfg.kafka.librdkafka.insert(k.into(), v.into());
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("kafka.librdkafka.{k} is refused")) && e.contains(why), "{k}={v}: {e}");
+        }
+        let allowed = [("acks", "all"), ("max.in.flight.requests.per.connection", "5"), ("linger.ms", "50")];
+        for (k, v) in allowed {
+            let mut cfg = with_token();
+            cfg.kafka.librdkafka.insert(k.into(), v.into());
+            cfg.validate().unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        let mut cfg = with_token();
+        cfg.delivery.ack = AckMode::Kafka;
+        cfg.kafka.librdkafka.insert("message.timeout.ms".into(), "5000".into());
+        cfg.validate().expect("kafka mode: a message timeout only makes a 503 earlier");
+    }
+
+    #[test]
+    fn the_passthrough_cannot_contradict_the_tls_and_sasl_sections() {
+        let mut cfg = with_token();
+        cfg.kafka.sasl.mechanism = SaslMechanism::Plain;
+        cfg.kafka.sasl.username = "u".into();
+        cfg.kafka.sasl.password = Some(Secret::new("p"));
+        cfg.kafka.librdkafka.insert("sasl.password".into(), "other".into());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.librdkafka.sasl.password is refused") && e.contains("[kafka.sasl]"), "{e}");
+        assert!(!e.contains("other"), "{e}");
+        let mut cfg = with_token();
+        cfg.kafka.librdkafka.insert("security.protocol".into(), "sasl_ssl".into());
+        cfg.kafka.librdkafka.insert("sasl.mechanism".into(), "OAUTHBEARER".into());
+        cfg.validate().expect("without the sections, the passthrough may configure other mechanisms");
+    }
+
+    #[test]
+    fn tls_and_sasl_settings_are_checked() {
+        let mut cfg = with_token();
+        cfg.kafka.tls.ca_file = "ca.pem".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("kafka.tls.enabled is false"));
+        cfg.kafka.tls.enabled = true;
+        cfg.kafka.tls.ca_file = "/nonexistent/ca.pem".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("kafka.tls.ca_file"));
+        cfg.kafka.tls.ca_file.clear();
+        cfg.kafka.tls.cert_file = "/nonexistent/client.pem".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("go together"));
+        cfg.kafka.tls.cert_file.clear();
+        cfg.validate().expect("TLS with the system roots");
+        cfg.kafka.sasl.mechanism = SaslMechanism::ScramSha256;
+        cfg.kafka.sasl.username = "u".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("needs username and password"));
+        cfg.kafka.sasl.password = Some(Secret::new("p"));
+        cfg.validate().expect("complete");
+    }
+
+    #[test]
+    fn an_unsupported_sasl_mechanism_is_named() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__MECHANISM", "GSSAPI");
+            let e = Config::load(None).unwrap_err().to_string();
+            assert!(e.contains("GSSAPI") && e.contains("SCRAM-SHA-512"), "{e}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn topic_names_from_the_template_and_overrides_follow_kafka_rules() {
+        let mut cfg = with_token();
+        cfg.kafka.topic_template = "huggy/{event}".into();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.topic_template makes \"huggy/"), "{e}");
+        cfg.kafka.topic_template = format!("{}{{event}}", "x".repeat(240));
+        assert!(cfg.validate().is_err(), "longer than 249 for some type");
+        cfg.kafka.topic_template = "huggy.{event}".into();
+        cfg.kafka.dead_letter_topic = "..".into();
+        assert!(cfg.validate().unwrap_err().to_string().contains("kafka.dead_letter_topic"));
+        cfg.kafka.dead_letter_topic = "huggy.dead-letter".into();
+        cfg.kafka.topics.insert("receivedMessage".into(), "chat inbound".into());
+        assert!(cfg.validate().unwrap_err().to_string().contains("receivedMessage"));
+    }
+
+    #[test]
+    fn min_insync_replicas_must_fit_the_replication_factor() {
+        let mut cfg = with_token();
+        cfg.kafka.replication_factor = 3;
+        cfg.kafka.min_insync_replicas = Some(4);
+        assert!(cfg.validate().unwrap_err().to_string().contains("kafka.min_insync_replicas"));
+        cfg.kafka.min_insync_replicas = Some(3);
+        cfg.validate().expect("fits");
+    }
+
+    #[test]
+    fn offline_commands_need_no_webhook_tokens() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_KAFKA__BROKERS", "k1:9092");
+            assert!(Config::load(None).is_err());
+            let cfg = Config::load_offline(None).expect("no tokens needed");
+            assert_eq!(cfg.kafka.brokers, "k1:9092");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__ACKS", "1");
+            assert!(Config::load_offline(None).unwrap_err().to_string().contains("acks"));
+            Ok(())
+        });
     }
 }

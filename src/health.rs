@@ -119,14 +119,7 @@ impl Health {
                     reasons.push(format!("spool full ({} of {} bytes on disk)", s.disk_bytes, s.max_bytes));
                 }
             }
-            _ => {
-                if !self.kafka.is_reachable() {
-                    reasons.push("kafka unreachable".to_owned());
-                }
-                if self.kafka.is_fatal() {
-                    reasons.push("kafka producer hit a fatal error".to_owned());
-                }
-            }
+            _ => reasons.extend(self.kafka.not_ready_reason()),
         }
         reasons
     }
@@ -146,7 +139,7 @@ impl Health {
                 ));
             }
         }
-        if self.kafka.is_fatal() && self.kafka.cannot_recover() {
+        if self.kafka.cannot_recreate() {
             reasons.push("kafka producer is fatally broken and could not be recreated".to_owned());
         }
         reasons

@@ -68,13 +68,21 @@ enum SpoolCommand {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let cfg = match Config::load(cli.config.as_deref()) {
+    // Commands that receive no webhooks need no webhook tokens.
+    let offline = matches!(cli.command, Some(Command::Topics { .. }));
+    let loaded =
+        if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
+    let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
             eprintln!("huggy-bridge: {e}");
             return ExitCode::FAILURE;
         }
     };
+    if let Err(e) = publish::kafka::check_properties(&cfg) {
+        eprintln!("huggy-bridge: invalid configuration: kafka: {e}");
+        return ExitCode::FAILURE;
+    }
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
             print!("{}", cfg.to_redacted_toml());

@@ -28,6 +28,28 @@ pub const HTTP_OUTCOMES: &[&str] = &[
 /// `huggy_bridge_file_download_retries_total`).
 pub const FILE_RESULTS: &[&str] = &["stored", "failed", "expired", "refused", "too_large", "ack_timeout"];
 
+/// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
+/// label is always an `RDKafkaErrorCode` name, a closed set).
+pub const PUBLISH_ERROR_CODES: &[&str] = &[
+    "MessageTimedOut",
+    "QueueFull",
+    "MessageSizeTooLarge",
+    "TopicAuthorizationFailed",
+    "ClusterAuthorizationFailed",
+    "UnknownTopicOrPartition",
+    "NotEnoughReplicas",
+    "NotEnoughReplicasAfterAppend",
+    "RequestTimedOut",
+    "NotLeaderForPartition",
+    "BrokerTransportFailure",
+    "AllBrokersDown",
+    "Fatal",
+    "OutOfOrderSequenceNumber",
+    "InvalidProducerEpoch",
+    "PurgeQueue",
+    "PurgeInflight",
+];
+
 pub struct Metrics {
     pub registry: Registry,
     pub http_requests: IntCounterVec,
@@ -64,6 +86,10 @@ pub struct Metrics {
     pub kafka_queue_messages: IntGauge,
     pub kafka_queue_bytes: IntGauge,
     pub kafka_fatal: IntGauge,
+    pub produce_latency: Histogram,
+    pub publish_errors: IntCounterVec,
+    pub published_bytes: IntCounter,
+    pub producer_recreated: IntCounter,
     pub ready: IntGauge,
     pub build_info: IntGaugeVec,
 }
@@ -231,6 +257,28 @@ impl Metrics {
                 "huggy_bridge_kafka_fatal_error",
                 "1 after librdkafka raised a fatal error (the producer must be restarted)."
             )),
+            produce_latency: reg!(Histogram::with_opts(
+                HistogramOpts::new(
+                    "huggy_bridge_kafka_produce_latency_seconds",
+                    "Time from handing a record to librdkafka to its delivery report (acks=all), successful or not."
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0
+                ])
+            )),
+            publish_errors: reg!(counter_vec(
+                "huggy_bridge_publish_errors_total",
+                "Records Kafka did not take, by librdkafka error code (RDKafkaErrorCode name).",
+                "code"
+            )),
+            published_bytes: reg!(IntCounter::new(
+                "huggy_bridge_published_bytes_total",
+                "Bytes of record values acknowledged by Kafka (event topics and the dead-letter topic)."
+            )),
+            producer_recreated: reg!(IntCounter::new(
+                "huggy_bridge_kafka_producer_recreated_total",
+                "Producers replaced after a fatal librdkafka error."
+            )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("huggy_bridge_build_info", "Build information."),
@@ -249,6 +297,9 @@ impl Metrics {
         }
         for r in FILE_RESULTS {
             m.file_downloads.with_label_values(&[r]);
+        }
+        for c in PUBLISH_ERROR_CODES {
+            m.publish_errors.with_label_values(&[c]);
         }
         m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, … (from /proc).

@@ -2,42 +2,91 @@
 //! into metrics and health), the embedded development broker, and topic provisioning.
 
 use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{FutureProducer, ProducerContext};
+use rdkafka::producer::{FutureProducer, Producer as _, ProducerContext};
 use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
-use crate::config::{AckMode, Config, KafkaConfig};
+use crate::clock::now_secs;
+use crate::config::{AckMode, Config, KafkaConfig, SaslMechanism};
 use crate::metrics::Metrics;
 
-/// What the daemon knows of its Kafka connection, for readiness and metrics.
+/// How often librdkafka reports statistics (broker states, queue depth).
+pub const STATISTICS_INTERVAL_MS: u64 = 2_000;
+
+/// What the daemon knows of its Kafka connection, for readiness, liveness and metrics.
+///
+/// `reachable`: a broker connection is up (librdkafka's statistics), or a one-topic metadata request
+/// answered. `fatal`: librdkafka raised a fatal error on the current producer (the publisher
+/// replaces it). `unrecoverable`: a replacement producer could not be created — the only Kafka
+/// state that should fail liveness.
 #[derive(Default)]
 pub struct KafkaHealth {
     pub reachable: AtomicBool,
     pub fatal: AtomicBool,
+    pub unrecoverable: AtomicBool,
+    /// Brokers whose connection was UP at the last statistics report; -1 before the first.
+    brokers_up: AtomicI64,
+    /// When that report came (unix seconds).
+    stats_at: AtomicI64,
+    last_error: Mutex<Option<String>>,
 }
 
 impl KafkaHealth {
+    pub fn new() -> Self {
+        KafkaHealth { brokers_up: AtomicI64::new(-1), ..Default::default() }
+    }
     pub fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
     }
     pub fn is_fatal(&self) -> bool {
         self.fatal.load(Ordering::Relaxed)
     }
-    /// Whether a fatal error cannot be healed by this process (no fresh producer could be made).
-    pub fn cannot_recover(&self) -> bool {
-        self.is_fatal()
+    /// The producer hit a fatal error and a fresh one could not be created: restarting the process
+    /// is all that is left (liveness).
+    pub fn cannot_recreate(&self) -> bool {
+        self.unrecoverable.load(Ordering::Relaxed)
+    }
+    /// The last error librdkafka reported for the connection (TLS, authentication, transport),
+    /// for readiness reasons and logs; `None` once a broker is up again.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+    /// Why Kafka is not usable, when it is not: for readiness in kafka ack mode.
+    pub fn not_ready_reason(&self) -> Option<String> {
+        if self.cannot_recreate() {
+            return Some("kafka producer failed fatally and cannot be recreated".into());
+        }
+        if self.is_reachable() {
+            return None;
+        }
+        Some(match self.last_error() {
+            Some(e) => format!("kafka unreachable: {e}"),
+            None => "kafka unreachable".into(),
+        })
+    }
+    /// Brokers up according to statistics no older than three intervals; `None` when there are none.
+    fn brokers_up_recently(&self) -> Option<i64> {
+        let fresh = now_secs() - self.stats_at.load(Ordering::Relaxed) <= 3 * (STATISTICS_INTERVAL_MS / 1000) as i64;
+        let up = self.brokers_up.load(Ordering::Relaxed);
+        (fresh && up >= 0).then_some(up)
+    }
+    fn set_last_error(&self, e: Option<String>) {
+        if let Ok(mut slot) = self.last_error.lock() {
+            *slot = e;
+        }
     }
 }
 
+/// The producer's librdkafka context: statistics and errors become metrics and [`KafkaHealth`].
 pub struct BridgeContext {
     metrics: Arc<Metrics>,
     health: Arc<KafkaHealth>,
@@ -49,15 +98,25 @@ impl ClientContext for BridgeContext {
         self.metrics.kafka_brokers_up.set(up as i64);
         self.metrics.kafka_queue_messages.set(stats.msg_cnt as i64);
         self.metrics.kafka_queue_bytes.set(stats.msg_size as i64);
+        self.health.brokers_up.store(up as i64, Ordering::Relaxed);
+        self.health.stats_at.store(now_secs(), Ordering::Relaxed);
+        if up > 0 {
+            self.health.set_last_error(None);
+        }
     }
 
     fn error(&self, err: KafkaError, reason: &str) {
         if matches!(err.rdkafka_error_code(), Some(RDKafkaErrorCode::Fatal)) {
             self.health.fatal.store(true, Ordering::Relaxed);
             self.metrics.kafka_fatal.set(1);
-            error!(error = %err, reason, "kafka: fatal producer error");
+            error!(error = %err, reason, "kafka: fatal producer error; the producer will be recreated");
         } else {
             warn!(error = %err, reason, "kafka client error");
+        }
+        // "All brokers are down" follows the error that says why (TLS, authentication): keep the cause.
+        let consequence = matches!(err.rdkafka_error_code(), Some(RDKafkaErrorCode::AllBrokersDown));
+        if !(consequence && self.health.last_error().is_some()) {
+            self.health.set_last_error(Some(reason.to_owned()));
         }
     }
 
@@ -88,42 +147,112 @@ pub type Producer = FutureProducer<BridgeContext>;
 /// the spool holds it meanwhile. In kafka mode they time out with the request.
 ///
 /// # Errors
-/// librdkafka refuses the configuration.
+/// librdkafka refuses the configuration (a property, a certificate file).
 pub fn producer(
     cfg: &Config,
     bootstrap: &str,
     metrics: Arc<Metrics>,
     health: Arc<KafkaHealth>,
 ) -> Result<Producer, KafkaError> {
+    if cfg.kafka.sasl.mechanism == SaslMechanism::Plain && !cfg.kafka.tls.enabled {
+        warn!("kafka.sasl.mechanism = PLAIN without kafka.tls: the password crosses the network in clear text");
+    }
+    let producer: Producer = producer_config(cfg, bootstrap).create_with_context(BridgeContext { metrics, health })?;
+    Ok(producer)
+}
+
+/// Every property the producer is created with, passthrough included.
+pub fn producer_config(cfg: &Config, bootstrap: &str) -> ClientConfig {
     // Spool mode: never time out (the spool holds the record; order per key stays intact) and batch
     // a little. Kafka mode: a request waits for the acks, so time out with it and do not linger.
     let (message_timeout, linger_ms) = match cfg.delivery.ack {
         AckMode::Spool => (0, 5),
         AckMode::Kafka => (cfg.delivery.kafka_ack_timeout_ms.max(1), 1),
     };
-    let mut cc = base_config(bootstrap);
+    let mut cc = client_config(&cfg.kafka, bootstrap);
     cc.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("max.in.flight.requests.per.connection", "5")
         .set("compression.type", "lz4")
         .set("linger.ms", linger_ms.to_string())
         .set("message.timeout.ms", message_timeout.to_string())
-        .set("statistics.interval.ms", "2000")
+        .set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string())
         .set("queue.buffering.max.messages", "100000");
     apply_passthrough(&mut cc, &cfg.kafka);
     cc.set_log_level(RDKafkaLogLevel::Info);
-    cc.create_with_context(BridgeContext { metrics, health })
+    cc
 }
 
-fn base_config(bootstrap: &str) -> ClientConfig {
+/// A property librdkafka refused (its value is left out: it may be a secret).
+#[derive(Debug, thiserror::Error)]
+#[error("librdkafka refuses {property}: {reason}")]
+pub struct PropertyError {
+    pub property: String,
+    pub reason: String,
+}
+
+/// Checks every producer property with librdkafka itself (names, values) without connecting; for
+/// `check-config` and start-up.
+///
+/// # Errors
+/// The property librdkafka refused, and why.
+pub fn check_properties(cfg: &Config) -> Result<(), PropertyError> {
+    match producer_config(cfg, "localhost:9092").create_native_config() {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(_, reason, property, _value)) => Err(PropertyError { property, reason }),
+        Err(other) => Err(PropertyError { property: "(configuration)".into(), reason: other.to_string() }),
+    }
+}
+
+/// The connection properties every client shares: brokers, TLS and SASL from `[kafka.tls]` and
+/// `[kafka.sasl]`.
+fn client_config(kafka: &KafkaConfig, bootstrap: &str) -> ClientConfig {
     let mut cc = ClientConfig::new();
     cc.set("bootstrap.servers", bootstrap).set("client.id", "huggy-bridge");
+    if let Some(protocol) = kafka.security_protocol() {
+        cc.set("security.protocol", protocol);
+    }
+    let tls = &kafka.tls;
+    if tls.enabled {
+        // A statically linked OpenSSL has no system paths of its own: probe the usual bundle files.
+        cc.set("ssl.ca.location", if tls.ca_file.is_empty() { "probe" } else { tls.ca_file.as_str() });
+        if !tls.cert_file.is_empty() {
+            cc.set("ssl.certificate.location", &tls.cert_file).set("ssl.key.location", &tls.key_file);
+        }
+        if let Some(p) = &tls.key_password {
+            cc.set("ssl.key.password", p.expose());
+        }
+    }
+    let sasl = &kafka.sasl;
+    if sasl.mechanism != SaslMechanism::None {
+        cc.set("sasl.mechanism", sasl.mechanism.as_str()).set("sasl.username", &sasl.username);
+        if let Some(p) = &sasl.password {
+            cc.set("sasl.password", p.expose());
+        }
+    }
     cc
 }
 
 fn apply_passthrough(cc: &mut ClientConfig, kafka: &KafkaConfig) {
     for (k, v) in &kafka.librdkafka {
         cc.set(k, v);
+    }
+}
+
+/// Whether Kafka can be reached: yes when librdkafka's statistics show a broker connection up;
+/// otherwise a metadata request for one topic (never the whole cluster's) decides. Blocking.
+pub fn probe_reachable(producer: &Producer, health: &KafkaHealth, topic: &str, timeout: Duration) -> bool {
+    if health.brokers_up_recently().is_some_and(|up| up > 0) {
+        return true;
+    }
+    match producer.client().fetch_metadata(Some(topic), timeout) {
+        Ok(_) => true,
+        Err(e) => {
+            if health.last_error().is_none() {
+                health.set_last_error(Some(e.to_string()));
+            }
+            false
+        }
     }
 }
 
@@ -145,35 +274,53 @@ pub enum TopicOutcome {
     Existed,
 }
 
-/// Creates every routable topic with the configured partitions and replication; existing topics
-/// are left as they are.
+/// Why `topics create` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicsError {
+    #[error("cannot create the Kafka admin client: {0}")]
+    Client(#[source] KafkaError),
+    #[error("the create-topics request failed: {0}")]
+    Request(#[source] KafkaError),
+    #[error("topics not created: {}", .0.iter().map(|(t, c)| format!("{t}: {c} ({c:?})")).collect::<Vec<_>>().join(", "))]
+    Refused(Vec<(String, RDKafkaErrorCode)>),
+}
+
+/// Creates every routable topic with the configured partitions, replication and
+/// `min.insync.replicas`; existing topics are left as they are.
 ///
 /// # Errors
 /// The admin request failed, or a topic could not be created for another reason than existing.
-pub async fn create_topics(cfg: &Config, bootstrap: &str) -> anyhow::Result<Vec<(String, TopicOutcome)>> {
-    let mut cc = base_config(bootstrap);
+pub async fn create_topics(cfg: &Config, bootstrap: &str) -> Result<Vec<(String, TopicOutcome)>, TopicsError> {
+    let mut cc = client_config(&cfg.kafka, bootstrap);
     apply_passthrough(&mut cc, &cfg.kafka);
-    let admin: AdminClient<DefaultClientContext> = cc.create()?;
+    let admin: AdminClient<DefaultClientContext> = cc.create().map_err(TopicsError::Client)?;
     let topics = routable_topics(cfg);
+    let min_insync = cfg.kafka.effective_min_insync_replicas().map(|m| m.to_string());
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|t| NewTopic::new(t, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor)))
+        .map(|t| {
+            let topic = NewTopic::new(t, cfg.kafka.partitions, TopicReplication::Fixed(cfg.kafka.replication_factor));
+            match &min_insync {
+                Some(m) => topic.set("min.insync.replicas", m),
+                None => topic,
+            }
+        })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_millis(cfg.kafka.request_timeout_ms)));
-    let results = admin.create_topics(&new, &opts).await?;
+    let results = admin.create_topics(&new, &opts).await.map_err(TopicsError::Request)?;
     let mut out = Vec::new();
     let mut failures = Vec::new();
     for r in results {
         match r {
             Ok(t) => out.push((t, TopicOutcome::Created)),
             Err((t, RDKafkaErrorCode::TopicAlreadyExists)) => out.push((t, TopicOutcome::Existed)),
-            Err((t, code)) => failures.push(format!("{t}: {code}")),
+            Err((t, code)) => failures.push((t, code)),
         }
     }
     if failures.is_empty() {
         Ok(out)
     } else {
-        anyhow::bail!("topics not created: {}", failures.join(", "))
+        Err(TopicsError::Refused(failures))
     }
 }
 
@@ -227,27 +374,208 @@ impl Drop for EmbeddedBroker {
     }
 }
 
+/// What an error means for the record that met it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Kafka can never take this record on its topic: dead-letter it.
+    Permanent,
+    /// An ACL is missing: the operator's mistake, not the event's. Retry (with backoff) and alert;
+    /// never dead-letter.
+    Authorization,
+    /// The producer instance is broken for good (fenced, sequence desynchronised): replace it and
+    /// retry the record with the new one.
+    Fatal,
+    /// Not now: retry.
+    Transient,
+}
+
+/// Classifies an error of a send or a delivery report.
+pub fn classify(err: &KafkaError) -> ErrorClass {
+    use RDKafkaErrorCode::*;
+    match err.rdkafka_error_code() {
+        Some(
+            MessageSizeTooLarge
+            | InvalidMessageSize
+            | MessageBatchTooLarge
+            | InvalidRecord
+            | InvalidMessage
+            | InvalidTopic
+            | PolicyViolation
+            | UnsupportedCompressionType,
+        ) => ErrorClass::Permanent,
+        Some(
+            TopicAuthorizationFailed
+            | ClusterAuthorizationFailed
+            | TransactionalIdAuthorizationFailed
+            | SaslAuthenticationFailed
+            | Authentication,
+        ) => ErrorClass::Authorization,
+        Some(Fatal | Fenced | ProducerFenced) => ErrorClass::Fatal,
+        _ => ErrorClass::Transient,
+    }
+}
+
 /// Whether an error means the record can never be written to its topic (dead-letter it) rather than
 /// "not now" (keep it and try again).
 pub fn is_permanent(err: &KafkaError) -> bool {
-    use RDKafkaErrorCode::*;
-    matches!(
-        err.rdkafka_error_code(),
-        Some(
-            MessageSizeTooLarge
-                | InvalidMessageSize
-                | MessageBatchTooLarge
-                | InvalidRecord
-                | InvalidMessage
-                | TopicAuthorizationFailed
-                | InvalidTopic
-                | PolicyViolation
-                | UnsupportedCompressionType
-        )
-    )
+    classify(err) == ErrorClass::Permanent
+}
+
+/// The `code` label of `huggy_bridge_publish_errors_total`: the `RDKafkaErrorCode` name, or
+/// `Unknown` for an error that carries none.
+pub fn error_code_label(err: &KafkaError) -> String {
+    err.rdkafka_error_code().map_or_else(|| "Unknown".to_owned(), |c| format!("{c:?}"))
 }
 
 /// librdkafka's "queue full" when enqueueing: wait and try again.
 pub fn is_queue_full(err: &KafkaError) -> bool {
     matches!(err.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{SaslMechanism, Secret};
+
+    fn err(code: RDKafkaErrorCode) -> KafkaError {
+        KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn authorization_errors_are_retried_never_dead_lettered() {
+        for code in [RDKafkaErrorCode::TopicAuthorizationFailed, RDKafkaErrorCode::ClusterAuthorizationFailed] {
+            assert_eq!(classify(&err(code)), ErrorClass::Authorization, "{code:?}");
+            assert!(!is_permanent(&err(code)), "{code:?} must not dead-letter");
+        }
+    }
+
+    #[test]
+    fn errors_are_classified_by_code() {
+        use RDKafkaErrorCode::*;
+        for c in [MessageSizeTooLarge, InvalidTopic, PolicyViolation, InvalidRecord] {
+            assert_eq!(classify(&err(c)), ErrorClass::Permanent, "{c:?}");
+        }
+        for c in [Fatal, Fenced, ProducerFenced] {
+            assert_eq!(classify(&err(c)), ErrorClass::Fatal, "{c:?}");
+        }
+        for c in [MessageTimedOut, NotEnoughReplicas, AllBrokersDown, RequestTimedOut, PurgeQueue] {
+            assert_eq!(classify(&err(c)), ErrorClass::Transient, "{c:?}");
+        }
+        assert_eq!(classify(&KafkaError::Canceled), ErrorClass::Transient);
+        assert!(is_queue_full(&err(QueueFull)));
+    }
+
+    #[test]
+    fn the_error_code_label_is_the_rdkafka_error_code_name() {
+        assert_eq!(error_code_label(&err(RDKafkaErrorCode::TopicAuthorizationFailed)), "TopicAuthorizationFailed");
+        assert_eq!(error_code_label(&KafkaError::Canceled), "Unknown");
+        for seeded in crate::metrics::PUBLISH_ERROR_CODES {
+            assert!(!seeded.contains(' '), "{seeded}");
+        }
+    }
+
+    fn secured_config(mechanism: SaslMechanism, ca_file: &str) -> Config {
+        let mut cfg = Config::default();
+        cfg.kafka.tls.enabled = true;
+        cfg.kafka.tls.ca_file = ca_file.into();
+        cfg.kafka.sasl.mechanism = mechanism;
+        cfg.kafka.sasl.username = "bridge".into();
+        cfg.kafka.sasl.password = Some(Secret::new("s3cret"));
+        cfg
+    }
+
+    #[test]
+    fn tls_and_sasl_map_onto_librdkafka_properties() {
+        let cfg = secured_config(SaslMechanism::ScramSha512, "");
+        let cc = producer_config(&cfg, "b1:9096");
+        assert_eq!(cc.get("security.protocol"), Some("sasl_ssl"));
+        assert_eq!(cc.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        assert_eq!(cc.get("sasl.username"), Some("bridge"));
+        assert_eq!(cc.get("sasl.password"), Some("s3cret"));
+        assert_eq!(cc.get("ssl.ca.location"), Some("probe"), "system roots, found by probing");
+        assert_eq!(cc.get("ssl.certificate.location"), None);
+        assert_eq!(cc.get("bootstrap.servers"), Some("b1:9096"));
+
+        let mut cfg = secured_config(SaslMechanism::None, "/etc/kafka/ca.pem");
+        cfg.kafka.sasl.username.clear();
+        cfg.kafka.sasl.password = None;
+        cfg.kafka.tls.cert_file = "/etc/kafka/client.pem".into();
+        cfg.kafka.tls.key_file = "/etc/kafka/client.key".into();
+        let cc = producer_config(&cfg, "b1:9093");
+        assert_eq!(cc.get("security.protocol"), Some("ssl"));
+        assert_eq!(cc.get("ssl.ca.location"), Some("/etc/kafka/ca.pem"));
+        assert_eq!(cc.get("ssl.certificate.location"), Some("/etc/kafka/client.pem"));
+        assert_eq!(cc.get("ssl.key.location"), Some("/etc/kafka/client.key"));
+        assert_eq!(cc.get("sasl.mechanism"), None);
+
+        let mut cfg = Config::default();
+        cfg.kafka.sasl = secured_config(SaslMechanism::Plain, "").kafka.sasl;
+        assert_eq!(producer_config(&cfg, "b").get("security.protocol"), Some("sasl_plaintext"));
+        assert_eq!(producer_config(&Config::default(), "b").get("security.protocol"), None);
+    }
+
+    #[test]
+    fn the_bridge_settings_come_before_the_passthrough() {
+        let mut cfg = Config::default();
+        cfg.kafka.librdkafka.insert("linger.ms".into(), "20".into());
+        let cc = producer_config(&cfg, "b");
+        assert_eq!(cc.get("linger.ms"), Some("20"));
+        assert_eq!(cc.get("acks"), Some("all"));
+        assert_eq!(cc.get("enable.idempotence"), Some("true"));
+    }
+
+    /// This build of librdkafka has what managed Kafka needs: TLS, SASL SCRAM and PLAIN, zstd, lz4.
+    #[test]
+    fn librdkafka_is_built_with_tls_sasl_scram_zstd_and_lz4() {
+        let native = ClientConfig::new().create_native_config().expect("native config");
+        let features = native.get("builtin.features").expect("builtin.features");
+        for f in ["ssl", "sasl_scram", "sasl_plain", "zstd", "lz4"] {
+            assert!(features.split(',').any(|x| x == f), "librdkafka lacks {f}: {features}");
+        }
+    }
+
+    /// librdkafka accepts every SASL mechanism the configuration offers, over TLS, and creates the
+    /// producer (creation is where it checks SSL and SASL support; no broker is contacted here).
+    #[test]
+    fn a_sasl_ssl_producer_can_be_created_for_every_mechanism() {
+        for m in [SaslMechanism::Plain, SaslMechanism::ScramSha256, SaslMechanism::ScramSha512] {
+            let cfg = secured_config(m, "");
+            check_properties(&cfg).unwrap_or_else(|e| panic!("{m:?}: {e}"));
+            let health = Arc::new(KafkaHealth::new());
+            let p = producer(&cfg, "127.0.0.1:9", Arc::new(Metrics::new()), health);
+            assert!(p.is_ok(), "{m:?}: {:?}", p.err());
+        }
+    }
+
+    #[test]
+    fn check_properties_names_the_property_librdkafka_refuses_without_its_value() {
+        let mut cfg = Config::default();
+        cfg.kafka.librdkafka.insert("sasl.oauthbearer.client.secret.typo".into(), "hunter2".into());
+        let e = check_properties(&cfg).unwrap_err().to_string();
+        assert!(e.contains("sasl.oauthbearer.client.secret.typo"), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
+
+    #[test]
+    fn readiness_says_why_kafka_is_unreachable() {
+        let h = KafkaHealth::new();
+        assert_eq!(h.not_ready_reason().as_deref(), Some("kafka unreachable"));
+        h.set_last_error(Some("ssl://localhost:9093/bootstrap: SSL handshake failed".into()));
+        assert!(h.not_ready_reason().is_some_and(|r| r.contains("SSL handshake failed")));
+        h.reachable.store(true, Ordering::Relaxed);
+        assert_eq!(h.not_ready_reason(), None);
+        h.unrecoverable.store(true, Ordering::Relaxed);
+        assert!(h.not_ready_reason().is_some_and(|r| r.contains("cannot be recreated")));
+        assert!(h.cannot_recreate());
+    }
+
+    #[test]
+    fn min_insync_replicas_defaults_to_two_from_replication_factor_three() {
+        let mut k = KafkaConfig::default();
+        assert_eq!(k.effective_min_insync_replicas(), None);
+        k.replication_factor = 3;
+        assert_eq!(k.effective_min_insync_replicas(), Some(2));
+        k.min_insync_replicas = Some(3);
+        assert_eq!(k.effective_min_insync_replicas(), Some(3));
+    }
 }

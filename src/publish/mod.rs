@@ -4,14 +4,15 @@
 pub mod kafka;
 
 use std::collections::{BTreeMap, HashSet};
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::join_all;
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureRecord};
+use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -20,6 +21,7 @@ use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
+use kafka::ErrorClass;
 pub use kafka::{KafkaHealth, Producer};
 
 /// Topic routing from the configuration.
@@ -74,45 +76,164 @@ pub fn headers(ev: &Event) -> OwnedHeaders {
     h
 }
 
+/// Why an event was not written this time; it is tried again.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RetryReason {
+    #[error("kafka did not take the record now: {0}")]
+    Transient(#[source] KafkaError),
+    /// An ACL is missing: the operator's mistake, never the event's; retried, not dead-lettered.
+    #[error("not authorized (check the ACLs; the event is kept and retried): {0}")]
+    Authorization(#[source] KafkaError),
+    #[error("the producer failed fatally; a fresh producer takes the record: {0}")]
+    Fatal(#[source] KafkaError),
+    #[error("the producer failed fatally and a fresh one could not be created: {0}")]
+    Recreate(#[source] KafkaError),
+    #[error("the dead-letter topic did not take the event: {0}")]
+    DeadLetter(#[source] KafkaError),
+    #[error("the delivery report was lost: the producer was closed")]
+    Closed,
+}
+
 /// How one event ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     Published,
     DeadLettered,
     /// Not written; worth trying again later.
-    Retry(String),
+    Retry(RetryReason),
 }
 
+/// How the publisher replaces a producer that librdkafka declared fatally broken.
+pub struct Recreate {
+    pub health: Arc<KafkaHealth>,
+    pub make: Box<dyn Fn() -> Result<Producer, KafkaError> + Send + Sync>,
+}
+
+/// Pacing of producer replacements, so that a fault which breaks every fresh producer at once (a
+/// cluster ACL) does not spin.
+struct Recreation {
+    not_before: Option<Instant>,
+    delay: Duration,
+    last: Option<Instant>,
+}
+
+const RECREATE_MIN_DELAY: Duration = Duration::from_secs(1);
+const RECREATE_MAX_DELAY: Duration = Duration::from_secs(60);
+
 pub struct Publisher {
-    producer: Producer,
+    producer: RwLock<Arc<Producer>>,
+    recreate: Option<Recreate>,
+    recreation: tokio::sync::Mutex<Recreation>,
     routes: Routes,
     metrics: Arc<Metrics>,
 }
 
 impl Publisher {
     pub fn new(producer: Producer, routes: Routes, metrics: Arc<Metrics>) -> Self {
-        Publisher { producer, routes, metrics }
+        Publisher {
+            producer: RwLock::new(Arc::new(producer)),
+            recreate: None,
+            recreation: tokio::sync::Mutex::new(Recreation { not_before: None, delay: RECREATE_MIN_DELAY, last: None }),
+            routes,
+            metrics,
+        }
     }
 
-    pub fn producer(&self) -> &Producer {
-        &self.producer
+    /// Lets the publisher replace its producer after a fatal error (else such an error is final).
+    pub fn recreating_with(mut self, recreate: Recreate) -> Self {
+        self.recreate = Some(recreate);
+        self
+    }
+
+    /// The producer in use now.
+    pub fn producer(&self) -> Arc<Producer> {
+        match self.producer.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Replaces the producer if librdkafka declared it fatally broken (paced; see `usable_producer`).
+    pub async fn heal(&self) {
+        let _ = self.usable_producer().await;
+    }
+
+    /// The producer to send with: the current one, or a fresh one when librdkafka declared the
+    /// current one fatally broken. Unacknowledged records are not lost with the old one: their
+    /// events come back as [`Outcome::Retry`] and stay in the spool (or get a 503 in kafka mode).
+    ///
+    /// # Errors
+    /// The producer is broken and may not (yet) or cannot be replaced.
+    async fn usable_producer(&self) -> Result<Arc<Producer>, RetryReason> {
+        let current = self.producer();
+        let Some((code, reason)) = current.client().fatal_error() else { return Ok(current) };
+        let fatal = KafkaError::Global(code);
+        let Some(recreate) = &self.recreate else { return Err(RetryReason::Fatal(fatal)) };
+        let mut pace = self.recreation.lock().await;
+        let now_current = self.producer();
+        if !Arc::ptr_eq(&now_current, &current) {
+            return Ok(now_current); // replaced while this call waited
+        }
+        if pace.not_before.is_some_and(|t| Instant::now() < t) {
+            return Err(RetryReason::Fatal(fatal));
+        }
+        // A producer that broke soon after the last replacement doubles the wait for the next one.
+        pace.delay = match pace.last {
+            Some(at) if at.elapsed() < RECREATE_MAX_DELAY => (pace.delay * 2).min(RECREATE_MAX_DELAY),
+            _ => RECREATE_MIN_DELAY,
+        };
+        pace.not_before = Some(Instant::now() + pace.delay);
+        error!(code = ?code, reason, "kafka producer failed fatally; replacing it (unacknowledged events are sent again)");
+        match (recreate.make)() {
+            Ok(fresh) => {
+                let fresh = Arc::new(fresh);
+                match self.producer.write() {
+                    Ok(mut p) => *p = fresh.clone(),
+                    Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
+                }
+                pace.last = Some(Instant::now());
+                recreate.health.fatal.store(false, Ordering::Relaxed);
+                recreate.health.unrecoverable.store(false, Ordering::Relaxed);
+                self.metrics.kafka_fatal.set(0);
+                self.metrics.producer_recreated.inc();
+                info!("kafka producer replaced");
+                // Dropping a producer purges and joins its threads: not on a runtime worker.
+                drop(now_current);
+                tokio::task::spawn_blocking(move || drop(current));
+                Ok(fresh)
+            }
+            Err(e) => {
+                recreate.health.unrecoverable.store(true, Ordering::Relaxed);
+                error!(error = %e, retry_in_ms = pace.delay.as_millis() as u64, "cannot create a fresh kafka producer");
+                Err(RetryReason::Recreate(e))
+            }
+        }
     }
 
     /// Publishes events, enqueueing them in order (so records of one key keep it), then waits for
-    /// every delivery. Permanent failures go to the dead-letter topic.
+    /// every delivery. Permanent failures go to the dead-letter topic; authorization failures and
+    /// everything else are retried.
     pub async fn publish_all(&self, events: &[&Event]) -> Vec<Outcome> {
+        let producer = match self.usable_producer().await {
+            Ok(p) => p,
+            Err(why) => return events.iter().map(|_| Outcome::Retry(why.clone())).collect(),
+        };
         let mut pending = Vec::with_capacity(events.len());
         for ev in events {
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
                 None => self
-                    .enqueue(&self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value)
+                    .enqueue(&producer, &self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value)
                     .await
+                    .map(|f| (Instant::now(), f))
                     .map_err(PublishError::Kafka),
             });
         }
         let waited = join_all(pending.into_iter().map(|p| async move {
-            match p?.await {
+            let (sent, delivery) = p?;
+            let report = delivery.await;
+            self.metrics.produce_latency.observe(sent.elapsed().as_secs_f64());
+            match report {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err((e, _))) => Err(PublishError::Kafka(e)),
                 Err(_canceled) => Err(PublishError::Closed),
@@ -120,37 +241,58 @@ impl Publisher {
         }))
         .await;
         let mut out = Vec::with_capacity(events.len());
+        let mut unauthorized: Option<(String, KafkaError, usize)> = None;
         for (ev, result) in events.iter().zip(waited) {
             let outcome = match result {
                 Ok(()) => {
                     self.metrics.events_published.with_label_values(&[ev.event_type.label()]).inc();
+                    self.metrics.published_bytes.inc_by(ev.value.len() as u64);
                     Outcome::Published
                 }
-                Err(PublishError::Malformed(reason)) => self.dead_letter(ev, &reason).await,
-                Err(PublishError::Kafka(e)) if kafka::is_permanent(&e) => self.dead_letter(ev, &e.to_string()).await,
-                Err(PublishError::Kafka(e)) => Outcome::Retry(e.to_string()),
-                Err(PublishError::Closed) => Outcome::Retry("producer closed".into()),
+                Err(PublishError::Malformed(reason)) => self.dead_letter(&producer, ev, &reason).await,
+                Err(PublishError::Kafka(e)) => {
+                    self.count_error(&e);
+                    match kafka::classify(&e) {
+                        ErrorClass::Permanent => self.dead_letter(&producer, ev, &e.to_string()).await,
+                        ErrorClass::Authorization => {
+                            let n = unauthorized.as_ref().map_or(0, |u| u.2);
+                            unauthorized = Some((self.routes.topic_for(&ev.event_type), e.clone(), n + 1));
+                            Outcome::Retry(RetryReason::Authorization(e))
+                        }
+                        ErrorClass::Fatal => Outcome::Retry(RetryReason::Fatal(e)),
+                        ErrorClass::Transient => Outcome::Retry(RetryReason::Transient(e)),
+                    }
+                }
+                Err(PublishError::Closed) => Outcome::Retry(RetryReason::Closed),
             };
             out.push(outcome);
         }
+        if let Some((topic, e, records)) = unauthorized {
+            error!(%topic, error = %e, records, "kafka refused records: not authorized. Fix the ACL; the events are kept and retried, never dead-lettered");
+        }
         out
+    }
+
+    fn count_error(&self, e: &KafkaError) {
+        self.metrics.publish_errors.with_label_values(&[&kafka::error_code_label(e)]).inc();
     }
 
     /// Sends to the dead-letter topic, with the reason and intended topic as headers. When even that
     /// is refused for good (a record too large for any topic), a stub carrying the event id and the
     /// reason is sent instead, and the loss of the body is logged.
-    async fn dead_letter(&self, ev: &Event, reason: &str) -> Outcome {
+    async fn dead_letter(&self, producer: &Producer, ev: &Event, reason: &str) -> Outcome {
         let intended = self.routes.topic_for(&ev.event_type);
         let with_reason = |h: OwnedHeaders| {
             h.insert(Header { key: "huggy_dlq_reason", value: Some(reason) })
                 .insert(Header { key: "huggy_dlq_topic", value: Some(intended.as_str()) })
         };
-        let first = self.deliver(&self.routes.dead_letter, ev, with_reason(headers(ev)), &ev.value).await;
+        let first = self.deliver(producer, &self.routes.dead_letter, ev, with_reason(headers(ev)), &ev.value).await;
         let result = match first {
             Err(e) if kafka::is_permanent(&e) => {
                 error!(event_id = %ev.id, error = %e, bytes = ev.value.len(), "dead-letter topic refused the event; sending a stub without its body");
                 let stub = serde_json::json!({"bridge_error": reason, "dlq_error": e.to_string(), "event_id": ev.id.to_string(), "size": ev.value.len()});
-                self.deliver(&self.routes.dead_letter, ev, with_reason(headers(ev)), stub.to_string().as_bytes()).await
+                let stub = stub.to_string();
+                self.deliver(producer, &self.routes.dead_letter, ev, with_reason(headers(ev)), stub.as_bytes()).await
             }
             other => other,
         };
@@ -160,21 +302,47 @@ impl Publisher {
                 self.metrics.events_dead_lettered.with_label_values(&[ev.event_type.label()]).inc();
                 Outcome::DeadLettered
             }
-            Err(e) => Outcome::Retry(format!("dead-letter topic: {e}")),
+            Err(e) => Outcome::Retry(match kafka::classify(&e) {
+                ErrorClass::Authorization => RetryReason::Authorization(e),
+                ErrorClass::Fatal => RetryReason::Fatal(e),
+                ErrorClass::Permanent | ErrorClass::Transient => RetryReason::DeadLetter(e),
+            }),
         }
     }
 
-    async fn deliver(&self, topic: &str, ev: &Event, headers: OwnedHeaders, value: &[u8]) -> Result<(), KafkaError> {
-        match self.enqueue(topic, ev, headers, value).await?.await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((e, _))) => Err(e),
-            Err(_) => Err(KafkaError::Canceled),
+    /// Sends one record and waits for its delivery report, counting what it cost.
+    async fn deliver(
+        &self,
+        producer: &Producer,
+        topic: &str,
+        ev: &Event,
+        headers: OwnedHeaders,
+        value: &[u8],
+    ) -> Result<(), KafkaError> {
+        let sent = Instant::now();
+        let result = match self.enqueue(producer, topic, ev, headers, value).await {
+            Err(e) => Err(e),
+            Ok(delivery) => {
+                let report = delivery.await;
+                self.metrics.produce_latency.observe(sent.elapsed().as_secs_f64());
+                match report {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err((e, _))) => Err(e),
+                    Err(_) => Err(KafkaError::Canceled),
+                }
+            }
+        };
+        match &result {
+            Ok(()) => self.metrics.published_bytes.inc_by(value.len() as u64),
+            Err(e) => self.count_error(e),
         }
+        result
     }
 
     /// Hands one record to librdkafka, waiting while its queue is full.
     async fn enqueue(
         &self,
+        producer: &Producer,
         topic: &str,
         ev: &Event,
         headers: OwnedHeaders,
@@ -186,7 +354,7 @@ impl Publisher {
             if let Some(k) = &ev.key {
                 rec = rec.key(k.as_str());
             }
-            match self.producer.send_result(rec) {
+            match producer.send_result(rec) {
                 Ok(f) => return Ok(f),
                 Err((e, _)) if kafka::is_queue_full(&e) => {
                     tokio::time::sleep(wait).await;
@@ -251,7 +419,8 @@ pub async fn run_spool_publisher(
                 }
             }
         };
-        let (ready, still_parked) = release(std::mem::take(&mut parked).into_iter().chain(fresh), &spool);
+        let (ready, still_parked) =
+            release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));
         parked = still_parked;
         if ready.is_empty() {
             tokio::select! {
@@ -309,7 +478,10 @@ pub async fn run_spool_publisher(
 /// Splits events (in sequence order) into those ready to publish — with their `bridge_files`
 /// appended — and those that must wait: files not captured yet, or an earlier event of the same key
 /// still waiting.
-fn release(events: impl Iterator<Item = Stored>, spool: &Spool) -> (Vec<Stored>, Vec<Stored>) {
+fn release(
+    events: impl Iterator<Item = Stored>,
+    files_result: impl Fn(u64) -> Option<Vec<u8>>,
+) -> (Vec<Stored>, Vec<Stored>) {
     let mut blocked: HashSet<String> = HashSet::new();
     let (mut ready, mut parked) = (Vec::new(), Vec::new());
     for mut s in events {
@@ -318,7 +490,7 @@ fn release(events: impl Iterator<Item = Stored>, spool: &Spool) -> (Vec<Stored>,
             continue;
         }
         if !s.event.files.is_empty() {
-            match spool.files_result(s.seq) {
+            match files_result(s.seq) {
                 Some(member) => {
                     s.event.value = crate::event::append_member(&s.event.value, "bridge_files", &member);
                     s.event.files.clear();
@@ -335,4 +507,96 @@ fn release(events: impl Iterator<Item = Stored>, spool: &Spool) -> (Vec<Stored>,
         ready.push(s);
     }
     (ready, parked)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventId;
+
+    fn routes(overrides: &[(&str, &str)]) -> Routes {
+        let cfg = KafkaConfig {
+            topic_template: "chat.{event}.v1".into(),
+            topics: overrides.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect(),
+            ..KafkaConfig::default()
+        };
+        Routes::new(&cfg)
+    }
+
+    #[test]
+    fn topic_for_prefers_the_override_then_the_template_then_the_fallback() {
+        let r = routes(&[("receivedMessage", "chat.inbound")]);
+        assert_eq!(r.topic_for(&EventType::Known(KnownType::ReceivedMessage)), "chat.inbound");
+        assert_eq!(r.topic_for(&EventType::Known(KnownType::ClosedChat)), "chat.closedChat.v1");
+        assert_eq!(r.topic_for(&EventType::Unknown("brandNewEvent".into())), "huggy.unknown");
+        assert_eq!(r.dead_letter, "huggy.dead-letter");
+    }
+
+    #[test]
+    fn topic_overrides_match_the_type_in_any_letter_case() {
+        let r = routes(&[("CLOSEDCHAT", "chat.closed"), ("receivedmessage", "chat.inbound")]);
+        assert_eq!(r.topic_for(&EventType::Known(KnownType::ClosedChat)), "chat.closed");
+        assert_eq!(r.topic_for(&EventType::Known(KnownType::ReceivedMessage)), "chat.inbound");
+    }
+
+    fn stored(seq: u64, key: &str, files: bool) -> Stored {
+        Stored {
+            seq,
+            received_at: 0,
+            event: Event {
+                id: EventId([seq as u8; 16]),
+                event_type: EventType::Known(KnownType::ReceivedMessage),
+                original_type: None,
+                key: Some(key.to_owned()),
+                company: None,
+                time: 0,
+                value: br#"{"a":1}"#.to_vec(),
+                dead_letter: None,
+                files: if files { vec!["https://files.huggy.app/x".into()] } else { Vec::new() },
+            },
+        }
+    }
+
+    fn seqs(v: &[Stored]) -> Vec<u64> {
+        v.iter().map(|s| s.seq).collect()
+    }
+
+    #[test]
+    fn release_parks_an_event_waiting_for_files_and_every_later_event_of_its_key() {
+        let events = vec![stored(1, "chat-a", true), stored(2, "chat-b", false), stored(3, "chat-a", false)];
+        let (ready, parked) = release(events.into_iter(), |_| None);
+        assert_eq!(seqs(&ready), [2], "other keys go on");
+        assert_eq!(seqs(&parked), [1, 3], "the key waits behind its first event, in order");
+    }
+
+    #[test]
+    fn release_appends_bridge_files_once_the_result_is_in() {
+        let events = vec![stored(1, "chat-a", true), stored(2, "chat-a", false)];
+        let (ready, parked) =
+            release(events.into_iter(), |seq| (seq == 1).then(|| br#"[{"status":"stored"}]"#.to_vec()));
+        assert!(parked.is_empty());
+        assert_eq!(seqs(&ready), [1, 2]);
+        assert_eq!(ready[0].event.value, br#"{"a":1,"bridge_files":[{"status":"stored"}]}"#.to_vec());
+        assert!(ready[0].event.files.is_empty(), "files are not captured twice");
+        assert_eq!(ready[1].event.value, br#"{"a":1}"#.to_vec());
+    }
+
+    #[test]
+    fn release_keeps_a_later_event_parked_behind_an_earlier_parked_one_of_its_key() {
+        // Event 2 has its files, but event 1 of the same key does not yet: 2 must not overtake 1.
+        let events = vec![stored(1, "k", true), stored(2, "k", true), stored(3, "other", true)];
+        let (ready, parked) = release(events.into_iter(), |seq| (seq != 1).then(|| b"[]".to_vec()));
+        assert_eq!(seqs(&ready), [3]);
+        assert_eq!(seqs(&parked), [1, 2]);
+    }
+
+    #[test]
+    fn retry_reasons_keep_the_kafka_error_as_their_source() {
+        use std::error::Error as _;
+        let e = KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::TopicAuthorizationFailed);
+        let why = RetryReason::Authorization(e.clone());
+        assert!(why.to_string().contains("not authorized"), "{why}");
+        let source = why.source().expect("a source").to_string();
+        assert_eq!(source, e.to_string());
+    }
 }

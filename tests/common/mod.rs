@@ -277,7 +277,15 @@ pub async fn read_topics_async(bootstrap: &str, topics: &[&str]) -> Vec<Rec> {
 }
 
 fn read_topic(bootstrap: &str, topic: &str) -> Vec<Rec> {
-    let consumer: BaseConsumer = ClientConfig::new()
+    read_topic_with(bootstrap, &[], topic)
+}
+
+fn read_topic_with(bootstrap: &str, extra: &[(String, String)], topic: &str) -> Vec<Rec> {
+    let mut cc = ClientConfig::new();
+    for (k, v) in extra {
+        cc.set(k, v);
+    }
+    let consumer: BaseConsumer = cc
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "huggy-bridge-tests")
         .set("enable.auto.commit", "false")
@@ -682,4 +690,45 @@ pub fn assert_nothing_acked_is_missing(load: &LoadResult, recs: &[Rec]) -> usize
         assert!(positions.windows(2).all(|w| w[0] < w[1]), "per-key order broken");
     }
     dups
+}
+
+// ---------------------------------------------------------------------------------------------
+// Secured brokers
+
+impl Tansu {
+    /// Like [`Tansu::start`], advertising `advertised` (`host:port`) as the broker's address, e.g. a
+    /// TLS-terminating proxy's.
+    pub fn start_advertising(bin: &Path, advertised: &str) -> Tansu {
+        let port = free_port();
+        let child = Command::new(bin)
+            .args([
+                "broker",
+                "--listener-url",
+                &format!("tcp://127.0.0.1:{port}"),
+                "--advertised-listener-url",
+                &format!("tcp://{advertised}"),
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu starts");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "tansu did not listen on {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Tansu { child, port }
+    }
+}
+
+/// [`read_topics_async`] with extra consumer properties (TLS, SASL).
+pub async fn read_topics_with_async(bootstrap: &str, extra: Vec<(String, String)>, topics: Vec<&str>) -> Vec<Rec> {
+    let b = bootstrap.to_owned();
+    let t: Vec<String> = topics.iter().map(|t| (*t).to_owned()).collect();
+    tokio::task::spawn_blocking(move || t.iter().flat_map(|t| read_topic_with(&b, &extra, t)).collect())
+        .await
+        .expect("consumer task")
 }
