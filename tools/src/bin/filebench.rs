@@ -2,7 +2,7 @@
 //! the same files, on the same machine, in the same run.
 //!
 //! ```text
-//! cargo run --release --bin filebench -- --files 200 --min-kib 10 --max-kib 2048
+//! cargo run --release -p huggy-bridge-tools --bin filebench -- --files 200 --min-kib 10 --max-kib 2048
 //! ```
 //!
 //! Starts a local file server (random bytes, sizes spread between the bounds), the daemon in-process
