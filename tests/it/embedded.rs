@@ -1,66 +1,41 @@
 //! Black-box tests of the whole daemon, in-process, on the embedded broker (librdkafka's mock
 //! cluster): HTTP in as Huggy, records out as a Kafka consumer.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
-use huggy_bridge::app::{self, Running};
+use crate::common::*;
 use huggy_bridge::config::{AckMode, Config};
 use huggy_bridge::metrics::counter_sum;
-use tokio_util::sync::CancellationToken;
 
 fn config(dir: &std::path::Path) -> Config {
     let tokens = fixture_tokens();
     inprocess_config(dir, &tokens.iter().map(String::as_str).collect::<Vec<_>>())
 }
 
-async fn start(cfg: Config) -> Running {
-    app::start(cfg, CancellationToken::new()).await.expect("daemon starts")
-}
-
-fn url(r: &Running) -> String {
-    format!("http://{}/webhooks/huggy", r.http_addr)
-}
-
-fn published(r: &Running) -> u64 {
-    counter_sum(&r.metrics.events_published)
-}
-
-fn dead_lettered(r: &Running) -> u64 {
-    counter_sum(&r.metrics.events_dead_lettered)
-}
-
 async fn post_fixtures_and_check(mode: AckMode) {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.delivery.ack = mode;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let mut total = 0;
     for (name, body) in batch_fixtures() {
-        let (status, text) = post(&url(&d), body).await;
+        let (status, text) = post(&d.url(), body).await;
         assert_eq!(status, 200, "{name}: {text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         total += v["accepted"].as_u64().unwrap();
     }
     assert_eq!(total, 25);
     if mode == AckMode::Kafka {
-        assert_eq!(published(&d), 25, "kafka mode answers only after every event is acknowledged");
+        assert_eq!(d.published(), 25, "kafka mode answers only after every event is acknowledged");
     }
     // Spool mode publishes the one event that two fixtures share (same type and bytes) once.
     let distinct = if mode == AckMode::Spool { 24 } else { 25 };
-    wait_for("every event published", Duration::from_secs(30), async || (published(&d) == distinct).then_some(()))
+    wait_for("every event published", Duration::from_secs(30), async || (d.published() == distinct).then_some(()))
         .await;
     let topics = fixture_topics();
-    let recs = read_topics_async(
-        d.embedded_bootstrap.as_deref().unwrap(),
-        &topics.iter().map(String::as_str).collect::<Vec<_>>(),
-    )
-    .await;
+    let recs = d.records(&topics.iter().map(String::as_str).collect::<Vec<_>>()).await;
     check_fixture_records(&recs, mode == AckMode::Spool);
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -76,9 +51,9 @@ async fn every_fixture_becomes_correct_records_kafka_mode() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_echoes_a_configured_token_only() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path())).await;
+    let d = TestApp::start(config(dir.path())).await;
     let r = reqwest::Client::new()
-        .post(url(&d))
+        .post(d.url())
         .body(std::fs::read(format!("{FIXTURES}/handshake.json")).unwrap())
         .send()
         .await
@@ -86,10 +61,9 @@ async fn handshake_echoes_a_configured_token_only() {
     assert_eq!(r.status(), 200);
     assert!(r.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
     assert_eq!(r.text().await.unwrap(), "380c4e7399999999999999999999d354");
-    let (status, _) = post(&url(&d), r#"{"token":"not-configured","validToken":true}"#).await;
+    let (status, _) = post(&d.url(), r#"{"token":"not-configured","validToken":true}"#).await;
     assert_eq!(status, 401);
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -97,7 +71,7 @@ async fn rejections_have_their_status_and_code_and_publish_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.http.max_body_bytes = 64 * 1024;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let good = std::fs::read(format!("{FIXTURES}/receivedMessage.json")).unwrap();
     let bad_token = String::from_utf8(good.clone()).unwrap().replace("132ce76c7abb1154f01ebc0d508162e4", "0000");
     let no_token = r#"{"time":1,"messages":{"receivedMessage":[{"id":1}]}}"#;
@@ -113,7 +87,7 @@ async fn rejections_have_their_status_and_code_and_publish_nothing() {
         (vec![b' '; 64 * 1024 + 1], 413, "body_too_large"),
     ];
     for (body, status, code) in cases {
-        let (got, text) = post(&url(&d), body).await;
+        let (got, text) = post(&d.url(), body).await;
         assert_eq!(got, status, "{text}");
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["code"], code, "{text}");
@@ -122,41 +96,40 @@ async fn rejections_have_their_status_and_code_and_publish_nothing() {
     }
     // Oversized and streamed without a Content-Length: refused while reading.
     let chunks = futures::stream::iter((0..100).map(|_| Ok::<_, std::io::Error>(vec![b' '; 1024])));
-    let r = reqwest::Client::new().post(url(&d)).body(reqwest::Body::wrap_stream(chunks)).send().await;
+    let r = reqwest::Client::new().post(d.url()).body(reqwest::Body::wrap_stream(chunks)).send().await;
     match r {
         Ok(r) => assert_eq!(r.status(), 413),
         Err(e) => assert!(e.is_request() || e.is_body(), "connection closed while streaming: {e}"),
     }
-    let get = reqwest::get(url(&d)).await.unwrap();
+    let get = reqwest::get(d.url()).await.unwrap();
     assert_eq!(get.status(), 405);
     let other =
         reqwest::Client::new().post(format!("http://{}/elsewhere", d.http_addr)).body("{}").send().await.unwrap();
     assert_eq!(other.status(), 404);
-    assert_eq!(metric_value(&d.admin_addr, "huggy_bridge_http_requests_total{outcome=\"unauthorized\"}").await, 3.0);
+    assert_eq!(d.metric("huggy_bridge_http_requests_total{outcome=\"unauthorized\"}").await, 3.0);
     let received = counter_sum(&d.metrics.events_received);
     assert_eq!(received, 0, "nothing accepted");
     assert_eq!(d.metrics.spool_events.get(), 0);
     let metrics = reqwest::get(format!("http://{}/metrics", d.admin_addr)).await.unwrap().text().await.unwrap();
     assert!(!metrics.contains("132ce76c"), "no token in metrics");
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_event_is_dead_lettered_and_its_siblings_published() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path())).await;
+    let d = TestApp::start(config(dir.path())).await;
     let body = r#"{"time":1700000000,"token":"132ce76c7abb1154f01ebc0d508162e4","messages":{
         "receivedMessage":[{"id":1,"chat":{"id":10},"company":{"id":5}}, "not an object", {"id":2,"chat":{"id":10},"company":{"id":5}}],
         "brandNewType":[{"chatID":77,"company":{"id":5}}]}}"#;
-    let (status, text) = post(&url(&d), body).await;
+    let (status, text) = post(&d.url(), body).await;
     assert_eq!((status, text.as_str()), (200, r#"{"accepted":4}"#));
     wait_for("publishing", Duration::from_secs(20), async || {
-        (published(&d) == 3 && dead_lettered(&d) == 1).then_some(())
+        (d.published() == 3 && d.dead_lettered() == 1).then_some(())
     })
     .await;
     let topics = ["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"];
-    let recs = read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &topics).await;
+    let recs = d.records(&topics).await;
     let on = |t: &str| recs.iter().filter(|r| r.topic == t).collect::<Vec<_>>();
     let received = on("huggy.receivedMessage");
     assert_eq!(received.len(), 2);
@@ -175,24 +148,27 @@ async fn a_malformed_event_is_dead_lettered_and_its_siblings_published() {
     assert_eq!(unknown.len(), 1);
     assert_eq!(unknown[0].key.as_deref(), Some("77"));
     assert_eq!(unknown[0].header("ce_type"), Some("app.huggy.brandNewType"));
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redelivered_batch_is_acknowledged_but_published_once() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path())).await;
+    let d = TestApp::start(config(dir.path())).await;
     let body = std::fs::read(format!("{FIXTURES}/startedChat+receivedMessage.json")).unwrap();
     for _ in 0..3 {
-        let (status, text) = post(&url(&d), body.clone()).await;
+        let (status, text) = post(&d.url(), body.clone()).await;
         assert_eq!((status, text.as_str()), (200, r#"{"accepted":2}"#));
     }
-    wait_for("publishing", Duration::from_secs(20), async || (published(&d) == 2).then_some(())).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(published(&d), 2);
-    d.shutdown();
-    d.wait().await.unwrap();
+    wait_for("publishing", Duration::from_secs(20), async || (d.published() == 2).then_some(())).await;
+    // The redeliveries were answered as duplicates; once the spool is empty nothing more can go out.
+    assert_eq!(d.metrics.events_duplicate.get(), 4);
+    wait_for("spool drained", Duration::from_secs(20), async || {
+        (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(d.published(), 2);
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -202,15 +178,14 @@ async fn kafka_mode_answers_503_when_kafka_cannot_ack_in_time() {
     cfg.kafka.brokers = format!("127.0.0.1:{}", free_port());
     cfg.delivery.ack = AckMode::Kafka;
     cfg.delivery.kafka_ack_timeout_ms = 1500;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let body = std::fs::read(format!("{FIXTURES}/receivedMessage.json")).unwrap();
-    let r = reqwest::Client::new().post(url(&d)).body(body).send().await.unwrap();
+    let r = reqwest::Client::new().post(d.url()).body(body).send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert_eq!(r.headers()["retry-after"], "5");
     let v: serde_json::Value = r.json().await.unwrap();
     assert_eq!(v["code"], "kafka_unavailable");
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,13 +194,13 @@ async fn spool_mode_accepts_while_kafka_is_away_until_the_cap() {
     let mut cfg = config(dir.path());
     cfg.kafka.brokers = format!("127.0.0.1:{}", free_port());
     cfg.spool.max_bytes = 4000;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let body = std::fs::read(format!("{FIXTURES}/receivedMessage.json")).unwrap();
     let mut statuses = Vec::new();
     for i in 0..10 {
         // Distinct events: vary the body inside the event so ids differ.
         let b = String::from_utf8(body.clone()).unwrap().replace("\"teste\"", &format!("\"teste {i}\""));
-        let r = reqwest::Client::new().post(url(&d)).body(b).send().await.unwrap();
+        let r = reqwest::Client::new().post(d.url()).body(b).send().await.unwrap();
         if r.status() == 503 {
             assert_eq!(r.headers()["retry-after"], "5");
         }
@@ -240,12 +215,11 @@ async fn spool_mode_accepts_while_kafka_is_away_until_the_cap() {
     let why = ready.text().await.unwrap();
     // Spool mode: the full spool makes the replica unready; Kafka being away does not (SPEC §7).
     assert!(why.contains("spool full") && !why.contains("kafka"), "{why}");
-    assert_eq!(metric_value(&d.admin_addr, "huggy_bridge_spool_events").await as usize, first_refusal);
-    assert!(metric_value(&d.admin_addr, "huggy_bridge_spool_oldest_age_seconds").await >= 0.0);
+    assert_eq!(d.metric("huggy_bridge_spool_events").await as usize, first_refusal);
+    assert!(d.metric("huggy_bridge_spool_oldest_age_seconds").await >= 0.0);
     assert_eq!(
-        metric_value(&d.admin_addr, "huggy_bridge_http_requests_total{outcome=\"unavailable\"}").await as usize,
+        d.metric("huggy_bridge_http_requests_total{outcome=\"unavailable\"}").await as usize,
         10 - first_refusal
     );
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }

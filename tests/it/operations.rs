@@ -1,7 +1,7 @@
 //! The binary as an operator runs it: started by a kubelet that injects service-link variables under
 //! the daemon's own prefix, checked with `check-config`, scraped for `process_*` metrics.
 
-mod common;
+use crate::common;
 
 use std::net::SocketAddr;
 use std::path::Path;

@@ -22,14 +22,14 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
 const FIXTURES: &[&str] = &[
-    include_str!("../../tests/fixtures/receivedMessage.json"),
-    include_str!("../../tests/fixtures/startedChat+receivedMessage.json"),
-    include_str!("../../tests/fixtures/sentAllMessage.json"),
-    include_str!("../../tests/fixtures/receivedAllMessage.json"),
-    include_str!("../../tests/fixtures/closedChat.json"),
-    include_str!("../../tests/fixtures/agentEntered.json"),
-    include_str!("../../tests/fixtures/startedAutomationFlow+finishedAutomationFlow.json"),
-    include_str!("../../tests/fixtures/updatedCustomer.json"),
+    include_str!("../../../tests/fixtures/receivedMessage.json"),
+    include_str!("../../../tests/fixtures/startedChat+receivedMessage.json"),
+    include_str!("../../../tests/fixtures/sentAllMessage.json"),
+    include_str!("../../../tests/fixtures/receivedAllMessage.json"),
+    include_str!("../../../tests/fixtures/closedChat.json"),
+    include_str!("../../../tests/fixtures/agentEntered.json"),
+    include_str!("../../../tests/fixtures/startedAutomationFlow+finishedAutomationFlow.json"),
+    include_str!("../../../tests/fixtures/updatedCustomer.json"),
 ];
 
 #[derive(Parser, Debug)]

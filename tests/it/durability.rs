@@ -4,55 +4,22 @@
 //! stopped replica's volume). Real processes and a real broker where the failure is about them;
 //! the daemon in-process where a fault has to be injected into its disk.
 
-mod common;
-
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use huggy_bridge::app::{self, Overrides, Running};
 use huggy_bridge::config::Config;
 use huggy_bridge::metrics::counter_sum;
 use huggy_bridge::spool::SegmentIo;
 use tokio_util::sync::CancellationToken;
 
-fn spool_config(bootstrap: &str, spool: &std::path::Path, extra: &str) -> String {
-    format!(
-        "[kafka]\nbrokers = \"{bootstrap}\"\npartitions = 3\n[delivery]\nack = \"spool\"\n[spool]\ndir = \"{}\"\n{extra}\n[files]\nenabled = false\n[shutdown]\ntimeout_secs = 10\n",
-        spool.display()
-    )
-}
-
-/// A tansu broker behind a loopback proxy that can be cut, with the topics created.
-struct CuttableBroker {
-    _tansu: Tansu,
-    proxy: Proxy,
-    via_proxy: String,
-    dir: tempfile::TempDir,
-}
-
-fn cuttable_broker(bin: &std::path::Path) -> CuttableBroker {
-    let proxy_port = free_port();
-    let tansu = Tansu::start(bin, Some(proxy_port));
-    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
-    let via_proxy = format!("127.0.0.1:{proxy_port}");
-    let dir = tempfile::tempdir().unwrap();
-    topics_create(dir.path(), &via_proxy, 3);
-    CuttableBroker { _tansu: tansu, proxy, via_proxy, dir }
-}
-
 async fn status_of(admin: &SocketAddr, path: &str) -> (u16, String) {
     let r = reqwest::get(format!("http://{admin}/{path}")).await.unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
-}
-
-async fn drained(d: &Daemon, within: Duration) {
-    wait_for("spool drained", within, async || (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(()))
-        .await;
 }
 
 fn bodies(recs: &[Rec]) -> Vec<String> {
@@ -61,17 +28,6 @@ fn bodies(recs: &[Rec]) -> Vec<String> {
             serde_json::from_slice::<serde_json::Value>(&r.value).unwrap()["body"].as_str().unwrap_or("").to_owned()
         })
         .collect()
-}
-
-/// `huggy-bridge <args> --config <dir>/config.toml` (the config a `Daemon` in `dir` wrote).
-fn cli(dir: &std::path::Path, args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
-        .args(args)
-        .arg("--config")
-        .arg(dir.join("config.toml"))
-        .env("HUGGY_BRIDGE_LOG__FORMAT", "text")
-        .output()
-        .unwrap()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -262,25 +218,19 @@ async fn a_second_daemon_on_the_same_spool_exits_nonzero_and_the_first_keeps_del
     let dir = tempfile::tempdir().unwrap();
     topics_create(dir.path(), &tansu.bootstrap(), 3);
     let spool = dir.path().join("spool");
-    let first = Daemon::start(dir.path(), &spool_config(&tansu.bootstrap(), &spool, "")).await;
+    let first = Daemon::start(dir.path(), &spool_config(&tansu.bootstrap(), &spool)).await;
     assert_eq!(post(&first.url(), load_batch(1, 0, 3).0).await.0, 200);
     let second_dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        second_dir.path().join("config.toml"),
-        format!(
-            "[http]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[huggy]\ntokens = [\"{LOAD_TOKEN}\"]\n{}",
-            free_port(),
-            free_port(),
-            spool_config(&tansu.bootstrap(), &spool, "")
-        ),
-    )
-    .unwrap();
-    let out = cli(second_dir.path(), &["run"]);
+    let second = spool_config(&tansu.bootstrap(), &spool)
+        .set("http.listen", format!("127.0.0.1:{}", free_port()))
+        .set("admin.listen", format!("127.0.0.1:{}", free_port()))
+        .set("huggy.tokens", LOAD_TOKEN);
+    let out = second.command(second_dir.path(), &["run"]).output().unwrap();
     assert!(!out.status.success(), "a second daemon on the same spool.dir must not start");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("in use by another huggy-bridge process"), "{err}");
     // `spool status` refuses too, and changes nothing.
-    let status = cli(dir.path(), &["spool", "status"]);
+    let status = first.command(&["spool", "status"]).output().unwrap();
     assert!(!status.status.success());
     assert!(String::from_utf8_lossy(&status.stderr).contains("in use"), "{status:?}");
     assert_eq!(post(&first.url(), load_batch(1, 1, 3).0).await.0, 200);
@@ -295,7 +245,7 @@ async fn one_flipped_byte_in_the_newest_segment_costs_one_event_and_is_reported(
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
     let spool = dir.path().join("spool");
-    let cfg = spool_config(&via_proxy, &spool, "");
+    let cfg = spool_config(&via_proxy, &spool);
     let mut d = Daemon::start(dir.path(), &cfg).await;
     let mut sent = Vec::new();
     for b in 0..30 {
@@ -343,7 +293,7 @@ async fn after_a_refusal_a_smaller_batch_of_the_same_chat_cannot_overtake() {
     proxy.cut();
     let spool = dir.path().join("spool");
     // The smallest spool the configuration allows: max_body_bytes (4 MiB).
-    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &spool, "max_bytes = 4194304")).await;
+    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &spool).set("spool.max_bytes", 4_194_304)).await;
     let room =
         async || d.metric("huggy_bridge_spool_max_bytes").await - d.metric("huggy_bridge_spool_disk_bytes").await;
     // Fill chat 1's history until between 1 and 8 KiB are left: big batches first, then single events.
@@ -388,7 +338,7 @@ async fn after_a_refusal_a_smaller_batch_of_the_same_chat_cannot_overtake() {
 async fn spool_mode_stays_ready_through_a_broker_outage_and_delivers_after() {
     let Some(bin) = real_broker_or_skip("ready_through_outage") else { return };
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
-    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"), "")).await;
+    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"))).await;
     assert_eq!(status_of(&d.admin, "readyz").await.0, 200);
     proxy.cut();
     wait_for("kafka seen unreachable", Duration::from_secs(30), async || {
@@ -412,26 +362,22 @@ async fn spool_status_and_drain_empty_a_stopped_replicas_volume() {
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
     let spool = dir.path().join("spool");
-    let mut d = Daemon::start(dir.path(), &spool_config(&via_proxy, &spool, "")).await;
+    let mut d = Daemon::start(dir.path(), &spool_config(&via_proxy, &spool)).await;
     for b in 0..4 {
         assert_eq!(post(&d.url(), load_batch(4, b, 5).0).await.0, 200);
     }
     assert!(d.terminate(Duration::from_secs(20)).success());
     // The replica is gone; its volume holds 20 undelivered events.
-    let out = cli(dir.path(), &["spool", "status", "--json"]);
+    let out = d.command(&["spool", "status", "--json"]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(status["undelivered_events"], 20, "{status}");
     assert_eq!(status["by_type"]["receivedMessage"], 20, "{status}");
-    let text = cli(dir.path(), &["spool", "status"]);
+    let text = d.command(&["spool", "status"]).output().unwrap();
     assert!(String::from_utf8_lossy(&text.stdout).contains("undelivered events:  20"), "{text:?}");
     proxy.restore();
-    let drain = tokio::task::spawn_blocking({
-        let dir = dir.path().to_owned();
-        move || cli(&dir, &["spool", "drain"])
-    })
-    .await
-    .unwrap();
+    let mut drain_cmd = d.command(&["spool", "drain"]);
+    let drain = tokio::task::spawn_blocking(move || drain_cmd.output().unwrap()).await.unwrap();
     assert!(drain.status.success(), "{}", String::from_utf8_lossy(&drain.stderr));
     assert!(String::from_utf8_lossy(&drain.stdout).contains("drained 20 events"), "{drain:?}");
     let got = bodies(&read_topics_async(&via_proxy, &["huggy.receivedMessage"]).await);
@@ -441,7 +387,7 @@ async fn spool_status_and_drain_empty_a_stopped_replicas_volume() {
         }
     }
     let after: serde_json::Value =
-        serde_json::from_slice(&cli(dir.path(), &["spool", "status", "--json"]).stdout).unwrap();
+        serde_json::from_slice(&d.command(&["spool", "status", "--json"]).output().unwrap().stdout).unwrap();
     assert_eq!(after["undelivered_events"], 0, "{after}");
 }
 
@@ -454,17 +400,11 @@ async fn an_unknown_spool_format_refuses_to_start_with_a_clear_message() {
     header.extend_from_slice(&7u32.to_le_bytes());
     header.extend_from_slice(&[0; 4]);
     std::fs::write(spool.join("segment-00000000000000000001.log"), &header).unwrap();
-    std::fs::write(
-        dir.path().join("config.toml"),
-        format!(
-            "[http]\nlisten = \"127.0.0.1:{}\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[huggy]\ntokens = [\"t\"]\n{}",
-            free_port(),
-            free_port(),
-            spool_config("embedded", &spool, "")
-        ),
-    )
-    .unwrap();
-    let out = cli(dir.path(), &["run"]);
+    let env = spool_config("embedded", &spool)
+        .set("http.listen", format!("127.0.0.1:{}", free_port()))
+        .set("admin.listen", format!("127.0.0.1:{}", free_port()))
+        .set("huggy.tokens", "t");
+    let out = env.command(dir.path(), &["run"]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("spool format 7") && err.contains("cannot read"), "{err}");

@@ -9,20 +9,12 @@
 //!
 //! Skipped when no tansu binary is found, unless `HUGGY_TEST_REQUIRE_BROKER=1` (CI).
 
-mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
-
-fn spool_config(bootstrap: &str, spool: &std::path::Path) -> String {
-    format!(
-        "[kafka]\nbrokers = \"{bootstrap}\"\npartitions = 3\n[delivery]\nack = \"spool\"\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n[shutdown]\ntimeout_secs = 10\n",
-        spool.display()
-    )
-}
+use crate::common::*;
 
 fn fixture_text(name: &str) -> String {
     std::fs::read_to_string(format!("{FIXTURES}/{name}")).unwrap()

@@ -1,12 +1,9 @@
 //! The deploy artifacts agree with the daemon: every metric the Grafana dashboard and the alert rules
 //! query is one the daemon exports.
 
-mod common;
-
 use std::collections::BTreeSet;
 
-use huggy_bridge::app;
-use tokio_util::sync::CancellationToken;
+use crate::common::{inprocess_config, TestApp};
 
 /// `huggy_bridge_*` and `process_*` names in a text, histogram series suffixes folded to the family name.
 fn metric_names(text: &str) -> BTreeSet<String> {
@@ -42,10 +39,10 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
     assert!(wanted.len() >= 15, "{wanted:?}");
 
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = common::inprocess_config(dir.path(), &["t"]);
+    let mut cfg = inprocess_config(dir.path(), &["t"]);
     cfg.files.enabled = true;
     cfg.files.store = format!("file://{}", dir.path().join("files").display());
-    let d = app::start(cfg, CancellationToken::new()).await.unwrap();
+    let d = TestApp::start(cfg).await;
     let exported = reqwest::get(format!("http://{}/metrics", d.admin_addr)).await.unwrap().text().await.unwrap();
     let families: BTreeSet<String> = exported
         .lines()
@@ -64,6 +61,5 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
     for line in exported.lines().filter(|l| l.starts_with("# HELP huggy_bridge_")) {
         assert!(line.split_whitespace().count() > 3, "help text on every family: {line}");
     }
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }

@@ -4,7 +4,6 @@
 //! results out of its channel, as the spool sees it. Tokens and sizes are scaled down from Huggy's
 //! 10 minutes so that each test takes seconds.
 
-mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::*;
+use crate::common::*;
 use huggy_bridge::config::{AckMode, Config, FilesConfig};
 use huggy_bridge::event::EventId;
 use huggy_bridge::files::{Completion, FileCapture, FileDone, FileJob};

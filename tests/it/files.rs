@@ -2,22 +2,18 @@
 //! daemon in-process on the embedded broker (and as a process on a real broker for the crash test),
 //! and the records read back from Kafka with their `bridge_files`.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use common::*;
-use huggy_bridge::app::{self, Running};
 use huggy_bridge::config::{Config, Secret};
 use huggy_bridge::metrics::counter_sum;
 use sha2::{Digest, Sha256};
-use tokio_util::sync::CancellationToken;
 
 const SECRET: &str = "file-server-secret";
 
@@ -132,12 +128,8 @@ fn config(dir: &std::path::Path, file_server: SocketAddr) -> Config {
     cfg
 }
 
-async fn start(cfg: Config) -> Running {
-    app::start(cfg, CancellationToken::new()).await.expect("daemon starts")
-}
-
-async fn records(d: &Running) -> Vec<Rec> {
-    read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &["huggy.receivedMessage"]).await
+async fn records(d: &TestApp) -> Vec<Rec> {
+    d.records(&["huggy.receivedMessage"]).await
 }
 
 fn bridge_files(r: &Rec) -> Vec<serde_json::Value> {
@@ -145,7 +137,7 @@ fn bridge_files(r: &Rec) -> Vec<serde_json::Value> {
     v["bridge_files"].as_array().cloned().unwrap_or_default()
 }
 
-async fn wait_published(d: &Running, n: u64, within: Duration) {
+async fn wait_published(d: &TestApp, n: u64, within: Duration) {
     wait_for("events published", within, async || (counter_sum(&d.metrics.events_published) >= n).then_some(())).await;
 }
 
@@ -153,7 +145,7 @@ async fn wait_published(d: &Running, n: u64, within: Duration) {
 async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
     let (addr, server) = start_server([127, 0, 0, 1], 0).await;
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path(), addr)).await;
+    let d = TestApp::start(config(dir.path(), addr)).await;
     let n = 200;
     let mut expected = HashMap::new();
     let mut events = Vec::new();
@@ -175,7 +167,7 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
     }
     let started = Instant::now();
     for chunk in events.chunks(50) {
-        let (status, text) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(chunk)).await;
+        let (status, text) = post(&d.url(), batch(chunk)).await;
         assert_eq!(status, 200, "{text}");
     }
     wait_published(&d, n as u64, Duration::from_secs(60)).await;
@@ -229,8 +221,7 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
         total as f64 / 1e6 / took.as_secs_f64(),
         d.metrics.file_headroom.get_sample_sum() / n as f64
     );
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -240,7 +231,7 @@ async fn failures_are_reported_and_the_event_still_published() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path(), addr);
     cfg.files.max_file_bytes = 1024 * 1024;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let expired = {
         let exp = 1_000; // long gone
         format!("http://{addr}/files/old?exp={exp}&sig={}", sig("old", exp))
@@ -258,7 +249,7 @@ async fn failures_are_reported_and_the_event_still_published() {
         event_with_file(5, 5, &local),
         event_with_file(6, 6, &off_list),
     ];
-    let (status, _) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&events)).await;
+    let (status, _) = post(&d.url(), batch(&events)).await;
     assert_eq!(status, 200);
     wait_published(&d, 6, Duration::from_secs(60)).await;
     let recs = records(&d).await;
@@ -287,8 +278,7 @@ async fn failures_are_reported_and_the_event_still_published() {
     // Nothing of the oversized file, or of any failed one, is left in the store.
     let stored: Vec<_> = walk(&dir.path().join("files"));
     assert_eq!(stored.len(), 1, "only the flaky file is stored: {stored:?}");
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
@@ -311,14 +301,14 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 async fn later_events_of_the_same_chat_wait_for_the_files_other_chats_do_not() {
     let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path(), addr)).await;
+    let d = TestApp::start(config(dir.path(), addr)).await;
     let slow = signed(addr, "slow", 30, "&kind=slow&size=100");
     let events = vec![
         event_with_file(1, 900, &slow),
         r#"{"id":2,"body":"after the file","chat":{"id":900},"company":{"id":"7"}}"#.to_owned(),
         r#"{"id":3,"body":"other chat","chat":{"id":901},"company":{"id":"7"}}"#.to_owned(),
     ];
-    let (status, _) = post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&events)).await;
+    let (status, _) = post(&d.url(), batch(&events)).await;
     assert_eq!(status, 200);
     wait_published(&d, 1, Duration::from_secs(10)).await;
     assert_eq!(counter_sum(&d.metrics.events_published), 1, "only the other chat's event went ahead");
@@ -328,8 +318,7 @@ async fn later_events_of_the_same_chat_wait_for_the_files_other_chats_do_not() {
     assert_eq!(chat900.len(), 2);
     assert_eq!(bridge_files(chat900[0])[0]["status"], "stored");
     assert!(String::from_utf8_lossy(&chat900[1].value).contains("after the file"));
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 /// An S3-compatible server (moto) on loopback: `MOTO_SERVER`, else `moto_server` on PATH.
@@ -342,15 +331,6 @@ fn moto_binary() -> Option<std::path::PathBuf> {
         .split(':')
         .map(|d| std::path::Path::new(d).join("moto_server"))
         .find(|p| p.is_file())
-}
-
-struct Moto(std::process::Child);
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,13 +346,13 @@ async fn files_are_streamed_into_an_s3_compatible_store() {
         return;
     };
     let port = free_port();
-    let child = std::process::Command::new(moto)
-        .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let _moto = Moto(child);
+    let _moto = ChildGuard::spawn(
+        std::process::Command::new(moto)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null()),
+    )
+    .unwrap();
     let endpoint = format!("http://127.0.0.1:{port}");
     let http = reqwest::Client::new();
     wait_for("moto up", Duration::from_secs(30), async || {
@@ -390,12 +370,11 @@ async fn files_are_streamed_into_an_s3_compatible_store() {
     cfg.files.s3.secret_access_key = Some(Secret::new("testing"));
     cfg.files.s3.allow_http = true;
     cfg.files.max_file_bytes = 16 * 1024 * 1024;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     // 7 MiB: more than one multipart part.
     let size = 7 * 1024 * 1024 + 123;
     let url = signed(addr, "big.bin", 30, &format!("&size={size}&seed=9"));
-    let (status, _) =
-        post(&format!("http://{}/webhooks/huggy", d.http_addr), batch(&[event_with_file(1, 1, &url)])).await;
+    let (status, _) = post(&d.url(), batch(&[event_with_file(1, 1, &url)])).await;
     assert_eq!(status, 200);
     wait_published(&d, 1, Duration::from_secs(60)).await;
     let f = bridge_files(&records(&d).await[0]).pop().unwrap();
@@ -406,8 +385,7 @@ async fn files_are_streamed_into_an_s3_compatible_store() {
     let body = http.get(format!("{endpoint}/captured/{key}")).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(body.len(), size);
     assert_eq!(hex::encode(Sha256::digest(&body)), f["sha256"].as_str().unwrap());
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -417,19 +395,22 @@ async fn sigkill_with_downloads_pending_then_restart_stores_the_files_and_publis
     let (addr, server) = start_server([127, 0, 0, 1], 0).await;
     let dir = tempfile::tempdir().unwrap();
     topics_create(dir.path(), &tansu.bootstrap(), 3);
-    let cfg = format!(
-        "[kafka]\nbrokers = \"{}\"\n[spool]\ndir = \"{}\"\n[files]\nallowed_url_prefixes = [\"http://{addr}/files/\"]\nstore = \"file://{}\"\ntoken_ttl_secs = 60\n",
-        tansu.bootstrap(),
-        dir.path().join("spool").display(),
-        dir.path().join("files").display()
-    );
+    let cfg = DaemonEnv::new()
+        .set("kafka.brokers", tansu.bootstrap())
+        .set("spool.dir", dir.path().join("spool").display())
+        .set("files.allowed_url_prefixes", format!("[\"http://{addr}/files/\"]"))
+        .set("files.store", format!("file://{}", dir.path().join("files").display()))
+        .set("files.token_ttl_secs", 60);
     let mut d = Daemon::start(dir.path(), &cfg).await;
     let events: Vec<String> = (0..10)
         .map(|i| event_with_file(i, 100 + i, &signed(addr, &format!("s{i}"), 60, "&kind=slow&size=2000")))
         .collect();
     let (status, _) = post(&d.url(), batch(&events)).await;
     assert_eq!(status, 200);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_for("downloads under way", Duration::from_secs(20), async || {
+        (0..10).any(|i| server.hits(&format!("s{i}")) > 0).then_some(())
+    })
+    .await;
     d.kill9();
     let d = Daemon::start(dir.path(), &cfg).await;
     wait_for("published after restart", Duration::from_secs(60), async || {

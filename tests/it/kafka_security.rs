@@ -6,14 +6,13 @@
 //! The TLS tests need tansu (skipped without it unless `HUGGY_TEST_REQUIRE_BROKER=1`); the
 //! mock-cluster tests need nothing.
 
-mod common;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose};
 use rdkafka::mocking::MockCluster;
 use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
@@ -156,6 +155,24 @@ fn tls_kafka_toml(bootstrap: &str, ca_file: &Path, client: Option<&Leaf>) -> Str
     )
 }
 
+/// The same configuration as the daemon's environment (`HUGGY_BRIDGE_KAFKA__TLS__…`, and a
+/// librdkafka property through `HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__BROKER__ADDRESS__FAMILY`).
+fn tls_kafka_env(bootstrap: &str, ca_file: &Path, client: Option<&Leaf>) -> DaemonEnv {
+    let env = DaemonEnv::new()
+        .set("kafka.brokers", bootstrap)
+        .set("kafka.partitions", 1)
+        .set("kafka.tls.enabled", true)
+        .set("kafka.tls.ca_file", ca_file.display())
+        .set("kafka.librdkafka.broker.address.family", "v4")
+        .set("delivery.ack", "kafka")
+        .set("delivery.kafka_ack_timeout_ms", 4000)
+        .set("files.enabled", false);
+    match client {
+        Some(c) => env.set("kafka.tls.cert_file", c.cert_file.display()).set("kafka.tls.key_file", c.key_file.display()),
+        None => env,
+    }
+}
+
 /// librdkafka consumer properties for the same broker.
 fn tls_consumer(ca_file: &Path, client: &Leaf) -> Vec<(String, String)> {
     [
@@ -196,7 +213,7 @@ async fn mtls_to_a_tls_only_broker_topics_create_and_every_fixture_acknowledged(
     assert!(out.status.success(), "topics create over TLS: {}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.lines().count() >= 21 && stdout.lines().all(|l| l.ends_with("\tcreated")), "{stdout}");
 
-    let d = Daemon::start(dir, &kafka_toml).await;
+    let d = Daemon::start(dir, &tls_kafka_env(&broker.bootstrap, &ca_file, Some(&client))).await;
     wait_for("ready over TLS", Duration::from_secs(30), async || (readyz(&d.admin).await.0 == 200).then_some(())).await;
     for (name, body) in batch_fixtures() {
         let (status, text) = post(&d.url(), body).await;
@@ -217,7 +234,7 @@ async fn a_broker_certificate_from_an_untrusted_ca_is_refused_no_2xx_and_readine
     let dir = broker.dir.path();
     let stranger = TestCa::new("some other CA");
     let wrong_ca = stranger.write_pem(dir, "wrong-ca.pem");
-    let d = Daemon::start(dir, &tls_kafka_toml(&broker.bootstrap, &wrong_ca, None)).await;
+    let d = Daemon::start(dir, &tls_kafka_env(&broker.bootstrap, &wrong_ca, None)).await;
 
     let body = std::fs::read(format!("{FIXTURES}/receivedMessage.json")).unwrap();
     let (status, text) = post(&d.url(), body).await;

@@ -5,7 +5,7 @@
 //! again with the concurrency fixed at the floor, in the same process.
 //!
 //! ```text
-//! cargo run --release --bin filebench -- --files 1200 --min-kib 200 --max-kib 2500 \
+//! cargo run --release -p huggy-bridge-tools --bin filebench -- --files 1200 --min-kib 200 --max-kib 2500 \
 //!     --first-byte-ms 300 --conn-kib-per-sec 1000 --ttl-secs 90 --compare-fixed
 //! ```
 //!

@@ -5,49 +5,22 @@
 //! Skipped when no tansu binary is found, unless `HUGGY_TEST_REQUIRE_BROKER=1` (CI), where a missing
 //! broker fails them.
 
-mod common;
-
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
-fn spool_config(bootstrap: &str, spool: &std::path::Path, extra: &str) -> String {
-    format!(
-        "[kafka]\nbrokers = \"{bootstrap}\"\npartitions = 3\n[delivery]\nack = \"spool\"\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n[shutdown]\ntimeout_secs = 10\n{extra}",
-        spool.display()
-    )
+/// Webhook requests the daemon has acknowledged.
+const ACCEPTED: &str = "huggy_bridge_http_requests_total{outcome=\"accepted\"}";
+/// Events of the load (all `receivedMessage`) acknowledged by Kafka.
+const PUBLISHED: &str = "huggy_bridge_events_published_total{type=\"receivedMessage\"}";
+
+/// Waits until the daemon has acknowledged at least `n` requests of a running load.
+async fn load_under_way(d: &Daemon, n: f64) {
+    wait_for("load under way", Duration::from_secs(60), async || (d.metric(ACCEPTED).await >= n).then_some(())).await;
 }
 
-/// A tansu broker that clients reach through a loopback proxy that can be cut, with the topics created.
-struct CuttableBroker {
-    _tansu: Tansu,
-    proxy: Proxy,
-    via_proxy: String,
-    dir: tempfile::TempDir,
-}
-
-fn cuttable_broker(bin: &std::path::Path) -> CuttableBroker {
-    let proxy_port = free_port();
-    let tansu = Tansu::start(bin, Some(proxy_port));
-    let proxy = Proxy::start(proxy_port, SocketAddr::from(([127, 0, 0, 1], tansu.port)));
-    let via_proxy = format!("127.0.0.1:{proxy_port}");
-    let dir = tempfile::tempdir().unwrap();
-    topics_create(dir.path(), &via_proxy, 3);
-    CuttableBroker { _tansu: tansu, proxy, via_proxy, dir }
-}
-
-async fn ready(admin: &SocketAddr) -> bool {
-    reqwest::get(format!("http://{admin}/readyz")).await.is_ok_and(|r| r.status() == 200)
-}
-
-/// Waits until the daemon's spool is empty (everything acknowledged by Kafka).
-async fn drained(d: &Daemon, within: Duration) {
-    wait_for("spool drained", within, async || (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(()))
-        .await;
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_idempotent() {
@@ -59,8 +32,7 @@ async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_ide
         assert!(first.lines().count() >= 21 && first.lines().all(|l| l.ends_with("\tcreated")), "{first}");
         let second = topics_create(dir.path(), &tansu.bootstrap(), 3);
         assert!(second.lines().all(|l| l.ends_with("\texists")), "{second}");
-        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "")
-            .replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
+        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool")).set("delivery.ack", mode);
         let d = Daemon::start(dir.path(), &cfg).await;
         for (name, body) in batch_fixtures() {
             let (status, text) = post(&d.url(), body).await;
@@ -90,11 +62,11 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
     let tansu = Tansu::start(&bin, None);
     let dir = tempfile::tempdir().unwrap();
     topics_create(dir.path(), &tansu.bootstrap(), 3);
-    let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "");
+    let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"));
     let mut d = Daemon::start(dir.path(), &cfg).await;
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(run_load(d.url(), 16, 5, 100_000, stop.clone()));
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    load_under_way(&d, 100.0).await;
     d.kill9();
     tokio::time::sleep(Duration::from_millis(300)).await;
     stop.store(true, Ordering::Relaxed);
@@ -118,12 +90,14 @@ async fn sigkill_mid_load_loses_nothing_acknowledged() {
 async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_stays_ready() {
     let Some(bin) = real_broker_or_skip("broker_cut_off") else { return };
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
-    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"), "")).await;
+    let d = Daemon::start(dir.path(), &spool_config(&via_proxy, &dir.path().join("spool"))).await;
     wait_for("ready", Duration::from_secs(20), async || ready(&d.admin).await.then_some(())).await;
 
     let stop = Arc::new(AtomicBool::new(false));
     let load = tokio::spawn(run_load(d.url(), 8, 5, 100_000, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    load_under_way(&d, 50.0).await;
+    wait_for("load reaching Kafka", Duration::from_secs(30), async || (d.metric(PUBLISHED).await > 0.0).then_some(()))
+        .await;
     proxy.cut();
     let cut_at = Instant::now();
     // Spool mode rides out the outage: the replica stays ready (SPEC §7) once Kafka is seen gone,
@@ -141,7 +115,14 @@ async fn broker_cut_off_for_15s_under_load_then_restored_loses_nothing_and_stays
     assert!(backlog > 0.0, "requests kept being accepted into the spool while cut off");
     proxy.restore();
     let restored_at = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The load goes on until publishing has resumed: requests keep arriving as the backlog drains.
+    let published_at_restore = d.metric(PUBLISHED).await;
+    let accepted_at_restore = d.metric(ACCEPTED).await;
+    wait_for("publishing resumed under load", Duration::from_secs(60), async || {
+        (d.metric(PUBLISHED).await > published_at_restore && d.metric(ACCEPTED).await >= accepted_at_restore + 20.0)
+            .then_some(())
+    })
+    .await;
     stop.store(true, Ordering::Relaxed);
     let load = load.await.unwrap();
     assert_eq!(load.refused + load.failed, 0, "spool mode refused nothing during the outage: {load:?}");
@@ -161,10 +142,11 @@ async fn spool_cap_with_broker_cut_answers_503_and_loses_nothing_acknowledged() 
     let Some(bin) = real_broker_or_skip("spool_cap") else { return };
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
-    let cfg =
-        spool_config(&via_proxy, &dir.path().join("spool"), "").replace("[spool]\n", "[spool]\nmax_bytes = 50000\n");
     // A spool smaller than the default body limit is refused by check-config; lower the limit with it.
-    let d = Daemon::start_with_env(dir.path(), &cfg, &[("HUGGY_BRIDGE_HTTP__MAX_BODY_BYTES", "50000")]).await;
+    let cfg = spool_config(&via_proxy, &dir.path().join("spool"))
+        .set("spool.max_bytes", 50_000)
+        .set("http.max_body_bytes", 50_000);
+    let d = Daemon::start(dir.path(), &cfg).await;
     let load = run_load(d.url(), 4, 5, 60, Arc::new(AtomicBool::new(false))).await;
     assert!(load.ok > 0 && load.refused > 0, "{load:?}");
     let r = reqwest::Client::new().post(d.url()).body(load_batch(99, 0, 5).0).send().await.unwrap();
@@ -184,7 +166,7 @@ async fn torn_spool_tail_is_discarded_at_start_and_the_rest_delivered() {
     let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
     proxy.cut();
     let spool = dir.path().join("spool");
-    let cfg = spool_config(&via_proxy, &spool, "");
+    let cfg = spool_config(&via_proxy, &spool);
     let mut d = Daemon::start(dir.path(), &cfg).await;
     let load = run_load(d.url(), 2, 5, 10, Arc::new(AtomicBool::new(false))).await;
     assert_eq!(load.ok, 20);
@@ -217,12 +199,11 @@ async fn sigterm_under_load_exits_zero_in_time_and_loses_nothing_in_both_modes()
         let tansu = Tansu::start(&bin, None);
         let dir = tempfile::tempdir().unwrap();
         topics_create(dir.path(), &tansu.bootstrap(), 3);
-        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool"), "")
-            .replace("ack = \"spool\"", &format!("ack = \"{mode}\""));
+        let cfg = spool_config(&tansu.bootstrap(), &dir.path().join("spool")).set("delivery.ack", mode);
         let mut d = Daemon::start(dir.path(), &cfg).await;
         let stop = Arc::new(AtomicBool::new(false));
         let load = tokio::spawn(run_load(d.url(), 8, 5, 100_000, stop.clone()));
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        load_under_way(&d, 50.0).await;
         let t0 = Instant::now();
         let status = tokio::task::block_in_place(|| d.terminate(Duration::from_secs(12)));
         let took = t0.elapsed();

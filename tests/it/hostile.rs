@@ -1,17 +1,13 @@
 //! Hostile input: whatever arrives, the daemon answers a clear 4xx (JSON with a `code`) or closes
 //! the connection, keeps serving everyone else, and never publishes garbage as a valid event.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
-use common::*;
-use huggy_bridge::app::{self, Running};
+use crate::common::*;
 use huggy_bridge::config::Config;
 use huggy_bridge::metrics::counter_sum;
-use tokio_util::sync::CancellationToken;
 
 const TOKEN: &str = LOAD_TOKEN;
 
@@ -22,14 +18,6 @@ fn config(dir: &std::path::Path) -> Config {
     cfg
 }
 
-async fn start(cfg: Config) -> Running {
-    app::start(cfg, CancellationToken::new()).await.expect("daemon starts")
-}
-
-fn url(d: &Running) -> String {
-    format!("http://{}/webhooks/huggy", d.http_addr)
-}
-
 fn wrap(messages: &str) -> Vec<u8> {
     format!(r#"{{"time":1,"token":"{TOKEN}","messages":{messages}}}"#).into_bytes()
 }
@@ -37,7 +25,7 @@ fn wrap(messages: &str) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_bodies_get_a_4xx_with_a_code_and_publish_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path())).await;
+    let d = TestApp::start(config(dir.path())).await;
     let mut deep = String::from("{\"token\":\"x\",\"messages\":{\"a\":[");
     deep.push_str(&"[".repeat(100_000));
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
@@ -82,25 +70,24 @@ async fn malformed_bodies_get_a_4xx_with_a_code_and_publish_nothing() {
         ),
     ];
     for (what, body, status, code) in cases {
-        let r = reqwest::Client::new().post(url(&d)).body(body).send().await.unwrap();
+        let r = reqwest::Client::new().post(d.url()).body(body).send().await.unwrap();
         assert_eq!(r.status().as_u16(), status, "{what}");
         let v: serde_json::Value = r.json().await.unwrap_or_else(|e| panic!("{what}: JSON error body expected: {e}"));
         assert_eq!(v["code"], code, "{what}: {v}");
     }
     assert_eq!(counter_sum(&d.metrics.events_received), 0);
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn odd_events_inside_a_valid_batch_are_dead_lettered_never_published_as_valid() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path())).await;
+    let d = TestApp::start(config(dir.path())).await;
     let huge_type = "x".repeat(10_000);
     let body = wrap(&format!(
         r#"{{"receivedMessage":[1,"s",null,true,[],{{"id":1,"id":2}},{{"ok":"\ud800"}},{{"n":1e400,"chat":{{"id":1}}}}],"":[{{"a":1}}],"{huge_type}":[{{"a":1}}],"bad\u0007type":[{{"a":1}}],"\u0000":[{{"a":1}}]}}"#
     ));
-    let (status, text) = post(&url(&d), body).await;
+    let (status, text) = post(&d.url(), body).await;
     assert_eq!(status, 200, "{text}");
     assert_eq!(text, r#"{"accepted":12}"#);
     wait_for("all handled", Duration::from_secs(20), async || {
@@ -108,7 +95,7 @@ async fn odd_events_inside_a_valid_batch_are_dead_lettered_never_published_as_va
     })
     .await;
     let topics = ["huggy.receivedMessage", "huggy.dead-letter", "huggy.unknown"];
-    let recs = read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &topics).await;
+    let recs = d.records(&topics).await;
     let valid: Vec<&Rec> = recs.iter().filter(|r| r.topic != "huggy.dead-letter").collect();
     let valid_values: Vec<String> = valid.iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()).collect();
     assert_eq!(
@@ -123,8 +110,7 @@ async fn odd_events_inside_a_valid_batch_are_dead_lettered_never_published_as_va
         dlq.iter().all(|r| r.header("ce_type").is_some_and(|t| t.len() < 100 && !t.contains('\u{7}'))),
         "no garbage in headers"
     );
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 /// Sends raw bytes on a new connection and returns what comes back (until close or `wait`).
@@ -140,7 +126,7 @@ fn raw_exchange(addr: SocketAddr, bytes: &[u8], wait: Duration) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_bodies_are_refused_without_reading_them() {
     let dir = tempfile::tempdir().unwrap();
-    let d = start(config(dir.path())).await;
+    let d = TestApp::start(config(dir.path())).await;
     let addr = d.http_addr;
     // Content-Length says 100 MB; only the headers are sent.
     let answer = tokio::task::spawn_blocking(move || {
@@ -174,8 +160,7 @@ async fn oversized_bodies_are_refused_without_reading_them() {
     .await
     .unwrap();
     assert!(answer.1.starts_with("HTTP/1.1 413"), "{answer:?}");
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -183,20 +168,19 @@ async fn a_batch_of_10000_events_is_accepted_and_fully_published() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = config(dir.path());
     cfg.http.max_body_bytes = 4 * 1024 * 1024;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let events: Vec<String> =
         (0..10_000).map(|i| format!(r#"{{"id":{i},"chat":{{"id":{}}},"company":{{"id":1}}}}"#, i % 50)).collect();
     let body = wrap(&format!(r#"{{"receivedMessage":[{}]}}"#, events.join(",")));
-    let (status, text) = post(&url(&d), body).await;
+    let (status, text) = post(&d.url(), body).await;
     assert_eq!((status, text.as_str()), (200, r#"{"accepted":10000}"#));
     wait_for("10,000 published", Duration::from_secs(60), async || {
         (counter_sum(&d.metrics.events_published) == 10_000).then_some(())
     })
     .await;
-    let recs = read_topics_async(d.embedded_bootstrap.as_deref().unwrap(), &["huggy.receivedMessage"]).await;
+    let recs = d.records(&["huggy.receivedMessage"]).await;
     assert_eq!(recs.len(), 10_000);
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -206,7 +190,7 @@ async fn idle_and_stalled_clients_do_not_stop_a_normal_request() {
     cfg.http.header_timeout_ms = 3_000;
     cfg.http.body_timeout_ms = 3_000;
     cfg.http.max_connections = 1_000;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let addr = d.http_addr;
     // 500 idle connections (nothing sent) and 100 stalled uploads (headers, then a trickle).
     let mut idle = Vec::new();
@@ -240,7 +224,7 @@ async fn idle_and_stalled_clients_do_not_stop_a_normal_request() {
     let t0 = Instant::now();
     let body = std::fs::read(format!("{FIXTURES}/receivedMessage.json")).unwrap();
     let body = String::from_utf8(body).unwrap().replace("132ce76c7abb1154f01ebc0d508162e4", TOKEN);
-    let (status, _) = post(&url(&d), body).await;
+    let (status, _) = post(&d.url(), body).await;
     let served_in = t0.elapsed();
     assert_eq!(status, 200);
     assert!(served_in < Duration::from_secs(3), "normal request took {served_in:?}");
@@ -263,8 +247,7 @@ async fn idle_and_stalled_clients_do_not_stop_a_normal_request() {
     }
     assert_eq!(closed, 500, "idle connections closed by the server");
     eprintln!("slow clients: normal request served in {served_in:?} beside 500 idle and 100 stalled connections");
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -273,31 +256,30 @@ async fn the_connection_limit_holds_and_the_next_client_is_served_when_a_slot_fr
     let mut cfg = config(dir.path());
     cfg.http.max_connections = 20;
     cfg.http.header_timeout_ms = 1_500;
-    let d = start(cfg).await;
+    let d = TestApp::start(cfg).await;
     let mut hogs = Vec::new();
     for _ in 0..20 {
         hogs.push(tokio::net::TcpStream::connect(d.http_addr).await.unwrap());
     }
     let t0 = Instant::now();
-    let (status, _) = post(&url(&d), wrap(r#"{"receivedMessage":[{"id":1}]}"#)).await;
+    let (status, _) = post(&d.url(), wrap(r#"{"receivedMessage":[{"id":1}]}"#)).await;
     assert_eq!(status, 200);
     let waited = t0.elapsed();
     assert!(waited >= Duration::from_millis(1_000), "the 21st connection waited for a slot ({waited:?})");
     assert!(waited < Duration::from_secs(5), "and was served once idle ones timed out ({waited:?})");
     drop(hogs);
-    d.shutdown();
-    d.wait().await.unwrap();
+    d.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_never_reach_logs_error_bodies_or_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let wrong = "wr0ng-token-fedcba9876543210";
-    let cfg = format!(
-        "[huggy]\n[kafka]\nbrokers = \"embedded\"\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n",
-        dir.path().join("spool").display()
-    );
-    let d = Daemon::start(dir.path(), &cfg.replace("[huggy]\n", "")).await;
+    let env = DaemonEnv::new()
+        .set("kafka.brokers", "embedded")
+        .set("spool.dir", dir.path().join("spool").display())
+        .set("files.enabled", false);
+    let d = Daemon::start(dir.path(), &env).await;
     let batch = |t: &str| format!(r#"{{"time":1,"token":"{t}","messages":{{"receivedMessage":[{{"id":1}}]}}}}"#);
     let (s, body) = post(&d.url(), batch(wrong)).await;
     assert_eq!(s, 401);
@@ -311,11 +293,7 @@ async fn tokens_never_reach_logs_error_bodies_or_metrics() {
     for t in fixture_tokens() {
         assert!(!log.contains(&t), "configured token in the log");
     }
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
-        .args(["check-config", "--config"])
-        .arg(dir.path().join("config.toml"))
-        .output()
-        .unwrap();
+    let out = d.command(&["check-config"]).output().unwrap();
     assert!(out.status.success());
     let printed = String::from_utf8_lossy(&out.stdout);
     assert!(
