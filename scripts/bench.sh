@@ -63,12 +63,14 @@ run_wrk() { # url seconds nonce
 }
 
 # Warm-up, then the measured run with the CPU of `cpu_pids` read around it; appends a line to
-# $results and sets `acked` to the batches answered 2xx in both runs.
+# $results, sets `acked` to the batches answered 2xx in both runs and `cpu_t0` to the CPU ticks at
+# the start of the measured run.
 measure() { # name url cpu_pids...
   local name=$1 url=$2 warm line t0 t1 req non2xx
   shift 2
   warm=$(run_wrk "$url" "$WARMUP" "$name-warmup-$$")
   t0=$(cpu_ticks "$@")
+  cpu_t0=$t0
   line=$(run_wrk "$url" "$DURATION" "$name-$$")
   t1=$(cpu_ticks "$@")
   req=$(field requests "$line")
@@ -147,18 +149,23 @@ TOML
   dpid=$!
   pids+=("$dpid")
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null && break; sleep 0.1; done
+  curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null || { echo "$mode: daemon not ready" >&2; cat "$work/$mode.log" >&2; exit 1; }
   measure "$mode" "http://127.0.0.1:$hport/webhooks/huggy" "$dpid"
   rss=$(peak_rss_kib "$dpid")
   # Everything answered 2xx must reach Kafka (published, or dead-lettered) once the spool drains.
+  # The CPU from the start of the measured run until then counts what the publisher still had to do.
   want=$((acked * events_per_batch))
+  drain_start=$(date +%s%N)
   deadline=$((SECONDS + DRAIN_SECS))
   while :; do
     published=$(metric_sum "$aport" huggy_bridge_events_published_total huggy_bridge_events_dead_lettered_total)
     [ "$published" -ge "$want" ] || [ "$SECONDS" -ge "$deadline" ] && break
-    sleep 0.2
+    sleep 0.1
   done
+  drain_ms=$((($(date +%s%N) - drain_start) / 1000000))
+  cpu_drained_us=$((($(cpu_ticks "$dpid") - cpu_t0) * 1000000 / clk_tck))
   duplicates=$(metric_sum "$aport" huggy_bridge_events_duplicate_total)
-  sed -i "\$s/\$/\t$rss\t$want\t$published\t$duplicates/" "$results"
+  sed -i "\$s/\$/\t$rss\t$want\t$published\t$duplicates\t$drain_ms\t$cpu_drained_us/" "$results"
   kill -TERM "$dpid"; wait "$dpid" || true
 done
 
@@ -170,9 +177,9 @@ path, per_batch, drain = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rows = {}
 for line in open(path):
     f = line.rstrip("\n").split("\t")
-    r = dict(zip(["req", "non2xx", "dur_us", "p50", "p99", "p999", "cpu_us", "sock", "tmo"], map(int, f[1:11])))
-    if len(f) > 11:
-        r.update(zip(["rss_kib", "acked", "published", "dups"], map(int, f[11:15])))
+    r = dict(zip(["req", "non2xx", "dur_us", "p50", "p99", "p999", "cpu_us", "sock", "tmo"], map(int, f[1:10])))
+    if len(f) > 10:
+        r.update(zip(["rss_kib", "acked", "published", "dups", "drain_ms", "cpu_drained_us"], map(int, f[10:16])))
     rows[f[0]] = r
 ng = rows["nginx"]
 def rps(r): return (r["req"] - r["non2xx"]) / (r["dur_us"] / 1e6)
@@ -190,8 +197,13 @@ print("(CPU: utime+stime of the server's processes during the measured run, ngin
 print()
 for mode in ("spool", "kafka"):
     r = rows[mode]
-    print(f"{mode}: acknowledged {r['acked']} events (2xx x {per_batch}, warm-up included), published or"
-          f" dead-lettered {r['published']} within {drain} s after the run; duplicates {r['dups']}")
+    ok = r["req"] - r["non2xx"]
+    print(f"{mode}: acknowledged {r['acked']} events (2xx x {per_batch}, warm-up included); published or"
+          f" dead-lettered {r['published']}, {r['drain_ms'] / 1e3:.1f} s after the run"
+          f"{'' if r['published'] >= r['acked'] else f' (gave up after {drain} s)'}; duplicates {r['dups']};"
+          f" CPU until caught up {r['cpu_drained_us'] / ok:.1f} us/req, {r['cpu_drained_us'] / ok / per_batch:.1f} us/event")
+print("(published can exceed acknowledged by up to 2 x connections x events per batch: requests in flight when wrk stops"
+      " its runs are stored and published, but not counted)")
 print()
 def goal(text, ok): print(f"goal: {text:<58} {'met' if ok else 'NOT met'}")
 for mode, ratio, p99x in (("spool", 0.5, 4), ("kafka", 0.18, 5)):
