@@ -38,9 +38,10 @@ fn bodies(recs: &[Rec]) -> Vec<String> {
 #[derive(Default)]
 struct Disk {
     fail_next: AtomicUsize,
+    /// Syncs that found the disk hanging (the group is written and waits for its sync).
+    hung: AtomicUsize,
     hang: Mutex<bool>,
     released: Condvar,
-    delay_ms: AtomicUsize,
     synced: Mutex<std::collections::HashMap<i32, u64>>,
 }
 
@@ -55,11 +56,13 @@ impl SegmentIo for Disk {
     fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         let mut hung = self.hang.lock().unwrap();
+        if *hung {
+            self.hung.fetch_add(1, Ordering::SeqCst);
+        }
         while *hung {
             hung = self.released.wait(hung).unwrap();
         }
         drop(hung);
-        std::thread::sleep(Duration::from_millis(self.delay_ms.load(Ordering::SeqCst) as u64));
         let fd = file.as_raw_fd();
         if self.fail_next.load(Ordering::SeqCst) > 0 {
             self.fail_next.fetch_sub(1, Ordering::SeqCst);
@@ -166,15 +169,16 @@ async fn a_client_that_hangs_up_mid_request_does_not_strand_its_files() {
     cfg.files.enabled = true;
     cfg.files.allowed_url_prefixes = vec![format!("http://{files_addr}/files/")];
     cfg.files.store = format!("file://{}", dir.path().join("files").display());
-    // The group commit takes a while, so the client is gone before the handler is answered.
     let disk = Arc::new(Disk::default());
-    disk.delay_ms.store(400, Ordering::SeqCst);
     let d = start_with(cfg, &disk).await;
     let event = format!(
         r#"{{"id":1,"body":"arquivo","file":"http://{files_addr}/files/a.pdf","chat":{{"id":77}},"company":{{"id":"7"}}}}"#
     );
     let later = r#"{"id":2,"body":"depois","file":null,"chat":{"id":77},"company":{"id":"7"}}"#;
     let body = format!(r#"{{"time":1763700000,"token":"{LOAD_TOKEN}","messages":{{"receivedMessage":[{event}]}}}}"#);
+    // The disk holds the group's fdatasync, so the request is still waiting for its answer when the
+    // client goes away: the batch is written, and the handler is dropped before it learns so.
+    *disk.hang.lock().unwrap() = true;
     let mut sock = std::net::TcpStream::connect(d.http_addr).unwrap();
     write!(
         sock,
@@ -182,10 +186,14 @@ async fn a_client_that_hangs_up_mid_request_does_not_strand_its_files() {
         body.len()
     )
     .unwrap();
+    wait_for("the batch's group waiting on its sync", Duration::from_secs(10), async || {
+        (disk.hung.load(Ordering::SeqCst) > 0).then_some(())
+    })
+    .await;
     sock.shutdown(std::net::Shutdown::Both).unwrap();
     drop(sock);
+    disk.release();
     // A later event of the same chat, sent properly, must not be stuck behind a stranded capture.
-    disk.delay_ms.store(0, Ordering::SeqCst);
     let body2 = format!(r#"{{"time":1763700001,"token":"{LOAD_TOKEN}","messages":{{"receivedMessage":[{later}]}}}}"#);
     let url = format!("http://{}/webhooks/huggy", d.http_addr);
     // Nobody waits for the answer; the durable event alone gets its file captured and published.

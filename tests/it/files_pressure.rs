@@ -281,19 +281,22 @@ async fn a_saturated_host_stops_growth_serves_deadlines_in_order_and_gives_up_ea
     let watch = {
         let m = metrics.clone();
         tokio::spawn(async move {
-            let (mut risk, mut sat) = (0i64, 0i64);
+            let (mut risk, mut sat, mut above) = (0i64, 0i64, 0u32);
             for _ in 0..400 {
                 risk = risk.max(m.files_at_risk.get());
                 sat = sat.max(m.file_saturated.get());
+                above += u32::from(m.file_concurrency_limit.get() > 16);
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
-            (risk, sat)
+            (risk, sat, above)
         })
     };
     let results = collect(&mut rx, n, Duration::from_secs(45)).await;
+    // The controller may probe one doubling past the point where throughput stops growing (it
+    // cannot know a step bought nothing before taking it), then takes it back and stops growing.
     let peak = fc.peak_concurrency();
-    assert!(peak <= 16, "growth stopped where throughput did: peak {peak}");
-    assert!(host.peak.load(Ordering::SeqCst) <= 16, "host peak {}", host.peak.load(Ordering::SeqCst));
+    assert!(peak <= 32, "growth stopped where throughput did: peak {peak}");
+    assert!(host.peak.load(Ordering::SeqCst) <= 32, "host peak {}", host.peak.load(Ordering::SeqCst));
     assert_eq!(host.expired_used.load(Ordering::SeqCst), 0, "no URL used after its token died");
 
     let mut stored_a = 0;
@@ -329,9 +332,11 @@ async fn a_saturated_host_stops_growth_serves_deadlines_in_order_and_gives_up_ea
     let last_a = arrivals.iter().rposition(|name| name.starts_with('a')).unwrap();
     let b_before = arrivals[..last_a].iter().filter(|name| name.starts_with('b')).count();
     assert!(b_before <= peak, "{b_before} late files asked for before the last early one");
-    let (risk, sat) = watch.await.unwrap();
+    let (risk, sat, above) = watch.await.unwrap();
     assert!(risk > 0, "files at risk were visible");
     assert_eq!(sat, 1, "saturation was visible");
+    // Probes past 16 are taken back: the limit spends at most a quarter of the run above it.
+    assert!(above <= 100, "the limit stayed above 16 for {above} of 400 samples");
     eprintln!(
         "saturated: peak limit {peak}, host peak {}, early files stored {stored_a}/150, given up {failed} ({early} before the deadline)",
         host.peak.load(Ordering::SeqCst)

@@ -83,12 +83,19 @@ impl TlsProxy {
         server: &Leaf,
         client_ca: Option<CertificateDer<'static>>,
     ) -> TlsProxy {
-        let builder = rustls::ServerConfig::builder();
+        // Both ring (here) and aws-lc-rs (reqwest's rustls) are linked into the test binary, so
+        // rustls cannot pick a process-wide provider: name one.
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("ring supports the default protocol versions");
         let builder = match client_ca {
             Some(ca) => {
                 let mut roots = rustls::RootCertStore::empty();
                 roots.add(ca).unwrap();
-                let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots)).build().unwrap();
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                    .build()
+                    .unwrap();
                 builder.with_client_cert_verifier(verifier)
             }
             None => builder.with_no_client_auth(),
