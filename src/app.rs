@@ -442,7 +442,10 @@ async fn probe_kafka(
             if ok {
                 info!("kafka reachable");
             } else {
-                warn!(reason = kafka_health.last_error().as_deref().unwrap_or("no broker answered"), "kafka unreachable");
+                warn!(
+                    reason = kafka_health.last_error().as_deref().unwrap_or("no broker answered"),
+                    "kafka unreachable"
+                );
             }
             was = Some(ok);
         }

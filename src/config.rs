@@ -665,9 +665,11 @@ impl Config {
             None => {}
         }
         let sections = section_names();
-        raw_secrets_from_env(figment.merge(
-            Env::prefixed(ENV_PREFIX).filter(move |key| names_a_section(&sections, key.as_str())).split("__"),
-        ))
+        raw_secrets_from_env(
+            figment.merge(
+                Env::prefixed(ENV_PREFIX).filter(move |key| names_a_section(&sections, key.as_str())).split("__"),
+            ),
+        )
     }
 
     /// Names of the variables under [`ENV_PREFIX`] that configuration loading ignored because their

@@ -9,7 +9,6 @@
 //!
 //! Skipped when no tansu binary is found, unless `HUGGY_TEST_REQUIRE_BROKER=1` (CI).
 
-
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};

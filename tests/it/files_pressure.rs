@@ -4,17 +4,16 @@
 //! results out of its channel, as the spool sees it. Tokens and sizes are scaled down from Huggy's
 //! 10 minutes so that each test takes seconds.
 
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::common::*;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use crate::common::*;
 use huggy_bridge::config::{AckMode, Config, FilesConfig};
 use huggy_bridge::event::EventId;
 use huggy_bridge::files::{Completion, FileCapture, FileDone, FileJob};

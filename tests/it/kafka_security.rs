@@ -6,7 +6,6 @@
 //! The TLS tests need tansu (skipped without it unless `HUGGY_TEST_REQUIRE_BROKER=1`); the
 //! mock-cluster tests need nothing.
 
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -175,7 +174,9 @@ fn tls_kafka_env(bootstrap: &str, ca_file: &Path, client: Option<&Leaf>) -> Daem
         .set("delivery.kafka_ack_timeout_ms", 4000)
         .set("files.enabled", false);
     match client {
-        Some(c) => env.set("kafka.tls.cert_file", c.cert_file.display()).set("kafka.tls.key_file", c.key_file.display()),
+        Some(c) => {
+            env.set("kafka.tls.cert_file", c.cert_file.display()).set("kafka.tls.key_file", c.key_file.display())
+        }
         None => env,
     }
 }

@@ -21,7 +21,6 @@ async fn load_under_way(d: &Daemon, n: f64) {
     wait_for("load under way", Duration::from_secs(60), async || (d.metric(ACCEPTED).await >= n).then_some(())).await;
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fixtures_reach_a_real_broker_in_both_ack_modes_and_topics_create_is_idempotent() {
     let Some(bin) = real_broker_or_skip("fixtures_reach_a_real_broker") else { return };
