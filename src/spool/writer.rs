@@ -375,32 +375,38 @@ impl Writer {
                     segment = first_seq,
                     "spool: writing on a fresh segment"
                 );
-                let mut st = self.shared.lock();
-                if let Some(old) = st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq) {
-                    old.limit = Some(durable_len);
-                    old.size = self.active_len;
-                }
-                st.segments.push_back(Segment {
-                    first_seq,
-                    path: segment_path(&self.shared.settings.dir, first_seq),
-                    limit: None,
-                    size: len,
-                });
-                st.committed_len = len;
-                st.disk_bytes += len;
-                st.write_error = false;
-                drop(st);
-                self.active = file;
-                self.active_first_seq = first_seq;
-                self.active_len = len;
-                self.synced_len = len;
-                self.carry.clear();
+                self.install(file, first_seq, len, Some(durable_len));
+                self.shared.lock().write_error = false;
                 self.broken = false;
             }
             Err(e) => {
                 error!(error = %e, "spool: cannot start a fresh segment; refusing batches until the disk takes writes again");
             }
         }
+    }
+
+    /// Makes a fresh, synced segment the active one; the previous one keeps its size and, when it
+    /// was abandoned, the length known to be durable.
+    fn install(&mut self, file: File, first_seq: u64, len: u64, previous_limit: Option<u64>) {
+        let mut st = self.shared.lock();
+        if let Some(old) = st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq) {
+            old.size = self.active_len;
+            old.limit = previous_limit;
+        }
+        st.segments.push_back(Segment {
+            first_seq,
+            path: segment_path(&self.shared.settings.dir, first_seq),
+            limit: None,
+            size: len,
+        });
+        st.committed_len = len;
+        st.disk_bytes += len;
+        drop(st);
+        self.active = file;
+        self.active_first_seq = first_seq;
+        self.active_len = len;
+        self.synced_len = len;
+        self.carry.clear();
     }
 
     fn maybe_roll(&mut self) {
@@ -418,25 +424,7 @@ impl Writer {
         self.synced_len = self.active_len;
         self.carry.clear();
         match fresh_segment(&self.shared, &mut self.next_seq, &[]) {
-            Ok((file, first_seq, len)) => {
-                let mut st = self.shared.lock();
-                if let Some(old) = st.segments.back_mut() {
-                    old.size = self.active_len;
-                }
-                st.segments.push_back(Segment {
-                    first_seq,
-                    path: segment_path(&self.shared.settings.dir, first_seq),
-                    limit: None,
-                    size: len,
-                });
-                st.committed_len = len;
-                st.disk_bytes += len;
-                drop(st);
-                self.active = file;
-                self.active_first_seq = first_seq;
-                self.active_len = len;
-                self.synced_len = len;
-            }
+            Ok((file, first_seq, len)) => self.install(file, first_seq, len, None),
             Err(e) => warn!(error = %e, "spool: segment roll-over failed; the current segment keeps growing"),
         }
     }
