@@ -1,12 +1,16 @@
 //! huggy-bridge: Huggy webhooks in, one Kafka record per event out, durably.
 //!
 //! ```text
-//!  Huggy ──POST──▶ http ──▶ event::split ──▶ ingest ──▶ spool (fsync, group commit) ──▶ 2xx
-//!                                                        │        ▲
-//!                                                        │        └── files (download → store → bridge_files)
-//!                                                        ▼
-//!                               publish (rdkafka, idempotent, acks=all, retries, dead-letter) ──▶ Kafka
+//!  Huggy ──POST──▶ http ──▶ event::split ──▶ ingest ──▶ spool writer (fsync, group commit) ──▶ 2xx
+//!                                                          │ committed events, in order
+//!                                          ┌───────────────┴──────────────┐
+//!                                          ▼                              ▼
+//!                           files (download → store)        publish (rdkafka) ──▶ Kafka
+//!                                          └── results ──▶ spool writer ◀── acks ──┘
 //! ```
+//!
+//! The spool is the hub: every later stage reads what is durable and writes back only through the
+//! spool's one writer, so nothing after the 2xx depends on the request that brought the batch.
 //!
 //! - [`config`]: figment loading (defaults → TOML → `HUGGY_BRIDGE_*`), validation, redaction.
 //! - [`http`]: the public webhook listener and the admin listener (`/metrics`, `/healthz`, `/readyz`).
