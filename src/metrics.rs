@@ -9,24 +9,55 @@ use prometheus::{
 
 use crate::event::KnownType;
 
-/// Outcomes of a webhook request, the `outcome` label of `huggy_bridge_http_requests_total`.
-pub const HTTP_OUTCOMES: &[&str] = &[
-    "accepted",
-    "handshake",
-    "unauthorized",
-    "bad_request",
-    "too_large",
-    "timeout",
-    "unavailable",
-    "overloaded",
-    "not_found",
-    "method_not_allowed",
-];
+/// Declares a closed set of label values: the enum the call sites use and the list the registry
+/// pre-seeds come from one declaration, so they cannot drift apart.
+macro_rules! labels {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum $name { $($variant),+ }
 
-/// Final results of a file, the `result` label of `huggy_bridge_file_downloads_total`: each file is
-/// counted once, under one of these (retries are counted apart, in
-/// `huggy_bridge_file_download_retries_total`).
-pub const FILE_RESULTS: &[&str] = &["stored", "failed", "expired", "refused", "too_large", "ack_timeout"];
+        impl $name {
+            /// Every value, for pre-seeding the label.
+            pub const ALL: &[$name] = &[$($name::$variant),+];
+
+            /// The label value.
+            pub fn label(self) -> &'static str {
+                match self { $($name::$variant => $label),+ }
+            }
+        }
+    };
+}
+
+labels! {
+    /// Outcome of a webhook request, the `outcome` label of `huggy_bridge_http_requests_total`.
+    HttpOutcome {
+        Accepted => "accepted",
+        Handshake => "handshake",
+        Unauthorized => "unauthorized",
+        BadRequest => "bad_request",
+        TooLarge => "too_large",
+        Timeout => "timeout",
+        Unavailable => "unavailable",
+        Overloaded => "overloaded",
+        NotFound => "not_found",
+        MethodNotAllowed => "method_not_allowed",
+    }
+}
+
+labels! {
+    /// Final result of a file, the `result` label of `huggy_bridge_file_downloads_total`: each file is
+    /// counted once, under one of these (retries are counted apart, in
+    /// `huggy_bridge_file_download_retries_total`).
+    FileOutcome {
+        Stored => "stored",
+        Failed => "failed",
+        Expired => "expired",
+        Refused => "refused",
+        TooLarge => "too_large",
+        AckTimeout => "ack_timeout",
+    }
+}
 
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
@@ -99,6 +130,17 @@ fn type_labels() -> impl Iterator<Item = &'static str> {
 }
 
 impl Metrics {
+    /// Counts a webhook request and its duration under its outcome.
+    pub fn observe_request(&self, outcome: HttpOutcome, secs: f64) {
+        self.http_requests.with_label_values(&[outcome.label()]).inc();
+        self.request_duration.with_label_values(&[outcome.label()]).observe(secs);
+    }
+
+    /// Counts a file's final result.
+    pub fn count_file(&self, outcome: FileOutcome) {
+        self.file_downloads.with_label_values(&[outcome.label()]).inc();
+    }
+
     pub fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {
@@ -286,17 +328,17 @@ impl Metrics {
             )),
             registry: registry.clone(),
         };
-        for o in HTTP_OUTCOMES {
-            m.http_requests.with_label_values(&[o]);
-            m.request_duration.with_label_values(&[o]);
+        for o in HttpOutcome::ALL {
+            m.http_requests.with_label_values(&[o.label()]);
+            m.request_duration.with_label_values(&[o.label()]);
         }
         for t in type_labels() {
             for c in [&m.events_received, &m.events_published, &m.events_dead_lettered] {
                 c.with_label_values(&[t]);
             }
         }
-        for r in FILE_RESULTS {
-            m.file_downloads.with_label_values(&[r]);
+        for r in FileOutcome::ALL {
+            m.file_downloads.with_label_values(&[r.label()]);
         }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);

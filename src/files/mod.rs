@@ -33,7 +33,7 @@ use tracing::{info, warn};
 use crate::clock::now_secs;
 use crate::config::FilesConfig;
 use crate::event::EventId;
-use crate::metrics::Metrics;
+use crate::metrics::{FileOutcome, Metrics};
 use fetch::{Guard, RedirectRefused, Refusal, ResolvedInternal};
 use schedule::{Controller, HostEstimate, Pending};
 use store::{FileStore, StoreError};
@@ -121,13 +121,13 @@ impl Failure {
     }
 
     /// The final result this failure is counted as.
-    fn metric(&self) -> &'static str {
+    fn metric(&self) -> FileOutcome {
         match self {
-            Failure::Refused(_) | Failure::Redirect(_) | Failure::Resolved(_) => "refused",
-            Failure::Expired | Failure::Rejected(_) => "expired",
-            Failure::TooLarge(_) => "too_large",
-            Failure::AckTimeout => "ack_timeout",
-            _ => "failed",
+            Failure::Refused(_) | Failure::Redirect(_) | Failure::Resolved(_) => FileOutcome::Refused,
+            Failure::Expired | Failure::Rejected(_) => FileOutcome::Expired,
+            Failure::TooLarge(_) => FileOutcome::TooLarge,
+            Failure::AckTimeout => FileOutcome::AckTimeout,
+            _ => FileOutcome::Failed,
         }
     }
 
@@ -528,8 +528,8 @@ impl FileCapture {
 
     /// Records a file's final result (counted once, under `label`); when it was the event's last,
     /// hands the `bridge_files` member to whoever waits for it.
-    async fn finish(&self, job: usize, index: usize, result: FileResult, label: &'static str) {
-        self.metrics.file_downloads.with_label_values(&[label]).inc();
+    async fn finish(&self, job: usize, index: usize, result: FileResult, outcome: FileOutcome) {
+        self.metrics.count_file(outcome);
         self.metrics.file_queue.dec();
         let done = {
             let mut q = self.lock();
@@ -566,7 +566,7 @@ impl FileCapture {
         cancel: &CancellationToken,
         stop: &CancellationToken,
         progress: &Progress,
-    ) -> Option<(FileResult, &'static str)> {
+    ) -> Option<(FileResult, FileOutcome)> {
         let deadline = item.deadline;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(250))
@@ -611,7 +611,7 @@ impl FileCapture {
                     );
                 }
                 info!(%event_id, size = r.size, headroom_secs = headroom, "file stored");
-                Some((r, "stored"))
+                Some((r, FileOutcome::Stored))
             }
             Err(Failure::Shutdown) => None,
             Err(f) => {
@@ -825,15 +825,15 @@ mod tests {
 
     #[test]
     fn each_failure_has_one_final_result_and_a_readable_report() {
-        assert_eq!(Failure::Expired.metric(), "expired");
+        assert_eq!(Failure::Expired.metric(), FileOutcome::Expired);
         assert_eq!(Failure::Expired.report(), "expired");
-        assert_eq!(Failure::AckTimeout.metric(), "ack_timeout");
+        assert_eq!(Failure::AckTimeout.metric(), FileOutcome::AckTimeout);
         assert_eq!(Failure::AckTimeout.report(), "ack_timeout");
-        assert_eq!(Failure::Rejected(403).metric(), "expired");
-        assert_eq!(Failure::TooLarge(9).metric(), "too_large");
-        assert_eq!(Failure::Status(502).metric(), "failed");
+        assert_eq!(Failure::Rejected(403).metric(), FileOutcome::Expired);
+        assert_eq!(Failure::TooLarge(9).metric(), FileOutcome::TooLarge);
+        assert_eq!(Failure::Status(502).metric(), FileOutcome::Failed);
         let redirect = Failure::Redirect(RedirectRefused(Refusal::Internal("169.254.169.254".parse().unwrap())));
-        assert_eq!(redirect.metric(), "refused");
+        assert_eq!(redirect.metric(), FileOutcome::Refused);
         assert_eq!(redirect.report(), "refused: redirect refused: url points at an internal address (169.254.169.254)");
         assert_eq!(Failure::from(Refusal::NotAllowed).report(), "refused: url is outside files.allowed_url_prefixes");
         assert!(Failure::Status(503).retryable() && Failure::Stalled(Duration::from_secs(1)).retryable());

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::event::BodyError;
+use crate::metrics::HttpOutcome;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
@@ -57,16 +58,16 @@ impl ApiError {
     }
 
     /// The `outcome` label of `huggy_bridge_http_requests_total`.
-    pub fn outcome(&self) -> &'static str {
+    pub fn outcome(&self) -> HttpOutcome {
         match self {
-            ApiError::Unauthorized => "unauthorized",
-            ApiError::BadBody(_) | ApiError::BodyRead => "bad_request",
-            ApiError::TooLarge { .. } => "too_large",
-            ApiError::Timeout => "timeout",
-            ApiError::Unavailable { .. } => "unavailable",
-            ApiError::Overloaded { .. } => "overloaded",
-            ApiError::NotFound => "not_found",
-            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::Unauthorized => HttpOutcome::Unauthorized,
+            ApiError::BadBody(_) | ApiError::BodyRead => HttpOutcome::BadRequest,
+            ApiError::TooLarge { .. } => HttpOutcome::TooLarge,
+            ApiError::Timeout => HttpOutcome::Timeout,
+            ApiError::Unavailable { .. } => HttpOutcome::Unavailable,
+            ApiError::Overloaded { .. } => HttpOutcome::Overloaded,
+            ApiError::NotFound => HttpOutcome::NotFound,
+            ApiError::MethodNotAllowed => HttpOutcome::MethodNotAllowed,
         }
     }
 }

@@ -31,7 +31,7 @@ pub use error::ApiError;
 use crate::config::{Config, Secret};
 use crate::health::Health;
 use crate::ingest::Ingest;
-use crate::metrics::Metrics;
+use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
 pub struct AppState {
@@ -72,12 +72,12 @@ pub fn public_router(path: &str, state: Arc<AppState>) -> Router {
 }
 
 async fn not_found(State(st): State<Arc<AppState>>) -> ApiError {
-    st.metrics.http_requests.with_label_values(&["not_found"]).inc();
+    st.metrics.http_requests.with_label_values(&[HttpOutcome::NotFound.label()]).inc();
     ApiError::NotFound
 }
 
 async fn method_not_allowed(State(st): State<Arc<AppState>>) -> ApiError {
-    st.metrics.http_requests.with_label_values(&["method_not_allowed"]).inc();
+    st.metrics.http_requests.with_label_values(&[HttpOutcome::MethodNotAllowed.label()]).inc();
     ApiError::MethodNotAllowed
 }
 

@@ -19,6 +19,7 @@ use super::{ApiError, AppState, Reservation};
 use crate::clock::now_secs;
 use crate::config::Secret;
 use crate::event::{self, Body as WebhookBody};
+use crate::metrics::HttpOutcome;
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
 
@@ -60,15 +61,14 @@ pub async fn handle(State(st): State<Arc<AppState>>, req: Request) -> Response {
     }
     .instrument(span)
     .await;
-    st.metrics.http_requests.with_label_values(&[outcome]).inc();
-    st.metrics.request_duration.with_label_values(&[outcome]).observe(started.elapsed().as_secs_f64());
+    st.metrics.observe_request(outcome, started.elapsed().as_secs_f64());
     if let Ok(v) = HeaderValue::from_str(&rid) {
         resp.headers_mut().insert("x-request-id", v);
     }
     resp
 }
 
-async fn process(st: &Arc<AppState>, req: Request) -> Result<(&'static str, Response), ApiError> {
+async fn process(st: &Arc<AppState>, req: Request) -> Result<(HttpOutcome, Response), ApiError> {
     if st.is_draining() {
         return Err(ApiError::Unavailable { reason: "shutting_down", retry_after_secs: st.retry_after_secs });
     }
@@ -99,7 +99,7 @@ async fn process(st: &Arc<AppState>, req: Request) -> Result<(&'static str, Resp
         Decoded::Handshake(token) => {
             info!("handshake answered");
             let resp = ([(header::CONTENT_TYPE, "text/plain; charset=utf-8")], token).into_response();
-            Ok(("handshake", resp))
+            Ok((HttpOutcome::Handshake, resp))
         }
         Decoded::Batch(events) => {
             let n = events.len();
@@ -109,7 +109,7 @@ async fn process(st: &Arc<AppState>, req: Request) -> Result<(&'static str, Resp
             })?;
             info!(events = n, duplicates = accepted.duplicates, "batch accepted");
             let body = axum::Json(serde_json::json!({ "accepted": accepted.events }));
-            Ok(("accepted", (StatusCode::OK, body).into_response()))
+            Ok((HttpOutcome::Accepted, (StatusCode::OK, body).into_response()))
         }
     }
 }
