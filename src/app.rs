@@ -93,7 +93,7 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
             timeout: Duration::from_millis(cfg.delivery.kafka_ack_timeout_ms),
         },
     };
-    let ingest = Ingest { mode, files: pipeline.files.clone() };
+    let ingest = Arc::new(Ingest { mode, files: pipeline.files.clone() });
     let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone()));
 
     let public = http::bind(cfg.http.listen, "http.listen").await?;

@@ -54,6 +54,29 @@ pub struct Ingest {
     pub files: Option<Arc<FileCapture>>,
 }
 
+/// The seam between the webhook handler and whatever makes a batch durable: [`Ingest`] in the
+/// daemon, a fake in the handler's tests (which then need no broker and no disk).
+pub trait Durability: Send + Sync {
+    /// Makes the events durable; see [`Ingest::accept`].
+    fn accept<'a>(
+        &'a self,
+        events: Vec<Event>,
+        received_at: i64,
+        metrics: &'a Metrics,
+    ) -> futures::future::BoxFuture<'a, Result<Accepted, IngestError>>;
+}
+
+impl Durability for Ingest {
+    fn accept<'a>(
+        &'a self,
+        events: Vec<Event>,
+        received_at: i64,
+        metrics: &'a Metrics,
+    ) -> futures::future::BoxFuture<'a, Result<Accepted, IngestError>> {
+        Box::pin(Ingest::accept(self, events, received_at, metrics))
+    }
+}
+
 impl Ingest {
     /// Makes the events durable according to the ack mode.
     ///

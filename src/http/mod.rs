@@ -30,13 +30,14 @@ pub use error::ApiError;
 
 use crate::config::{Config, Secret};
 use crate::health::Health;
-use crate::ingest::Ingest;
+use crate::ingest::Durability;
 use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
 pub struct AppState {
     pub tokens: Vec<Secret>,
-    pub ingest: Ingest,
+    /// Where batches are made durable: the spool or Kafka in the daemon, a fake in tests.
+    pub ingest: Arc<dyn Durability>,
     pub metrics: Arc<Metrics>,
     /// Readiness, liveness and state gauges; also where shutdown is announced.
     pub health: Arc<Health>,
@@ -48,7 +49,7 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(cfg: &Config, ingest: Ingest, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+    pub fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
             tokens: cfg.huggy.tokens.clone(),
             ingest,
@@ -190,3 +191,6 @@ pub async fn serve_admin(listener: TcpListener, router: Router, stop: Cancellati
 pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
 }
+
+#[cfg(test)]
+mod tests;

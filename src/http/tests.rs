@@ -1,0 +1,109 @@
+//! The webhook handler through the router, with a fake durability stage: `oneshot` requests, no
+//! broker, no disk (axum's `examples/testing`).
+
+use std::sync::Mutex;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::ServiceExt;
+
+use super::*;
+use crate::event::Event;
+use crate::health::Pulse;
+use crate::ingest::{Accepted, IngestError};
+use crate::publish::KafkaHealth;
+
+const FIXTURE: &str = include_str!("../../tests/fixtures/startedChat+receivedMessage.json");
+
+/// Records what it is handed and answers as told.
+struct Fake {
+    seen: Mutex<Vec<Event>>,
+    refuse: bool,
+}
+
+impl Durability for Fake {
+    fn accept<'a>(
+        &'a self,
+        events: Vec<Event>,
+        _received_at: i64,
+        _metrics: &'a Metrics,
+    ) -> futures::future::BoxFuture<'a, Result<Accepted, IngestError>> {
+        Box::pin(async move {
+            if self.refuse {
+                return Err(IngestError::SpoolFull);
+            }
+            let n = events.len();
+            self.seen.lock().unwrap().extend(events);
+            Ok(Accepted { events: n, duplicates: 0 })
+        })
+    }
+}
+
+fn token() -> String {
+    serde_json::from_str::<serde_json::Value>(FIXTURE).unwrap()["token"].as_str().unwrap().to_owned()
+}
+
+fn app(refuse: bool) -> (Router, Arc<Fake>, Arc<AppState>) {
+    let mut cfg = Config::default();
+    cfg.huggy.tokens = vec![Secret::new(token())];
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(&cfg, Arc::new(KafkaHealth::default()), None, Pulse::new(), metrics.clone()));
+    let fake = Arc::new(Fake { seen: Mutex::new(Vec::new()), refuse });
+    let state = Arc::new(AppState::new(&cfg, fake.clone(), metrics, health));
+    (public_router(&cfg.http.path, state.clone()), fake, state)
+}
+
+async fn post(router: Router, body: impl Into<Body>) -> (StatusCode, axum::http::HeaderMap, String) {
+    let req = Request::post("/webhooks/huggy").header("content-type", "application/json").body(body.into()).unwrap();
+    let resp = router.oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    (parts.status, parts.headers, String::from_utf8_lossy(&bytes).into_owned())
+}
+
+#[tokio::test]
+async fn a_batch_with_a_known_token_is_split_handed_over_and_answered_with_the_count() {
+    let (router, fake, state) = app(false);
+    let (status, _, body) = post(router, FIXTURE).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let seen = fake.seen.lock().unwrap();
+    assert_eq!(body, format!(r#"{{"accepted":{}}}"#, seen.len()));
+    assert_eq!(seen.len(), 2, "startedChat + receivedMessage");
+    assert!(seen.iter().all(|e| FIXTURE.contains(std::str::from_utf8(&e.value).unwrap())), "values byte-exact");
+    assert_eq!(state.metrics.http_requests.with_label_values(&[HttpOutcome::Accepted.label()]).get(), 1);
+}
+
+#[tokio::test]
+async fn the_handshake_reads_the_token_back_and_an_unknown_token_gets_401_with_nothing_handed_over() {
+    let (router, fake, _) = app(false);
+    let (status, headers, body) = post(router.clone(), format!(r#"{{"token":"{}","validToken":true}}"#, token())).await;
+    assert_eq!((status, body), (StatusCode::OK, token()));
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let forged = FIXTURE.replace(&token(), "not-a-configured-token");
+    let (status, _, body) = post(router, forged).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert!(fake.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_refusal_of_the_durability_stage_is_503_with_retry_after_and_its_code() {
+    let (router, _, state) = app(true);
+    let (status, headers, body) = post(router, FIXTURE).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert!(body.contains("spool_full"), "{body}");
+    assert_eq!(state.metrics.http_requests.with_label_values(&[HttpOutcome::Unavailable.label()]).get(), 1);
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_400_and_a_draining_daemon_is_503_before_anything_is_read() {
+    let (router, fake, state) = app(false);
+    let (status, _, body) = post(router.clone(), "{not json").await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    state.health.start_draining();
+    let (status, headers, body) = post(router, FIXTURE).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+    assert!(headers.contains_key("retry-after") && body.contains("shutting_down"), "{body}");
+    assert!(fake.seen.lock().unwrap().is_empty());
+}
