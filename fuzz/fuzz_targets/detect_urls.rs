@@ -2,14 +2,18 @@
 #![no_main]
 
 #[allow(dead_code)]
+#[path = "../../src/files/prefix.rs"]
+mod prefix;
+#[allow(dead_code)]
 #[path = "../../src/files/detect.rs"]
 mod detect;
 
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let prefixes = vec!["https://files.huggy.app/".to_owned(), "http://127.0.0.1:1/".to_owned()];
+    let raw = vec!["https://files.huggy.app/".to_owned(), "http://127.0.0.1:1/".to_owned()];
+    let prefixes = prefix::parse_prefixes(&raw);
     for url in detect::file_urls(data, &prefixes) {
-        assert!(prefixes.iter().any(|p| url.starts_with(p.as_str())));
+        assert!(prefix::allowed(&prefixes, &url), "{url}");
     }
 });

@@ -1,8 +1,8 @@
 //! Finding file URLs in an event: every JSON string that is a URL under an allowed prefix, by the
-//! same parsed comparison the fetch guard makes ([`super::fetch::allowed`]). The event's bytes are
+//! same parsed comparison the fetch guard makes ([`super::prefix::allowed`]). The event's bytes are
 //! scanned once, without recursion and without re-serializing them.
 
-use super::fetch::{allowed, Prefix};
+use super::prefix::{allowed, Prefix};
 
 /// URLs in `event` (raw JSON) under one of `prefixes`, in document order, each once.
 pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
@@ -52,7 +52,7 @@ fn decode(token: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::fetch::parse_prefixes;
+    use crate::files::prefix::parse_prefixes;
 
     fn prefixes() -> Vec<Prefix> {
         parse_prefixes(&["https://files.huggy.app/".into(), "https://bucket.s3.amazonaws.com/".into()])

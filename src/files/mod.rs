@@ -12,6 +12,7 @@
 pub mod detect;
 pub mod disposition;
 pub mod fetch;
+pub mod prefix;
 pub mod schedule;
 pub mod store;
 
