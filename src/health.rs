@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::clock::now_secs;
+use crate::clock::{free_bytes, now_millis, now_secs};
 use crate::config::{AckMode, Config};
 use crate::metrics::Metrics;
 use crate::publish::KafkaHealth;
@@ -38,19 +38,13 @@ impl Pulse {
 
     /// The stage made progress (or is waiting with nothing it could do).
     pub fn beat(&self) {
-        self.last_ms.store(millis_now(), Ordering::Relaxed);
+        self.last_ms.store(now_millis(), Ordering::Relaxed);
     }
 
     /// Time since the last beat.
     pub fn silent_for(&self) -> Duration {
-        Duration::from_millis((millis_now() - self.last_ms.load(Ordering::Relaxed)).max(0).unsigned_abs())
+        Duration::from_millis((now_millis() - self.last_ms.load(Ordering::Relaxed)).max(0).unsigned_abs())
     }
-}
-
-fn millis_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// Everything readiness and liveness look at.
@@ -175,13 +169,4 @@ impl Health {
 
 fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
-}
-
-/// Bytes available to unprivileged users on the filesystem holding `path` (`statvfs`).
-///
-/// # Errors
-/// `statvfs` failed.
-pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
-    let st = rustix::fs::statvfs(path)?;
-    Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

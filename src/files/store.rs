@@ -103,11 +103,7 @@ impl FileStore {
     pub fn free_bytes(&self) -> Option<Result<u64, StoreError>> {
         let root = self.local.as_ref()?.path_to_filesystem(&StorePath::from("x")).ok()?;
         let dir = root.parent()?.to_owned();
-        Some(
-            rustix::fs::statvfs(&dir)
-                .map(|s| s.f_bavail.saturating_mul(s.f_frsize))
-                .map_err(|e| StoreError::Io(dir.display().to_string(), e.into())),
-        )
+        Some(crate::clock::free_bytes(&dir).map_err(|e| StoreError::Io(dir.display().to_string(), e.into())))
     }
 }
 

@@ -39,7 +39,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
-use crate::clock::now_secs;
+use crate::clock::{now_millis, now_secs};
 use crate::event::{Event, EventId};
 pub use io::{OsIo, SegmentIo};
 pub use lock::LockError;
@@ -483,17 +483,11 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     fs::File::open(dir)?.sync_all()
 }
 
-fn millis_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-}
-
 impl Heartbeat {
     /// How long the writer has been stuck with work, if it has: in one group for longer than
     /// `after`, or with queued commands and no group finished for longer than `after`.
     pub fn stalled_for(&self, after: Duration) -> Option<Duration> {
-        let now = millis_now();
+        let now = now_millis();
         let limit = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let busy = self.busy_since_ms.load(Ordering::Relaxed);
         if busy > 0 && now - busy > limit {

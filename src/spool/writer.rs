@@ -34,10 +34,10 @@ use super::format::{self, Record};
 use super::lock::DirLock;
 use super::recovery::Recovered;
 use super::{
-    millis_now, segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared,
-    SpoolError, SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
+    segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared, SpoolError,
+    SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
 };
-use crate::clock::now_secs;
+use crate::clock::{now_millis, now_secs};
 use crate::event::EventId;
 
 pub(crate) struct Writer {
@@ -92,7 +92,7 @@ impl Writer {
             heartbeat: Heartbeat::default(),
             settings,
         });
-        shared.heartbeat.last_commit_ms.store(millis_now(), Ordering::Relaxed);
+        shared.heartbeat.last_commit_ms.store(now_millis(), Ordering::Relaxed);
         let mut next_seq = recovered.next_seq;
         let (active, first_seq, len) = fresh_segment(&shared, &mut next_seq, &[])?;
         {
@@ -140,11 +140,11 @@ impl Writer {
             }
             let shared = self.shared.clone();
             let hb = &shared.heartbeat;
-            hb.busy_since_ms.store(millis_now(), Ordering::Relaxed);
+            hb.busy_since_ms.store(now_millis(), Ordering::Relaxed);
             let n = group.len() as u64;
             close_reply = self.commit(group);
             hb.queued.fetch_sub(n, Ordering::Relaxed);
-            hb.last_commit_ms.store(millis_now(), Ordering::Relaxed);
+            hb.last_commit_ms.store(now_millis(), Ordering::Relaxed);
             hb.busy_since_ms.store(0, Ordering::Relaxed);
         }
         if !self.broken {
