@@ -776,10 +776,10 @@ impl Governor {
         Governor { controller: Controller::new(floor, max), samples: VecDeque::new(), ticks: 0 }
     }
 
-    /// Bytes per second over about the last second.
+    /// Bytes per second over about the last [`schedule::MEASURE`].
     fn rate(&mut self, now: Instant, total: u64) -> f64 {
         self.samples.push_back((now, total));
-        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= Duration::from_secs(1) {
+        while self.samples.len() > 2 && now.duration_since(self.samples[1].0) >= schedule::MEASURE {
             self.samples.pop_front();
         }
         let (t0, b0) = self.samples[0];

@@ -15,6 +15,9 @@ use std::time::{Duration, Instant};
 
 /// Time given to a change of the limit before its effect on throughput is judged.
 pub const SETTLE: Duration = Duration::from_secs(2);
+/// The window the aggregate rate is measured over; a step is taken only from a limit that has kept
+/// every connection busy for that long, so that the rate it is judged against is the limit's own.
+pub const MEASURE: Duration = Duration::from_secs(1);
 /// How long a saturated host is left at the limit that saturated it before growth is tried again.
 pub const RECHECK: Duration = Duration::from_secs(10);
 /// Share of the time left that a plan counts on (the rest absorbs estimation error).
@@ -148,6 +151,8 @@ pub struct Controller {
     probe: Option<Probe>,
     /// A limit found to saturate the host, and until when it holds.
     ceiling: Option<(usize, Instant)>,
+    /// Since when every connection the current limit allows has been busy.
+    busy_since: Option<Instant>,
     peak: usize,
 }
 
@@ -155,7 +160,7 @@ impl Controller {
     pub fn new(floor: usize, max: usize) -> Self {
         let floor = floor.max(1);
         let max = max.max(floor);
-        Controller { floor, max, limit: floor, probe: None, ceiling: None, peak: floor }
+        Controller { floor, max, limit: floor, probe: None, ceiling: None, busy_since: None, peak: floor }
     }
 
     pub fn limit(&self) -> usize {
@@ -177,9 +182,21 @@ impl Controller {
         self.limit < self.max && !self.saturated(now)
     }
 
-    /// One step. `rate`: the aggregate bytes/s over the last second; `busy`: every allowed
-    /// connection is in use (otherwise flat throughput says nothing about the host).
+    /// One step (called every tick). `rate`: the aggregate bytes/s over the last [`MEASURE`];
+    /// `busy`: every allowed connection is in use (otherwise flat throughput says nothing about the
+    /// host).
     pub fn update(&mut self, now: Instant, required: usize, busy: bool, rate: f64) -> usize {
+        let before = self.limit;
+        let limit = self.step(now, required, busy, rate);
+        if limit != before || !busy {
+            self.busy_since = None;
+        } else if self.busy_since.is_none() {
+            self.busy_since = Some(now);
+        }
+        limit
+    }
+
+    fn step(&mut self, now: Instant, required: usize, busy: bool, rate: f64) -> usize {
         if let Some(p) = self.probe {
             if now.duration_since(p.at) < SETTLE {
                 return self.limit;
@@ -199,7 +216,8 @@ impl Controller {
         }
         let want = required.clamp(self.floor, self.max);
         if want > self.limit {
-            if self.ceiling.is_none() && busy {
+            let measured = self.busy_since.is_some_and(|t| now.duration_since(t) >= MEASURE);
+            if self.ceiling.is_none() && busy && measured && rate > 0.0 {
                 let next = want.min(self.limit * 2).max(self.limit + 1).min(self.max);
                 self.probe = Some(Probe { from: self.limit, from_rate: rate, at: now });
                 self.limit = next;
@@ -285,22 +303,40 @@ mod tests {
         assert!((e.rate_bps - 1e6).abs() < 1.0, "a tiny body does not move the rate");
     }
 
+    /// Ticks the controller every 250 ms for `secs` with the same inputs, as the dispatcher does;
+    /// returns the limit and the time reached.
+    fn run(c: &mut Controller, from: Instant, secs: f64, required: usize, busy: bool, rate: f64) -> (usize, Instant) {
+        let tick = Duration::from_millis(250);
+        let mut t = from;
+        let mut limit = c.limit();
+        for _ in 0..(secs / 0.25).round() as u32 {
+            t += tick;
+            limit = c.update(t, required, busy, rate);
+        }
+        (limit, t)
+    }
+
     #[test]
     fn controller_grows_by_doubling_while_throughput_follows() {
         let t0 = Instant::now();
         let mut c = Controller::new(16, 256);
-        assert_eq!(c.update(t0, 200, true, 16e6), 32);
-        assert_eq!(c.update(t0 + Duration::from_millis(500), 200, true, 20e6), 32, "settling");
-        let t = t0 + SETTLE;
-        assert_eq!(c.update(t, 200, true, 32e6), 64);
-        let t = t + SETTLE;
-        assert_eq!(c.update(t, 200, true, 64e6), 128);
-        let t = t + SETTLE;
-        assert_eq!(c.update(t, 200, true, 128e6), 200, "no further than required");
+        // No step before the rate has been measured with every connection of this limit busy.
+        assert_eq!(c.update(t0, 200, true, 0.0), 16);
+        let (limit, t) = run(&mut c, t0, 0.75, 200, true, 16e6);
+        assert_eq!(limit, 16, "busy for less than MEASURE");
+        let (limit, t) = run(&mut c, t, 0.25, 200, true, 16e6);
+        assert_eq!(limit, 32);
+        let (limit, t) = run(&mut c, t, 1.5, 200, true, 20e6);
+        assert_eq!(limit, 32, "settling");
+        let (limit, t) = run(&mut c, t, 0.5, 200, true, 32e6);
+        assert_eq!(limit, 64, "32 doubled the rate and has been busy for a MEASURE");
+        let (limit, t) = run(&mut c, t, 2.0, 200, true, 64e6);
+        assert_eq!(limit, 128);
+        let (limit, t) = run(&mut c, t, 2.0, 200, true, 128e6);
+        assert_eq!(limit, 200, "no further than required");
         assert_eq!(c.peak(), 200);
         // Pressure gone: back down to the floor, a quarter at a time.
-        let mut t = t + SETTLE;
-        let mut last = c.update(t, 0, true, 190e6);
+        let (mut last, mut t) = run(&mut c, t, 2.0, 0, true, 190e6);
         let mut steps = 1;
         while last > 16 {
             t += Duration::from_millis(250);
@@ -316,28 +352,47 @@ mod tests {
     fn controller_stops_where_throughput_stops() {
         let t0 = Instant::now();
         let mut c = Controller::new(2, 256);
-        assert_eq!(c.update(t0, 100, true, 2e6), 4);
-        let t = t0 + SETTLE;
-        assert_eq!(c.update(t, 100, true, 4e6), 8, "4 → 8 after 2 → 4 doubled the rate");
-        let t = t + SETTLE;
-        assert_eq!(c.update(t, 100, true, 4.2e6), 4, "8 connections gave what 4 did: back to 4");
+        let (limit, t) = run(&mut c, t0, 1.25, 100, true, 2e6);
+        assert_eq!(limit, 4);
+        let (limit, t) = run(&mut c, t, 2.0, 100, true, 4e6);
+        assert_eq!(limit, 8, "4 → 8 after 2 → 4 doubled the rate");
+        let (limit, t) = run(&mut c, t, 2.0, 100, true, 4.2e6);
+        assert_eq!(limit, 4, "8 connections gave what 4 did: back to 4");
         assert!(c.saturated(t) && !c.can_grow(t));
-        for i in 1..20 {
-            assert_eq!(c.update(t + Duration::from_millis(250 * i), 100, true, 4e6), 4, "held while saturated");
-        }
-        let later = t + RECHECK;
-        assert_eq!(c.update(later, 100, true, 4e6), 8, "tried again after RECHECK");
+        let (limit, t) = run(&mut c, t, 9.75, 100, true, 4e6);
+        assert_eq!(limit, 4, "held while saturated");
+        let (limit, _) = run(&mut c, t, 0.25, 100, true, 4e6);
+        assert_eq!(limit, 8, "tried again after RECHECK");
         assert_eq!(c.peak(), 8);
+    }
+
+    #[test]
+    fn a_step_is_judged_against_the_rate_of_the_limit_it_left() {
+        // Start-up: the first ticks see no rate yet, or the ramp of connections still waiting for
+        // their first byte. A step taken then would count as helping whatever it bought.
+        let t0 = Instant::now();
+        let mut c = Controller::new(8, 64);
+        let (limit, t) = run(&mut c, t0, 0.5, 100, true, 0.0);
+        assert_eq!(limit, 8, "no step on no measurement");
+        let (limit, t) = run(&mut c, t, 1.0, 100, true, 1e6);
+        assert_eq!(limit, 16);
+        let (limit, t) = run(&mut c, t, 2.0, 100, true, 1.05e6);
+        assert_eq!(limit, 8, "16 gave what 8 did: the host is saturated at 8");
+        assert!(c.saturated(t));
+        assert_eq!(c.peak(), 16);
     }
 
     #[test]
     fn flat_throughput_with_idle_connections_is_not_saturation() {
         let t0 = Instant::now();
         let mut c = Controller::new(2, 64);
-        assert_eq!(c.update(t0, 50, true, 2e6), 4);
+        let (limit, t) = run(&mut c, t0, 1.25, 50, true, 2e6);
+        assert_eq!(limit, 4);
         // The queue ran dry: connections idle, the rate flat. Not the host's fault.
-        assert_eq!(c.update(t0 + SETTLE, 50, false, 2e6), 4);
-        assert!(!c.saturated(t0 + SETTLE));
-        assert_eq!(c.update(t0 + SETTLE * 2, 50, true, 2e6), 8);
+        let (limit, t) = run(&mut c, t, 2.0, 50, false, 2e6);
+        assert_eq!(limit, 4);
+        assert!(!c.saturated(t));
+        let (limit, _) = run(&mut c, t, 1.25, 50, true, 2e6);
+        assert_eq!(limit, 8, "growth resumes once the limit is busy again");
     }
 }

@@ -255,7 +255,10 @@ async fn a_saturated_host_stops_growth_serves_deadlines_in_order_and_gives_up_ea
     let metrics = Arc::new(Metrics::new());
     let (tx, mut rx) = mpsc::channel(64);
     let ttl = 30;
-    let fc = FileCapture::new(&files_config(dir.path(), addr, ttl, 2, 64), metrics.clone(), tx).unwrap();
+    // Floor 8: the host is found saturated within two probes (about 4.5 s), well before the early
+    // files' deadline. From a floor of 2 it takes four doublings of 2 s each, which ends at the
+    // deadline itself: nothing is certain early enough to give up early.
+    let fc = FileCapture::new(&files_config(dir.path(), addr, ttl, 8, 64), metrics.clone(), tx).unwrap();
     let stop = CancellationToken::new();
     fc.spawn_workers(stop.clone());
 
