@@ -11,9 +11,11 @@
 //! `bytes_per_id` test), e.g. at most 14 MB for the default one-hour window at 100 events/s.
 //!
 //! Persistence: ids whose segment is about to be deleted would otherwise be forgotten by a restart,
-//! so before the writer deletes a segment it writes the whole window to `dedup.snapshot` (temporary
-//! file, `fdatasync`, rename, directory sync). Recovery loads the snapshot, then adds the ids of the
-//! events still in segments.
+//! so before the writer deletes a segment the whole window is written to `dedup.snapshot` (temporary
+//! file, `fdatasync`, rename, directory sync). The writer encodes the window ([`Dedup::snapshot`], a
+//! copy of the ids) and a thread of its own writes and syncs it ([`write_snapshot`]), so requests
+//! never wait for that write; the segments are deleted once it is durable. Recovery loads the
+//! snapshot, then adds the ids of the events still in segments.
 
 use std::collections::{HashSet, VecDeque};
 use std::fs::{self, File};
@@ -157,12 +159,17 @@ impl Dedup {
         self.gens.iter().map(|g| (g.ids.capacity() * 8 / 7 + 16) * (std::mem::size_of::<Key>() + 1)).sum()
     }
 
-    /// Writes the window to `dedup.snapshot` durably (temporary file, sync, rename, directory sync).
+    /// Writes the window to `dedup.snapshot` durably, on the caller's thread.
     ///
     /// # Errors
     /// The snapshot could not be made durable; the caller must not delete segments then.
+    #[cfg(test)]
     pub fn persist(&self) -> io::Result<()> {
-        let tmp = self.dir.join(format!("{SNAPSHOT}.tmp"));
+        write_snapshot(&self.dir, &self.snapshot()).map(drop)
+    }
+
+    /// The window in the snapshot's format, for [`write_snapshot`].
+    pub fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.len() * 16 + self.gens.len() * 12 + 4);
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
@@ -176,14 +183,25 @@ impl Dedup {
         }
         let crc = crc32fast::hash(&out);
         out.extend_from_slice(&crc.to_le_bytes());
-        {
-            let mut f = File::create(&tmp)?;
-            f.write_all(&out)?;
-            f.sync_data()?;
-        }
-        fs::rename(&tmp, self.dir.join(SNAPSHOT))?;
-        File::open(&self.dir)?.sync_all()
+        out
     }
+}
+
+/// Makes `snapshot` (from [`Dedup::snapshot`]) the durable `dedup.snapshot` of `dir`: temporary
+/// file, sync, rename, directory sync. Returns its size.
+///
+/// # Errors
+/// The snapshot could not be made durable; the segments it was to cover must not be deleted.
+pub fn write_snapshot(dir: &Path, snapshot: &[u8]) -> io::Result<u64> {
+    let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(snapshot)?;
+        f.sync_data()?;
+    }
+    fs::rename(&tmp, dir.join(SNAPSHOT))?;
+    File::open(dir)?.sync_all()?;
+    Ok(snapshot.len() as u64)
 }
 
 fn read_snapshot(path: &Path) -> io::Result<Vec<(i64, Vec<[u8; 16]>)>> {

@@ -245,6 +245,8 @@ pub(crate) enum Command {
     Ack(Vec<u64>),
     FilesDone(u64, Vec<u8>),
     Close(oneshot::Sender<()>),
+    /// A dedup snapshot is durable: the segments it covers can go.
+    Compact,
 }
 
 /// Handle to the spool; cheap to clone.
@@ -270,8 +272,8 @@ impl Spool {
         dedup.load(now);
         let recovered = recovery::recover(&settings.dir, recovery::Mode::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
-        let (writer, shared) = writer::Writer::start(settings, recovered, dedup, dir_lock)?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let (writer, shared) = writer::Writer::start(settings, recovered, dedup, dir_lock, tx.downgrade())?;
         let thread = std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
         let stats = stats_of(&shared);
         info!(

@@ -214,6 +214,34 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
     spool.close().await;
 }
 
+#[tokio::test]
+async fn ids_of_deleted_segments_are_still_duplicates_after_a_restart() {
+    // The snapshot that covers deleted segments is written off the writer thread; a segment may
+    // only go once it is durable, so a restart right after the deletion still knows every id.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.segment_bytes = 512;
+    let spool = Spool::open(s.clone()).unwrap();
+    let now = now_secs();
+    for i in 0..40 {
+        spool.append(vec![ev(i, "1")], now).await.unwrap();
+    }
+    let got = read_all(&spool).await;
+    spool.ack(got.iter().map(|s| s.seq).collect()).await;
+    spool.append(vec![ev(100, "1")], now).await.unwrap();
+    let _ = read_all(&spool).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while list_segments(dir.path()).unwrap().len() > 2 {
+        assert!(std::time::Instant::now() < deadline, "acknowledged segments were not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spool.close().await;
+    let spool = Spool::open(s).unwrap();
+    let r = spool.append((0..40).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 40), "every id of the deleted segments is remembered");
+    spool.close().await;
+}
+
 #[test]
 fn ranges_merge() {
     assert_eq!(to_ranges(&mut [5, 1, 2, 3, 9, 8]), vec![(1, 3), (5, 5), (8, 9)]);

@@ -9,7 +9,9 @@
 //!   the writer keeps those records in memory.
 //! - A new segment's header is synced, and so is the directory entry, before anything is written
 //!   after it; a full segment is synced before the next one starts.
-//! - The dedup window is written to `dedup.snapshot` and synced before a segment is deleted.
+//! - The dedup window is written to `dedup.snapshot` and synced before a segment is deleted. That
+//!   write happens on a thread of its own ([`Snapshots`]): the writer copies the window's ids, goes on
+//!   committing groups, and deletes the segments once the snapshot is durable.
 //!
 //! When a `write` or `fdatasync` fails (Postgres' "fsyncgate": after a failed `fdatasync` the
 //! kernel may have dropped the dirty pages, and a second `fdatasync` can succeed without them), the
@@ -23,13 +25,15 @@ use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{error, info, warn};
 
-use super::dedup::Dedup;
+use super::dedup::{self, Dedup};
 use super::format::{self, Record};
 use super::lock::DirLock;
 use super::recovery::Recovered;
@@ -55,18 +59,66 @@ pub(crate) struct Writer {
     carry: Vec<Record>,
     /// The active segment failed a write or sync: the next group starts a fresh one.
     broken: bool,
+    snapshots: Snapshots,
+    /// Dropped last: no snapshot is written after the directory is released.
     _lock: DirLock,
+}
+
+/// The thread that writes dedup snapshots, one at a time, and the segments waiting for the one
+/// being written.
+struct Snapshots {
+    jobs: Option<Sender<Vec<u8>>>,
+    done: Receiver<std::io::Result<u64>>,
+    /// Deleted once the snapshot being written is durable.
+    covering: Option<Vec<Segment>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Snapshots {
+    /// Starts the thread. When a snapshot is durable it queues [`Command::Compact`] (if the spool is
+    /// still open and the queue has room; a busy writer compacts after its group anyway).
+    fn start(shared: Arc<Shared>, wake: mpsc::WeakSender<Command>) -> std::io::Result<Snapshots> {
+        let (jobs, todo) = std::sync::mpsc::channel::<Vec<u8>>();
+        let (report, done) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("spool-snapshot".into()).spawn(move || {
+            for snapshot in todo {
+                if report.send(dedup::write_snapshot(&shared.settings.dir, &snapshot)).is_err() {
+                    break;
+                }
+                if let Some(tx) = wake.upgrade() {
+                    let queued = &shared.heartbeat.queued;
+                    queued.fetch_add(1, Ordering::Relaxed);
+                    if tx.try_send(Command::Compact).is_err() {
+                        queued.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        })?;
+        Ok(Snapshots { jobs: Some(jobs), done, covering: None, thread: Some(thread) })
+    }
+}
+
+impl Drop for Snapshots {
+    /// Lets the snapshot being written finish (it is small next to the segments it replaces).
+    fn drop(&mut self) {
+        self.jobs = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, SpoolError>);
 
 impl Writer {
     /// Builds the shared state from what recovery found and opens a fresh active segment.
+    /// `wake` is the writer's own queue, for the snapshot thread to say a snapshot is durable.
     pub(crate) fn start(
         settings: SpoolSettings,
         recovered: Recovered,
         dedup: Dedup,
         lock: DirLock,
+        wake: mpsc::WeakSender<Command>,
     ) -> Result<(Writer, Arc<Shared>), SpoolError> {
         let unacked_bytes = recovered.unacked.values().map(|p| p.bytes).sum();
         let snapshot_bytes = fs::metadata(settings.dir.join("dedup.snapshot")).map_or(0, |m| m.len());
@@ -107,6 +159,7 @@ impl Writer {
             st.disk_bytes += len;
             st.reader_segment = st.segments.front().map_or(first_seq, |s| s.first_seq);
         }
+        let snapshots = Snapshots::start(shared.clone(), wake)?;
         let writer = Writer {
             shared: shared.clone(),
             active,
@@ -118,6 +171,7 @@ impl Writer {
             snapshot_bytes,
             carry: Vec::new(),
             broken: false,
+            snapshots,
             _lock: lock,
         };
         Ok((writer, shared))
@@ -250,6 +304,8 @@ impl Writer {
                     files_done.push((seq, member));
                 }
                 Command::Close(tx) => close = Some(tx),
+                // Only wakes the writer: compaction below picks up the durable snapshot.
+                Command::Compact => {}
             }
         }
         let ack_record = (!acked.is_empty()).then(|| Record::Acked(to_ranges(&mut acked)));
@@ -429,40 +485,86 @@ impl Writer {
         }
     }
 
-    /// Deletes old segments whose events are all acknowledged and that the reader has left, after
-    /// making the dedup window durable (their ids would otherwise be forgotten by a restart).
+    /// Deletes old segments whose events are all acknowledged and that the reader has left, once a
+    /// dedup snapshot written after they became deletable is durable (their ids would otherwise be
+    /// forgotten by a restart). The snapshot is written by [`Snapshots`]; this call starts one, or
+    /// finishes what the last one covers.
     fn compact(&mut self) -> std::io::Result<()> {
-        let mut persisted = false;
-        loop {
-            let victim = {
-                let st = self.shared.lock();
-                if st.segments.len() < 2 {
-                    return Ok(());
-                }
-                let first = &st.segments[0];
-                let next_first = st.segments[1].first_seq;
-                let oldest_unacked = st.unacked.keys().next().copied().unwrap_or(u64::MAX);
-                if oldest_unacked < next_first
-                    || st.reader_segment == first.first_seq
-                    || first.first_seq == self.active_first_seq
-                {
-                    return Ok(());
-                }
-                first.clone()
+        if self.snapshots.covering.is_some() {
+            let written = match self.snapshots.done.try_recv() {
+                Err(TryRecvError::Empty) => return Ok(()),
+                Ok(written) => written,
+                Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the snapshot thread stopped")),
             };
-            if !persisted && self.dedup.enabled() {
-                self.dedup.persist()?;
-                let size = fs::metadata(self.shared.settings.dir.join("dedup.snapshot")).map_or(0, |m| m.len());
-                let mut st = self.shared.lock();
-                st.disk_bytes = (st.disk_bytes + size).saturating_sub(self.snapshot_bytes);
-                self.snapshot_bytes = size;
-                persisted = true;
+            let covered = self.snapshots.covering.take().unwrap_or_default();
+            self.snapshot_written(written?);
+            self.delete(covered)?;
+        }
+        let victims = self.deletable();
+        if victims.is_empty() {
+            return Ok(());
+        }
+        if !self.dedup.enabled() {
+            return self.delete(victims);
+        }
+        let snapshot = self.dedup.snapshot();
+        match self.snapshots.jobs.as_ref().map(|jobs| jobs.send(snapshot)) {
+            Some(Ok(())) => {
+                self.snapshots.covering = Some(victims);
+                Ok(())
             }
-            fs::remove_file(&victim.path)?;
+            // No snapshot thread (it stopped): write it here.
+            Some(Err(std::sync::mpsc::SendError(snapshot))) => {
+                self.snapshots.jobs = None;
+                self.snapshot_written(dedup::write_snapshot(&self.shared.settings.dir, &snapshot)?);
+                self.delete(victims)
+            }
+            None => {
+                self.snapshot_written(dedup::write_snapshot(&self.shared.settings.dir, &self.dedup.snapshot())?);
+                self.delete(victims)
+            }
+        }
+    }
+
+    /// Accounts for a durable snapshot of `size` bytes replacing the previous one.
+    fn snapshot_written(&mut self, size: u64) {
+        let mut st = self.shared.lock();
+        st.disk_bytes = (st.disk_bytes + size).saturating_sub(self.snapshot_bytes);
+        self.snapshot_bytes = size;
+    }
+
+    /// The oldest segments, in order, whose events are all acknowledged and that neither the reader
+    /// nor the writer is in.
+    fn deletable(&self) -> Vec<Segment> {
+        let st = self.shared.lock();
+        let oldest_unacked = st.unacked.keys().next().copied().unwrap_or(u64::MAX);
+        st.segments
+            .iter()
+            .zip(st.segments.iter().skip(1))
+            .take_while(|(seg, next)| {
+                oldest_unacked >= next.first_seq
+                    && st.reader_segment != seg.first_seq
+                    && seg.first_seq != self.active_first_seq
+            })
+            .map(|(seg, _)| seg.clone())
+            .collect()
+    }
+
+    /// Deletes `victims`, the oldest segments, oldest first.
+    fn delete(&mut self, victims: Vec<Segment>) -> std::io::Result<()> {
+        for victim in victims {
+            match fs::remove_file(&victim.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
             let mut st = self.shared.lock();
-            st.segments.pop_front();
+            if st.segments.front().is_some_and(|s| s.first_seq == victim.first_seq) {
+                st.segments.pop_front();
+            }
             st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
         }
+        Ok(())
     }
 }
 
