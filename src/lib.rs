@@ -32,6 +32,7 @@ pub mod files;
 pub mod health;
 pub mod http;
 pub mod ingest;
+pub(crate) mod json;
 pub mod metrics;
 pub mod publish;
 pub mod shutdown;

@@ -1,6 +1,8 @@
 //! URL detection over arbitrary bytes: never panics, finds only strings with an allowed prefix.
 #![no_main]
 
+#[path = "../../src/json.rs"]
+mod json;
 #[allow(dead_code)]
 #[path = "../../src/files/prefix.rs"]
 mod prefix;

@@ -3,6 +3,8 @@
 //! out of range for an f64, are valid and kept as they are).
 #![no_main]
 
+#[path = "../../src/json.rs"]
+mod json;
 #[allow(dead_code)]
 #[path = "../../src/event/mod.rs"]
 mod event;

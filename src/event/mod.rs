@@ -16,6 +16,8 @@ use sha2::{Digest, Sha256};
 
 pub use types::{is_valid_topic, EventType, KnownType};
 
+use crate::json::string_end;
+
 /// Why a body was refused as a whole (HTTP 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BodyError {
@@ -135,19 +137,12 @@ pub const MAX_DEPTH: usize = 64;
 /// Whether `[`/`{` nesting outside strings goes deeper than `limit`. A single pass without
 /// recursion, so a hostile body cannot exhaust the stack here or in any consumer downstream.
 fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in body {
-        if in_string {
-            match (escaped, b) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => in_string = false,
-                _ => {}
-            }
-            continue;
-        }
-        match b {
-            b'"' => in_string = true,
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < body.len() {
+        match body[i] {
+            // Strings are most of a body: jump over them.
+            b'"' => i = string_end(body, i + 1),
             b'[' | b'{' => {
                 depth += 1;
                 if depth > limit {
@@ -157,6 +152,7 @@ fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
             b']' | b'}' => depth = depth.saturating_sub(1),
             _ => {}
         }
+        i += 1;
     }
     false
 }
@@ -264,6 +260,11 @@ pub struct EventId(pub [u8; 16]);
 
 impl EventId {
     pub fn new(event_type: &str, stamp: &BatchStamp, value: &[u8], occurrence: u32) -> Self {
+        Self::finish(Self::prefix(event_type, stamp, value), occurrence)
+    }
+
+    /// The digest over everything but the occurrence number, to finish once per occurrence.
+    fn prefix(event_type: &str, stamp: &BatchStamp, value: &[u8]) -> Sha256 {
         let mut h = Sha256::new();
         h.update(u32::try_from(event_type.len()).unwrap_or(u32::MAX).to_be_bytes());
         h.update(event_type.as_bytes());
@@ -279,6 +280,10 @@ impl EventId {
         }
         h.update((value.len() as u64).to_be_bytes());
         h.update(value);
+        h
+    }
+
+    fn finish(mut h: Sha256, occurrence: u32) -> Self {
         h.update(occurrence.to_be_bytes());
         let digest = h.finalize();
         let mut id = [0u8; 16];
@@ -356,16 +361,19 @@ pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
 }
 
 /// How many times each (type, bytes) pair has come up so far in one batch, for the occurrence number
-/// of [`EventId`].
+/// of [`EventId`]. Pairs are told apart by the id of their first occurrence, which is computed
+/// anyway, rather than by hashing the event's bytes a second time.
 #[derive(Default)]
-struct Occurrences<'b> {
-    counts: HashMap<(&'b str, &'b [u8]), u32>,
+struct Occurrences {
+    counts: HashMap<EventId, u32>,
 }
 
-impl<'b> Occurrences<'b> {
-    fn id(&mut self, event_type: &'b str, stamp: &BatchStamp, value: &'b [u8]) -> EventId {
-        let n = self.counts.entry((event_type, value)).or_insert(0);
-        let id = EventId::new(event_type, stamp, value, *n);
+impl Occurrences {
+    fn id(&mut self, event_type: &str, stamp: &BatchStamp, value: &[u8]) -> EventId {
+        let prefix = EventId::prefix(event_type, stamp, value);
+        let first = EventId::finish(prefix.clone(), 0);
+        let n = self.counts.entry(first).or_insert(0);
+        let id = if *n == 0 { first } else { EventId::finish(prefix, *n) };
         *n = n.saturating_add(1);
         id
     }

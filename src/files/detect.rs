@@ -3,33 +3,22 @@
 //! scanned once, without recursion and without re-serializing them.
 
 use super::prefix::{allowed, Prefix};
+use crate::json::string_end;
 
 /// URLs in `event` (raw JSON) under one of `prefixes`, in document order, each once.
 pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
-    while i < event.len() {
-        if event[i] != b'"' {
-            i += 1;
-            continue;
+    while let Some(open) = memchr::memchr(b'"', &event[i..]) {
+        let start = i + open;
+        let end = string_end(event, start + 1);
+        let token = &event[start..(end + 1).min(event.len())];
+        i = end + 1;
+        if i >= event.len() {
+            i = event.len();
         }
-        let start = i;
-        let mut escaped = false;
-        i += 1;
-        while i < event.len() {
-            match (escaped, event[i]) {
-                (true, _) => escaped = false,
-                (false, b'\\') => escaped = true,
-                (false, b'"') => break,
-                _ => {}
-            }
-            i += 1;
-        }
-        let token = &event[start..(i + 1).min(event.len())];
-        i += 1;
         if let Some(s) = decode(token) {
-            let maybe_url = s.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("http"));
-            if maybe_url && allowed(prefixes, &s) && !out.contains(&s) {
+            if allowed(prefixes, &s) && !out.contains(&s) {
                 out.push(s);
             }
         }
@@ -37,16 +26,18 @@ pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
     out
 }
 
-/// A JSON string token to its text; only strings that could be URLs are decoded.
+/// A JSON string token to its text, when it could be a URL (it starts with `http`, in any letter
+/// case); every other string is passed over without a copy.
 fn decode(token: &[u8]) -> Option<String> {
     if token.len() < 10 || !token.ends_with(b"\"") {
         return None;
     }
     let inner = &token[1..token.len() - 1];
     if !inner.contains(&b'\\') {
-        return std::str::from_utf8(inner).ok().map(str::to_owned);
+        return inner[..4].eq_ignore_ascii_case(b"http").then(|| std::str::from_utf8(inner).ok().map(str::to_owned))?;
     }
-    serde_json::from_slice::<String>(token).ok()
+    let s = serde_json::from_slice::<String>(token).ok()?;
+    s.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("http")).then_some(s)
 }
 
 #[cfg(test)]

@@ -241,7 +241,11 @@ impl Shared {
 }
 
 pub(crate) enum Command {
-    Append { events: Vec<Event>, received_at: i64, reply: oneshot::Sender<Result<Appended, SpoolError>> },
+    Append {
+        events: Vec<Event>,
+        received_at: i64,
+        reply: oneshot::Sender<Result<Appended, SpoolError>>,
+    },
     Ack(Vec<u64>),
     FilesDone(u64, Vec<u8>),
     Close(oneshot::Sender<()>),
