@@ -17,12 +17,155 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ENV_PREFIX: &str = "HUGGY_BRIDGE_";
 const REDACTED: &str = "[redacted]";
 
+/// Why the configuration was refused. The message names the key; a cause (figment's parse error, a
+/// prefix's flaw) is the error's source, so print the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot load configuration: {0}")]
+    /// A source could not be read or parsed, a key is unknown, or a value has the wrong type.
+    #[error("cannot load configuration")]
     Load(#[from] Box<figment::Error>),
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+    /// No webhook token: no batch could ever be accepted.
+    #[error("invalid configuration: huggy.tokens is empty: no batch could ever be accepted")]
+    NoTokens,
+    /// A setting that must be given is empty.
+    #[error("invalid configuration: {key} is empty")]
+    Empty {
+        /// The setting, e.g. `kafka.brokers`.
+        key: &'static str,
+    },
+    /// A count or size that must be above zero is not.
+    #[error("invalid configuration: {key} must be positive")]
+    NotPositive {
+        /// The setting, e.g. `http.max_body_bytes`.
+        key: &'static str,
+    },
+    /// A value that must have a given form does not.
+    #[error("invalid configuration: {key} must {expected}, got {value:?}")]
+    Malformed {
+        /// The setting.
+        key: &'static str,
+        /// What the value must do, e.g. `start with '/'`.
+        expected: &'static str,
+        /// The value found.
+        value: String,
+    },
+    /// A setting is smaller than another one it must cover.
+    #[error("invalid configuration: {key} ({value}) must be at least {bound_key} ({bound}): {reason}")]
+    BelowBound {
+        /// The setting that is too small.
+        key: &'static str,
+        /// Its value.
+        value: u64,
+        /// The setting it must cover.
+        bound_key: &'static str,
+        /// That setting's value.
+        bound: u64,
+        /// What would go wrong otherwise.
+        reason: &'static str,
+    },
+    /// `spool.max_undelivered_age_secs` does not exceed `files.token_ttl_secs`, though an event may
+    /// wait that long for its files.
+    #[error(
+        "invalid configuration: spool.max_undelivered_age_secs ({max_undelivered_age_secs}) must exceed files.token_ttl_secs ({token_ttl_secs}): an event may wait that long for its files"
+    )]
+    AgeWithinTokenTtl {
+        /// `spool.max_undelivered_age_secs`.
+        max_undelivered_age_secs: u64,
+        /// `files.token_ttl_secs`.
+        token_ttl_secs: u64,
+    },
+    /// The public and the admin listener share one address.
+    #[error("invalid configuration: http.listen and admin.listen must differ")]
+    SameListenAddress,
+    /// A `kafka.topics` override names no event type this bridge knows.
+    #[error("invalid configuration: kafka.topics.{name}: not a Huggy event type this bridge knows")]
+    UnknownEventType {
+        /// The key as configured.
+        name: String,
+    },
+    /// An entry of `files.allowed_url_prefixes` is not a usable prefix.
+    #[error("invalid configuration: files.allowed_url_prefixes: {prefix:?}")]
+    UrlPrefix {
+        /// The entry as configured.
+        prefix: String,
+        /// What is wrong with it.
+        #[source]
+        source: crate::files::prefix::PrefixError,
+    },
+    /// Everything wrong with `[kafka]`, reported at once.
+    #[error("invalid configuration: {}", join_problems(.0))]
+    Kafka(Vec<KafkaProblem>),
+}
+
+fn join_problems(problems: &[KafkaProblem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// One problem with `[kafka]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KafkaProblem {
+    /// The topic template would send every type to one topic.
+    #[error("kafka.topic_template must contain {{event}}")]
+    TemplateWithoutEvent,
+    /// The template makes a name Kafka refuses for some event type.
+    #[error(
+        "kafka.topic_template makes {topic:?} for {event}, not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"
+    )]
+    TemplateMakesInvalidTopic {
+        /// The name made.
+        topic: String,
+        /// The event type it was made for.
+        event: &'static str,
+    },
+    /// A configured topic name Kafka refuses.
+    #[error("{key}: {topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)")]
+    InvalidTopic {
+        /// The setting (`kafka.fallback_topic`, `kafka.dead_letter_topic`) or the overridden event type.
+        key: String,
+        /// The name configured.
+        topic: String,
+    },
+    /// `kafka.min_insync_replicas` is below 1 or above the replication factor.
+    #[error(
+        "kafka.min_insync_replicas ({value}) must be between 1 and kafka.replication_factor ({replication_factor})"
+    )]
+    MinInsyncReplicas {
+        /// `kafka.min_insync_replicas`.
+        value: i32,
+        /// `kafka.replication_factor`.
+        replication_factor: i32,
+    },
+    /// Certificate files are set while TLS is off: probably a forgotten `enabled = true`.
+    #[error("kafka.tls: files are set but kafka.tls.enabled is false")]
+    TlsFilesWithoutTls,
+    /// Only one of the client certificate and its key is set.
+    #[error("kafka.tls.cert_file and kafka.tls.key_file go together (mTLS needs both)")]
+    CertWithoutKey,
+    /// A TLS file does not exist or is not a file.
+    #[error("kafka.tls.{key}: {path:?} is not a readable file")]
+    UnreadableFile {
+        /// `ca_file`, `cert_file` or `key_file`.
+        key: &'static str,
+        /// The path configured.
+        path: String,
+    },
+    /// SASL credentials without a mechanism would be silently unused.
+    #[error("kafka.sasl: credentials are set but kafka.sasl.mechanism is empty")]
+    SaslWithoutMechanism,
+    /// A SASL mechanism without both username and password.
+    #[error("kafka.sasl: {} needs username and password", mechanism.as_str())]
+    SaslIncomplete {
+        /// The mechanism configured.
+        mechanism: SaslMechanism,
+    },
+    /// A `kafka.librdkafka` property the bridge refuses (see [`refused_property`]).
+    #[error("kafka.librdkafka.{property} is refused: {reason}")]
+    RefusedProperty {
+        /// The property as configured.
+        property: String,
+        /// Why it is refused.
+        reason: String,
+    },
 }
 
 /// A secret string: deserialized from config, compared by the code that owns it, printed as `[redacted]`.
@@ -352,18 +495,15 @@ impl KafkaConfig {
     }
 
     /// The problems with `[kafka]`; `ack` decides what the passthrough may hold.
-    fn problems(&self, ack: AckMode) -> Vec<String> {
+    fn problems(&self, ack: AckMode) -> Vec<KafkaProblem> {
         let mut out = Vec::new();
         if !self.topic_template.contains("{event}") {
-            out.push("kafka.topic_template must contain {event}".to_owned());
+            out.push(KafkaProblem::TemplateWithoutEvent);
         } else {
             for k in crate::event::KnownType::ALL {
                 let t = self.topic_template.replace("{event}", k.as_str());
                 if !crate::event::is_valid_topic(&t) {
-                    out.push(format!(
-                        "kafka.topic_template makes {t:?} for {}, not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)",
-                        k.as_str()
-                    ));
+                    out.push(KafkaProblem::TemplateMakesInvalidTopic { topic: t, event: k.as_str() });
                     break;
                 }
             }
@@ -373,48 +513,43 @@ impl KafkaConfig {
         let overrides = self.topics.iter().map(|(k, v)| (k.as_str(), v));
         for (key, t) in named.into_iter().chain(overrides) {
             if !crate::event::is_valid_topic(t) {
-                out.push(format!(
-                    "{key}: {t:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"
-                ));
+                out.push(KafkaProblem::InvalidTopic { key: key.to_owned(), topic: t.clone() });
             }
         }
         if let Some(m) = self.min_insync_replicas {
             if m < 1 || m > self.replication_factor {
-                out.push(format!(
-                    "kafka.min_insync_replicas ({m}) must be between 1 and kafka.replication_factor ({})",
-                    self.replication_factor
-                ));
+                out.push(KafkaProblem::MinInsyncReplicas { value: m, replication_factor: self.replication_factor });
             }
         }
         let tls = &self.tls;
         if !tls.enabled {
             if !tls.ca_file.is_empty() || !tls.cert_file.is_empty() || !tls.key_file.is_empty() {
-                out.push("kafka.tls: files are set but kafka.tls.enabled is false".to_owned());
+                out.push(KafkaProblem::TlsFilesWithoutTls);
             }
         } else {
             if tls.cert_file.is_empty() != tls.key_file.is_empty() {
-                out.push("kafka.tls.cert_file and kafka.tls.key_file go together (mTLS needs both)".to_owned());
+                out.push(KafkaProblem::CertWithoutKey);
             }
             for (key, path) in [("ca_file", &tls.ca_file), ("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
                 if !path.is_empty() && !Path::new(path).is_file() {
-                    out.push(format!("kafka.tls.{key}: {path:?} is not a readable file"));
+                    out.push(KafkaProblem::UnreadableFile { key, path: path.clone() });
                 }
             }
         }
         let sasl = &self.sasl;
         match sasl.mechanism {
             SaslMechanism::None if !sasl.username.is_empty() || !sasl.password_is_empty() => {
-                out.push("kafka.sasl: credentials are set but kafka.sasl.mechanism is empty".to_owned());
+                out.push(KafkaProblem::SaslWithoutMechanism);
             }
             SaslMechanism::None => {}
-            m if sasl.username.is_empty() || sasl.password_is_empty() => {
-                out.push(format!("kafka.sasl: {} needs username and password", m.as_str()));
+            mechanism if sasl.username.is_empty() || sasl.password_is_empty() => {
+                out.push(KafkaProblem::SaslIncomplete { mechanism });
             }
             _ => {}
         }
         for (k, v) in &self.librdkafka {
-            if let Some(why) = refused_property(k, v, ack, self) {
-                out.push(format!("kafka.librdkafka.{k} is refused: {why}"));
+            if let Some(reason) = refused_property(k, v, ack, self) {
+                out.push(KafkaProblem::RefusedProperty { property: k.clone(), reason });
             }
         }
         out
@@ -705,83 +840,95 @@ impl Config {
     }
 
     /// Rejects values that would make the daemon misbehave rather than fail.
+    ///
+    /// # Errors
+    /// The first setting found wrong (every `[kafka]` problem at once).
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.huggy.tokens.is_empty() {
-            return Err(ConfigError::Invalid("huggy.tokens is empty: no batch could ever be accepted".into()));
+            return Err(ConfigError::NoTokens);
         }
         self.validate_offline()
     }
 
     /// [`Config::validate`] without the webhook's tokens.
+    ///
+    /// # Errors
+    /// As [`Config::validate`], except for missing tokens.
     pub fn validate_offline(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+        let positive = |key: &'static str, ok: bool| if ok { Ok(()) } else { Err(ConfigError::NotPositive { key }) };
         if !self.http.path.starts_with('/') {
-            return bad(format!("http.path must start with '/', got {:?}", self.http.path));
+            return Err(ConfigError::Malformed {
+                key: "http.path",
+                expected: "start with '/'",
+                value: self.http.path.clone(),
+            });
         }
-        if self.http.max_body_bytes == 0 {
-            return bad("http.max_body_bytes must be positive".into());
-        }
+        positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
         if self.http.max_inflight_bytes < self.http.max_body_bytes {
-            return bad(format!(
-                "http.max_inflight_bytes ({}) must be at least http.max_body_bytes ({}): a body of the largest accepted size could never be read",
-                self.http.max_inflight_bytes, self.http.max_body_bytes
-            ));
+            return Err(ConfigError::BelowBound {
+                key: "http.max_inflight_bytes",
+                value: self.http.max_inflight_bytes as u64,
+                bound_key: "http.max_body_bytes",
+                bound: self.http.max_body_bytes as u64,
+                reason: "a body of the largest accepted size could never be read",
+            });
         }
-        if self.http.max_connections == 0 {
-            return bad("http.max_connections must be positive".into());
-        }
+        positive("http.max_connections", self.http.max_connections > 0)?;
         if self.http.listen == self.admin.listen {
-            return bad("http.listen and admin.listen must differ".into());
+            return Err(ConfigError::SameListenAddress);
         }
         if self.kafka.brokers.trim().is_empty() {
-            return bad("kafka.brokers is empty".into());
+            return Err(ConfigError::Empty { key: "kafka.brokers" });
         }
         let kafka_problems = self.kafka.problems(self.delivery.ack);
         if !kafka_problems.is_empty() {
-            return bad(kafka_problems.join("; "));
+            return Err(ConfigError::Kafka(kafka_problems));
         }
         for ty in self.kafka.topics.keys() {
             if crate::event::KnownType::parse_ignore_case(ty).is_none() {
-                return bad(format!("kafka.topics.{ty}: not a Huggy event type this bridge knows"));
+                return Err(ConfigError::UnknownEventType { name: ty.clone() });
             }
         }
-        if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
-            return bad("kafka.partitions and kafka.replication_factor must be at least 1".into());
-        }
-        if self.kafka.max_in_flight_records == 0 {
-            return bad("kafka.max_in_flight_records must be positive".into());
-        }
-        if self.spool.max_bytes == 0 {
-            return bad("spool.max_bytes must be positive".into());
-        }
+        positive("kafka.partitions", self.kafka.partitions >= 1)?;
+        positive("kafka.replication_factor", self.kafka.replication_factor >= 1)?;
+        positive("kafka.max_in_flight_records", self.kafka.max_in_flight_records > 0)?;
+        positive("spool.max_bytes", self.spool.max_bytes > 0)?;
         if self.delivery.ack == AckMode::Spool && self.spool.max_bytes < self.http.max_body_bytes as u64 {
-            return bad(format!(
-                "spool.max_bytes ({}) must be at least http.max_body_bytes ({}): a batch of the largest accepted size could never be stored",
-                self.spool.max_bytes, self.http.max_body_bytes
-            ));
+            return Err(ConfigError::BelowBound {
+                key: "spool.max_bytes",
+                value: self.spool.max_bytes,
+                bound_key: "http.max_body_bytes",
+                bound: self.http.max_body_bytes as u64,
+                reason: "a batch of the largest accepted size could never be stored",
+            });
         }
         if self.files.enabled {
             if self.spool.max_undelivered_age_secs <= self.files.token_ttl_secs {
-                return bad(format!(
-                    "spool.max_undelivered_age_secs ({}) must exceed files.token_ttl_secs ({}): an event may wait that long for its files",
-                    self.spool.max_undelivered_age_secs, self.files.token_ttl_secs
-                ));
+                return Err(ConfigError::AgeWithinTokenTtl {
+                    max_undelivered_age_secs: self.spool.max_undelivered_age_secs,
+                    token_ttl_secs: self.files.token_ttl_secs,
+                });
             }
-            if self.files.concurrency == 0 {
-                return bad("files.concurrency must be positive".into());
-            }
+            positive("files.concurrency", self.files.concurrency > 0)?;
             if !(self.files.store.starts_with("file://") || self.files.store.starts_with("s3://")) {
-                return bad(format!("files.store must be file://… or s3://…, got {:?}", self.files.store));
+                return Err(ConfigError::Malformed {
+                    key: "files.store",
+                    expected: "be file://… or s3://…",
+                    value: self.files.store.clone(),
+                });
             }
             if self.files.max_concurrency < self.files.concurrency {
-                return bad(format!(
-                    "files.max_concurrency ({}) must be at least files.concurrency ({}), the floor",
-                    self.files.max_concurrency, self.files.concurrency
-                ));
+                return Err(ConfigError::BelowBound {
+                    key: "files.max_concurrency",
+                    value: self.files.max_concurrency as u64,
+                    bound_key: "files.concurrency",
+                    bound: self.files.concurrency as u64,
+                    reason: "the floor cannot be above the ceiling",
+                });
             }
             for p in &self.files.allowed_url_prefixes {
-                if let Err(why) = crate::files::fetch::Prefix::parse(p) {
-                    return bad(format!("files.allowed_url_prefixes: {p:?} {why}"));
+                if let Err(source) = crate::files::prefix::Prefix::parse(p) {
+                    return Err(ConfigError::UrlPrefix { prefix: p.clone(), source });
                 }
             }
         }
@@ -806,6 +953,17 @@ impl Config {
 mod tests {
     use super::*;
     use figment::Jail;
+
+    /// The error and its causes, as the binary prints them.
+    fn message(e: &ConfigError) -> String {
+        let mut out = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            out = format!("{out}: {c}");
+            cause = c.source();
+        }
+        out
+    }
 
     #[test]
     fn toml_then_env_override_and_tokens_are_redacted() {
@@ -861,7 +1019,7 @@ mod tests {
     fn unknown_keys_are_rejected() {
         Jail::expect_with(|jail| {
             jail.create_file("c.toml", "[huggy]\ntokens=[\"t\"]\n[kafka]\nbrokerz = \"x\"\n")?;
-            let err = Config::load(Some(Path::new("c.toml"))).unwrap_err().to_string();
+            let err = message(&Config::load(Some(Path::new("c.toml"))).unwrap_err());
             assert!(err.contains("brokerz"), "{err}");
             Ok(())
         });
@@ -929,7 +1087,7 @@ mod tests {
             jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
             jail.set_env("HUGGY_BRIDGE_SERVICE_HOST", "10.96.0.12");
             jail.set_env("HUGGY_BRIDGE_KAFKA__BROKRES", "k1:9092");
-            let err = Config::load(None).unwrap_err().to_string();
+            let err = message(&Config::load(None).unwrap_err());
             assert!(err.contains("brokres"), "{err}");
             assert_eq!(Config::ignored_env_vars(), ["HUGGY_BRIDGE_SERVICE_HOST"], "a section typo is not ignored");
             Ok(())
@@ -968,10 +1126,10 @@ mod tests {
         let mut cfg = Config::default();
         cfg.huggy.tokens = vec![Secret::new("t")];
         cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app".into()];
-        let err = cfg.validate().unwrap_err().to_string();
+        let err = message(&cfg.validate().unwrap_err());
         assert!(err.contains("must end with '/'") && err.contains("\"https://files.huggy.app/\""), "{err}");
         cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app@evil.com/".into()];
-        assert!(cfg.validate().unwrap_err().to_string().contains("user information"));
+        assert!(message(&cfg.validate().unwrap_err()).contains("user information"));
         cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app/".into()];
         cfg.validate().expect("a prefix ending in a slash is fine");
         cfg.files.max_concurrency = 8;
@@ -1110,7 +1268,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
             jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__MECHANISM", "GSSAPI");
-            let e = Config::load(None).unwrap_err().to_string();
+            let e = message(&Config::load(None).unwrap_err());
             assert!(e.contains("GSSAPI") && e.contains("SCRAM-SHA-512"), "{e}");
             Ok(())
         });
