@@ -239,6 +239,17 @@ impl Sched {
     }
 }
 
+/// Why file capture could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `files.store` is malformed, or its directory or bucket client cannot be made.
+    #[error("cannot open the file store")]
+    Store(#[source] StoreError),
+    /// The download client cannot be built (TLS roots, resolver).
+    #[error("cannot build the download client")]
+    Client(#[source] reqwest::Error),
+}
+
 /// Interval at which the limit is revised and hopeless files are given up.
 const TICK: Duration = Duration::from_millis(250);
 /// Longest wait for a store to discard a partial upload.
@@ -277,10 +288,10 @@ impl FileCapture {
         cfg: &FilesConfig,
         metrics: Arc<Metrics>,
         results: mpsc::Sender<FileDone>,
-    ) -> anyhow::Result<Arc<FileCapture>> {
+    ) -> Result<Arc<FileCapture>, SetupError> {
         let guard = Arc::new(Guard::new(&cfg.allowed_url_prefixes));
         let floor = cfg.concurrency.max(1);
-        let store = FileStore::from_config(cfg)?;
+        let store = FileStore::from_config(cfg).map_err(SetupError::Store)?;
         if store.free_bytes().is_none() {
             metrics.file_store_free.set(-1);
         }
@@ -288,7 +299,8 @@ impl FileCapture {
         Ok(Arc::new(FileCapture {
             sched: Mutex::new(Sched::default()),
             wake: Notify::new(),
-            client: fetch::client(guard.clone(), Duration::from_millis(cfg.connect_timeout_ms))?,
+            client: fetch::client(guard.clone(), Duration::from_millis(cfg.connect_timeout_ms))
+                .map_err(SetupError::Client)?,
             guard,
             store,
             ttl_secs: i64::try_from(cfg.token_ttl_secs).unwrap_or(600),

@@ -187,9 +187,25 @@ pub async fn serve_admin(listener: TcpListener, router: Router, stop: Cancellati
     }
 }
 
-/// Binds a listener, with a clear error naming the address.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({key})")]
+pub struct BindError {
+    /// The address asked for.
+    pub addr: SocketAddr,
+    /// The setting it came from, e.g. `http.listen`.
+    pub key: &'static str,
+    /// What the operating system said.
+    #[source]
+    pub source: std::io::Error,
+}
+
+/// Binds a listener, with a clear error naming the address and the setting it came from.
+///
+/// # Errors
+/// The address is in use, not local, or not allowed.
+pub async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr, key, source })
 }
 
 #[cfg(test)]
