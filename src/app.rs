@@ -203,7 +203,7 @@ struct Pipeline {
 
 impl Pipeline {
     async fn start(cfg: &Config, metrics: Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Pipeline> {
-        let kafka_health = Arc::new(KafkaHealth::default());
+        let kafka_health = Arc::new(KafkaHealth::new());
         let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(cfg)?) } else { None };
         let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
         let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());

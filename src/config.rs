@@ -176,7 +176,7 @@ impl Secret {
     pub fn new(value: impl Into<String>) -> Self {
         Self(SecretString::from(value.into()))
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         self.0.expose_secret()
     }
 }
@@ -347,7 +347,7 @@ pub enum SaslMechanism {
 
 impl SaslMechanism {
     /// The name librdkafka and Kafka use (`""` for none).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SaslMechanism::None => "",
             SaslMechanism::Plain => "PLAIN",
@@ -480,12 +480,12 @@ impl KafkaConfig {
 
     /// `min.insync.replicas` for `topics create`: the configured value, else 2 when the replication
     /// factor is 3 or more, else none (the broker's default).
-    pub fn effective_min_insync_replicas(&self) -> Option<i32> {
+    pub(crate) fn effective_min_insync_replicas(&self) -> Option<i32> {
         self.min_insync_replicas.or((self.replication_factor >= 3).then_some(2))
     }
 
     /// librdkafka's `security.protocol` for `[kafka.tls]` and `[kafka.sasl]`; `None` when neither is on.
-    pub fn security_protocol(&self) -> Option<&'static str> {
+    pub(crate) fn security_protocol(&self) -> Option<&'static str> {
         match (self.tls.enabled, self.sasl.mechanism != SaslMechanism::None) {
             (false, false) => None,
             (true, false) => Some("ssl"),
@@ -502,7 +502,7 @@ impl KafkaConfig {
         } else {
             for k in crate::event::KnownType::ALL {
                 let t = self.topic_template.replace("{event}", k.as_str());
-                if !crate::event::is_valid_topic(&t) {
+                if !crate::event::types::is_valid_topic(&t) {
                     out.push(KafkaProblem::TemplateMakesInvalidTopic { topic: t, event: k.as_str() });
                     break;
                 }
@@ -512,7 +512,7 @@ impl KafkaConfig {
             [("kafka.fallback_topic", &self.fallback_topic), ("kafka.dead_letter_topic", &self.dead_letter_topic)];
         let overrides = self.topics.iter().map(|(k, v)| (k.as_str(), v));
         for (key, t) in named.into_iter().chain(overrides) {
-            if !crate::event::is_valid_topic(t) {
+            if !crate::event::types::is_valid_topic(t) {
                 out.push(KafkaProblem::InvalidTopic { key: key.to_owned(), topic: t.clone() });
             }
         }
@@ -558,7 +558,7 @@ impl KafkaConfig {
 
 /// Why a passthrough property is refused, if it is: properties that would break the promise behind
 /// a 2xx (every event reaches Kafka, in order per key), or that the bridge sets from its own keys.
-pub fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &KafkaConfig) -> Option<String> {
+pub(crate) fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &KafkaConfig) -> Option<String> {
     let v = value.trim().to_ascii_lowercase();
     let section_owned = |section: &str| format!("set by [{section}]; configure it there");
     match key.trim().to_ascii_lowercase().as_str() {
@@ -792,7 +792,7 @@ impl Config {
         Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?.validated()
     }
 
-    pub fn figment(path: Option<&Path>) -> Figment {
+    pub(crate) fn figment(path: Option<&Path>) -> Figment {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         match path {
             Some(p) => figment = figment.merge(Toml::file_exact(p)),
@@ -843,7 +843,7 @@ impl Config {
     ///
     /// # Errors
     /// The first setting found wrong (every `[kafka]` problem at once).
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.huggy.tokens.is_empty() {
             return Err(ConfigError::NoTokens);
         }
@@ -854,7 +854,7 @@ impl Config {
     ///
     /// # Errors
     /// As [`Config::validate`], except for missing tokens.
-    pub fn validate_offline(&self) -> Result<(), ConfigError> {
+    pub(crate) fn validate_offline(&self) -> Result<(), ConfigError> {
         let positive = |key: &'static str, ok: bool| if ok { Ok(()) } else { Err(ConfigError::NotPositive { key }) };
         if !self.http.path.starts_with('/') {
             return Err(ConfigError::Malformed {
@@ -940,10 +940,10 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
-    pub fn header_timeout(&self) -> Duration {
+    pub(crate) fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.http.header_timeout_ms)
     }
-    pub fn body_timeout(&self) -> Duration {
+    pub(crate) fn body_timeout(&self) -> Duration {
         Duration::from_millis(self.http.body_timeout_ms)
     }
 }

@@ -11,10 +11,12 @@
 
 pub mod detect;
 pub mod disposition;
-pub mod fetch;
+pub(crate) mod fetch;
 pub mod prefix;
-pub mod schedule;
-pub mod store;
+pub(crate) mod schedule;
+pub(crate) mod store;
+
+pub use store::StoreError;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -37,23 +39,23 @@ use crate::event::EventId;
 use crate::metrics::{FileOutcome, Metrics};
 use fetch::{Guard, RedirectRefused, Refusal, ResolvedInternal};
 use schedule::{Controller, HostEstimate, Pending};
-use store::{FileStore, StoreError};
+use store::FileStore;
 
 /// One entry of `bridge_files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FileResult {
-    pub url: String,
-    pub status: &'static str,
-    pub location: Option<String>,
-    pub sha256: Option<String>,
-    pub size: Option<u64>,
-    pub content_type: Option<String>,
-    pub filename: Option<String>,
-    pub error: Option<String>,
+pub(crate) struct FileResult {
+    url: String,
+    status: &'static str,
+    location: Option<String>,
+    sha256: Option<String>,
+    size: Option<u64>,
+    content_type: Option<String>,
+    filename: Option<String>,
+    error: Option<String>,
 }
 
 impl FileResult {
-    pub fn failed(url: &str, error: String) -> Self {
+    pub(crate) fn failed(url: &str, error: String) -> Self {
         FileResult {
             url: url.to_owned(),
             status: "failed",
@@ -68,7 +70,7 @@ impl FileResult {
 }
 
 /// The JSON array that becomes the event's `bridge_files` member.
-pub fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
+pub(crate) fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
     serde_json::to_vec(results).expect("plain data serializes")
 }
 
@@ -319,12 +321,8 @@ impl FileCapture {
     }
 
     /// File URLs in an event's bytes.
-    pub fn detect(&self, value: &[u8]) -> Vec<String> {
+    pub(crate) fn detect(&self, value: &[u8]) -> Vec<String> {
         detect::file_urls(value, self.guard.prefixes())
-    }
-
-    pub fn store(&self) -> &FileStore {
-        &self.store
     }
 
     /// The highest download concurrency so far.
@@ -343,7 +341,7 @@ impl FileCapture {
 
     /// Queues an event's files for a request that waits at most `budget` (Kafka ack mode): files
     /// not stored by then are reported `failed` with `error: "ack_timeout"`, and the reply is sent.
-    pub fn submit_within(&self, job: FileJob, budget: Duration) {
+    pub(crate) fn submit_within(&self, job: FileJob, budget: Duration) {
         self.enqueue(job, Some(Instant::now() + budget));
     }
 

@@ -38,7 +38,7 @@ pub struct Prefix {
 impl Prefix {
     /// # Errors
     /// Why `raw` cannot be a prefix.
-    pub fn parse(raw: &str) -> Result<Prefix, PrefixError> {
+    pub(crate) fn parse(raw: &str) -> Result<Prefix, PrefixError> {
         let u = Url::parse(raw).map_err(|_| PrefixError::NotUrl)?;
         if !matches!(u.scheme(), "http" | "https") {
             return Err(PrefixError::Scheme);
@@ -61,7 +61,7 @@ impl Prefix {
     }
 
     /// Whether `url` lies under this prefix. URLs with user information never do.
-    pub fn matches(&self, url: &Url) -> bool {
+    pub(crate) fn matches(&self, url: &Url) -> bool {
         url.scheme() == self.scheme
             && url.username().is_empty()
             && url.password().is_none()
@@ -71,7 +71,7 @@ impl Prefix {
     }
 
     /// The address the prefix names, when its host is an IP literal.
-    pub fn ip(&self) -> Option<IpAddr> {
+    pub(crate) fn ip(&self) -> Option<IpAddr> {
         match self.host {
             Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
             Host::Ipv6(ip) => Some(IpAddr::V6(ip)),

@@ -24,7 +24,7 @@ pub enum StoreError {
     Io(String, std::io::Error),
 }
 
-pub struct FileStore {
+pub(crate) struct FileStore {
     store: Arc<dyn ObjectStore>,
     /// Set for `file://` stores: reports where a key really lands on disk (object_store
     /// percent-encodes some characters of file names there).
@@ -38,7 +38,7 @@ pub struct FileStore {
 impl FileStore {
     /// # Errors
     /// The store URL is malformed or its directory cannot be created.
-    pub fn from_config(cfg: &FilesConfig) -> Result<FileStore, StoreError> {
+    pub(crate) fn from_config(cfg: &FilesConfig) -> Result<FileStore, StoreError> {
         let bad = |why: &str| StoreError::Config(cfg.store.clone(), why.to_owned());
         if let Some(dir) = cfg.store.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
@@ -81,7 +81,7 @@ impl FileStore {
     ///
     /// # Errors
     /// The store refused to start the upload.
-    pub async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
+    pub(crate) async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
         let key = if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) };
         let path = StorePath::from_iter(key.split('/'));
         let location = match &self.local {
@@ -92,15 +92,11 @@ impl FileStore {
         Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), location))
     }
 
-    pub fn inner(&self) -> Arc<dyn ObjectStore> {
-        self.store.clone()
-    }
-
     /// Bytes available to this process on a `file://` store's filesystem; `None` for object stores.
     ///
     /// # Errors
     /// `statvfs` failed.
-    pub fn free_bytes(&self) -> Option<Result<u64, StoreError>> {
+    pub(crate) fn free_bytes(&self) -> Option<Result<u64, StoreError>> {
         let root = self.local.as_ref()?.path_to_filesystem(&StorePath::from("x")).ok()?;
         let dir = root.parent()?.to_owned();
         Some(crate::clock::free_bytes(&dir).map_err(|e| StoreError::Io(dir.display().to_string(), e.into())))
@@ -108,12 +104,12 @@ impl FileStore {
 }
 
 /// A streamed upload in progress.
-pub struct Writer(WriteMultipart);
+pub(crate) struct Writer(WriteMultipart);
 
 impl Writer {
     /// # Errors
     /// A part upload failed.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         self.0.wait_for_capacity(2).await?;
         self.0.write(chunk);
         Ok(())
@@ -121,12 +117,12 @@ impl Writer {
 
     /// # Errors
     /// Completing the upload failed (the caller aborts nothing more: the store discards it).
-    pub async fn finish(self) -> Result<(), StoreError> {
+    pub(crate) async fn finish(self) -> Result<(), StoreError> {
         self.0.finish().await?;
         Ok(())
     }
 
-    pub async fn abort(self) {
+    pub(crate) async fn abort(self) {
         if let Err(e) = self.0.abort().await {
             tracing::warn!(error = %e, "aborting a partial file upload failed");
         }

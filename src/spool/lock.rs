@@ -26,7 +26,7 @@ pub enum LockError {
 
 /// A held lock; released on drop.
 #[derive(Debug)]
-pub struct DirLock {
+pub(crate) struct DirLock {
     _file: File,
 }
 
@@ -35,7 +35,7 @@ impl DirLock {
     ///
     /// # Errors
     /// [`LockError::Held`] when another process holds it.
-    pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
+    pub(crate) fn acquire(dir: &Path) -> Result<DirLock, LockError> {
         let io_err = |source| LockError::Io { path: dir.to_owned(), source };
         let file =
             OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;

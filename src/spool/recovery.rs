@@ -28,7 +28,7 @@ use crate::clock::now_secs;
 
 /// Whether recovery may change files (the daemon) or only read them (`spool status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Repair,
     ReadOnly,
 }
@@ -36,7 +36,7 @@ pub enum Mode {
 /// What recovery found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RecoveryReport {
-    pub segments: usize,
+    pub(crate) segments: usize,
     pub bytes_read: u64,
     pub frames: u64,
     pub torn_tails: u32,
@@ -46,8 +46,8 @@ pub struct RecoveryReport {
     /// Events whose frames fell in damaged regions, from the gaps in sequence numbers.
     pub events_lost: u64,
     /// Copies of damaged segments, for inspection.
-    pub kept_aside: Vec<PathBuf>,
-    pub elapsed_ms: u64,
+    pub(crate) kept_aside: Vec<PathBuf>,
+    pub(crate) elapsed_ms: u64,
 }
 
 pub(crate) struct Recovered {
