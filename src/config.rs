@@ -158,7 +158,8 @@ pub enum KafkaProblem {
         /// The mechanism configured.
         mechanism: SaslMechanism,
     },
-    /// A `kafka.librdkafka` property the bridge refuses (see [`refused_property`]).
+    /// A `kafka.librdkafka` property the bridge refuses: it would break the promise behind a 2xx,
+    /// or a section of its own sets it.
     #[error("kafka.librdkafka.{property} is refused: {reason}")]
     RefusedProperty {
         /// The property as configured.
@@ -173,6 +174,7 @@ pub enum KafkaProblem {
 pub struct Secret(SecretString);
 
 impl Secret {
+    /// Wraps `value`; from here on it prints as `[redacted]`.
     pub fn new(value: impl Into<String>) -> Self {
         Self(SecretString::from(value.into()))
     }
@@ -218,26 +220,41 @@ fn secrets_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error
     Ok(items.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret::new).collect())
 }
 
+/// The whole configuration, one field per TOML section. [`Default`] is the built-in defaults, which
+/// lack only `huggy.tokens`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[http]`: the public webhook listener.
     pub http: HttpConfig,
+    /// `[admin]`: the metrics and probes listener.
     pub admin: AdminConfig,
+    /// `[huggy]`: the accepted batch tokens.
     pub huggy: HuggyConfig,
+    /// `[kafka]`: brokers, topics, security, producer properties.
     pub kafka: KafkaConfig,
+    /// `[delivery]`: when a batch is answered 2xx.
     pub delivery: DeliveryConfig,
+    /// `[spool]`: the local durable log.
     pub spool: SpoolConfig,
+    /// `[files]`: capture of the files events point to.
     pub files: FilesConfig,
+    /// `[shutdown]`: the drain deadline.
     pub shutdown: ShutdownConfig,
+    /// `[log]`: log format and filter.
     pub log: LogConfig,
 }
 
+/// `[http]`: the public webhook listener and the limits that bound what a client can hold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Public webhook listener.
     pub listen: SocketAddr,
+    /// The webhook's path (POST only); any other path is 404.
     pub path: String,
+    /// Larger bodies get 413, refused by `Content-Length` before reading or as soon as a chunked body
+    /// crosses it.
     pub max_body_bytes: usize,
     /// Time allowed to receive the request headers; also how long an idle keep-alive connection lives.
     pub header_timeout_ms: u64,
@@ -267,6 +284,7 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[admin]`: the listener for metrics and probes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -280,6 +298,7 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[huggy]`: what Huggy sends with every batch.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HuggyConfig {
@@ -288,15 +307,21 @@ pub struct HuggyConfig {
     pub tokens: Vec<Secret>,
 }
 
+/// `[kafka]`: where events go and how the producer talks to the brokers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// `"embedded"` for the in-process development broker, else `host:port,host:port`.
     pub brokers: String,
+    /// Topic of a known event type; `{event}` is replaced by the normalized type.
     pub topic_template: String,
+    /// Topic of event types the bridge does not know (they are never dropped).
     pub fallback_topic: String,
+    /// Topic of events that cannot be published to their own topic.
     pub dead_letter_topic: String,
+    /// Partitions of the topics `topics create` makes.
     pub partitions: i32,
+    /// Replication factor of the topics `topics create` makes.
     pub replication_factor: i32,
     /// Per-event-type topic overrides, e.g. `receivedMessage = "chat.inbound"`.
     pub topics: BTreeMap<String, String>,
@@ -322,6 +347,7 @@ pub struct KafkaConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaTlsConfig {
+    /// TLS on; the files below are checked only then.
     pub enabled: bool,
     /// PEM CA bundle; empty: the system's roots.
     pub ca_file: String,
@@ -340,8 +366,11 @@ pub enum SaslMechanism {
     /// No SASL.
     #[default]
     None,
+    /// `PLAIN`: the password travels as it is (use it with TLS).
     Plain,
+    /// `SCRAM-SHA-256`.
     ScramSha256,
+    /// `SCRAM-SHA-512`.
     ScramSha512,
 }
 
@@ -383,9 +412,12 @@ impl<'de> Deserialize<'de> for SaslMechanism {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSaslConfig {
+    /// The mechanism; none turns SASL off.
     pub mechanism: SaslMechanism,
+    /// The SASL user.
     #[serde(deserialize_with = "scalar_string")]
     pub username: String,
+    /// The SASL password, redacted wherever the configuration is printed.
     #[serde(deserialize_with = "scalar_secret")]
     pub password: Option<Secret>,
 }
@@ -474,6 +506,7 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Whether `brokers` asks for the in-process development broker.
     pub fn is_embedded(&self) -> bool {
         self.brokers.trim() == "embedded"
     }
@@ -609,6 +642,7 @@ fn redact_librdkafka<S: Serializer>(map: &BTreeMap<String, String>, s: S) -> Res
     redacted.serialize(s)
 }
 
+/// When the webhook answers 2xx (`delivery.ack`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AckMode {
@@ -618,9 +652,11 @@ pub enum AckMode {
     Kafka,
 }
 
+/// `[delivery]`: what a 2xx promises.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
+    /// `spool` (after the local fsync) or `kafka` (after Kafka acknowledged every event).
     pub ack: AckMode,
     /// In `kafka` mode: how long a request waits for Kafka before answering 503.
     pub kafka_ack_timeout_ms: u64,
@@ -632,9 +668,11 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// `[spool]`: the segment log every accepted event is written to before the 2xx.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
+    /// The spool's directory; one per replica, held by one process at a time.
     pub dir: PathBuf,
     /// Bytes the spool keeps on disk at most (segments, delivered events included until their
     /// segment is deleted, and the dedup snapshot); past it the webhook answers 503, never drops.
@@ -666,12 +704,18 @@ impl Default for SpoolConfig {
     }
 }
 
+/// `[files]`: capture of the files events point to, before their access tokens expire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FilesConfig {
+    /// Capture on or off; off, events are published without waiting for files.
     pub enabled: bool,
+    /// Strings in an event that start with one of these are files to capture; nothing else is
+    /// fetched. Each must end with `/`.
     pub allowed_url_prefixes: Vec<String>,
+    /// Lifetime of a file URL's token: its deadline is the event's receipt plus this.
     pub token_ttl_secs: u64,
+    /// Larger files are reported `failed`, and nothing of them is left in the store.
     pub max_file_bytes: u64,
     /// `file://path` or `s3://bucket/prefix`.
     pub store: String,
@@ -679,9 +723,11 @@ pub struct FilesConfig {
     pub concurrency: usize,
     /// Downloads running at once at most, however many files are at risk.
     pub max_concurrency: usize,
+    /// Time allowed to connect to a file host.
     pub connect_timeout_ms: u64,
     /// A transfer that receives nothing for this long is abandoned (and retried while the token lives).
     pub idle_timeout_ms: u64,
+    /// `[files.s3]`: settings of an `s3://` store.
     pub s3: S3Config,
 }
 
@@ -709,13 +755,19 @@ impl Default for FilesConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
+    /// Endpoint URL of an S3-compatible service (MinIO, R2, …); unset: `AWS_ENDPOINT`, else AWS.
     pub endpoint: Option<String>,
+    /// The bucket's region.
     pub region: Option<String>,
+    /// Access key id.
     pub access_key_id: Option<Secret>,
+    /// Secret access key.
     pub secret_access_key: Option<Secret>,
+    /// Allows a plain `http://` endpoint (local test services).
     pub allow_http: bool,
 }
 
+/// `[shutdown]`: how long stopping may take.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -729,18 +781,23 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// How log lines are written to stderr (`log.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// JSON when stderr is not a terminal, human-readable otherwise.
     Auto,
+    /// One JSON object per line, for log collectors.
     Json,
+    /// Human-readable lines.
     Text,
 }
 
+/// `[log]`: log format and filter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `json`, `text` or `auto`.
     pub format: LogFormat,
     /// A tracing filter; `RUST_LOG`, when set, wins.
     pub level: String,

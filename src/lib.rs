@@ -24,6 +24,8 @@
 //! - `health`: readiness, liveness and the gauges read from state.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
 
+#![warn(missing_docs)]
+
 pub mod app;
 pub mod clock;
 pub mod config;

@@ -81,17 +81,25 @@ pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
     "PurgeInflight",
 ];
 
+/// Every metric of the daemon, registered in one registry; cheap to share (`Arc`), updated by every
+/// stage and rendered by `/metrics`.
 pub struct Metrics {
     registry: Registry,
     pub(crate) http_requests: IntCounterVec,
     request_duration: HistogramVec,
     pub(crate) http_inflight_body_bytes: IntGauge,
+    /// `huggy_bridge_events_received_total`: events accepted from Huggy, by type.
     pub events_received: IntCounterVec,
+    /// `huggy_bridge_events_duplicate_total`: events acknowledged but not stored again (dedup window).
     pub events_duplicate: IntCounter,
+    /// `huggy_bridge_events_published_total`: events Kafka acknowledged on their topic, by type.
     pub events_published: IntCounterVec,
+    /// `huggy_bridge_events_dead_lettered_total`: events written to the dead-letter topic, by type.
     pub events_dead_lettered: IntCounterVec,
+    /// `huggy_bridge_publish_retries_total`: records sent again after a retryable Kafka error.
     pub publish_retries: IntCounter,
     pub(crate) ack_latency: Histogram,
+    /// `huggy_bridge_spool_events`: events in the spool Kafka has not acknowledged yet.
     pub spool_events: IntGauge,
     pub(crate) spool_bytes: IntGauge,
     pub(crate) spool_max_bytes: IntGauge,
@@ -102,24 +110,33 @@ pub struct Metrics {
     pub(crate) spool_damaged: IntCounter,
     pub(crate) spool_pending_files: IntGauge,
     pub(crate) live: IntGauge,
+    /// `huggy_bridge_file_downloads_total`: final result of each file, by `result`.
     pub file_downloads: IntCounterVec,
     pub(crate) file_bytes: IntCounter,
+    /// `huggy_bridge_file_token_headroom_seconds`: token lifetime left when a download completed.
     pub file_headroom: Histogram,
     pub(crate) file_queue: IntGauge,
     pub(crate) file_retries: IntCounter,
+    /// `huggy_bridge_file_download_concurrency`: downloads running now.
     pub file_concurrency: IntGauge,
+    /// `huggy_bridge_file_download_concurrency_limit`: downloads allowed at once now.
     pub file_concurrency_limit: IntGauge,
+    /// `huggy_bridge_file_download_saturated`: 1 while more connections stopped raising throughput.
     pub file_saturated: IntGauge,
+    /// `huggy_bridge_files_at_risk`: queued files projected to miss their deadline.
     pub files_at_risk: IntGauge,
     pub(crate) file_store_free: IntGauge,
     pub(crate) kafka_connected: IntGauge,
     pub(crate) kafka_brokers_up: IntGauge,
     pub(crate) kafka_queue_messages: IntGauge,
     pub(crate) kafka_queue_bytes: IntGauge,
+    /// `huggy_bridge_kafka_fatal_error`: 1 after librdkafka raised a fatal error.
     pub kafka_fatal: IntGauge,
     pub(crate) produce_latency: Histogram,
+    /// `huggy_bridge_publish_errors_total`: records Kafka did not take, by librdkafka error code.
     pub publish_errors: IntCounterVec,
     pub(crate) published_bytes: IntCounter,
+    /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
     pub(crate) ready: IntGauge,
     build_info: IntGaugeVec,
@@ -141,6 +158,7 @@ impl Metrics {
         self.file_downloads.with_label_values(&[outcome.label()]).inc();
     }
 
+    /// Registers every metric, with every label value of a closed set at zero.
     pub fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {

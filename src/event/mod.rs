@@ -19,14 +19,19 @@ pub use types::{EventType, KnownType};
 /// Why a body was refused as a whole (HTTP 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BodyError {
+    /// The body does not parse as JSON; the parser's message.
     #[error("body is not valid JSON: {0}")]
     NotJson(String),
+    /// Valid JSON, but not an object.
     #[error("body is not a JSON object")]
     NotAnObject,
+    /// Neither a handshake nor a batch: no `messages` member.
     #[error("`messages` is missing")]
     MissingMessages,
+    /// `messages` is there but is not an object of event lists.
     #[error("`messages` is not an object")]
     MessagesNotAnObject,
+    /// Nesting deep enough to be an attack on the parser rather than an event.
     #[error("JSON nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
 }
@@ -48,8 +53,10 @@ impl BodyError {
 pub enum Body<'a> {
     /// `{"token": T, "validToken": true}`, sent when the URL is saved in Huggy.
     Handshake {
+        /// The token to echo back, when it is a JSON string without escapes.
         token: Option<&'a str>,
     },
+    /// Events, grouped by type under `messages`.
     Batch(Batch<'a>),
 }
 
@@ -195,7 +202,9 @@ impl<'de: 'a, 'a> Deserialize<'de> for OrderedGroups<'a> {
 /// A Huggy event split out of a batch, ready to be made durable and published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// Deterministic id: the same batch delivered again gives the same ids (`ce_id`).
     pub id: EventId,
+    /// The normalized type, which picks the topic.
     pub event_type: EventType,
     /// The type as Huggy spelled it, when it was renamed (`sendedAllMessage`).
     pub(crate) original_type: Option<String>,
@@ -223,6 +232,7 @@ impl Event {
         format!("app.huggy.{}", self.event_type.as_str())
     }
 
+    /// The `ce_time` header: the event's time as RFC 3339, in whole seconds.
     pub fn ce_time(&self) -> String {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.time.max(0).unsigned_abs());
         humantime::format_rfc3339_seconds(t).to_string()

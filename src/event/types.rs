@@ -9,7 +9,7 @@ macro_rules! known_types {
     ($($variant:ident => $name:literal),+ $(,)?) => {
         /// Every event type of Huggy's webhook reference (current and older pages).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum KnownType { $($variant),+ }
+        pub enum KnownType { $(#[doc = concat!("`", $name, "`")] $variant),+ }
 
         impl KnownType {
             pub(crate) const ALL: &'static [KnownType] = &[$(KnownType::$variant),+];
@@ -63,7 +63,9 @@ const MAX_TYPE_LEN: usize = 64;
 /// A normalized event type: known, or unknown but with a name safe to use in a topic and a header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
+    /// A type of Huggy's webhook reference.
     Known(#[serde(with = "known_serde")] KnownType),
+    /// Any other name Huggy sends; such events go to `kafka.fallback_topic`.
     Unknown(String),
 }
 
@@ -92,6 +94,7 @@ impl EventType {
         Ok((EventType::Unknown(name.to_owned()), false))
     }
 
+    /// The normalized name (`sentAllMessage` for `sendedAllMessage`), as in topics and `ce_type`.
     pub fn as_str(&self) -> &str {
         match self {
             EventType::Known(k) => k.as_str(),

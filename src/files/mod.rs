@@ -77,7 +77,9 @@ pub(crate) fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
 /// A spool-mode event's files are done: record `member` (its `bridge_files` array) for `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDone {
+    /// The event's spool sequence number.
     pub seq: u64,
+    /// The JSON array appended to the event as `bridge_files`.
     pub member: Vec<u8>,
 }
 
@@ -172,10 +174,16 @@ pub enum Completion {
 
 /// An event's files to capture.
 pub struct FileJob {
+    /// The event the files belong to; part of each stored object's key.
     pub event_id: EventId,
+    /// The event's company id, the first segment of the object keys (`unknown` when absent).
     pub company: Option<String>,
+    /// When the event was received (unix seconds): with `files.token_ttl_secs`, the files' deadline,
+    /// and the date in the object keys.
     pub received_at: i64,
+    /// The file URLs found in the event, in order; `bridge_files` lists them in the same order.
     pub urls: Vec<String>,
+    /// Where the result goes.
     pub completion: Completion,
 }
 
@@ -257,6 +265,8 @@ const TICK: Duration = Duration::from_millis(250);
 /// Longest wait for a store to discard a partial upload.
 const ABORT_WITHIN: Duration = Duration::from_secs(5);
 
+/// The capture stage: one queue of files, earliest deadline first, the workers that stream them into
+/// the store, and the controller that sets how many run at once.
 pub struct FileCapture {
     sched: Mutex<Sched>,
     wake: Notify,

@@ -8,16 +8,22 @@ use url::{Host, Url};
 /// Why a configured prefix is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixError {
+    /// It does not parse as an absolute URL.
     #[error("not a URL")]
     NotUrl,
+    /// A scheme other than `http` or `https`.
     #[error("only http and https are fetched")]
     Scheme,
+    /// No host to compare with.
     #[error("names no host")]
     NoHost,
+    /// `user:password@` in a prefix would only ever match URLs that are refused anyway.
     #[error("carries user information")]
     UserInfo,
+    /// A prefix is scheme, host, port and path; a query or fragment cannot be a prefix of anything.
     #[error("carries a query or fragment (a prefix is scheme, host, port and path)")]
     QueryOrFragment,
+    /// Without a trailing `/`, `…/files` would admit `…/files-private`; carries the corrected prefix.
     #[error("must end with '/': a prefix is matched on whole path segments, so write {0:?}")]
     NoTrailingSlash(String),
 }

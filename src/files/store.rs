@@ -14,12 +14,16 @@ use crate::config::FilesConfig;
 /// Part size of multipart writes (S3's minimum is 5 MiB); at most two parts are buffered at once.
 const PART_BYTES: usize = 5 * 1024 * 1024;
 
+/// Why the file store could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// `files.store` is malformed: the value and what is wrong with it.
     #[error("invalid files.store {0:?}: {1}")]
     Config(String, String),
+    /// The object store refused: bad credentials, missing bucket, a failed part upload.
     #[error(transparent)]
     Store(#[from] object_store::Error),
+    /// A local directory cannot be created or examined: the path and the error.
     #[error("cannot create {0}: {1}")]
     Io(String, std::io::Error),
 }

@@ -267,17 +267,22 @@ pub fn routable_topics(cfg: &Config) -> BTreeSet<String> {
 /// Outcome of `topics create` for one topic.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TopicOutcome {
+    /// The topic was made now.
     Created,
+    /// The topic was there already; its settings were left alone.
     Existed,
 }
 
 /// Why `topics create` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicsError {
-    #[error("cannot create the Kafka admin client: {0}")]
+    /// The admin client could not be made (configuration, TLS files).
+    #[error("cannot create the Kafka admin client")]
     Client(#[source] KafkaError),
-    #[error("the create-topics request failed: {0}")]
+    /// The request as a whole failed (no broker answered, not authorized).
+    #[error("the create-topics request failed")]
     Request(#[source] KafkaError),
+    /// Topics the brokers refused, each with its error code.
     #[error("topics not created: {}", .0.iter().map(|(t, c)| format!("{t}: {c} ({c:?})")).collect::<Vec<_>>().join(", "))]
     Refused(Vec<(String, RDKafkaErrorCode)>),
 }

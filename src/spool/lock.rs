@@ -11,14 +11,18 @@ use std::path::{Path, PathBuf};
 /// Why the lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Another process holds the directory.
     #[error(
         "spool directory {0} is in use by another huggy-bridge process (a running daemon or a spool command); \
          each replica needs its own spool.dir"
     )]
     Held(PathBuf),
+    /// The lock file could not be opened or locked.
     #[error("cannot lock spool directory {path}")]
     Io {
+        /// The spool directory.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: io::Error,
     },

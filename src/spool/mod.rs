@@ -58,16 +58,32 @@ pub(crate) const GROUP_MAX_BYTES: usize = 8 * 1024 * 1024;
 /// Why the spool cannot take or hand out data.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// No room for the batch: the webhook answers 503 and Huggy retries; nothing is dropped.
     #[error("spool is full ({used} of {max} bytes on disk)")]
-    Full { used: u64, max: u64 },
+    Full {
+        /// Bytes on disk now.
+        used: u64,
+        /// `spool.max_bytes`.
+        max: u64,
+    },
+    /// A write or fsync of the batch failed, so it was not acknowledged.
     #[error("spool write failed; the batch is not durable")]
     WriteFailed(#[source] std::io::Error),
+    /// Reading, listing or opening spool files failed.
     #[error("spool i/o failed")]
     Io(#[from] std::io::Error),
+    /// Another process holds the spool directory.
     #[error(transparent)]
     Locked(#[from] LockError),
+    /// A segment of a format version this build does not know.
     #[error("spool segment {path} cannot be read by this build: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The segment file.
+        path: PathBuf,
+        /// What is wrong with its header.
+        reason: String,
+    },
+    /// The spool was closed (shutdown); nothing more is taken.
     #[error("spool is closed")]
     Closed,
 }
@@ -164,6 +180,7 @@ pub struct SpoolStats {
     /// dedup snapshot. This is what `max_bytes` caps.
     pub disk_bytes: u64,
     pub(crate) max_bytes: u64,
+    /// Segment files on disk.
     pub segments: usize,
     pub(crate) oldest_received_at: Option<i64>,
     /// Events whose files are still being captured.
@@ -172,6 +189,7 @@ pub struct SpoolStats {
     /// Refusing batches: a batch was refused for lack of room and usage has not fallen below the
     /// low-water mark since.
     pub(crate) full: bool,
+    /// Event ids held by the dedup window.
     pub dedup_ids: usize,
 }
 
@@ -358,6 +376,7 @@ impl Spool {
         &self.shared.heartbeat
     }
 
+    /// The spool's gauges now.
     pub fn stats(&self) -> SpoolStats {
         stats_of(&self.shared)
     }
@@ -400,16 +419,24 @@ fn stats_of(shared: &Shared) -> SpoolStats {
 /// What `huggy-bridge spool status` shows: read without changing anything, under the lock.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OfflineStatus {
+    /// The spool directory read.
     pub dir: PathBuf,
+    /// Events not yet acknowledged by Kafka.
     pub undelivered_events: u64,
+    /// Their bytes.
     pub undelivered_bytes: u64,
     /// Undelivered events by type.
     pub by_type: BTreeMap<String, u64>,
     oldest_received_at: Option<i64>,
+    /// Age of the oldest undelivered event, in seconds; `None` when there is none.
     pub oldest_age_secs: Option<i64>,
+    /// Undelivered events still waiting for their files.
     pub pending_file_captures: usize,
+    /// Segment files.
     pub segments: usize,
+    /// Bytes on disk (segments and the dedup snapshot).
     pub disk_bytes: u64,
+    /// What reading the segments found: torn tails, damaged regions, events lost.
     pub damage: RecoveryReport,
 }
 

@@ -37,11 +37,16 @@ pub(crate) enum Mode {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RecoveryReport {
     pub(crate) segments: usize,
+    /// Bytes of segment files read.
     pub bytes_read: u64,
+    /// Frames that checksummed.
     pub frames: u64,
+    /// Torn writes found at the end of the newest segment: a group cut short before its fsync
+    /// returned, so never acknowledged; truncated away.
     pub torn_tails: u32,
     /// Regions that did not checksum, outside a torn tail or an abandoned write.
     pub damaged_regions: u32,
+    /// Bytes in those regions.
     pub damaged_bytes: u64,
     /// Events whose frames fell in damaged regions, from the gaps in sequence numbers.
     pub events_lost: u64,
