@@ -103,7 +103,7 @@ impl FileStore {
     pub(crate) fn free_bytes(&self) -> Option<Result<u64, StoreError>> {
         let root = self.local.as_ref()?.path_to_filesystem(&StorePath::from("x")).ok()?;
         let dir = root.parent()?.to_owned();
-        Some(crate::clock::free_bytes(&dir).map_err(|e| StoreError::Io(dir.display().to_string(), e.into())))
+        Some(crate::clock::free_bytes(&dir).map_err(|e| StoreError::Io(dir.display().to_string(), e)))
     }
 }
 
