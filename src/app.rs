@@ -30,10 +30,13 @@ const SPOOL_MODE_KAFKA_GRACE: Duration = Duration::from_secs(5);
 
 /// A started daemon.
 pub struct Running {
+    /// Where the webhook listener is bound (the real port when `http.listen` asked for port 0).
     pub http_addr: SocketAddr,
+    /// Where the admin listener (`/metrics`, `/healthz`, `/readyz`) is bound.
     pub admin_addr: SocketAddr,
     /// Bootstrap address of the embedded broker, when `kafka.brokers = "embedded"`.
     pub embedded_bootstrap: Option<String>,
+    /// The daemon's metrics, for reading counters without scraping `/metrics`.
     pub metrics: Arc<Metrics>,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
@@ -138,7 +141,9 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
 /// What `spool drain` did.
 #[derive(Debug, Clone, Copy)]
 pub struct Drained {
+    /// Undelivered events the spool held when the drain began.
     pub events: u64,
+    /// How long the drain took.
     pub elapsed: Duration,
 }
 
@@ -203,7 +208,7 @@ struct Pipeline {
 
 impl Pipeline {
     async fn start(cfg: &Config, metrics: Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Pipeline> {
-        let kafka_health = Arc::new(KafkaHealth::default());
+        let kafka_health = Arc::new(KafkaHealth::new());
         let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(cfg)?) } else { None };
         let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
         let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
@@ -417,7 +422,6 @@ where
     done_rx
 }
 
-/// Keeps `KafkaHealth::reachable` true to reality: a metadata request every two seconds; refreshes
 /// Keeps `KafkaHealth::reachable` true to reality every two seconds — librdkafka's broker states,
 /// else a metadata request for one topic (`probe`: the topic and the request's timeout) — replaces a
 /// producer that failed fatally, and refreshes the state gauges at the same pace.

@@ -9,7 +9,7 @@ pub fn now_secs() -> i64 {
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it), for heartbeats.
-pub fn now_millis() -> i64 {
+pub(crate) fn now_millis() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -19,7 +19,7 @@ pub fn now_millis() -> i64 {
 ///
 /// # Errors
 /// `statvfs` failed.
-pub fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
+pub(crate) fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     let st = rustix::fs::statvfs(path)?;
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }

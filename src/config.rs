@@ -17,12 +17,156 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ENV_PREFIX: &str = "HUGGY_BRIDGE_";
 const REDACTED: &str = "[redacted]";
 
+/// Why the configuration was refused. The message names the key; a cause (figment's parse error, a
+/// prefix's flaw) is the error's source, so print the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot load configuration: {0}")]
+    /// A source could not be read or parsed, a key is unknown, or a value has the wrong type.
+    #[error("cannot load configuration")]
     Load(#[from] Box<figment::Error>),
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+    /// No webhook token: no batch could ever be accepted.
+    #[error("invalid configuration: huggy.tokens is empty: no batch could ever be accepted")]
+    NoTokens,
+    /// A setting that must be given is empty.
+    #[error("invalid configuration: {key} is empty")]
+    Empty {
+        /// The setting, e.g. `kafka.brokers`.
+        key: &'static str,
+    },
+    /// A count or size that must be above zero is not.
+    #[error("invalid configuration: {key} must be positive")]
+    NotPositive {
+        /// The setting, e.g. `http.max_body_bytes`.
+        key: &'static str,
+    },
+    /// A value that must have a given form does not.
+    #[error("invalid configuration: {key} must {expected}, got {value:?}")]
+    Malformed {
+        /// The setting.
+        key: &'static str,
+        /// What the value must do, e.g. `start with '/'`.
+        expected: &'static str,
+        /// The value found.
+        value: String,
+    },
+    /// A setting is smaller than another one it must cover.
+    #[error("invalid configuration: {key} ({value}) must be at least {bound_key} ({bound}): {reason}")]
+    BelowBound {
+        /// The setting that is too small.
+        key: &'static str,
+        /// Its value.
+        value: u64,
+        /// The setting it must cover.
+        bound_key: &'static str,
+        /// That setting's value.
+        bound: u64,
+        /// What would go wrong otherwise.
+        reason: &'static str,
+    },
+    /// `spool.max_undelivered_age_secs` does not exceed `files.token_ttl_secs`, though an event may
+    /// wait that long for its files.
+    #[error(
+        "invalid configuration: spool.max_undelivered_age_secs ({max_undelivered_age_secs}) must exceed files.token_ttl_secs ({token_ttl_secs}): an event may wait that long for its files"
+    )]
+    AgeWithinTokenTtl {
+        /// `spool.max_undelivered_age_secs`.
+        max_undelivered_age_secs: u64,
+        /// `files.token_ttl_secs`.
+        token_ttl_secs: u64,
+    },
+    /// The public and the admin listener share one address.
+    #[error("invalid configuration: http.listen and admin.listen must differ")]
+    SameListenAddress,
+    /// A `kafka.topics` override names no event type this bridge knows.
+    #[error("invalid configuration: kafka.topics.{name}: not a Huggy event type this bridge knows")]
+    UnknownEventType {
+        /// The key as configured.
+        name: String,
+    },
+    /// An entry of `files.allowed_url_prefixes` is not a usable prefix.
+    #[error("invalid configuration: files.allowed_url_prefixes: {prefix:?}")]
+    UrlPrefix {
+        /// The entry as configured.
+        prefix: String,
+        /// What is wrong with it.
+        #[source]
+        source: crate::files::prefix::PrefixError,
+    },
+    /// Everything wrong with `[kafka]`, reported at once.
+    #[error("invalid configuration: {}", join_problems(.0))]
+    Kafka(Vec<KafkaProblem>),
+}
+
+fn join_problems(problems: &[KafkaProblem]) -> String {
+    problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ")
+}
+
+/// One problem with `[kafka]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KafkaProblem {
+    /// The topic template would send every type to one topic.
+    #[error("kafka.topic_template must contain {{event}}")]
+    TemplateWithoutEvent,
+    /// The template makes a name Kafka refuses for some event type.
+    #[error(
+        "kafka.topic_template makes {topic:?} for {event}, not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"
+    )]
+    TemplateMakesInvalidTopic {
+        /// The name made.
+        topic: String,
+        /// The event type it was made for.
+        event: &'static str,
+    },
+    /// A configured topic name Kafka refuses.
+    #[error("{key}: {topic:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)")]
+    InvalidTopic {
+        /// The setting (`kafka.fallback_topic`, `kafka.dead_letter_topic`) or the overridden event type.
+        key: String,
+        /// The name configured.
+        topic: String,
+    },
+    /// `kafka.min_insync_replicas` is below 1 or above the replication factor.
+    #[error(
+        "kafka.min_insync_replicas ({value}) must be between 1 and kafka.replication_factor ({replication_factor})"
+    )]
+    MinInsyncReplicas {
+        /// `kafka.min_insync_replicas`.
+        value: i32,
+        /// `kafka.replication_factor`.
+        replication_factor: i32,
+    },
+    /// Certificate files are set while TLS is off: probably a forgotten `enabled = true`.
+    #[error("kafka.tls: files are set but kafka.tls.enabled is false")]
+    TlsFilesWithoutTls,
+    /// Only one of the client certificate and its key is set.
+    #[error("kafka.tls.cert_file and kafka.tls.key_file go together (mTLS needs both)")]
+    CertWithoutKey,
+    /// A TLS file does not exist or is not a file.
+    #[error("kafka.tls.{key}: {path:?} is not a readable file")]
+    UnreadableFile {
+        /// `ca_file`, `cert_file` or `key_file`.
+        key: &'static str,
+        /// The path configured.
+        path: String,
+    },
+    /// SASL credentials without a mechanism would be silently unused.
+    #[error("kafka.sasl: credentials are set but kafka.sasl.mechanism is empty")]
+    SaslWithoutMechanism,
+    /// A SASL mechanism without both username and password.
+    #[error("kafka.sasl: {} needs username and password", mechanism.as_str())]
+    SaslIncomplete {
+        /// The mechanism configured.
+        mechanism: SaslMechanism,
+    },
+    /// A `kafka.librdkafka` property the bridge refuses: it would break the promise behind a 2xx,
+    /// or a section of its own sets it.
+    #[error("kafka.librdkafka.{property} is refused: {reason}")]
+    RefusedProperty {
+        /// The property as configured.
+        property: String,
+        /// Why it is refused.
+        reason: String,
+    },
 }
 
 /// A secret string: deserialized from config, compared by the code that owns it, printed as `[redacted]`.
@@ -30,10 +174,11 @@ pub enum ConfigError {
 pub struct Secret(SecretString);
 
 impl Secret {
+    /// Wraps `value`; from here on it prints as `[redacted]`.
     pub fn new(value: impl Into<String>) -> Self {
         Self(SecretString::from(value.into()))
     }
-    pub fn expose(&self) -> &str {
+    pub(crate) fn expose(&self) -> &str {
         self.0.expose_secret()
     }
 }
@@ -75,26 +220,41 @@ fn secrets_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error
     Ok(items.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret::new).collect())
 }
 
+/// The whole configuration, one field per TOML section. [`Default`] is the built-in defaults, which
+/// lack only `huggy.tokens`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// `[http]`: the public webhook listener.
     pub http: HttpConfig,
+    /// `[admin]`: the metrics and probes listener.
     pub admin: AdminConfig,
+    /// `[huggy]`: the accepted batch tokens.
     pub huggy: HuggyConfig,
+    /// `[kafka]`: brokers, topics, security, producer properties.
     pub kafka: KafkaConfig,
+    /// `[delivery]`: when a batch is answered 2xx.
     pub delivery: DeliveryConfig,
+    /// `[spool]`: the local durable log.
     pub spool: SpoolConfig,
+    /// `[files]`: capture of the files events point to.
     pub files: FilesConfig,
+    /// `[shutdown]`: the drain deadline.
     pub shutdown: ShutdownConfig,
+    /// `[log]`: log format and filter.
     pub log: LogConfig,
 }
 
+/// `[http]`: the public webhook listener and the limits that bound what a client can hold.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
     /// Public webhook listener.
     pub listen: SocketAddr,
+    /// The webhook's path (POST only); any other path is 404.
     pub path: String,
+    /// Larger bodies get 413, refused by `Content-Length` before reading or as soon as a chunked body
+    /// crosses it.
     pub max_body_bytes: usize,
     /// Time allowed to receive the request headers; also how long an idle keep-alive connection lives.
     pub header_timeout_ms: u64,
@@ -124,6 +284,7 @@ impl Default for HttpConfig {
     }
 }
 
+/// `[admin]`: the listener for metrics and probes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
@@ -137,6 +298,7 @@ impl Default for AdminConfig {
     }
 }
 
+/// `[huggy]`: what Huggy sends with every batch.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HuggyConfig {
@@ -145,15 +307,21 @@ pub struct HuggyConfig {
     pub tokens: Vec<Secret>,
 }
 
+/// `[kafka]`: where events go and how the producer talks to the brokers.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaConfig {
     /// `"embedded"` for the in-process development broker, else `host:port,host:port`.
     pub brokers: String,
+    /// Topic of a known event type; `{event}` is replaced by the normalized type.
     pub topic_template: String,
+    /// Topic of event types the bridge does not know (they are never dropped).
     pub fallback_topic: String,
+    /// Topic of events that cannot be published to their own topic.
     pub dead_letter_topic: String,
+    /// Partitions of the topics `topics create` makes.
     pub partitions: i32,
+    /// Replication factor of the topics `topics create` makes.
     pub replication_factor: i32,
     /// Per-event-type topic overrides, e.g. `receivedMessage = "chat.inbound"`.
     pub topics: BTreeMap<String, String>,
@@ -179,6 +347,7 @@ pub struct KafkaConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaTlsConfig {
+    /// TLS on; the files below are checked only then.
     pub enabled: bool,
     /// PEM CA bundle; empty: the system's roots.
     pub ca_file: String,
@@ -197,14 +366,17 @@ pub enum SaslMechanism {
     /// No SASL.
     #[default]
     None,
+    /// `PLAIN`: the password travels as it is (use it with TLS).
     Plain,
+    /// `SCRAM-SHA-256`.
     ScramSha256,
+    /// `SCRAM-SHA-512`.
     ScramSha512,
 }
 
 impl SaslMechanism {
     /// The name librdkafka and Kafka use (`""` for none).
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             SaslMechanism::None => "",
             SaslMechanism::Plain => "PLAIN",
@@ -240,9 +412,12 @@ impl<'de> Deserialize<'de> for SaslMechanism {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct KafkaSaslConfig {
+    /// The mechanism; none turns SASL off.
     pub mechanism: SaslMechanism,
+    /// The SASL user.
     #[serde(deserialize_with = "scalar_string")]
     pub username: String,
+    /// The SASL password, redacted wherever the configuration is printed.
     #[serde(deserialize_with = "scalar_secret")]
     pub password: Option<Secret>,
 }
@@ -331,18 +506,19 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// Whether `brokers` asks for the in-process development broker.
     pub fn is_embedded(&self) -> bool {
         self.brokers.trim() == "embedded"
     }
 
     /// `min.insync.replicas` for `topics create`: the configured value, else 2 when the replication
     /// factor is 3 or more, else none (the broker's default).
-    pub fn effective_min_insync_replicas(&self) -> Option<i32> {
+    pub(crate) fn effective_min_insync_replicas(&self) -> Option<i32> {
         self.min_insync_replicas.or((self.replication_factor >= 3).then_some(2))
     }
 
     /// librdkafka's `security.protocol` for `[kafka.tls]` and `[kafka.sasl]`; `None` when neither is on.
-    pub fn security_protocol(&self) -> Option<&'static str> {
+    pub(crate) fn security_protocol(&self) -> Option<&'static str> {
         match (self.tls.enabled, self.sasl.mechanism != SaslMechanism::None) {
             (false, false) => None,
             (true, false) => Some("ssl"),
@@ -352,18 +528,15 @@ impl KafkaConfig {
     }
 
     /// The problems with `[kafka]`; `ack` decides what the passthrough may hold.
-    fn problems(&self, ack: AckMode) -> Vec<String> {
+    fn problems(&self, ack: AckMode) -> Vec<KafkaProblem> {
         let mut out = Vec::new();
         if !self.topic_template.contains("{event}") {
-            out.push("kafka.topic_template must contain {event}".to_owned());
+            out.push(KafkaProblem::TemplateWithoutEvent);
         } else {
             for k in crate::event::KnownType::ALL {
                 let t = self.topic_template.replace("{event}", k.as_str());
-                if !crate::event::is_valid_topic(&t) {
-                    out.push(format!(
-                        "kafka.topic_template makes {t:?} for {}, not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)",
-                        k.as_str()
-                    ));
+                if !crate::event::types::is_valid_topic(&t) {
+                    out.push(KafkaProblem::TemplateMakesInvalidTopic { topic: t, event: k.as_str() });
                     break;
                 }
             }
@@ -372,49 +545,44 @@ impl KafkaConfig {
             [("kafka.fallback_topic", &self.fallback_topic), ("kafka.dead_letter_topic", &self.dead_letter_topic)];
         let overrides = self.topics.iter().map(|(k, v)| (k.as_str(), v));
         for (key, t) in named.into_iter().chain(overrides) {
-            if !crate::event::is_valid_topic(t) {
-                out.push(format!(
-                    "{key}: {t:?} is not a valid Kafka topic name (1-249 characters of a-z A-Z 0-9 . _ -, not . or ..)"
-                ));
+            if !crate::event::types::is_valid_topic(t) {
+                out.push(KafkaProblem::InvalidTopic { key: key.to_owned(), topic: t.clone() });
             }
         }
         if let Some(m) = self.min_insync_replicas {
             if m < 1 || m > self.replication_factor {
-                out.push(format!(
-                    "kafka.min_insync_replicas ({m}) must be between 1 and kafka.replication_factor ({})",
-                    self.replication_factor
-                ));
+                out.push(KafkaProblem::MinInsyncReplicas { value: m, replication_factor: self.replication_factor });
             }
         }
         let tls = &self.tls;
         if !tls.enabled {
             if !tls.ca_file.is_empty() || !tls.cert_file.is_empty() || !tls.key_file.is_empty() {
-                out.push("kafka.tls: files are set but kafka.tls.enabled is false".to_owned());
+                out.push(KafkaProblem::TlsFilesWithoutTls);
             }
         } else {
             if tls.cert_file.is_empty() != tls.key_file.is_empty() {
-                out.push("kafka.tls.cert_file and kafka.tls.key_file go together (mTLS needs both)".to_owned());
+                out.push(KafkaProblem::CertWithoutKey);
             }
             for (key, path) in [("ca_file", &tls.ca_file), ("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
                 if !path.is_empty() && !Path::new(path).is_file() {
-                    out.push(format!("kafka.tls.{key}: {path:?} is not a readable file"));
+                    out.push(KafkaProblem::UnreadableFile { key, path: path.clone() });
                 }
             }
         }
         let sasl = &self.sasl;
         match sasl.mechanism {
             SaslMechanism::None if !sasl.username.is_empty() || !sasl.password_is_empty() => {
-                out.push("kafka.sasl: credentials are set but kafka.sasl.mechanism is empty".to_owned());
+                out.push(KafkaProblem::SaslWithoutMechanism);
             }
             SaslMechanism::None => {}
-            m if sasl.username.is_empty() || sasl.password_is_empty() => {
-                out.push(format!("kafka.sasl: {} needs username and password", m.as_str()));
+            mechanism if sasl.username.is_empty() || sasl.password_is_empty() => {
+                out.push(KafkaProblem::SaslIncomplete { mechanism });
             }
             _ => {}
         }
         for (k, v) in &self.librdkafka {
-            if let Some(why) = refused_property(k, v, ack, self) {
-                out.push(format!("kafka.librdkafka.{k} is refused: {why}"));
+            if let Some(reason) = refused_property(k, v, ack, self) {
+                out.push(KafkaProblem::RefusedProperty { property: k.clone(), reason });
             }
         }
         out
@@ -423,7 +591,7 @@ impl KafkaConfig {
 
 /// Why a passthrough property is refused, if it is: properties that would break the promise behind
 /// a 2xx (every event reaches Kafka, in order per key), or that the bridge sets from its own keys.
-pub fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &KafkaConfig) -> Option<String> {
+pub(crate) fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &KafkaConfig) -> Option<String> {
     let v = value.trim().to_ascii_lowercase();
     let section_owned = |section: &str| format!("set by [{section}]; configure it there");
     match key.trim().to_ascii_lowercase().as_str() {
@@ -474,6 +642,7 @@ fn redact_librdkafka<S: Serializer>(map: &BTreeMap<String, String>, s: S) -> Res
     redacted.serialize(s)
 }
 
+/// When the webhook answers 2xx (`delivery.ack`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum AckMode {
@@ -483,9 +652,11 @@ pub enum AckMode {
     Kafka,
 }
 
+/// `[delivery]`: what a 2xx promises.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeliveryConfig {
+    /// `spool` (after the local fsync) or `kafka` (after Kafka acknowledged every event).
     pub ack: AckMode,
     /// In `kafka` mode: how long a request waits for Kafka before answering 503.
     pub kafka_ack_timeout_ms: u64,
@@ -497,9 +668,11 @@ impl Default for DeliveryConfig {
     }
 }
 
+/// `[spool]`: the segment log every accepted event is written to before the 2xx.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SpoolConfig {
+    /// The spool's directory; one per replica, held by one process at a time.
     pub dir: PathBuf,
     /// Bytes the spool keeps on disk at most (segments, delivered events included until their
     /// segment is deleted, and the dedup snapshot); past it the webhook answers 503, never drops.
@@ -531,12 +704,18 @@ impl Default for SpoolConfig {
     }
 }
 
+/// `[files]`: capture of the files events point to, before their access tokens expire.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct FilesConfig {
+    /// Capture on or off; off, events are published without waiting for files.
     pub enabled: bool,
+    /// Strings in an event that start with one of these are files to capture; nothing else is
+    /// fetched. Each must end with `/`.
     pub allowed_url_prefixes: Vec<String>,
+    /// Lifetime of a file URL's token: its deadline is the event's receipt plus this.
     pub token_ttl_secs: u64,
+    /// Larger files are reported `failed`, and nothing of them is left in the store.
     pub max_file_bytes: u64,
     /// `file://path` or `s3://bucket/prefix`.
     pub store: String,
@@ -544,9 +723,11 @@ pub struct FilesConfig {
     pub concurrency: usize,
     /// Downloads running at once at most, however many files are at risk.
     pub max_concurrency: usize,
+    /// Time allowed to connect to a file host.
     pub connect_timeout_ms: u64,
     /// A transfer that receives nothing for this long is abandoned (and retried while the token lives).
     pub idle_timeout_ms: u64,
+    /// `[files.s3]`: settings of an `s3://` store.
     pub s3: S3Config,
 }
 
@@ -574,13 +755,19 @@ impl Default for FilesConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct S3Config {
+    /// Endpoint URL of an S3-compatible service (MinIO, R2, …); unset: `AWS_ENDPOINT`, else AWS.
     pub endpoint: Option<String>,
+    /// The bucket's region.
     pub region: Option<String>,
+    /// Access key id.
     pub access_key_id: Option<Secret>,
+    /// Secret access key.
     pub secret_access_key: Option<Secret>,
+    /// Allows a plain `http://` endpoint (local test services).
     pub allow_http: bool,
 }
 
+/// `[shutdown]`: how long stopping may take.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
@@ -594,18 +781,23 @@ impl Default for ShutdownConfig {
     }
 }
 
+/// How log lines are written to stderr (`log.format`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// JSON when stderr is not a terminal, human-readable otherwise.
     Auto,
+    /// One JSON object per line, for log collectors.
     Json,
+    /// Human-readable lines.
     Text,
 }
 
+/// `[log]`: log format and filter.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
+    /// `json`, `text` or `auto`.
     pub format: LogFormat,
     /// A tracing filter; `RUST_LOG`, when set, wins.
     pub level: String,
@@ -657,7 +849,7 @@ impl Config {
         Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?.validated()
     }
 
-    pub fn figment(path: Option<&Path>) -> Figment {
+    pub(crate) fn figment(path: Option<&Path>) -> Figment {
         let mut figment = Figment::from(Serialized::defaults(Config::default()));
         match path {
             Some(p) => figment = figment.merge(Toml::file_exact(p)),
@@ -705,83 +897,95 @@ impl Config {
     }
 
     /// Rejects values that would make the daemon misbehave rather than fail.
-    pub fn validate(&self) -> Result<(), ConfigError> {
+    ///
+    /// # Errors
+    /// The first setting found wrong (every `[kafka]` problem at once).
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         if self.huggy.tokens.is_empty() {
-            return Err(ConfigError::Invalid("huggy.tokens is empty: no batch could ever be accepted".into()));
+            return Err(ConfigError::NoTokens);
         }
         self.validate_offline()
     }
 
     /// [`Config::validate`] without the webhook's tokens.
-    pub fn validate_offline(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
+    ///
+    /// # Errors
+    /// As [`Config::validate`], except for missing tokens.
+    pub(crate) fn validate_offline(&self) -> Result<(), ConfigError> {
+        let positive = |key: &'static str, ok: bool| if ok { Ok(()) } else { Err(ConfigError::NotPositive { key }) };
         if !self.http.path.starts_with('/') {
-            return bad(format!("http.path must start with '/', got {:?}", self.http.path));
+            return Err(ConfigError::Malformed {
+                key: "http.path",
+                expected: "start with '/'",
+                value: self.http.path.clone(),
+            });
         }
-        if self.http.max_body_bytes == 0 {
-            return bad("http.max_body_bytes must be positive".into());
-        }
+        positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
         if self.http.max_inflight_bytes < self.http.max_body_bytes {
-            return bad(format!(
-                "http.max_inflight_bytes ({}) must be at least http.max_body_bytes ({}): a body of the largest accepted size could never be read",
-                self.http.max_inflight_bytes, self.http.max_body_bytes
-            ));
+            return Err(ConfigError::BelowBound {
+                key: "http.max_inflight_bytes",
+                value: self.http.max_inflight_bytes as u64,
+                bound_key: "http.max_body_bytes",
+                bound: self.http.max_body_bytes as u64,
+                reason: "a body of the largest accepted size could never be read",
+            });
         }
-        if self.http.max_connections == 0 {
-            return bad("http.max_connections must be positive".into());
-        }
+        positive("http.max_connections", self.http.max_connections > 0)?;
         if self.http.listen == self.admin.listen {
-            return bad("http.listen and admin.listen must differ".into());
+            return Err(ConfigError::SameListenAddress);
         }
         if self.kafka.brokers.trim().is_empty() {
-            return bad("kafka.brokers is empty".into());
+            return Err(ConfigError::Empty { key: "kafka.brokers" });
         }
         let kafka_problems = self.kafka.problems(self.delivery.ack);
         if !kafka_problems.is_empty() {
-            return bad(kafka_problems.join("; "));
+            return Err(ConfigError::Kafka(kafka_problems));
         }
         for ty in self.kafka.topics.keys() {
             if crate::event::KnownType::parse_ignore_case(ty).is_none() {
-                return bad(format!("kafka.topics.{ty}: not a Huggy event type this bridge knows"));
+                return Err(ConfigError::UnknownEventType { name: ty.clone() });
             }
         }
-        if self.kafka.partitions < 1 || self.kafka.replication_factor < 1 {
-            return bad("kafka.partitions and kafka.replication_factor must be at least 1".into());
-        }
-        if self.kafka.max_in_flight_records == 0 {
-            return bad("kafka.max_in_flight_records must be positive".into());
-        }
-        if self.spool.max_bytes == 0 {
-            return bad("spool.max_bytes must be positive".into());
-        }
+        positive("kafka.partitions", self.kafka.partitions >= 1)?;
+        positive("kafka.replication_factor", self.kafka.replication_factor >= 1)?;
+        positive("kafka.max_in_flight_records", self.kafka.max_in_flight_records > 0)?;
+        positive("spool.max_bytes", self.spool.max_bytes > 0)?;
         if self.delivery.ack == AckMode::Spool && self.spool.max_bytes < self.http.max_body_bytes as u64 {
-            return bad(format!(
-                "spool.max_bytes ({}) must be at least http.max_body_bytes ({}): a batch of the largest accepted size could never be stored",
-                self.spool.max_bytes, self.http.max_body_bytes
-            ));
+            return Err(ConfigError::BelowBound {
+                key: "spool.max_bytes",
+                value: self.spool.max_bytes,
+                bound_key: "http.max_body_bytes",
+                bound: self.http.max_body_bytes as u64,
+                reason: "a batch of the largest accepted size could never be stored",
+            });
         }
         if self.files.enabled {
             if self.spool.max_undelivered_age_secs <= self.files.token_ttl_secs {
-                return bad(format!(
-                    "spool.max_undelivered_age_secs ({}) must exceed files.token_ttl_secs ({}): an event may wait that long for its files",
-                    self.spool.max_undelivered_age_secs, self.files.token_ttl_secs
-                ));
+                return Err(ConfigError::AgeWithinTokenTtl {
+                    max_undelivered_age_secs: self.spool.max_undelivered_age_secs,
+                    token_ttl_secs: self.files.token_ttl_secs,
+                });
             }
-            if self.files.concurrency == 0 {
-                return bad("files.concurrency must be positive".into());
-            }
+            positive("files.concurrency", self.files.concurrency > 0)?;
             if !(self.files.store.starts_with("file://") || self.files.store.starts_with("s3://")) {
-                return bad(format!("files.store must be file://… or s3://…, got {:?}", self.files.store));
+                return Err(ConfigError::Malformed {
+                    key: "files.store",
+                    expected: "be file://… or s3://…",
+                    value: self.files.store.clone(),
+                });
             }
             if self.files.max_concurrency < self.files.concurrency {
-                return bad(format!(
-                    "files.max_concurrency ({}) must be at least files.concurrency ({}), the floor",
-                    self.files.max_concurrency, self.files.concurrency
-                ));
+                return Err(ConfigError::BelowBound {
+                    key: "files.max_concurrency",
+                    value: self.files.max_concurrency as u64,
+                    bound_key: "files.concurrency",
+                    bound: self.files.concurrency as u64,
+                    reason: "the floor cannot be above the ceiling",
+                });
             }
             for p in &self.files.allowed_url_prefixes {
-                if let Err(why) = crate::files::fetch::Prefix::parse(p) {
-                    return bad(format!("files.allowed_url_prefixes: {p:?} {why}"));
+                if let Err(source) = crate::files::prefix::Prefix::parse(p) {
+                    return Err(ConfigError::UrlPrefix { prefix: p.clone(), source });
                 }
             }
         }
@@ -793,10 +997,10 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
-    pub fn header_timeout(&self) -> Duration {
+    pub(crate) fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.http.header_timeout_ms)
     }
-    pub fn body_timeout(&self) -> Duration {
+    pub(crate) fn body_timeout(&self) -> Duration {
         Duration::from_millis(self.http.body_timeout_ms)
     }
 }
@@ -806,6 +1010,17 @@ impl Config {
 mod tests {
     use super::*;
     use figment::Jail;
+
+    /// The error and its causes, as the binary prints them.
+    fn message(e: &ConfigError) -> String {
+        let mut out = e.to_string();
+        let mut cause = std::error::Error::source(e);
+        while let Some(c) = cause {
+            out = format!("{out}: {c}");
+            cause = c.source();
+        }
+        out
+    }
 
     #[test]
     fn toml_then_env_override_and_tokens_are_redacted() {
@@ -861,7 +1076,7 @@ mod tests {
     fn unknown_keys_are_rejected() {
         Jail::expect_with(|jail| {
             jail.create_file("c.toml", "[huggy]\ntokens=[\"t\"]\n[kafka]\nbrokerz = \"x\"\n")?;
-            let err = Config::load(Some(Path::new("c.toml"))).unwrap_err().to_string();
+            let err = message(&Config::load(Some(Path::new("c.toml"))).unwrap_err());
             assert!(err.contains("brokerz"), "{err}");
             Ok(())
         });
@@ -929,7 +1144,7 @@ mod tests {
             jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
             jail.set_env("HUGGY_BRIDGE_SERVICE_HOST", "10.96.0.12");
             jail.set_env("HUGGY_BRIDGE_KAFKA__BROKRES", "k1:9092");
-            let err = Config::load(None).unwrap_err().to_string();
+            let err = message(&Config::load(None).unwrap_err());
             assert!(err.contains("brokres"), "{err}");
             assert_eq!(Config::ignored_env_vars(), ["HUGGY_BRIDGE_SERVICE_HOST"], "a section typo is not ignored");
             Ok(())
@@ -968,10 +1183,10 @@ mod tests {
         let mut cfg = Config::default();
         cfg.huggy.tokens = vec![Secret::new("t")];
         cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app".into()];
-        let err = cfg.validate().unwrap_err().to_string();
+        let err = message(&cfg.validate().unwrap_err());
         assert!(err.contains("must end with '/'") && err.contains("\"https://files.huggy.app/\""), "{err}");
         cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app@evil.com/".into()];
-        assert!(cfg.validate().unwrap_err().to_string().contains("user information"));
+        assert!(message(&cfg.validate().unwrap_err()).contains("user information"));
         cfg.files.allowed_url_prefixes = vec!["https://files.huggy.app/".into()];
         cfg.validate().expect("a prefix ending in a slash is fine");
         cfg.files.max_concurrency = 8;
@@ -1110,7 +1325,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
             jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__MECHANISM", "GSSAPI");
-            let e = Config::load(None).unwrap_err().to_string();
+            let e = message(&Config::load(None).unwrap_err());
             assert!(e.contains("GSSAPI") && e.contains("SCRAM-SHA-512"), "{e}");
             Ok(())
         });

@@ -25,30 +25,30 @@ use crate::spool::Spool;
 
 /// A stage's pulse: when it last made progress.
 #[derive(Debug, Default)]
-pub struct Pulse {
+pub(crate) struct Pulse {
     last_ms: AtomicI64,
 }
 
 impl Pulse {
-    pub fn new() -> Arc<Pulse> {
+    pub(crate) fn new() -> Arc<Pulse> {
         let p = Pulse::default();
         p.beat();
         Arc::new(p)
     }
 
     /// The stage made progress (or is waiting with nothing it could do).
-    pub fn beat(&self) {
+    pub(crate) fn beat(&self) {
         self.last_ms.store(now_millis(), Ordering::Relaxed);
     }
 
     /// Time since the last beat.
-    pub fn silent_for(&self) -> Duration {
+    pub(crate) fn silent_for(&self) -> Duration {
         Duration::from_millis((now_millis() - self.last_ms.load(Ordering::Relaxed)).max(0).unsigned_abs())
     }
 }
 
 /// Everything readiness and liveness look at.
-pub struct Health {
+pub(crate) struct Health {
     ack: AckMode,
     draining: AtomicBool,
     kafka: Arc<KafkaHealth>,
@@ -62,7 +62,7 @@ pub struct Health {
 }
 
 impl Health {
-    pub fn new(
+    pub(crate) fn new(
         cfg: &Config,
         kafka: Arc<KafkaHealth>,
         spool: Option<Spool>,
@@ -85,20 +85,20 @@ impl Health {
     }
 
     /// Shutdown began: new webhook requests get 503, readiness turns false.
-    pub fn start_draining(&self) {
+    pub(crate) fn start_draining(&self) {
         self.draining.store(true, Ordering::Relaxed);
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
     }
 
-    pub fn kafka(&self) -> &KafkaHealth {
+    pub(crate) fn kafka(&self) -> &KafkaHealth {
         &self.kafka
     }
 
     /// Reasons the daemon is not ready; empty when it is.
-    pub fn not_ready_reasons(&self) -> Vec<String> {
+    pub(crate) fn not_ready_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if self.is_draining() {
             reasons.push("shutting down".to_owned());
@@ -119,7 +119,7 @@ impl Health {
     }
 
     /// Reasons the daemon is stuck; empty when it is alive.
-    pub fn not_live_reasons(&self) -> Vec<String> {
+    pub(crate) fn not_live_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if let Some(spool) = &self.spool {
             if let Some(d) = spool.heartbeat().stalled_for(self.writer_stall) {
@@ -140,7 +140,7 @@ impl Health {
     }
 
     /// Refreshes gauges that are read from state rather than counted.
-    pub fn refresh_gauges(&self) {
+    pub(crate) fn refresh_gauges(&self) {
         let m = &self.metrics;
         if let Some(spool) = &self.spool {
             let s = spool.stats();

@@ -16,7 +16,7 @@ use crate::publish::{Outcome, Publisher};
 use crate::spool::{Spool, SpoolError};
 
 #[derive(Debug, thiserror::Error)]
-pub enum IngestError {
+pub(crate) enum IngestError {
     #[error("spool is full")]
     SpoolFull,
     #[error("spool cannot write")]
@@ -27,7 +27,7 @@ pub enum IngestError {
 
 impl IngestError {
     /// The short code given to the client.
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             IngestError::SpoolFull => "spool_full",
             IngestError::SpoolFailed(_) => "spool_unavailable",
@@ -38,25 +38,25 @@ impl IngestError {
 
 /// How a batch was taken in.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     /// Events covered by the 2xx (stored, published or dead-lettered, or known duplicates).
-    pub events: usize,
-    pub duplicates: usize,
+    pub(crate) events: usize,
+    pub(crate) duplicates: usize,
 }
 
-pub enum Mode {
+pub(crate) enum Mode {
     Spool(Spool),
     Kafka { publisher: Arc<Publisher>, timeout: Duration },
 }
 
-pub struct Ingest {
-    pub mode: Mode,
-    pub files: Option<Arc<FileCapture>>,
+pub(crate) struct Ingest {
+    pub(crate) mode: Mode,
+    pub(crate) files: Option<Arc<FileCapture>>,
 }
 
 /// The seam between the webhook handler and whatever makes a batch durable: [`Ingest`] in the
 /// daemon, a fake in the handler's tests (which then need no broker and no disk).
-pub trait Durability: Send + Sync {
+pub(crate) trait Durability: Send + Sync {
     /// Makes the events durable; see [`Ingest::accept`].
     fn accept<'a>(
         &'a self,
@@ -82,7 +82,7 @@ impl Ingest {
     ///
     /// # Errors
     /// The events are not durable: the client must be told to retry (503).
-    pub async fn accept(
+    pub(crate) async fn accept(
         &self,
         mut events: Vec<Event>,
         received_at: i64,

@@ -13,26 +13,28 @@
 //! spool's one writer, so nothing after the 2xx depends on the request that brought the batch.
 //!
 //! - [`config`]: figment loading (defaults → TOML → `HUGGY_BRIDGE_*`), validation, redaction.
-//! - [`http`]: the public webhook listener and the admin listener (`/metrics`, `/healthz`, `/readyz`).
+//! - `http`: the public webhook listener and the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`event`]: pure parsing and splitting of batches; types, keys, ids, CloudEvents attributes.
-//! - [`ingest`]: the durability stage the handler hands a batch to (`spool` or `kafka` ack mode).
+//! - `ingest`: the durability stage the handler hands a batch to (`spool` or `kafka` ack mode).
 //! - [`spool`]: the crash-safe segment log, its recovery, dedup window and gauges.
 //! - [`files`]: capture of the files events point to before their access tokens expire (SSRF-safe
 //!   client, earliest-deadline-first scheduling, streaming into an object store).
 //! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
 //!   loop that drains the spool.
-//! - [`health`]: readiness, liveness and the gauges read from state.
+//! - `health`: readiness, liveness and the gauges read from state.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
+
+#![warn(missing_docs)]
 
 pub mod app;
 pub mod clock;
 pub mod config;
 pub mod event;
 pub mod files;
-pub mod health;
-pub mod http;
-pub mod ingest;
-pub(crate) mod json;
+mod health;
+mod http;
+mod ingest;
+mod json;
 pub mod metrics;
 pub mod publish;
 pub mod shutdown;

@@ -75,7 +75,7 @@ fn main() -> ExitCode {
     let cfg = match loaded {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("huggy-bridge: {e}");
+            eprintln!("huggy-bridge: {}", error_chain(&e));
             return ExitCode::FAILURE;
         }
     };

@@ -15,14 +15,14 @@ macro_rules! labels {
     ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
         $(#[$doc])*
         #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-        pub enum $name { $($variant),+ }
+        pub(crate) enum $name { $($variant),+ }
 
         impl $name {
             /// Every value, for pre-seeding the label.
-            pub const ALL: &[$name] = &[$($name::$variant),+];
+            pub(crate) const ALL: &[$name] = &[$($name::$variant),+];
 
             /// The label value.
-            pub fn label(self) -> &'static str {
+            pub(crate) fn label(self) -> &'static str {
                 match self { $($name::$variant => $label),+ }
             }
         }
@@ -61,7 +61,7 @@ labels! {
 
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
-pub const PUBLISH_ERROR_CODES: &[&str] = &[
+pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
     "MessageTimedOut",
     "QueueFull",
     "MessageSizeTooLarge",
@@ -81,48 +81,65 @@ pub const PUBLISH_ERROR_CODES: &[&str] = &[
     "PurgeInflight",
 ];
 
+/// Every metric of the daemon, registered in one registry; cheap to share (`Arc`), updated by every
+/// stage and rendered by `/metrics`.
 pub struct Metrics {
-    pub registry: Registry,
-    pub http_requests: IntCounterVec,
-    pub request_duration: HistogramVec,
-    pub http_inflight_body_bytes: IntGauge,
+    registry: Registry,
+    pub(crate) http_requests: IntCounterVec,
+    request_duration: HistogramVec,
+    pub(crate) http_inflight_body_bytes: IntGauge,
+    /// `huggy_bridge_events_received_total`: events accepted from Huggy, by type.
     pub events_received: IntCounterVec,
+    /// `huggy_bridge_events_duplicate_total`: events acknowledged but not stored again (dedup window).
     pub events_duplicate: IntCounter,
+    /// `huggy_bridge_events_published_total`: events Kafka acknowledged on their topic, by type.
     pub events_published: IntCounterVec,
+    /// `huggy_bridge_events_dead_lettered_total`: events written to the dead-letter topic, by type.
     pub events_dead_lettered: IntCounterVec,
+    /// `huggy_bridge_publish_retries_total`: records sent again after a retryable Kafka error.
     pub publish_retries: IntCounter,
-    pub ack_latency: Histogram,
+    pub(crate) ack_latency: Histogram,
+    /// `huggy_bridge_spool_events`: events in the spool Kafka has not acknowledged yet.
     pub spool_events: IntGauge,
-    pub spool_bytes: IntGauge,
-    pub spool_max_bytes: IntGauge,
-    pub spool_oldest_age: IntGauge,
-    pub spool_disk_bytes: IntGauge,
-    pub spool_fs_free_bytes: IntGauge,
-    pub spool_fsync_duration: Histogram,
-    pub spool_damaged: IntCounter,
-    pub spool_pending_files: IntGauge,
-    pub live: IntGauge,
+    pub(crate) spool_bytes: IntGauge,
+    pub(crate) spool_max_bytes: IntGauge,
+    pub(crate) spool_oldest_age: IntGauge,
+    pub(crate) spool_disk_bytes: IntGauge,
+    pub(crate) spool_fs_free_bytes: IntGauge,
+    pub(crate) spool_fsync_duration: Histogram,
+    pub(crate) spool_damaged: IntCounter,
+    pub(crate) spool_pending_files: IntGauge,
+    pub(crate) live: IntGauge,
+    /// `huggy_bridge_file_downloads_total`: final result of each file, by `result`.
     pub file_downloads: IntCounterVec,
-    pub file_bytes: IntCounter,
+    pub(crate) file_bytes: IntCounter,
+    /// `huggy_bridge_file_token_headroom_seconds`: token lifetime left when a download completed.
     pub file_headroom: Histogram,
-    pub file_queue: IntGauge,
-    pub file_retries: IntCounter,
+    pub(crate) file_queue: IntGauge,
+    pub(crate) file_retries: IntCounter,
+    /// `huggy_bridge_file_download_concurrency`: downloads running now.
     pub file_concurrency: IntGauge,
+    /// `huggy_bridge_file_download_concurrency_limit`: downloads allowed at once now.
     pub file_concurrency_limit: IntGauge,
+    /// `huggy_bridge_file_download_saturated`: 1 while more connections stopped raising throughput.
     pub file_saturated: IntGauge,
+    /// `huggy_bridge_files_at_risk`: queued files projected to miss their deadline.
     pub files_at_risk: IntGauge,
-    pub file_store_free: IntGauge,
-    pub kafka_connected: IntGauge,
-    pub kafka_brokers_up: IntGauge,
-    pub kafka_queue_messages: IntGauge,
-    pub kafka_queue_bytes: IntGauge,
+    pub(crate) file_store_free: IntGauge,
+    pub(crate) kafka_connected: IntGauge,
+    pub(crate) kafka_brokers_up: IntGauge,
+    pub(crate) kafka_queue_messages: IntGauge,
+    pub(crate) kafka_queue_bytes: IntGauge,
+    /// `huggy_bridge_kafka_fatal_error`: 1 after librdkafka raised a fatal error.
     pub kafka_fatal: IntGauge,
-    pub produce_latency: Histogram,
+    pub(crate) produce_latency: Histogram,
+    /// `huggy_bridge_publish_errors_total`: records Kafka did not take, by librdkafka error code.
     pub publish_errors: IntCounterVec,
-    pub published_bytes: IntCounter,
+    pub(crate) published_bytes: IntCounter,
+    /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
-    pub ready: IntGauge,
-    pub build_info: IntGaugeVec,
+    pub(crate) ready: IntGauge,
+    build_info: IntGaugeVec,
 }
 
 fn type_labels() -> impl Iterator<Item = &'static str> {
@@ -131,16 +148,17 @@ fn type_labels() -> impl Iterator<Item = &'static str> {
 
 impl Metrics {
     /// Counts a webhook request and its duration under its outcome.
-    pub fn observe_request(&self, outcome: HttpOutcome, secs: f64) {
+    pub(crate) fn observe_request(&self, outcome: HttpOutcome, secs: f64) {
         self.http_requests.with_label_values(&[outcome.label()]).inc();
         self.request_duration.with_label_values(&[outcome.label()]).observe(secs);
     }
 
     /// Counts a file's final result.
-    pub fn count_file(&self, outcome: FileOutcome) {
+    pub(crate) fn count_file(&self, outcome: FileOutcome) {
         self.file_downloads.with_label_values(&[outcome.label()]).inc();
     }
 
+    /// Registers every metric, with every label value of a closed set at zero.
     pub fn new() -> Self {
         let registry = Registry::new();
         macro_rules! reg {
@@ -353,7 +371,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition of every metric.
-    pub fn render(&self) -> String {
+    pub(crate) fn render(&self) -> String {
         let mut buf = Vec::new();
         if let Err(e) = TextEncoder::new().encode(&self.registry.gather(), &mut buf) {
             tracing::error!(error = %e, "metrics encoding failed");

@@ -27,7 +27,7 @@ pub fn cancel_on_signals(token: CancellationToken) {
 
 /// `READY=1` to systemd (a no-op outside a `Type=notify` unit), and the watchdog when the unit
 /// asks for one.
-pub fn notify_ready(stop: CancellationToken) {
+pub(crate) fn notify_ready(stop: CancellationToken) {
     if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
         warn!(error = %e, "sd_notify READY failed");
     }
@@ -45,6 +45,6 @@ pub fn notify_ready(stop: CancellationToken) {
     }
 }
 
-pub fn notify_stopping() {
+pub(crate) fn notify_stopping() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
 }

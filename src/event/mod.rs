@@ -4,7 +4,7 @@
 //! Event bytes are never re-serialized: splitting borrows each event as a [`RawValue`], so the value
 //! published to Kafka is exactly what Huggy sent (ids beyond 2^53, escapes, key order, whitespace).
 
-mod types;
+pub(crate) mod types;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -14,27 +14,32 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-pub use types::{is_valid_topic, EventType, KnownType};
+pub use types::{EventType, KnownType};
 
 use crate::json::string_end;
 
 /// Why a body was refused as a whole (HTTP 400).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum BodyError {
+    /// The body does not parse as JSON; the parser's message.
     #[error("body is not valid JSON: {0}")]
     NotJson(String),
+    /// Valid JSON, but not an object.
     #[error("body is not a JSON object")]
     NotAnObject,
+    /// Neither a handshake nor a batch: no `messages` member.
     #[error("`messages` is missing")]
     MissingMessages,
+    /// `messages` is there but is not an object of event lists.
     #[error("`messages` is not an object")]
     MessagesNotAnObject,
+    /// Nesting deep enough to be an attack on the parser rather than an event.
     #[error("JSON nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
 }
 
 impl BodyError {
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             BodyError::NotJson(_) => "invalid_json",
             BodyError::NotAnObject => "not_an_object",
@@ -50,8 +55,10 @@ impl BodyError {
 pub enum Body<'a> {
     /// `{"token": T, "validToken": true}`, sent when the URL is saved in Huggy.
     Handshake {
+        /// The token to echo back, when it is a JSON string without escapes.
         token: Option<&'a str>,
     },
+    /// Events, grouped by type under `messages`.
     Batch(Batch<'a>),
 }
 
@@ -59,13 +66,13 @@ pub enum Body<'a> {
 #[derive(Debug)]
 pub struct Batch<'a> {
     /// The batch token, when it is a JSON string without escapes (Huggy's tokens are hex).
-    pub token: Option<&'a str>,
+    pub(crate) token: Option<&'a str>,
     /// Batch `time` in unix seconds, when present and numeric.
-    pub time: Option<i64>,
+    time: Option<i64>,
     /// What tells this batch apart from others in its events' ids.
-    pub stamp: BatchStamp,
+    stamp: BatchStamp,
     /// `messages` in document order: (event type as sent, the value under it).
-    pub groups: Vec<(String, &'a RawValue)>,
+    groups: Vec<(String, &'a RawValue)>,
 }
 
 #[derive(Deserialize)]
@@ -124,7 +131,7 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
 /// later batch gets a new id unless the whole batch is byte-identical — which is indistinguishable
 /// from a re-send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BatchStamp {
+pub(crate) enum BatchStamp {
     Time(i64),
     /// SHA-256 of the raw `messages` value.
     Untimed([u8; 32]),
@@ -132,7 +139,7 @@ pub enum BatchStamp {
 
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128; events
 /// are a few levels deep).
-pub const MAX_DEPTH: usize = 64;
+pub(crate) const MAX_DEPTH: usize = 64;
 
 /// Whether `[`/`{` nesting outside strings goes deeper than `limit`. A single pass without
 /// recursion, so a hostile body cannot exhaust the stack here or in any consumer downstream.
@@ -191,34 +198,37 @@ impl<'de: 'a, 'a> Deserialize<'de> for OrderedGroups<'a> {
 /// A Huggy event split out of a batch, ready to be made durable and published.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Event {
+    /// Deterministic id: the same batch delivered again gives the same ids (`ce_id`).
     pub id: EventId,
+    /// The normalized type, which picks the topic.
     pub event_type: EventType,
     /// The type as Huggy spelled it, when it was renamed (`sendedAllMessage`).
-    pub original_type: Option<String>,
+    pub(crate) original_type: Option<String>,
     /// The ordering key, a decimal string (chat, customer, agent or company id).
     pub key: Option<String>,
     /// Company id, for `ce_source`.
-    pub company: Option<String>,
+    pub(crate) company: Option<String>,
     /// Batch time (unix seconds), receipt time when the batch had none.
-    pub time: i64,
+    pub(crate) time: i64,
     /// The event's bytes exactly as received.
     #[serde(with = "serde_bytes")]
     pub value: Vec<u8>,
     /// Set when the event cannot be published to its topic and goes to the dead-letter topic.
     pub dead_letter: Option<String>,
     /// File URLs to capture before publishing (filled by the files stage, empty otherwise).
-    pub files: Vec<String>,
+    pub(crate) files: Vec<String>,
 }
 
 impl Event {
-    pub fn ce_source(&self) -> String {
+    pub(crate) fn ce_source(&self) -> String {
         format!("huggy://company/{}", self.company.as_deref().unwrap_or("unknown"))
     }
 
-    pub fn ce_type(&self) -> String {
+    pub(crate) fn ce_type(&self) -> String {
         format!("app.huggy.{}", self.event_type.as_str())
     }
 
+    /// The `ce_time` header: the event's time as RFC 3339, in whole seconds.
     pub fn ce_time(&self) -> String {
         let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.time.max(0).unsigned_abs());
         humantime::format_rfc3339_seconds(t).to_string()
@@ -259,7 +269,7 @@ pub fn append_member(object: &[u8], name: &str, json: &[u8]) -> Vec<u8> {
 pub struct EventId(pub [u8; 16]);
 
 impl EventId {
-    pub fn new(event_type: &str, stamp: &BatchStamp, value: &[u8], occurrence: u32) -> Self {
+    pub(crate) fn new(event_type: &str, stamp: &BatchStamp, value: &[u8], occurrence: u32) -> Self {
         Self::finish(Self::prefix(event_type, stamp, value), occurrence)
     }
 

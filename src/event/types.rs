@@ -9,23 +9,23 @@ macro_rules! known_types {
     ($($variant:ident => $name:literal),+ $(,)?) => {
         /// Every event type of Huggy's webhook reference (current and older pages).
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub enum KnownType { $($variant),+ }
+        pub enum KnownType { $(#[doc = concat!("`", $name, "`")] $variant),+ }
 
         impl KnownType {
-            pub const ALL: &'static [KnownType] = &[$(KnownType::$variant),+];
+            pub(crate) const ALL: &'static [KnownType] = &[$(KnownType::$variant),+];
 
-            pub fn as_str(self) -> &'static str {
+            pub(crate) fn as_str(self) -> &'static str {
                 match self { $(KnownType::$variant => $name),+ }
             }
 
             /// The normalized name only; use [`EventType::parse`] for what Huggy sends.
-            pub fn parse(name: &str) -> Option<Self> {
+            pub(crate) fn parse(name: &str) -> Option<Self> {
                 match name { $($name => Some(KnownType::$variant),)+ _ => None }
             }
 
             /// The normalized name in any letter case: configuration keys may arrive lowercased
             /// (environment variables), e.g. `kafka.topics.receivedmessage`.
-            pub fn parse_ignore_case(name: &str) -> Option<Self> {
+            pub(crate) fn parse_ignore_case(name: &str) -> Option<Self> {
                 Self::ALL.iter().copied().find(|k| k.as_str().eq_ignore_ascii_case(name))
             }
         }
@@ -63,7 +63,9 @@ const MAX_TYPE_LEN: usize = 64;
 /// A normalized event type: known, or unknown but with a name safe to use in a topic and a header.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum EventType {
+    /// A type of Huggy's webhook reference.
     Known(#[serde(with = "known_serde")] KnownType),
+    /// Any other name Huggy sends; such events go to `kafka.fallback_topic`.
     Unknown(String),
 }
 
@@ -73,7 +75,7 @@ impl EventType {
     /// # Errors
     /// A reason when the name is empty, too long or has characters outside `[A-Za-z0-9._-]`; such
     /// events go to the dead-letter topic.
-    pub fn parse(name: &str) -> Result<(EventType, bool), String> {
+    pub(crate) fn parse(name: &str) -> Result<(EventType, bool), String> {
         if let Some(k) = KnownType::parse(name) {
             return Ok((EventType::Known(k), false));
         }
@@ -92,6 +94,7 @@ impl EventType {
         Ok((EventType::Unknown(name.to_owned()), false))
     }
 
+    /// The normalized name (`sentAllMessage` for `sendedAllMessage`), as in topics and `ce_type`.
     pub fn as_str(&self) -> &str {
         match self {
             EventType::Known(k) => k.as_str(),
@@ -99,7 +102,7 @@ impl EventType {
         }
     }
 
-    pub fn known(&self) -> Option<KnownType> {
+    pub(crate) fn known(&self) -> Option<KnownType> {
         match self {
             EventType::Known(k) => Some(*k),
             EventType::Unknown(_) => None,
@@ -107,7 +110,7 @@ impl EventType {
     }
 
     /// A metrics label from a closed set: the known name or `unknown`.
-    pub fn label(&self) -> &'static str {
+    pub(crate) fn label(&self) -> &'static str {
         self.known().map_or("unknown", KnownType::as_str)
     }
 }
@@ -122,17 +125,17 @@ mod known_serde {
     use super::KnownType;
     use serde::{de::Error, Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(k: &KnownType, s: S) -> Result<S::Ok, S::Error> {
+    pub(crate) fn serialize<S: Serializer>(k: &KnownType, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(k.as_str())
     }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KnownType, D::Error> {
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<KnownType, D::Error> {
         let name = String::deserialize(d)?;
         KnownType::parse(&name).ok_or_else(|| D::Error::custom(format!("unknown event type {name}")))
     }
 }
 
 /// Kafka's rule for topic names: 1–249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
-pub fn is_valid_topic(t: &str) -> bool {
+pub(crate) fn is_valid_topic(t: &str) -> bool {
     !t.is_empty()
         && t.len() <= 249
         && t != "."

@@ -12,14 +12,14 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::redirect::Policy;
 use url::{Host, Url};
 
-pub use super::prefix::{allowed, parse_prefixes, Prefix, PrefixError};
+use super::prefix::{parse_prefixes, Prefix};
 
 /// Most redirects followed for one download.
 const MAX_REDIRECTS: usize = 5;
 
 /// Why a URL is not fetched.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
+pub(crate) enum Refusal {
     #[error("url is outside files.allowed_url_prefixes")]
     NotAllowed,
     #[error("url points at an internal address ({0})")]
@@ -29,28 +29,28 @@ pub enum Refusal {
 /// A redirect the guard refused to follow.
 #[derive(Debug, thiserror::Error)]
 #[error("redirect refused")]
-pub struct RedirectRefused(#[source] pub Refusal);
+pub(crate) struct RedirectRefused(#[source] pub(crate) Refusal);
 
 /// A host name whose every address is internal (and not named by a prefix).
 #[derive(Debug, thiserror::Error)]
 #[error("{0} resolves only to internal addresses")]
-pub struct ResolvedInternal(pub String);
+pub(crate) struct ResolvedInternal(pub(crate) String);
 
 /// The allow-list: prefixes, and the internal addresses a prefix names explicitly.
 #[derive(Debug, Clone)]
-pub struct Guard {
+pub(crate) struct Guard {
     prefixes: Vec<Prefix>,
     explicit: HashSet<IpAddr>,
 }
 
 impl Guard {
-    pub fn new(prefixes: &[String]) -> Self {
+    pub(crate) fn new(prefixes: &[String]) -> Self {
         let prefixes = parse_prefixes(prefixes);
         let explicit = prefixes.iter().filter_map(Prefix::ip).collect();
         Guard { prefixes, explicit }
     }
 
-    pub fn prefixes(&self) -> &[Prefix] {
+    pub(crate) fn prefixes(&self) -> &[Prefix] {
         &self.prefixes
     }
 
@@ -58,7 +58,7 @@ impl Guard {
     ///
     /// # Errors
     /// The reason it may not.
-    pub fn check(&self, url: &Url) -> Result<(), Refusal> {
+    pub(crate) fn check(&self, url: &Url) -> Result<(), Refusal> {
         let ip = match url.host() {
             Some(Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
             Some(Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
@@ -73,14 +73,14 @@ impl Guard {
         Ok(())
     }
 
-    pub fn ip_allowed(&self, ip: IpAddr) -> bool {
+    pub(crate) fn ip_allowed(&self, ip: IpAddr) -> bool {
         !is_internal(ip) || self.explicit.contains(&ip)
     }
 }
 
 /// Private, loopback, link-local, unspecified, shared, benchmarking, multicast, translation and
 /// similar non-public addresses.
-pub fn is_internal(ip: IpAddr) -> bool {
+pub(crate) fn is_internal(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => {
             let o = v4.octets();
@@ -142,7 +142,7 @@ impl Resolve for GuardedResolver {
 ///
 /// # Errors
 /// The TLS backend cannot be initialised.
-pub fn client(guard: Arc<Guard>, connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
+pub(crate) fn client(guard: Arc<Guard>, connect_timeout: Duration) -> reqwest::Result<reqwest::Client> {
     let g = guard.clone();
     reqwest::Client::builder()
         .dns_resolver(Arc::new(GuardedResolver(guard)))
@@ -164,6 +164,7 @@ pub fn client(guard: Arc<Guard>, connect_timeout: Duration) -> reqwest::Result<r
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::files::prefix::{allowed, PrefixError};
 
     #[test]
     fn internal_addresses() {

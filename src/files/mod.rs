@@ -11,10 +11,12 @@
 
 pub mod detect;
 pub mod disposition;
-pub mod fetch;
+pub(crate) mod fetch;
 pub mod prefix;
-pub mod schedule;
-pub mod store;
+pub(crate) mod schedule;
+pub(crate) mod store;
+
+pub use store::StoreError;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
@@ -37,23 +39,23 @@ use crate::event::EventId;
 use crate::metrics::{FileOutcome, Metrics};
 use fetch::{Guard, RedirectRefused, Refusal, ResolvedInternal};
 use schedule::{Controller, HostEstimate, Pending};
-use store::{FileStore, StoreError};
+use store::FileStore;
 
 /// One entry of `bridge_files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FileResult {
-    pub url: String,
-    pub status: &'static str,
-    pub location: Option<String>,
-    pub sha256: Option<String>,
-    pub size: Option<u64>,
-    pub content_type: Option<String>,
-    pub filename: Option<String>,
-    pub error: Option<String>,
+pub(crate) struct FileResult {
+    url: String,
+    status: &'static str,
+    location: Option<String>,
+    sha256: Option<String>,
+    size: Option<u64>,
+    content_type: Option<String>,
+    filename: Option<String>,
+    error: Option<String>,
 }
 
 impl FileResult {
-    pub fn failed(url: &str, error: String) -> Self {
+    pub(crate) fn failed(url: &str, error: String) -> Self {
         FileResult {
             url: url.to_owned(),
             status: "failed",
@@ -68,14 +70,16 @@ impl FileResult {
 }
 
 /// The JSON array that becomes the event's `bridge_files` member.
-pub fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
+pub(crate) fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
     serde_json::to_vec(results).expect("plain data serializes")
 }
 
 /// A spool-mode event's files are done: record `member` (its `bridge_files` array) for `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDone {
+    /// The event's spool sequence number.
     pub seq: u64,
+    /// The JSON array appended to the event as `bridge_files`.
     pub member: Vec<u8>,
 }
 
@@ -170,10 +174,16 @@ pub enum Completion {
 
 /// An event's files to capture.
 pub struct FileJob {
+    /// The event the files belong to; part of each stored object's key.
     pub event_id: EventId,
+    /// The event's company id, the first segment of the object keys (`unknown` when absent).
     pub company: Option<String>,
+    /// When the event was received (unix seconds): with `files.token_ttl_secs`, the files' deadline,
+    /// and the date in the object keys.
     pub received_at: i64,
+    /// The file URLs found in the event, in order; `bridge_files` lists them in the same order.
     pub urls: Vec<String>,
+    /// Where the result goes.
     pub completion: Completion,
 }
 
@@ -239,11 +249,24 @@ impl Sched {
     }
 }
 
+/// Why file capture could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// `files.store` is malformed, or its directory or bucket client cannot be made.
+    #[error("cannot open the file store")]
+    Store(#[source] StoreError),
+    /// The download client cannot be built (TLS roots, resolver).
+    #[error("cannot build the download client")]
+    Client(#[source] reqwest::Error),
+}
+
 /// Interval at which the limit is revised and hopeless files are given up.
 const TICK: Duration = Duration::from_millis(250);
 /// Longest wait for a store to discard a partial upload.
 const ABORT_WITHIN: Duration = Duration::from_secs(5);
 
+/// The capture stage: one queue of files, earliest deadline first, the workers that stream them into
+/// the store, and the controller that sets how many run at once.
 pub struct FileCapture {
     sched: Mutex<Sched>,
     wake: Notify,
@@ -277,10 +300,10 @@ impl FileCapture {
         cfg: &FilesConfig,
         metrics: Arc<Metrics>,
         results: mpsc::Sender<FileDone>,
-    ) -> anyhow::Result<Arc<FileCapture>> {
+    ) -> Result<Arc<FileCapture>, SetupError> {
         let guard = Arc::new(Guard::new(&cfg.allowed_url_prefixes));
         let floor = cfg.concurrency.max(1);
-        let store = FileStore::from_config(cfg)?;
+        let store = FileStore::from_config(cfg).map_err(SetupError::Store)?;
         if store.free_bytes().is_none() {
             metrics.file_store_free.set(-1);
         }
@@ -288,7 +311,8 @@ impl FileCapture {
         Ok(Arc::new(FileCapture {
             sched: Mutex::new(Sched::default()),
             wake: Notify::new(),
-            client: fetch::client(guard.clone(), Duration::from_millis(cfg.connect_timeout_ms))?,
+            client: fetch::client(guard.clone(), Duration::from_millis(cfg.connect_timeout_ms))
+                .map_err(SetupError::Client)?,
             guard,
             store,
             ttl_secs: i64::try_from(cfg.token_ttl_secs).unwrap_or(600),
@@ -307,12 +331,8 @@ impl FileCapture {
     }
 
     /// File URLs in an event's bytes.
-    pub fn detect(&self, value: &[u8]) -> Vec<String> {
+    pub(crate) fn detect(&self, value: &[u8]) -> Vec<String> {
         detect::file_urls(value, self.guard.prefixes())
-    }
-
-    pub fn store(&self) -> &FileStore {
-        &self.store
     }
 
     /// The highest download concurrency so far.
@@ -331,7 +351,7 @@ impl FileCapture {
 
     /// Queues an event's files for a request that waits at most `budget` (Kafka ack mode): files
     /// not stored by then are reported `failed` with `error: "ack_timeout"`, and the reply is sent.
-    pub fn submit_within(&self, job: FileJob, budget: Duration) {
+    pub(crate) fn submit_within(&self, job: FileJob, budget: Duration) {
         self.enqueue(job, Some(Instant::now() + budget));
     }
 

@@ -8,16 +8,22 @@ use url::{Host, Url};
 /// Why a configured prefix is not usable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PrefixError {
+    /// It does not parse as an absolute URL.
     #[error("not a URL")]
     NotUrl,
+    /// A scheme other than `http` or `https`.
     #[error("only http and https are fetched")]
     Scheme,
+    /// No host to compare with.
     #[error("names no host")]
     NoHost,
+    /// `user:password@` in a prefix would only ever match URLs that are refused anyway.
     #[error("carries user information")]
     UserInfo,
+    /// A prefix is scheme, host, port and path; a query or fragment cannot be a prefix of anything.
     #[error("carries a query or fragment (a prefix is scheme, host, port and path)")]
     QueryOrFragment,
+    /// Without a trailing `/`, `…/files` would admit `…/files-private`; carries the corrected prefix.
     #[error("must end with '/': a prefix is matched on whole path segments, so write {0:?}")]
     NoTrailingSlash(String),
 }
@@ -38,7 +44,7 @@ pub struct Prefix {
 impl Prefix {
     /// # Errors
     /// Why `raw` cannot be a prefix.
-    pub fn parse(raw: &str) -> Result<Prefix, PrefixError> {
+    pub(crate) fn parse(raw: &str) -> Result<Prefix, PrefixError> {
         let u = Url::parse(raw).map_err(|_| PrefixError::NotUrl)?;
         if !matches!(u.scheme(), "http" | "https") {
             return Err(PrefixError::Scheme);
@@ -61,7 +67,7 @@ impl Prefix {
     }
 
     /// Whether `url` lies under this prefix. URLs with user information never do.
-    pub fn matches(&self, url: &Url) -> bool {
+    pub(crate) fn matches(&self, url: &Url) -> bool {
         url.scheme() == self.scheme
             && url.username().is_empty()
             && url.password().is_none()
@@ -71,7 +77,7 @@ impl Prefix {
     }
 
     /// The address the prefix names, when its host is an IP literal.
-    pub fn ip(&self) -> Option<IpAddr> {
+    pub(crate) fn ip(&self) -> Option<IpAddr> {
         match self.host {
             Host::Ipv4(ip) => Some(IpAddr::V4(ip)),
             Host::Ipv6(ip) => Some(IpAddr::V6(ip)),

@@ -14,12 +14,12 @@
 use std::time::{Duration, Instant};
 
 /// Time given to a change of the limit before its effect on throughput is judged.
-pub const SETTLE: Duration = Duration::from_secs(2);
+pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 /// The window the aggregate rate is measured over; a step is taken only from a limit that has kept
 /// every connection busy for that long, so that the rate it is judged against is the limit's own.
-pub const MEASURE: Duration = Duration::from_secs(1);
+pub(crate) const MEASURE: Duration = Duration::from_secs(1);
 /// How long a saturated host is left at the limit that saturated it before growth is tried again.
-pub const RECHECK: Duration = Duration::from_secs(10);
+pub(crate) const RECHECK: Duration = Duration::from_secs(10);
 /// Share of the time left that a plan counts on (the rest absorbs estimation error).
 const SAFETY: f64 = 0.8;
 /// A file is given up only when even this fraction of its estimated time would not fit.
@@ -31,33 +31,33 @@ const TRUSTED_AFTER: u32 = 3;
 
 /// What one host has shown so far (moving averages).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct HostEstimate {
+pub(crate) struct HostEstimate {
     /// Seconds from request to response head.
-    pub ttfb_secs: f64,
+    ttfb_secs: f64,
     /// Bytes per second of one connection, while the body streams.
-    pub rate_bps: f64,
+    pub(crate) rate_bps: f64,
     /// Bytes of a file.
-    pub size_bytes: f64,
+    size_bytes: f64,
     samples: u32,
 }
 
 impl HostEstimate {
     /// Before a host has answered anything: deliberately modest, so pressure shows early.
-    pub const UNKNOWN: HostEstimate =
+    pub(crate) const UNKNOWN: HostEstimate =
         HostEstimate { ttfb_secs: 0.5, rate_bps: 512.0 * 1024.0, size_bytes: 1024.0 * 1024.0, samples: 0 };
 
     /// Connection-seconds one file of this host takes.
-    pub fn service_secs(&self) -> f64 {
+    pub(crate) fn service_secs(&self) -> f64 {
         self.ttfb_secs + self.size_bytes / self.rate_bps.max(1.0)
     }
 
     /// Whether there is enough history to give a file up on these figures.
-    pub fn trusted(&self) -> bool {
+    pub(crate) fn trusted(&self) -> bool {
         self.samples >= TRUSTED_AFTER
     }
 
     /// Folds in one finished download.
-    pub fn observe(&mut self, ttfb_secs: f64, bytes: u64, body_secs: f64) {
+    pub(crate) fn observe(&mut self, ttfb_secs: f64, bytes: u64, body_secs: f64) {
         let first = self.samples == 0;
         let mix = |old: f64, new: f64, w: f64| if first { new } else { old + w * (new - old) };
         self.ttfb_secs = mix(self.ttfb_secs, ttfb_secs.max(0.0), 0.2);
@@ -73,26 +73,26 @@ impl HostEstimate {
 
 /// A queued file, as the planner sees it.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Pending {
+pub(crate) struct Pending {
     /// Unix seconds at which its token dies.
-    pub deadline: f64,
+    pub(crate) deadline: f64,
     /// Estimated connection-seconds it takes.
-    pub service_secs: f64,
+    pub(crate) service_secs: f64,
     /// Whether the estimate rests on observations (only then is a file given up on it).
-    pub trusted: bool,
+    pub(crate) trusted: bool,
 }
 
 /// What the queue needs.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// Connections for every file that can still make it to finish in time.
-    pub required: usize,
+    pub(crate) required: usize,
     /// Files projected to miss their deadline at the current limit.
-    pub at_risk: usize,
+    pub(crate) at_risk: usize,
     /// Positions (in the input) of files that cannot make it at the capacity there is: their
     /// deadline passed, or, with no room to grow, they would not even finish at better than the
     /// estimated pace.
-    pub doomed: Vec<usize>,
+    pub(crate) doomed: Vec<usize>,
 }
 
 /// Plans the queue: `pending` in deadline order, `inflight_secs` the estimated connection-seconds
@@ -101,7 +101,7 @@ pub struct Plan {
 /// The requirement counts every file whose deadline has not passed, including those given up in
 /// the same plan: it says what the queue needs, so that a limit held by a saturated host is not
 /// lowered because the files it could not serve were dropped.
-pub fn plan(now: f64, pending: &[Pending], inflight_secs: f64, limit: usize, can_grow: bool) -> Plan {
+pub(crate) fn plan(now: f64, pending: &[Pending], inflight_secs: f64, limit: usize, can_grow: bool) -> Plan {
     let limit = limit.max(1) as f64;
     // Work ahead of a file: of the files kept (what the limit will actually serve), and of all.
     let mut ahead = inflight_secs.max(0.0);
@@ -144,7 +144,7 @@ struct Probe {
 /// The concurrency limit: between `floor` and `max`, following [`Plan::required`], held where the
 /// host stops giving more throughput.
 #[derive(Debug, Clone)]
-pub struct Controller {
+pub(crate) struct Controller {
     floor: usize,
     max: usize,
     limit: usize,
@@ -157,35 +157,36 @@ pub struct Controller {
 }
 
 impl Controller {
-    pub fn new(floor: usize, max: usize) -> Self {
+    pub(crate) fn new(floor: usize, max: usize) -> Self {
         let floor = floor.max(1);
         let max = max.max(floor);
         Controller { floor, max, limit: floor, probe: None, ceiling: None, busy_since: None, peak: floor }
     }
 
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         self.limit
     }
 
     /// The highest limit so far.
-    pub fn peak(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn peak(&self) -> usize {
         self.peak
     }
 
     /// Whether the host was found saturated and growth is paused.
-    pub fn saturated(&self, now: Instant) -> bool {
+    pub(crate) fn saturated(&self, now: Instant) -> bool {
         self.ceiling.is_some_and(|(_, until)| now < until)
     }
 
     /// Whether the limit may still rise (a plan gives files up only when it may not).
-    pub fn can_grow(&self, now: Instant) -> bool {
+    pub(crate) fn can_grow(&self, now: Instant) -> bool {
         self.limit < self.max && !self.saturated(now)
     }
 
     /// One step (called every tick). `rate`: the aggregate bytes/s over the last [`MEASURE`];
     /// `busy`: every allowed connection is in use (otherwise flat throughput says nothing about the
     /// host).
-    pub fn update(&mut self, now: Instant, required: usize, busy: bool, rate: f64) -> usize {
+    pub(crate) fn update(&mut self, now: Instant, required: usize, busy: bool, rate: f64) -> usize {
         let before = self.limit;
         let limit = self.step(now, required, busy, rate);
         if limit != before || !busy {

@@ -14,17 +14,21 @@ use crate::config::FilesConfig;
 /// Part size of multipart writes (S3's minimum is 5 MiB); at most two parts are buffered at once.
 const PART_BYTES: usize = 5 * 1024 * 1024;
 
+/// Why the file store could not be opened or written.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// `files.store` is malformed: the value and what is wrong with it.
     #[error("invalid files.store {0:?}: {1}")]
     Config(String, String),
+    /// The object store refused: bad credentials, missing bucket, a failed part upload.
     #[error(transparent)]
     Store(#[from] object_store::Error),
+    /// A local directory cannot be created or examined: the path and the error.
     #[error("cannot create {0}: {1}")]
     Io(String, std::io::Error),
 }
 
-pub struct FileStore {
+pub(crate) struct FileStore {
     store: Arc<dyn ObjectStore>,
     /// Set for `file://` stores: reports where a key really lands on disk (object_store
     /// percent-encodes some characters of file names there).
@@ -38,7 +42,7 @@ pub struct FileStore {
 impl FileStore {
     /// # Errors
     /// The store URL is malformed or its directory cannot be created.
-    pub fn from_config(cfg: &FilesConfig) -> Result<FileStore, StoreError> {
+    pub(crate) fn from_config(cfg: &FilesConfig) -> Result<FileStore, StoreError> {
         let bad = |why: &str| StoreError::Config(cfg.store.clone(), why.to_owned());
         if let Some(dir) = cfg.store.strip_prefix("file://") {
             std::fs::create_dir_all(dir).map_err(|e| StoreError::Io(dir.to_owned(), e))?;
@@ -81,7 +85,7 @@ impl FileStore {
     ///
     /// # Errors
     /// The store refused to start the upload.
-    pub async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
+    pub(crate) async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
         let key = if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) };
         let path = StorePath::from_iter(key.split('/'));
         let location = match &self.local {
@@ -92,28 +96,24 @@ impl FileStore {
         Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), location))
     }
 
-    pub fn inner(&self) -> Arc<dyn ObjectStore> {
-        self.store.clone()
-    }
-
     /// Bytes available to this process on a `file://` store's filesystem; `None` for object stores.
     ///
     /// # Errors
     /// `statvfs` failed.
-    pub fn free_bytes(&self) -> Option<Result<u64, StoreError>> {
+    pub(crate) fn free_bytes(&self) -> Option<Result<u64, StoreError>> {
         let root = self.local.as_ref()?.path_to_filesystem(&StorePath::from("x")).ok()?;
         let dir = root.parent()?.to_owned();
-        Some(crate::clock::free_bytes(&dir).map_err(|e| StoreError::Io(dir.display().to_string(), e.into())))
+        Some(crate::clock::free_bytes(&dir).map_err(|e| StoreError::Io(dir.display().to_string(), e)))
     }
 }
 
 /// A streamed upload in progress.
-pub struct Writer(WriteMultipart);
+pub(crate) struct Writer(WriteMultipart);
 
 impl Writer {
     /// # Errors
     /// A part upload failed.
-    pub async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
+    pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
         self.0.wait_for_capacity(2).await?;
         self.0.write(chunk);
         Ok(())
@@ -121,12 +121,12 @@ impl Writer {
 
     /// # Errors
     /// Completing the upload failed (the caller aborts nothing more: the store discards it).
-    pub async fn finish(self) -> Result<(), StoreError> {
+    pub(crate) async fn finish(self) -> Result<(), StoreError> {
         self.0.finish().await?;
         Ok(())
     }
 
-    pub async fn abort(self) {
+    pub(crate) async fn abort(self) {
         if let Err(e) = self.0.abort().await {
             tracing::warn!(error = %e, "aborting a partial file upload failed");
         }

@@ -9,25 +9,26 @@ use prometheus::IntGauge;
 
 /// Bytes of request bodies held across all requests, at most `limit`, mirrored in `gauge`.
 #[derive(Debug)]
-pub struct BodyBudget {
+pub(crate) struct BodyBudget {
     limit: usize,
     held: AtomicUsize,
     gauge: IntGauge,
 }
 
 impl BodyBudget {
-    pub fn new(limit: usize, gauge: IntGauge) -> Arc<Self> {
+    pub(crate) fn new(limit: usize, gauge: IntGauge) -> Arc<Self> {
         Arc::new(BodyBudget { limit, held: AtomicUsize::new(0), gauge })
     }
 
     /// Bytes held now.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn held(&self) -> usize {
         self.held.load(Ordering::Relaxed)
     }
 
     /// Takes `bytes` from the budget, or `None` when they do not fit. A request that takes nothing up
     /// front (a body without `Content-Length`) still needs the budget not to be spent.
-    pub fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
+    pub(crate) fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
         self.try_take(bytes, bytes == 0)?;
         Some(Reservation { budget: Arc::clone(self), bytes })
     }
@@ -49,18 +50,19 @@ impl BodyBudget {
 /// Bytes one request holds; given back when it is dropped, which is also what happens when the
 /// client goes away and hyper drops the handler.
 #[derive(Debug)]
-pub struct Reservation {
+pub(crate) struct Reservation {
     budget: Arc<BodyBudget>,
     bytes: usize,
 }
 
 impl Reservation {
-    pub fn bytes(&self) -> usize {
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
         self.bytes
     }
 
     /// Grows the reservation to `total` bytes; `false` (nothing taken) when the budget cannot cover it.
-    pub fn try_grow_to(&mut self, total: usize) -> bool {
+    pub(crate) fn try_grow_to(&mut self, total: usize) -> bool {
         let Some(more) = total.checked_sub(self.bytes) else { return true };
         if more == 0 {
             return true;

@@ -9,7 +9,7 @@ use crate::event::BodyError;
 use crate::metrics::HttpOutcome;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     #[error("token missing or not accepted")]
     Unauthorized,
     #[error(transparent)]
@@ -31,7 +31,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadBody(_) | ApiError::BodyRead => StatusCode::BAD_REQUEST,
@@ -43,7 +43,7 @@ impl ApiError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
+    pub(crate) fn code(&self) -> &'static str {
         match self {
             ApiError::Unauthorized => "unauthorized",
             ApiError::BadBody(e) => e.code(),
@@ -58,7 +58,7 @@ impl ApiError {
     }
 
     /// The `outcome` label of `huggy_bridge_http_requests_total`.
-    pub fn outcome(&self) -> HttpOutcome {
+    pub(crate) fn outcome(&self) -> HttpOutcome {
         match self {
             ApiError::Unauthorized => HttpOutcome::Unauthorized,
             ApiError::BadBody(_) | ApiError::BodyRead => HttpOutcome::BadRequest,

@@ -25,8 +25,8 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use budget::{BodyBudget, Reservation};
-pub use error::ApiError;
+pub(crate) use budget::{BodyBudget, Reservation};
+pub(crate) use error::ApiError;
 
 use crate::config::{Config, Secret};
 use crate::health::Health;
@@ -34,22 +34,22 @@ use crate::ingest::Durability;
 use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
-pub struct AppState {
-    pub tokens: Vec<Secret>,
+pub(crate) struct AppState {
+    tokens: Vec<Secret>,
     /// Where batches are made durable: the spool or Kafka in the daemon, a fake in tests.
-    pub ingest: Arc<dyn Durability>,
-    pub metrics: Arc<Metrics>,
+    ingest: Arc<dyn Durability>,
+    metrics: Arc<Metrics>,
     /// Readiness, liveness and state gauges; also where shutdown is announced.
-    pub health: Arc<Health>,
-    pub max_body_bytes: usize,
+    health: Arc<Health>,
+    max_body_bytes: usize,
     /// Request bodies held at once (`http.max_inflight_bytes`).
-    pub body_budget: Arc<BodyBudget>,
-    pub body_timeout: Duration,
-    pub retry_after_secs: u64,
+    body_budget: Arc<BodyBudget>,
+    body_timeout: Duration,
+    retry_after_secs: u64,
 }
 
 impl AppState {
-    pub fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+    pub(crate) fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
             tokens: cfg.huggy.tokens.clone(),
             ingest,
@@ -62,13 +62,13 @@ impl AppState {
         }
     }
 
-    pub fn is_draining(&self) -> bool {
+    pub(crate) fn is_draining(&self) -> bool {
         self.health.is_draining()
     }
 }
 
 /// The public router; built apart from binding so tests can call it directly.
-pub fn public_router(path: &str, state: Arc<AppState>) -> Router {
+pub(crate) fn public_router(path: &str, state: Arc<AppState>) -> Router {
     Router::new().route(path, post(webhook::handle).fallback(method_not_allowed)).fallback(not_found).with_state(state)
 }
 
@@ -83,7 +83,7 @@ async fn method_not_allowed(State(st): State<Arc<AppState>>) -> ApiError {
 }
 
 /// The admin router: metrics and probes.
-pub fn admin_router(state: Arc<AppState>) -> Router {
+pub(crate) fn admin_router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
@@ -120,9 +120,9 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
 
 /// Limits of the public server.
 #[derive(Debug, Clone, Copy)]
-pub struct ServeLimits {
-    pub header_timeout: Duration,
-    pub max_connections: usize,
+pub(crate) struct ServeLimits {
+    pub(crate) header_timeout: Duration,
+    pub(crate) max_connections: usize,
 }
 
 /// Largest read buffer of one connection (hyper's default is about 400 KiB). With bodies bounded by
@@ -131,7 +131,7 @@ pub struct ServeLimits {
 const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Serves `router` on `listener` until `stop`, then lets in-flight requests finish within `drain`.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
     limits: ServeLimits,
@@ -181,15 +181,31 @@ pub async fn serve(
 }
 
 /// Serves the admin router (plain axum) until `stop`.
-pub async fn serve_admin(listener: TcpListener, router: Router, stop: CancellationToken) {
+pub(crate) async fn serve_admin(listener: TcpListener, router: Router, stop: CancellationToken) {
     if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await {
         warn!(error = %e, "admin listener failed");
     }
 }
 
-/// Binds a listener, with a clear error naming the address.
-pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
-    TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({what}): {e}"))
+/// A listener that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({key})")]
+pub(crate) struct BindError {
+    /// The address asked for.
+    addr: SocketAddr,
+    /// The setting it came from, e.g. `http.listen`.
+    key: &'static str,
+    /// What the operating system said.
+    #[source]
+    source: std::io::Error,
+}
+
+/// Binds a listener, with a clear error naming the address and the setting it came from.
+///
+/// # Errors
+/// The address is in use, not local, or not allowed.
+pub(crate) async fn bind(addr: SocketAddr, key: &'static str) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|source| BindError { addr, key, source })
 }
 
 #[cfg(test)]

@@ -43,7 +43,7 @@ fn request_id() -> String {
     format!("{:016x}-{n}", process_nonce())
 }
 
-pub async fn handle(State(st): State<Arc<AppState>>, req: Request) -> Response {
+pub(crate) async fn handle(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let rid = request_id();
     let span = info_span!("request", request_id = %rid);
     let started = Instant::now();

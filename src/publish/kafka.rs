@@ -20,7 +20,7 @@ use crate::config::{AckMode, Config, KafkaConfig, SaslMechanism};
 use crate::metrics::Metrics;
 
 /// How often librdkafka reports statistics (broker states, queue depth).
-pub const STATISTICS_INTERVAL_MS: u64 = 2_000;
+pub(crate) const STATISTICS_INTERVAL_MS: u64 = 2_000;
 
 /// What the daemon knows of its Kafka connection, for readiness, liveness and metrics.
 ///
@@ -29,10 +29,10 @@ pub const STATISTICS_INTERVAL_MS: u64 = 2_000;
 /// replaces it). `unrecoverable`: a replacement producer could not be created — the only Kafka
 /// state that should fail liveness.
 #[derive(Default)]
-pub struct KafkaHealth {
-    pub reachable: AtomicBool,
-    pub fatal: AtomicBool,
-    pub unrecoverable: AtomicBool,
+pub(crate) struct KafkaHealth {
+    pub(crate) reachable: AtomicBool,
+    pub(crate) fatal: AtomicBool,
+    pub(crate) unrecoverable: AtomicBool,
     /// Brokers whose connection was UP at the last statistics report; -1 before the first.
     brokers_up: AtomicI64,
     /// When that report came (unix seconds).
@@ -41,27 +41,24 @@ pub struct KafkaHealth {
 }
 
 impl KafkaHealth {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         KafkaHealth { brokers_up: AtomicI64::new(-1), ..Default::default() }
     }
-    pub fn is_reachable(&self) -> bool {
+    pub(crate) fn is_reachable(&self) -> bool {
         self.reachable.load(Ordering::Relaxed)
-    }
-    pub fn is_fatal(&self) -> bool {
-        self.fatal.load(Ordering::Relaxed)
     }
     /// The producer hit a fatal error and a fresh one could not be created: restarting the process
     /// is all that is left (liveness).
-    pub fn cannot_recreate(&self) -> bool {
+    pub(crate) fn cannot_recreate(&self) -> bool {
         self.unrecoverable.load(Ordering::Relaxed)
     }
     /// The last error librdkafka reported for the connection (TLS, authentication, transport),
     /// for readiness reasons and logs; `None` once a broker is up again.
-    pub fn last_error(&self) -> Option<String> {
+    pub(crate) fn last_error(&self) -> Option<String> {
         self.last_error.lock().ok().and_then(|e| e.clone())
     }
     /// Why Kafka is not usable, when it is not: for readiness in kafka ack mode.
-    pub fn not_ready_reason(&self) -> Option<String> {
+    pub(crate) fn not_ready_reason(&self) -> Option<String> {
         if self.cannot_recreate() {
             return Some("kafka producer failed fatally and cannot be recreated".into());
         }
@@ -87,7 +84,7 @@ impl KafkaHealth {
 }
 
 /// The producer's librdkafka context: statistics and errors become metrics and [`KafkaHealth`].
-pub struct BridgeContext {
+pub(crate) struct BridgeContext {
     metrics: Arc<Metrics>,
     health: Arc<KafkaHealth>,
 }
@@ -139,7 +136,7 @@ impl ProducerContext for BridgeContext {
     fn delivery(&self, _: &rdkafka::message::DeliveryResult<'_>, _: Self::DeliveryOpaque) {}
 }
 
-pub type Producer = FutureProducer<BridgeContext>;
+pub(crate) type Producer = FutureProducer<BridgeContext>;
 
 /// Builds the producer: idempotent, `acks=all`, compressed, ordered per partition across retries
 /// (idempotence keeps order with up to 5 requests in flight). In spool mode messages never time
@@ -148,7 +145,7 @@ pub type Producer = FutureProducer<BridgeContext>;
 ///
 /// # Errors
 /// librdkafka refuses the configuration (a property, a certificate file).
-pub fn producer(
+pub(crate) fn producer(
     cfg: &Config,
     bootstrap: &str,
     metrics: Arc<Metrics>,
@@ -162,7 +159,7 @@ pub fn producer(
 }
 
 /// Every property the producer is created with, passthrough included.
-pub fn producer_config(cfg: &Config, bootstrap: &str) -> ClientConfig {
+pub(crate) fn producer_config(cfg: &Config, bootstrap: &str) -> ClientConfig {
     // Spool mode: never time out (the spool holds the record; order per key stays intact) and batch
     // a little. Kafka mode: a request waits for the acks, so time out with it and do not linger.
     let (message_timeout, linger_ms) = match cfg.delivery.ack {
@@ -187,8 +184,8 @@ pub fn producer_config(cfg: &Config, bootstrap: &str) -> ClientConfig {
 #[derive(Debug, thiserror::Error)]
 #[error("librdkafka refuses {property}: {reason}")]
 pub struct PropertyError {
-    pub property: String,
-    pub reason: String,
+    property: String,
+    reason: String,
 }
 
 /// Checks every producer property with librdkafka itself (names, values) without connecting; for
@@ -241,7 +238,7 @@ fn apply_passthrough(cc: &mut ClientConfig, kafka: &KafkaConfig) {
 
 /// Whether Kafka can be reached: yes when librdkafka's statistics show a broker connection up;
 /// otherwise a metadata request for one topic (never the whole cluster's) decides. Blocking.
-pub fn probe_reachable(producer: &Producer, health: &KafkaHealth, topic: &str, timeout: Duration) -> bool {
+pub(crate) fn probe_reachable(producer: &Producer, health: &KafkaHealth, topic: &str, timeout: Duration) -> bool {
     if health.brokers_up_recently().is_some_and(|up| up > 0) {
         return true;
     }
@@ -270,17 +267,22 @@ pub fn routable_topics(cfg: &Config) -> BTreeSet<String> {
 /// Outcome of `topics create` for one topic.
 #[derive(Debug, PartialEq, Eq)]
 pub enum TopicOutcome {
+    /// The topic was made now.
     Created,
+    /// The topic was there already; its settings were left alone.
     Existed,
 }
 
 /// Why `topics create` failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TopicsError {
-    #[error("cannot create the Kafka admin client: {0}")]
+    /// The admin client could not be made (configuration, TLS files).
+    #[error("cannot create the Kafka admin client")]
     Client(#[source] KafkaError),
-    #[error("the create-topics request failed: {0}")]
+    /// The request as a whole failed (no broker answered, not authorized).
+    #[error("the create-topics request failed")]
     Request(#[source] KafkaError),
+    /// Topics the brokers refused, each with its error code.
     #[error("topics not created: {}", .0.iter().map(|(t, c)| format!("{t}: {c} ({c:?})")).collect::<Vec<_>>().join(", "))]
     Refused(Vec<(String, RDKafkaErrorCode)>),
 }
@@ -324,10 +326,33 @@ pub async fn create_topics(cfg: &Config, bootstrap: &str) -> Result<Vec<(String,
     }
 }
 
+/// Why the embedded broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum EmbeddedBrokerError {
+    /// The thread that owns the cluster could not be started.
+    #[error("cannot start the embedded broker's thread")]
+    Thread(#[from] std::io::Error),
+    /// librdkafka could not create the mock cluster.
+    #[error("embedded broker failed")]
+    Cluster(#[source] KafkaError),
+    /// A routable topic could not be created on it.
+    #[error("embedded broker failed: creating {topic}")]
+    Topic {
+        /// The topic.
+        topic: String,
+        /// Why.
+        #[source]
+        source: KafkaError,
+    },
+    /// The cluster's thread ended without saying whether the broker started.
+    #[error("embedded broker failed: its thread ended before the broker was ready")]
+    Gone(#[from] std::sync::mpsc::RecvError),
+}
+
 /// The embedded development broker: librdkafka's mock cluster, owned by a thread of its own for the
 /// life of the process (the cluster is not `Send`).
-pub struct EmbeddedBroker {
-    pub bootstrap: String,
+pub(crate) struct EmbeddedBroker {
+    pub(crate) bootstrap: String,
     stop: std::sync::mpsc::Sender<()>,
 }
 
@@ -335,23 +360,23 @@ impl EmbeddedBroker {
     /// Starts the mock cluster and creates the routable topics on it.
     ///
     /// # Errors
-    /// librdkafka could not create the cluster.
-    pub fn start(cfg: &Config) -> anyhow::Result<EmbeddedBroker> {
+    /// librdkafka could not create the cluster or its topics, or its thread could not start.
+    pub(crate) fn start(cfg: &Config) -> Result<EmbeddedBroker, EmbeddedBrokerError> {
         let topics = routable_topics(cfg);
         let partitions = cfg.kafka.partitions;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<String, String>>();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel::<Result<String, EmbeddedBrokerError>>();
         let (stop, stop_rx) = std::sync::mpsc::channel::<()>();
         std::thread::Builder::new().name("embedded-kafka".into()).spawn(move || {
             let cluster = match rdkafka::mocking::MockCluster::new(1) {
                 Ok(c) => c,
                 Err(e) => {
-                    let _ = ready_tx.send(Err(e.to_string()));
+                    let _ = ready_tx.send(Err(EmbeddedBrokerError::Cluster(e)));
                     return;
                 }
             };
             for t in &topics {
-                if let Err(e) = cluster.create_topic(t, partitions, 1) {
-                    let _ = ready_tx.send(Err(format!("creating {t}: {e}")));
+                if let Err(source) = cluster.create_topic(t, partitions, 1) {
+                    let _ = ready_tx.send(Err(EmbeddedBrokerError::Topic { topic: t.clone(), source }));
                     return;
                 }
             }
@@ -359,7 +384,7 @@ impl EmbeddedBroker {
             let _ = stop_rx.recv();
             drop(cluster);
         })?;
-        let bootstrap = ready_rx.recv()?.map_err(|e| anyhow::anyhow!("embedded broker failed: {e}"))?;
+        let bootstrap = ready_rx.recv()??;
         warn!(
             bootstrap = %bootstrap,
             "EMBEDDED KAFKA BROKER (development only): attach any Kafka client to {bootstrap}; nothing it holds survives a restart"
@@ -376,7 +401,7 @@ impl Drop for EmbeddedBroker {
 
 /// What an error means for the record that met it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorClass {
+pub(crate) enum ErrorClass {
     /// Kafka can never take this record on its topic: dead-letter it.
     Permanent,
     /// An ACL is missing: the operator's mistake, not the event's. Retry (with backoff) and alert;
@@ -390,7 +415,7 @@ pub enum ErrorClass {
 }
 
 /// Classifies an error of a send or a delivery report.
-pub fn classify(err: &KafkaError) -> ErrorClass {
+pub(crate) fn classify(err: &KafkaError) -> ErrorClass {
     use RDKafkaErrorCode::*;
     match err.rdkafka_error_code() {
         Some(
@@ -417,18 +442,18 @@ pub fn classify(err: &KafkaError) -> ErrorClass {
 
 /// Whether an error means the record can never be written to its topic (dead-letter it) rather than
 /// "not now" (keep it and try again).
-pub fn is_permanent(err: &KafkaError) -> bool {
+pub(crate) fn is_permanent(err: &KafkaError) -> bool {
     classify(err) == ErrorClass::Permanent
 }
 
 /// The `code` label of `huggy_bridge_publish_errors_total`: the `RDKafkaErrorCode` name, or
 /// `Unknown` for an error that carries none.
-pub fn error_code_label(err: &KafkaError) -> String {
+pub(crate) fn error_code_label(err: &KafkaError) -> String {
     err.rdkafka_error_code().map_or_else(|| "Unknown".to_owned(), |c| format!("{c:?}"))
 }
 
 /// librdkafka's "queue full" when enqueueing: wait and try again.
-pub fn is_queue_full(err: &KafkaError) -> bool {
+pub(crate) fn is_queue_full(err: &KafkaError) -> bool {
     matches!(err.rdkafka_error_code(), Some(RDKafkaErrorCode::QueueFull))
 }
 

@@ -22,19 +22,19 @@ use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
 use kafka::ErrorClass;
-pub use kafka::{KafkaHealth, Producer};
+pub(crate) use kafka::{KafkaHealth, Producer};
 
 /// Topic routing from the configuration.
 #[derive(Debug, Clone)]
-pub struct Routes {
+pub(crate) struct Routes {
     template: String,
     overrides: BTreeMap<String, String>,
     fallback: String,
-    pub dead_letter: String,
+    dead_letter: String,
 }
 
 impl Routes {
-    pub fn new(cfg: &KafkaConfig) -> Self {
+    pub(crate) fn new(cfg: &KafkaConfig) -> Self {
         Routes {
             template: cfg.topic_template.clone(),
             // Keyed by the canonical type name: keys from the environment arrive lowercased.
@@ -49,7 +49,7 @@ impl Routes {
     }
 
     /// `kafka.topics.<type>` if set, else the template for known types, else the fallback topic.
-    pub fn topic_for(&self, t: &EventType) -> String {
+    pub(crate) fn topic_for(&self, t: &EventType) -> String {
         match t {
             EventType::Known(k) => {
                 self.overrides.get(k.as_str()).cloned().unwrap_or_else(|| self.template.replace("{event}", k.as_str()))
@@ -60,7 +60,7 @@ impl Routes {
 }
 
 /// The CloudEvents (Kafka binding, binary mode) and bridge headers of an event's record.
-pub fn headers(ev: &Event) -> OwnedHeaders {
+pub(crate) fn headers(ev: &Event) -> OwnedHeaders {
     let id = ev.id.to_string();
     let (ce_type, source, time) = (ev.ce_type(), ev.ce_source(), ev.ce_time());
     let mut h = OwnedHeaders::new_with_capacity(8)
@@ -78,7 +78,7 @@ pub fn headers(ev: &Event) -> OwnedHeaders {
 
 /// Why an event was not written this time; it is tried again.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RetryReason {
+pub(crate) enum RetryReason {
     #[error("kafka did not take the record now: {0}")]
     Transient(#[source] KafkaError),
     /// An ACL is missing: the operator's mistake, never the event's; retried, not dead-lettered.
@@ -96,7 +96,7 @@ pub enum RetryReason {
 
 /// How one event ended up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     Published,
     DeadLettered,
     /// Not written; worth trying again later.
@@ -104,9 +104,9 @@ pub enum Outcome {
 }
 
 /// How the publisher replaces a producer that librdkafka declared fatally broken.
-pub struct Recreate {
-    pub health: Arc<KafkaHealth>,
-    pub make: Box<dyn Fn() -> Result<Producer, KafkaError> + Send + Sync>,
+pub(crate) struct Recreate {
+    pub(crate) health: Arc<KafkaHealth>,
+    pub(crate) make: Box<dyn Fn() -> Result<Producer, KafkaError> + Send + Sync>,
 }
 
 /// Pacing of producer replacements, so that a fault which breaks every fresh producer at once (a
@@ -120,7 +120,7 @@ struct Recreation {
 const RECREATE_MIN_DELAY: Duration = Duration::from_secs(1);
 const RECREATE_MAX_DELAY: Duration = Duration::from_secs(60);
 
-pub struct Publisher {
+pub(crate) struct Publisher {
     producer: RwLock<Arc<Producer>>,
     recreate: Option<Recreate>,
     recreation: tokio::sync::Mutex<Recreation>,
@@ -129,7 +129,7 @@ pub struct Publisher {
 }
 
 impl Publisher {
-    pub fn new(producer: Producer, routes: Routes, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(producer: Producer, routes: Routes, metrics: Arc<Metrics>) -> Self {
         Publisher {
             producer: RwLock::new(Arc::new(producer)),
             recreate: None,
@@ -140,13 +140,13 @@ impl Publisher {
     }
 
     /// Lets the publisher replace its producer after a fatal error (else such an error is final).
-    pub fn recreating_with(mut self, recreate: Recreate) -> Self {
+    pub(crate) fn recreating_with(mut self, recreate: Recreate) -> Self {
         self.recreate = Some(recreate);
         self
     }
 
     /// The producer in use now.
-    pub fn producer(&self) -> Arc<Producer> {
+    pub(crate) fn producer(&self) -> Arc<Producer> {
         match self.producer.read() {
             Ok(p) => p.clone(),
             Err(poisoned) => poisoned.into_inner().clone(),
@@ -154,7 +154,7 @@ impl Publisher {
     }
 
     /// Replaces the producer if librdkafka declared it fatally broken (paced; see `usable_producer`).
-    pub async fn heal(&self) {
+    pub(crate) async fn heal(&self) {
         let _ = self.usable_producer().await;
     }
 
@@ -213,7 +213,7 @@ impl Publisher {
     /// Publishes events, enqueueing them in order (so records of one key keep it), then waits for
     /// every delivery. Permanent failures go to the dead-letter topic; authorization failures and
     /// everything else are retried.
-    pub async fn publish_all(&self, events: &[&Event]) -> Vec<Outcome> {
+    pub(crate) async fn publish_all(&self, events: &[&Event]) -> Vec<Outcome> {
         let producer = match self.usable_producer().await {
             Ok(p) => p,
             Err(why) => return events.iter().map(|_| Outcome::Retry(why.clone())).collect(),
@@ -375,9 +375,9 @@ enum PublishError {
 }
 
 /// When the spool publisher stops: `soft` after its current window, `hard` at once.
-pub struct Stops {
-    pub soft: CancellationToken,
-    pub hard: CancellationToken,
+pub(crate) struct Stops {
+    pub(crate) soft: CancellationToken,
+    pub(crate) hard: CancellationToken,
 }
 
 /// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, publishes
@@ -386,7 +386,7 @@ pub struct Stops {
 ///
 /// An event whose files are still being captured is parked, and so is every later event with the
 /// same key (order per key); events of other keys go on. Parked events go first once ready.
-pub async fn run_spool_publisher(
+pub(crate) async fn run_spool_publisher(
     spool: Spool,
     publisher: Arc<Publisher>,
     window: usize,

@@ -28,7 +28,7 @@ use tracing::warn;
 use crate::event::EventId;
 
 /// Slices of the window, each a hash set dropped whole when it expires.
-pub const GENERATIONS: i64 = 8;
+pub(crate) const GENERATIONS: i64 = 8;
 const SNAPSHOT: &str = "dedup.snapshot";
 const SNAPSHOT_MAGIC: &[u8; 8] = b"HUGGYDDP";
 const SNAPSHOT_VERSION: u32 = 1;
@@ -76,7 +76,7 @@ struct Generation {
 }
 
 /// The ids seen within the window.
-pub struct Dedup {
+pub(crate) struct Dedup {
     dir: PathBuf,
     window: i64,
     span: i64,
@@ -86,14 +86,14 @@ pub struct Dedup {
 
 impl Dedup {
     /// An empty window of `window_secs` (0 disables deduplication).
-    pub fn new(dir: &Path, window_secs: u64) -> Dedup {
+    pub(crate) fn new(dir: &Path, window_secs: u64) -> Dedup {
         let window = i64::try_from(window_secs).unwrap_or(i64::MAX / 4);
         Dedup { dir: dir.to_owned(), window, span: (window / GENERATIONS).max(1), gens: VecDeque::new() }
     }
 
     /// Loads the snapshot a previous run left, keeping what is still inside the window at `now`. A
     /// damaged snapshot is logged and ignored: it costs at most a duplicate record, never an event.
-    pub fn load(&mut self, now: i64) {
+    pub(crate) fn load(&mut self, now: i64) {
         let path = self.dir.join(SNAPSHOT);
         match read_snapshot(&path) {
             Ok(entries) => {
@@ -110,18 +110,18 @@ impl Dedup {
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.window > 0
     }
 
     /// Whether `id` was stored within the window.
-    pub fn contains(&self, id: &EventId, now: i64) -> bool {
+    pub(crate) fn contains(&self, id: &EventId, now: i64) -> bool {
         let horizon = now - self.window;
         self.gens.iter().rev().take_while(|g| g.start + self.span > horizon).any(|g| g.ids.contains(&Key(id.0)))
     }
 
     /// Records `id` as stored at `at` (no-op when `at` is already outside the window).
-    pub fn insert(&mut self, id: EventId, at: i64, now: i64) {
+    pub(crate) fn insert(&mut self, id: EventId, at: i64, now: i64) {
         if !self.enabled() || at + self.window < now - self.span {
             return;
         }
@@ -141,21 +141,21 @@ impl Dedup {
     }
 
     /// Forgets the slices that fell out of the window.
-    pub fn expire(&mut self, now: i64) {
+    pub(crate) fn expire(&mut self, now: i64) {
         let horizon = now - self.window;
         while self.gens.front().is_some_and(|g| g.start + self.span <= horizon) {
             self.gens.pop_front();
         }
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.gens.iter().map(|g| g.ids.len()).sum()
     }
 
     #[cfg(test)]
     /// Bytes the window's tables hold: buckets (capacity is 7/8 of them) of one id and one control
     /// byte each.
-    pub fn heap_bytes(&self) -> usize {
+    pub(crate) fn heap_bytes(&self) -> usize {
         self.gens.iter().map(|g| (g.ids.capacity() * 8 / 7 + 16) * (std::mem::size_of::<Key>() + 1)).sum()
     }
 
@@ -164,12 +164,12 @@ impl Dedup {
     /// # Errors
     /// The snapshot could not be made durable; the caller must not delete segments then.
     #[cfg(test)]
-    pub fn persist(&self) -> io::Result<()> {
+    pub(crate) fn persist(&self) -> io::Result<()> {
         write_snapshot(&self.dir, &self.snapshot()).map(drop)
     }
 
     /// The window in the snapshot's format, for [`write_snapshot`].
-    pub fn snapshot(&self) -> Vec<u8> {
+    pub(crate) fn snapshot(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(16 + self.len() * 16 + self.gens.len() * 12 + 4);
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());

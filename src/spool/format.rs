@@ -17,22 +17,22 @@ use std::fmt;
 use crate::event::{Event, EventId, EventType, KnownType};
 
 /// Magic at the start of every segment file.
-pub const SEGMENT_MAGIC: &[u8; 8] = b"HUGGYSPL";
+pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"HUGGYSPL";
 /// The format this build writes and reads.
-pub const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 2;
 /// Bytes of the segment header.
-pub const SEGMENT_HEADER_LEN: usize = 16;
+pub(crate) const SEGMENT_HEADER_LEN: usize = 16;
 /// Marks the start of a frame.
-pub const FRAME_MAGIC: u32 = 0x4846_5232; // "2RFH" on disk
+pub(crate) const FRAME_MAGIC: u32 = 0x4846_5232; // "2RFH" on disk
 /// Bytes before a frame's payload.
-pub const FRAME_HEADER_LEN: usize = 12;
+pub(crate) const FRAME_HEADER_LEN: usize = 12;
 /// Upper bound on one frame's payload, far above any event that fits `http.max_body_bytes`; a larger
 /// length can only be damage.
-pub const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
+pub(crate) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
 
 /// What a frame records.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Record {
+pub(crate) enum Record {
     /// An event made durable, with its spool sequence number and receipt time (unix seconds).
     Event { seq: u64, received_at: i64, event: Event },
     /// Sequence numbers Kafka acknowledged, as inclusive ranges.
@@ -50,7 +50,7 @@ const KIND_FILES: u8 = 3;
 const KIND_ABANDONED: u8 = 4;
 
 /// The header of a segment file in this build's format.
-pub fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
+pub(crate) fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[..8].copy_from_slice(SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -59,7 +59,7 @@ pub fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
 
 /// Why a segment cannot be read by this build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum HeaderError {
+pub(crate) enum HeaderError {
     #[error(
         "it has no format header: it was written by huggy-bridge 0.1 (unversioned format); run that version until \
          it has delivered everything (huggy_bridge_spool_events = 0), then start this one"
@@ -75,7 +75,7 @@ pub enum HeaderError {
 ///
 /// # Errors
 /// The file is not in this build's format.
-pub fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
+pub(crate) fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
     if head.is_empty() {
         return Ok(false);
     }
@@ -97,7 +97,7 @@ pub fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
 }
 
 /// Appends `record` as one frame to `out`.
-pub fn encode(record: &Record, out: &mut Vec<u8>) {
+pub(crate) fn encode(record: &Record, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
     out.extend_from_slice(&[0u8; 8]);
@@ -174,11 +174,11 @@ fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
 /// format, or a bug. Never treated as a torn write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a frame with a valid checksum does not decode: {0}")]
-pub struct Undecodable(pub String);
+pub(crate) struct Undecodable(pub(crate) String);
 
 /// The result of looking at the bytes at one position.
 #[derive(Debug)]
-pub enum Next {
+pub(crate) enum Next {
     /// A whole, valid frame and the bytes it takes.
     Frame(Record, usize),
     /// Clean end of data.
@@ -191,7 +191,7 @@ pub enum Next {
 
 /// Why the bytes at a position are not a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum BadFrame {
+pub(crate) enum BadFrame {
     /// The data ends inside a frame (possibly a whole frame that needs more bytes than given).
     Truncated { needed: usize },
     /// No frame magic, an impossible length or a checksum mismatch.
@@ -208,7 +208,7 @@ impl fmt::Display for BadFrame {
 }
 
 /// Reads one frame from `buf` at `pos`.
-pub fn decode_at(buf: &[u8], pos: usize) -> Next {
+pub(crate) fn decode_at(buf: &[u8], pos: usize) -> Next {
     let rest = &buf[pos..];
     if rest.is_empty() {
         return Next::End;

@@ -11,14 +11,18 @@ use std::path::{Path, PathBuf};
 /// Why the lock could not be taken.
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
+    /// Another process holds the directory.
     #[error(
         "spool directory {0} is in use by another huggy-bridge process (a running daemon or a spool command); \
          each replica needs its own spool.dir"
     )]
     Held(PathBuf),
+    /// The lock file could not be opened or locked.
     #[error("cannot lock spool directory {path}")]
     Io {
+        /// The spool directory.
         path: PathBuf,
+        /// What the operating system said.
         #[source]
         source: io::Error,
     },
@@ -26,7 +30,7 @@ pub enum LockError {
 
 /// A held lock; released on drop.
 #[derive(Debug)]
-pub struct DirLock {
+pub(crate) struct DirLock {
     _file: File,
 }
 
@@ -35,7 +39,7 @@ impl DirLock {
     ///
     /// # Errors
     /// [`LockError::Held`] when another process holds it.
-    pub fn acquire(dir: &Path) -> Result<DirLock, LockError> {
+    pub(crate) fn acquire(dir: &Path) -> Result<DirLock, LockError> {
         let io_err = |source| LockError::Io { path: dir.to_owned(), source };
         let file =
             OpenOptions::new().create(true).truncate(false).write(true).open(dir.join("LOCK")).map_err(io_err)?;

@@ -22,7 +22,7 @@
 mod chunks;
 mod dedup;
 mod format;
-pub mod io;
+pub(crate) mod io;
 mod lock;
 mod reader;
 mod recovery;
@@ -43,31 +43,47 @@ use crate::clock::{now_millis, now_secs};
 use crate::event::{Event, EventId};
 pub use io::{OsIo, SegmentIo};
 pub use lock::LockError;
-pub use reader::Reader;
+pub(crate) use reader::Reader;
 pub use recovery::RecoveryReport;
 
 /// Largest segment; smaller spools get smaller segments (see [`SpoolSettings::segment_bytes_for`]).
-pub const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Commands queued for the writer at most. The bytes they hold are bounded upstream: every event in
 /// the queue belongs to a request whose body still holds its share of `http.max_inflight_bytes`.
 const QUEUE: usize = 4096;
 /// A write group stops taking appends once it holds this many bytes of events (one larger append
 /// still goes alone), so the buffer the writer builds is bounded.
-pub const GROUP_MAX_BYTES: usize = 8 * 1024 * 1024;
+pub(crate) const GROUP_MAX_BYTES: usize = 8 * 1024 * 1024;
 
 /// Why the spool cannot take or hand out data.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    /// No room for the batch: the webhook answers 503 and Huggy retries; nothing is dropped.
     #[error("spool is full ({used} of {max} bytes on disk)")]
-    Full { used: u64, max: u64 },
+    Full {
+        /// Bytes on disk now.
+        used: u64,
+        /// `spool.max_bytes`.
+        max: u64,
+    },
+    /// A write or fsync of the batch failed, so it was not acknowledged.
     #[error("spool write failed; the batch is not durable")]
     WriteFailed(#[source] std::io::Error),
+    /// Reading, listing or opening spool files failed.
     #[error("spool i/o failed")]
     Io(#[from] std::io::Error),
+    /// Another process holds the spool directory.
     #[error(transparent)]
     Locked(#[from] LockError),
+    /// A segment of a format version this build does not know.
     #[error("spool segment {path} cannot be read by this build: {reason}")]
-    Format { path: PathBuf, reason: String },
+    Format {
+        /// The segment file.
+        path: PathBuf,
+        /// What is wrong with its header.
+        reason: String,
+    },
+    /// The spool was closed (shutdown); nothing more is taken.
     #[error("spool is closed")]
     Closed,
 }
@@ -75,19 +91,19 @@ pub enum SpoolError {
 /// How to open a spool.
 #[derive(Clone)]
 pub struct SpoolSettings {
-    pub dir: PathBuf,
+    dir: PathBuf,
     /// Cap on the bytes the spool keeps on disk (segments and dedup snapshot).
-    pub max_bytes: u64,
-    pub dedup_window_secs: u64,
-    pub segment_bytes: u64,
+    max_bytes: u64,
+    dedup_window_secs: u64,
+    segment_bytes: u64,
     /// Write and sync calls; tests inject failures here.
-    pub io: Arc<dyn SegmentIo>,
+    pub(crate) io: Arc<dyn SegmentIo>,
     /// Told how long each group's `fdatasync` took (seconds).
-    pub sync_observer: Option<SyncObserver>,
+    pub(crate) sync_observer: Option<SyncObserver>,
 }
 
 /// Observes each group's `fdatasync` (seconds), for the fsync-duration histogram.
-pub type SyncObserver = Arc<dyn Fn(f64) + Send + Sync>;
+pub(crate) type SyncObserver = Arc<dyn Fn(f64) + Send + Sync>;
 
 impl SpoolSettings {
     /// Settings with the real I/O and a segment size fit for `max_bytes`.
@@ -104,7 +120,7 @@ impl SpoolSettings {
 
     /// A sixteenth of the cap, between 1 MiB and 64 MiB: space is freed a segment at a time, so
     /// segments much smaller than the cap keep the accounting fine-grained.
-    pub fn segment_bytes_for(max_bytes: u64) -> u64 {
+    pub(crate) fn segment_bytes_for(max_bytes: u64) -> u64 {
         (max_bytes / 16).clamp(1024 * 1024, MAX_SEGMENT_BYTES)
     }
 
@@ -128,29 +144,29 @@ impl std::fmt::Debug for SpoolSettings {
 /// What an append did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Appended {
-    pub stored: usize,
+    stored: usize,
     /// Events already durably stored within the dedup window: acknowledged, not stored again.
-    pub duplicates: usize,
+    pub(crate) duplicates: usize,
     /// The sequence number each input event was stored under (`None` for duplicates).
     pub seqs: Vec<Option<u64>>,
 }
 
 /// An event whose files must be captured before it is published.
 #[derive(Debug, Clone)]
-pub struct FileWork {
-    pub seq: u64,
-    pub received_at: i64,
-    pub event_id: EventId,
-    pub company: Option<String>,
-    pub urls: Vec<String>,
+pub(crate) struct FileWork {
+    pub(crate) seq: u64,
+    pub(crate) received_at: i64,
+    pub(crate) event_id: EventId,
+    pub(crate) company: Option<String>,
+    pub(crate) urls: Vec<String>,
 }
 
 /// An event read back from the spool.
 #[derive(Debug, Clone)]
-pub struct Stored {
-    pub seq: u64,
-    pub received_at: i64,
-    pub event: Event,
+pub(crate) struct Stored {
+    pub(crate) seq: u64,
+    pub(crate) received_at: i64,
+    pub(crate) event: Event,
 }
 
 /// Gauges of the spool's content.
@@ -163,25 +179,27 @@ pub struct SpoolStats {
     /// Bytes on disk: segments (delivered events included until their segment is deleted) and the
     /// dedup snapshot. This is what `max_bytes` caps.
     pub disk_bytes: u64,
-    pub max_bytes: u64,
+    pub(crate) max_bytes: u64,
+    /// Segment files on disk.
     pub segments: usize,
-    pub oldest_received_at: Option<i64>,
+    pub(crate) oldest_received_at: Option<i64>,
     /// Events whose files are still being captured.
-    pub pending_files: usize,
-    pub writable: bool,
+    pub(crate) pending_files: usize,
+    pub(crate) writable: bool,
     /// Refusing batches: a batch was refused for lack of room and usage has not fallen below the
     /// low-water mark since.
-    pub full: bool,
+    pub(crate) full: bool,
+    /// Event ids held by the dedup window.
     pub dedup_ids: usize,
 }
 
 /// The writer's pulse, for liveness: when it last finished a group, and since when it has been in
 /// the current one (0 when idle).
 #[derive(Debug, Default)]
-pub struct Heartbeat {
-    pub last_commit_ms: AtomicI64,
-    pub busy_since_ms: AtomicI64,
-    pub queued: AtomicU64,
+pub(crate) struct Heartbeat {
+    last_commit_ms: AtomicI64,
+    busy_since_ms: AtomicI64,
+    queued: AtomicU64,
 }
 
 pub(crate) struct Pending {
@@ -325,7 +343,7 @@ impl Spool {
     }
 
     /// Records the `bridge_files` of an event; synced with its group, then the publisher picks it up.
-    pub async fn files_done(&self, seq: u64, member: Vec<u8>) {
+    pub(crate) async fn files_done(&self, seq: u64, member: Vec<u8>) {
         self.shared.heartbeat.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Command::FilesDone(seq, member)).await.is_err() {
             self.shared.heartbeat.queued.fetch_sub(1, Ordering::Relaxed);
@@ -334,23 +352,23 @@ impl Spool {
     }
 
     /// The `bridge_files` of an event, once its files are done.
-    pub fn files_result(&self, seq: u64) -> Option<Vec<u8>> {
+    pub(crate) fn files_result(&self, seq: u64) -> Option<Vec<u8>> {
         self.shared.lock().file_results.get(&seq).cloned()
     }
 
     /// Durable events whose files must be captured, each handed out once: those found at recovery,
     /// then each one as it is committed. Wait on [`Spool::file_work_notify`] for more.
-    pub fn take_file_work(&self) -> Vec<FileWork> {
+    pub(crate) fn take_file_work(&self) -> Vec<FileWork> {
         self.shared.lock().file_work.drain(..).collect()
     }
 
     /// Notified when [`Spool::take_file_work`] has something.
-    pub fn file_work_notify(&self) -> Arc<Notify> {
+    pub(crate) fn file_work_notify(&self) -> Arc<Notify> {
         self.shared.file_work.clone()
     }
 
     /// Notified whenever the writer committed something (appends, acks, file results).
-    pub fn committed(&self) -> Arc<Notify> {
+    pub(crate) fn committed(&self) -> Arc<Notify> {
         self.shared.committed.clone()
     }
 
@@ -360,20 +378,17 @@ impl Spool {
     }
 
     /// The writer's pulse.
-    pub fn heartbeat(&self) -> &Heartbeat {
+    pub(crate) fn heartbeat(&self) -> &Heartbeat {
         &self.shared.heartbeat
     }
 
-    pub fn settings(&self) -> &SpoolSettings {
-        &self.shared.settings
-    }
-
+    /// The spool's gauges now.
     pub fn stats(&self) -> SpoolStats {
         stats_of(&self.shared)
     }
 
     /// A reader positioned at the oldest undelivered event.
-    pub fn reader(&self) -> Reader {
+    pub(crate) fn reader(&self) -> Reader {
         Reader::new(self.shared.clone())
     }
 
@@ -410,16 +425,24 @@ fn stats_of(shared: &Shared) -> SpoolStats {
 /// What `huggy-bridge spool status` shows: read without changing anything, under the lock.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct OfflineStatus {
+    /// The spool directory read.
     pub dir: PathBuf,
+    /// Events not yet acknowledged by Kafka.
     pub undelivered_events: u64,
+    /// Their bytes.
     pub undelivered_bytes: u64,
     /// Undelivered events by type.
     pub by_type: BTreeMap<String, u64>,
-    pub oldest_received_at: Option<i64>,
+    oldest_received_at: Option<i64>,
+    /// Age of the oldest undelivered event, in seconds; `None` when there is none.
     pub oldest_age_secs: Option<i64>,
+    /// Undelivered events still waiting for their files.
     pub pending_file_captures: usize,
+    /// Segment files.
     pub segments: usize,
+    /// Bytes on disk (segments and the dedup snapshot).
     pub disk_bytes: u64,
+    /// What reading the segments found: torn tails, damaged regions, events lost.
     pub damage: RecoveryReport,
 }
 
@@ -492,7 +515,7 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 impl Heartbeat {
     /// How long the writer has been stuck with work, if it has: in one group for longer than
     /// `after`, or with queued commands and no group finished for longer than `after`.
-    pub fn stalled_for(&self, after: Duration) -> Option<Duration> {
+    pub(crate) fn stalled_for(&self, after: Duration) -> Option<Duration> {
         let now = now_millis();
         let limit = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let busy = self.busy_since_ms.load(Ordering::Relaxed);

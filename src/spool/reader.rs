@@ -8,7 +8,7 @@ use super::format::{self, Next, Record};
 use super::{Shared, SpoolError, Stored};
 
 /// Reads committed events in sequence order, skipping acknowledged ones.
-pub struct Reader {
+pub(crate) struct Reader {
     shared: Arc<Shared>,
     segment: u64,
     offset: u64,
@@ -29,7 +29,8 @@ impl Reader {
     ///
     /// # Cancel safety
     /// Cancel-safe: the position only moves past events that are returned.
-    pub async fn next_batch(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
+    #[cfg(test)]
+    pub(crate) async fn next_batch(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
         let committed = self.shared.committed.clone();
         loop {
             let notified = committed.notified();
@@ -53,7 +54,7 @@ impl Reader {
     ///
     /// # Errors
     /// A segment cannot be read.
-    pub fn read_now(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
+    pub(crate) fn read_now(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
         let mut out = Vec::new();
         while out.len() < max {
             let (path, limit, is_active, next_segment) = {

@@ -28,7 +28,7 @@ use crate::clock::now_secs;
 
 /// Whether recovery may change files (the daemon) or only read them (`spool status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Repair,
     ReadOnly,
 }
@@ -36,18 +36,23 @@ pub enum Mode {
 /// What recovery found.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RecoveryReport {
-    pub segments: usize,
+    pub(crate) segments: usize,
+    /// Bytes of segment files read.
     pub bytes_read: u64,
+    /// Frames that checksummed.
     pub frames: u64,
+    /// Torn writes found at the end of the newest segment: a group cut short before its fsync
+    /// returned, so never acknowledged; truncated away.
     pub torn_tails: u32,
     /// Regions that did not checksum, outside a torn tail or an abandoned write.
     pub damaged_regions: u32,
+    /// Bytes in those regions.
     pub damaged_bytes: u64,
     /// Events whose frames fell in damaged regions, from the gaps in sequence numbers.
     pub events_lost: u64,
     /// Copies of damaged segments, for inspection.
-    pub kept_aside: Vec<PathBuf>,
-    pub elapsed_ms: u64,
+    pub(crate) kept_aside: Vec<PathBuf>,
+    pub(crate) elapsed_ms: u64,
 }
 
 pub(crate) struct Recovered {
