@@ -257,8 +257,10 @@ pub(crate) fn probe_reachable(producer: &Producer, health: &KafkaHealth, topic: 
 /// dead-letter topic.
 pub fn routable_topics(cfg: &Config) -> BTreeSet<String> {
     let routes = super::Routes::new(&cfg.kafka);
-    let mut topics: BTreeSet<String> =
-        crate::event::KnownType::ALL.iter().map(|k| routes.topic_for(&crate::event::EventType::Known(*k))).collect();
+    let mut topics: BTreeSet<String> = crate::event::KnownType::ALL
+        .iter()
+        .map(|k| routes.topic_for(&crate::event::EventType::Known(*k)).to_owned())
+        .collect();
     topics.insert(cfg.kafka.fallback_topic.clone());
     topics.insert(cfg.kafka.dead_letter_topic.clone());
     topics

@@ -24,24 +24,27 @@ use crate::spool::{Spool, Stored};
 use kafka::ErrorClass;
 pub(crate) use kafka::{KafkaHealth, Producer};
 
-/// Topic routing from the configuration.
+/// Topic routing from the configuration, worked out once: a record's topic is a lookup.
 #[derive(Debug, Clone)]
 pub(crate) struct Routes {
-    template: String,
-    overrides: BTreeMap<String, String>,
+    /// The topic of each known type, at its position in [`KnownType::ALL`].
+    known: Vec<String>,
     fallback: String,
     dead_letter: String,
 }
 
 impl Routes {
     pub(crate) fn new(cfg: &KafkaConfig) -> Self {
+        // Keyed by the canonical type name: keys from the environment arrive lowercased.
+        let overrides: BTreeMap<&'static str, &String> =
+            cfg.topics.iter().filter_map(|(k, v)| KnownType::parse_ignore_case(k).map(|t| (t.as_str(), v))).collect();
         Routes {
-            template: cfg.topic_template.clone(),
-            // Keyed by the canonical type name: keys from the environment arrive lowercased.
-            overrides: cfg
-                .topics
+            known: KnownType::ALL
                 .iter()
-                .filter_map(|(k, v)| KnownType::parse_ignore_case(k).map(|t| (t.as_str().to_owned(), v.clone())))
+                .map(|k| match overrides.get(k.as_str()) {
+                    Some(topic) => (*topic).clone(),
+                    None => cfg.topic_template.replace("{event}", k.as_str()),
+                })
                 .collect(),
             fallback: cfg.fallback_topic.clone(),
             dead_letter: cfg.dead_letter_topic.clone(),
@@ -49,12 +52,10 @@ impl Routes {
     }
 
     /// `kafka.topics.<type>` if set, else the template for known types, else the fallback topic.
-    pub(crate) fn topic_for(&self, t: &EventType) -> String {
+    pub(crate) fn topic_for(&self, t: &EventType) -> &str {
         match t {
-            EventType::Known(k) => {
-                self.overrides.get(k.as_str()).cloned().unwrap_or_else(|| self.template.replace("{event}", k.as_str()))
-            }
-            EventType::Unknown(_) => self.fallback.clone(),
+            EventType::Known(k) => &self.known[*k as usize],
+            EventType::Unknown(_) => &self.fallback,
         }
     }
 }
@@ -223,7 +224,7 @@ impl Publisher {
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
                 None => self
-                    .enqueue(&producer, &self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value)
+                    .enqueue(&producer, self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value)
                     .await
                     .map(|f| (Instant::now(), f))
                     .map_err(PublishError::Kafka),
@@ -256,7 +257,7 @@ impl Publisher {
                         ErrorClass::Permanent => self.dead_letter(&producer, ev, &e.to_string()).await,
                         ErrorClass::Authorization => {
                             let n = unauthorized.as_ref().map_or(0, |u| u.2);
-                            unauthorized = Some((self.routes.topic_for(&ev.event_type), e.clone(), n + 1));
+                            unauthorized = Some((self.routes.topic_for(&ev.event_type).to_owned(), e.clone(), n + 1));
                             Outcome::Retry(RetryReason::Authorization(e))
                         }
                         ErrorClass::Fatal => Outcome::Retry(RetryReason::Fatal(e)),
@@ -284,7 +285,7 @@ impl Publisher {
         let intended = self.routes.topic_for(&ev.event_type);
         let with_reason = |h: OwnedHeaders| {
             h.insert(Header { key: "huggy_dlq_reason", value: Some(reason) })
-                .insert(Header { key: "huggy_dlq_topic", value: Some(intended.as_str()) })
+                .insert(Header { key: "huggy_dlq_topic", value: Some(intended) })
         };
         let first = self.deliver(producer, &self.routes.dead_letter, ev, with_reason(headers(ev)), &ev.value).await;
         let result = match first {
@@ -349,14 +350,16 @@ impl Publisher {
         value: &[u8],
     ) -> Result<DeliveryFuture, KafkaError> {
         let mut wait = Duration::from_millis(1);
+        let mut rec = FutureRecord::to(topic).payload(value).headers(headers);
+        if let Some(k) = &ev.key {
+            rec = rec.key(k.as_str());
+        }
         loop {
-            let mut rec = FutureRecord::to(topic).payload(value).headers(headers.clone());
-            if let Some(k) = &ev.key {
-                rec = rec.key(k.as_str());
-            }
             match producer.send_result(rec) {
                 Ok(f) => return Ok(f),
-                Err((e, _)) if kafka::is_queue_full(&e) => {
+                // librdkafka hands the record back: the same one goes again once there is room.
+                Err((e, back)) if kafka::is_queue_full(&e) => {
+                    rec = back;
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_millis(100));
                 }
