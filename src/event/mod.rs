@@ -9,7 +9,7 @@ pub(crate) mod types;
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::de::{IgnoredAny, MapAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -72,9 +72,136 @@ pub struct Batch<'a> {
     /// What tells this batch apart from others in its events' ids.
     stamp: BatchStamp,
     /// `messages` in document order: (event type as sent, the value under it).
-    groups: Vec<(String, &'a RawValue)>,
+    groups: Vec<(String, Group<'a>)>,
 }
 
+/// The value under one event type in `messages`.
+#[derive(Debug)]
+enum Group<'a> {
+    /// An array: its elements, each an event (or not, which [`split`] dead-letters).
+    Events(Vec<&'a RawValue>),
+    /// Anything else, dead-lettered whole.
+    NotAnArray(&'a RawValue),
+}
+
+/// The envelope in one pass over the body: `messages` read straight into its groups' events.
+#[derive(Deserialize)]
+struct FastEnvelope<'a> {
+    #[serde(borrow, default)]
+    token: Option<&'a RawValue>,
+    /// Not used here, but declared so that a duplicate `validToken` is refused as the general
+    /// path refuses it.
+    #[serde(rename = "validToken", borrow, default)]
+    _valid_token: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    time: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    messages: Option<Messages<'a>>,
+}
+
+/// `messages` as the fast path reads it: an object whose every member is an array, or anything
+/// else (`Unusual`), which sends the body down the general path.
+enum Messages<'a> {
+    Groups(Vec<(String, Vec<&'a RawValue>)>),
+    Unusual,
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(MessagesVisitor(std::marker::PhantomData))
+    }
+}
+
+/// Visits `messages`; every value other than an object of arrays is skipped (still checked to
+/// be JSON) and reported `Unusual`.
+struct MessagesVisitor<'a>(std::marker::PhantomData<&'a ()>);
+
+/// A member of `messages`: its elements when it is an array, `None` (skipped) otherwise.
+struct MaybeEvents<'a>(Option<Vec<&'a RawValue>>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for MaybeEvents<'a> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = MaybeEvents<'a>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(4));
+                while let Some(item) = seq.next_element::<&'de RawValue>()? {
+                    out.push(item);
+                }
+                Ok(MaybeEvents(Some(out)))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+                Ok(MaybeEvents(None))
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(MaybeEvents(None))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(MaybeEvents(None))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(MaybeEvents(None))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(MaybeEvents(None))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(MaybeEvents(None))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(MaybeEvents(None))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for MessagesVisitor<'a> {
+    type Value = Messages<'a>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut groups = Vec::new();
+        let mut usual = true;
+        while let Some(k) = map.next_key::<String>()? {
+            match map.next_value::<MaybeEvents<'a>>()?.0 {
+                Some(events) => groups.push((k, events)),
+                None => usual = false,
+            }
+        }
+        Ok(if usual { Messages::Groups(groups) } else { Messages::Unusual })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Messages::Unusual)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Messages::Unusual)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Messages::Unusual)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+        Ok(Messages::Unusual)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Messages::Unusual)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Messages::Unusual)
+    }
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Messages::Unusual)
+    }
+}
+
+/// The envelope with `messages` kept raw, for the general path.
 #[derive(Deserialize)]
 struct Envelope<'a> {
     #[serde(borrow, default)]
@@ -102,6 +229,22 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
             Err(e) => Err(BodyError::NotJson(e.to_string())),
         };
     }
+    // The usual batch — a numeric `time` and `messages` an object of arrays — in one pass; anything
+    // else (a handshake, no `time`, a member that is not an array, `messages` not an object) again
+    // by the general path below, which keeps the raw values it needs.
+    // A body the fast path cannot read (invalid, or a number no f64 holds where it looks at values)
+    // is read again by the general path too, which decides what it is.
+    if let Ok(fast) = serde_json::from_slice::<FastEnvelope<'_>>(body) {
+        let time = fast.time.and_then(|t| t.get().parse::<i64>().ok());
+        if let (Some(t), Some(Messages::Groups(groups))) = (time, fast.messages) {
+            return Ok(Body::Batch(Batch {
+                token: fast.token.and_then(raw_plain_str),
+                time: Some(t),
+                stamp: BatchStamp::Time(t),
+                groups: groups.into_iter().map(|(k, events)| (k, Group::Events(events))).collect(),
+            }));
+        }
+    }
     let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
     let token = env.token.and_then(raw_plain_str);
     let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
@@ -111,8 +254,15 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
     if !messages.get().starts_with('{') {
         return Err(BodyError::MessagesNotAnObject);
     }
-    let groups =
-        serde_json::from_str::<OrderedGroups<'_>>(messages.get()).map_err(|e| BodyError::NotJson(e.to_string()))?.0;
+    let groups = serde_json::from_str::<OrderedGroups<'_>>(messages.get())
+        .map_err(|e| BodyError::NotJson(e.to_string()))?
+        .0
+        .into_iter()
+        .map(|(k, raw)| match serde_json::from_str::<Vec<&RawValue>>(raw.get()) {
+            Ok(events) => (k, Group::Events(events)),
+            Err(_) => (k, Group::NotAnArray(raw)),
+        })
+        .collect();
     let time = env.time.and_then(|t| t.get().parse::<i64>().ok());
     let stamp = match time {
         Some(t) => BatchStamp::Time(t),
@@ -350,15 +500,15 @@ pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
             (EventType::Known(k), _) => k.as_str(),
             _ => raw_type,
         };
-        let items: Vec<&RawValue> = match serde_json::from_str::<Vec<&RawValue>>(list.get()) {
-            Ok(items) => items,
-            Err(_) => {
-                let id = seen.id(id_type, &batch.stamp, list.get().as_bytes());
-                out.push(dead_event(id, &event_type, list, time, "event list is not an array".into()));
+        let items = match list {
+            Group::Events(items) => items,
+            Group::NotAnArray(raw) => {
+                let id = seen.id(id_type, &batch.stamp, raw.get().as_bytes());
+                out.push(dead_event(id, &event_type, raw, time, "event list is not an array".into()));
                 continue;
             }
         };
-        for item in items {
+        for item in items.iter().copied() {
             let id = seen.id(id_type, &batch.stamp, item.get().as_bytes());
             let mut ev = build_event(id, &event_type, original_type.clone(), item, time);
             if let Some(reason) = &type_problem {
@@ -472,9 +622,13 @@ fn has_lone_surrogate(json: &str) -> bool {
     };
     let mut i = 0;
     while i + 1 < b.len() {
-        if b[i] != b'\\' {
-            i += 1;
-            continue;
+        // Escapes are rare: jump to the next backslash.
+        match memchr::memchr(b'\\', &b[i..]) {
+            Some(at) => i += at,
+            None => break,
+        }
+        if i + 1 >= b.len() {
+            break;
         }
         if b[i + 1] != b'u' {
             i += 2;
