@@ -5,10 +5,13 @@
 //! inserts after the segment's `fdatasync`; recovery inserts what it reads from segments and from the
 //! snapshot, both durable). So everything the window makes us skip was stored first.
 //!
-//! Memory: ids are kept in [`GENERATIONS`] hash sets, each covering an equal slice of the window; a
-//! slice that falls out of the window is dropped whole. An entry is the 16-byte id in a hash table
-//! with one control byte, at a load factor between 7/16 and 7/8: **19.4 to 39 bytes per id** (see the
-//! `bytes_per_id` test), e.g. at most 14 MB for the default one-hour window at 100 events/s.
+//! Memory: ids are kept in [`GENERATIONS`] slices, each covering an equal part of the window and
+//! spread over [`SHARDS`] hash tables; a slice that falls out of the window is dropped whole. An
+//! entry is the 16-byte id in a hash table with one control byte, at a load factor between 7/16 and
+//! 7/8: **19.4 to 39 bytes per id** (see the `bytes_per_id` test), e.g. at most 14 MB for the default
+//! one-hour window at 100 events/s. A table that fills up is rebuilt at twice its size with the old
+//! one still held; with the ids in sixteen tables, that costs a sixteenth of a slice at a time
+//! instead of the whole slice (about 50 MB at a million ids in one table).
 //!
 //! Persistence: ids whose segment is about to be deleted would otherwise be forgotten by a restart,
 //! so before the writer deletes a segment the whole window is written to `dedup.snapshot` (temporary
@@ -70,9 +73,32 @@ impl BuildHasher for BuildIdHasher {
     }
 }
 
+/// Each slice's ids are spread over this many tables, so that a table that grows (doubling, the
+/// old one held until the new one is filled) adds a sixteenth of the slice to the peak, not all of it.
+const SHARDS: usize = 16;
+
 struct Generation {
     start: i64,
-    ids: HashSet<Key, BuildIdHasher>,
+    /// Chosen by the id's ninth byte (the table hashes the first eight).
+    ids: Vec<HashSet<Key, BuildIdHasher>>,
+}
+
+impl Generation {
+    fn new(start: i64) -> Generation {
+        Generation { start, ids: (0..SHARDS).map(|_| HashSet::default()).collect() }
+    }
+
+    fn shard(&self, k: &Key) -> &HashSet<Key, BuildIdHasher> {
+        &self.ids[usize::from(k.0[8]) % SHARDS]
+    }
+
+    fn insert(&mut self, k: Key) {
+        self.ids[usize::from(k.0[8]) % SHARDS].insert(k);
+    }
+
+    fn len(&self) -> usize {
+        self.ids.iter().map(HashSet::len).sum()
+    }
 }
 
 /// The ids seen within the window.
@@ -117,7 +143,11 @@ impl Dedup {
     /// Whether `id` was stored within the window.
     pub(crate) fn contains(&self, id: &EventId, now: i64) -> bool {
         let horizon = now - self.window;
-        self.gens.iter().rev().take_while(|g| g.start + self.span > horizon).any(|g| g.ids.contains(&Key(id.0)))
+        self.gens
+            .iter()
+            .rev()
+            .take_while(|g| g.start + self.span > horizon)
+            .any(|g| g.shard(&Key(id.0)).contains(&Key(id.0)))
     }
 
     /// Records `id` as stored at `at` (no-op when `at` is already outside the window).
@@ -129,15 +159,15 @@ impl Dedup {
         let idx = match self.gens.iter().rposition(|g| g.start <= start) {
             Some(i) if self.gens[i].start == start => i,
             Some(i) => {
-                self.gens.insert(i + 1, Generation { start, ids: HashSet::default() });
+                self.gens.insert(i + 1, Generation::new(start));
                 i + 1
             }
             None => {
-                self.gens.push_front(Generation { start, ids: HashSet::default() });
+                self.gens.push_front(Generation::new(start));
                 0
             }
         };
-        self.gens[idx].ids.insert(Key(id.0));
+        self.gens[idx].insert(Key(id.0));
     }
 
     /// Forgets the slices that fell out of the window.
@@ -149,14 +179,18 @@ impl Dedup {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.gens.iter().map(|g| g.ids.len()).sum()
+        self.gens.iter().map(Generation::len).sum()
     }
 
     #[cfg(test)]
     /// Bytes the window's tables hold: buckets (capacity is 7/8 of them) of one id and one control
     /// byte each.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.gens.iter().map(|g| (g.ids.capacity() * 8 / 7 + 16) * (std::mem::size_of::<Key>() + 1)).sum()
+        self.gens
+            .iter()
+            .flat_map(|g| &g.ids)
+            .map(|t| (t.capacity() * 8 / 7 + 16) * (std::mem::size_of::<Key>() + 1))
+            .sum()
     }
 
     /// Writes the window to `dedup.snapshot` durably, on the caller's thread.
@@ -165,25 +199,29 @@ impl Dedup {
     /// The snapshot could not be made durable; the caller must not delete segments then.
     #[cfg(test)]
     pub(crate) fn persist(&self) -> io::Result<()> {
-        write_snapshot(&self.dir, &self.snapshot()).map(drop)
+        let mut snapshot = Vec::new();
+        self.snapshot_into(&mut snapshot);
+        write_snapshot(&self.dir, &snapshot).map(drop)
     }
 
-    /// The window in the snapshot's format, for [`write_snapshot`].
-    pub(crate) fn snapshot(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(16 + self.len() * 16 + self.gens.len() * 12 + 4);
+    /// Writes the window in the snapshot's format into `out`, for [`write_snapshot`].
+    /// `out` is cleared first; passing the same buffer each time keeps one buffer of the window's
+    /// size instead of a fresh one per snapshot.
+    pub(crate) fn snapshot_into(&self, out: &mut Vec<u8>) {
+        out.clear();
+        out.reserve(16 + self.len() * 16 + self.gens.len() * 12 + 4);
         out.extend_from_slice(SNAPSHOT_MAGIC);
         out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
         out.extend_from_slice(&u32::try_from(self.gens.len()).unwrap_or(u32::MAX).to_le_bytes());
         for g in &self.gens {
             out.extend_from_slice(&g.start.to_le_bytes());
-            out.extend_from_slice(&u32::try_from(g.ids.len()).unwrap_or(u32::MAX).to_le_bytes());
-            for k in &g.ids {
+            out.extend_from_slice(&u32::try_from(g.len()).unwrap_or(u32::MAX).to_le_bytes());
+            for k in g.ids.iter().flatten() {
                 out.extend_from_slice(&k.0);
             }
         }
-        let crc = crc32fast::hash(&out);
+        let crc = crc32fast::hash(out);
         out.extend_from_slice(&crc.to_le_bytes());
-        out
     }
 }
 

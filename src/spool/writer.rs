@@ -68,7 +68,10 @@ pub(crate) struct Writer {
 /// being written.
 struct Snapshots {
     jobs: Option<Sender<Vec<u8>>>,
-    done: Receiver<std::io::Result<u64>>,
+    /// The result of a write, and the buffer back for the next snapshot.
+    done: Receiver<(std::io::Result<u64>, Vec<u8>)>,
+    /// The buffer snapshots are encoded into, while no write holds it.
+    buffer: Vec<u8>,
     /// Deleted once the snapshot being written is durable.
     covering: Option<Vec<Segment>>,
     thread: Option<JoinHandle<()>>,
@@ -82,7 +85,8 @@ impl Snapshots {
         let (report, done) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("spool-snapshot".into()).spawn(move || {
             for snapshot in todo {
-                if report.send(dedup::write_snapshot(&shared.settings.dir, &snapshot)).is_err() {
+                let written = dedup::write_snapshot(&shared.settings.dir, &snapshot);
+                if report.send((written, snapshot)).is_err() {
                     break;
                 }
                 if let Some(tx) = wake.upgrade() {
@@ -94,7 +98,7 @@ impl Snapshots {
                 }
             }
         })?;
-        Ok(Snapshots { jobs: Some(jobs), done, covering: None, thread: Some(thread) })
+        Ok(Snapshots { jobs: Some(jobs), done, buffer: Vec::new(), covering: None, thread: Some(thread) })
     }
 }
 
@@ -493,7 +497,10 @@ impl Writer {
         if self.snapshots.covering.is_some() {
             let written = match self.snapshots.done.try_recv() {
                 Err(TryRecvError::Empty) => return Ok(()),
-                Ok(written) => written,
+                Ok((written, buffer)) => {
+                    self.snapshots.buffer = buffer;
+                    written
+                }
                 Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the snapshot thread stopped")),
             };
             let covered = self.snapshots.covering.take().unwrap_or_default();
@@ -507,23 +514,21 @@ impl Writer {
         if !self.dedup.enabled() {
             return self.delete(victims);
         }
-        let snapshot = self.dedup.snapshot();
-        match self.snapshots.jobs.as_ref().map(|jobs| jobs.send(snapshot)) {
-            Some(Ok(())) => {
-                self.snapshots.covering = Some(victims);
-                Ok(())
-            }
-            // No snapshot thread (it stopped): write it here.
-            Some(Err(std::sync::mpsc::SendError(snapshot))) => {
-                self.snapshots.jobs = None;
-                self.snapshot_written(dedup::write_snapshot(&self.shared.settings.dir, &snapshot)?);
-                self.delete(victims)
-            }
-            None => {
-                self.snapshot_written(dedup::write_snapshot(&self.shared.settings.dir, &self.dedup.snapshot())?);
-                self.delete(victims)
-            }
-        }
+        let mut snapshot = std::mem::take(&mut self.snapshots.buffer);
+        self.dedup.snapshot_into(&mut snapshot);
+        let unsent = match self.snapshots.jobs.as_ref() {
+            Some(jobs) => jobs.send(snapshot).err().map(|std::sync::mpsc::SendError(back)| back),
+            None => Some(snapshot),
+        };
+        let Some(unsent) = unsent else {
+            self.snapshots.covering = Some(victims);
+            return Ok(());
+        };
+        // No snapshot thread (it stopped): write it here.
+        self.snapshots.jobs = None;
+        self.snapshots.buffer = unsent;
+        self.snapshot_written(dedup::write_snapshot(&self.shared.settings.dir, &self.snapshots.buffer)?);
+        self.delete(victims)
     }
 
     /// Accounts for a durable snapshot of `size` bytes replacing the previous one.
