@@ -490,7 +490,9 @@ impl FileCapture {
         };
         let limit = g.controller.limit();
         let plan = schedule::plan(now_unix, &pending, inflight_secs, limit, g.controller.can_grow(now));
-        let busy = self.active.load(Ordering::Acquire) >= limit;
+        // Exactly the limit: after a shrink, the downloads above the new limit still running would
+        // make the rate look like the new limit's own.
+        let busy = self.active.load(Ordering::Acquire) == limit;
         let new_limit = g.controller.update(now, plan.required, busy, rate);
         self.limit.store(new_limit, Ordering::Release);
         self.peak.fetch_max(new_limit, Ordering::Relaxed);

@@ -17,6 +17,8 @@ use std::time::{Duration, Instant};
 pub(crate) const SETTLE: Duration = Duration::from_secs(2);
 /// The window the aggregate rate is measured over; a step is taken only from a limit that has kept
 /// every connection busy for that long, so that the rate it is judged against is the limit's own.
+/// A rate of zero after that long (every connection waiting on a host that sends nothing) does not
+/// stop growth: other hosts' files must still get connections, and a step from zero is not judged.
 pub(crate) const MEASURE: Duration = Duration::from_secs(1);
 /// How long a saturated host is left at the limit that saturated it before growth is tried again.
 pub(crate) const RECHECK: Duration = Duration::from_secs(10);
@@ -218,7 +220,7 @@ impl Controller {
         let want = required.clamp(self.floor, self.max);
         if want > self.limit {
             let measured = self.busy_since.is_some_and(|t| now.duration_since(t) >= MEASURE);
-            if self.ceiling.is_none() && busy && measured && rate > 0.0 {
+            if self.ceiling.is_none() && busy && measured {
                 let next = want.min(self.limit * 2).max(self.limit + 1).min(self.max);
                 self.probe = Some(Probe { from: self.limit, from_rate: rate, at: now });
                 self.limit = next;
@@ -381,6 +383,21 @@ mod tests {
         assert_eq!(limit, 8, "16 gave what 8 did: the host is saturated at 8");
         assert!(c.saturated(t));
         assert_eq!(c.peak(), 16);
+    }
+
+    #[test]
+    fn connections_stuck_on_a_silent_host_do_not_stop_growth() {
+        // Every connection waits on a host that accepted them and sends nothing: no bytes, so no
+        // rate. Files of other hosts queue behind them; the limit must still grow.
+        let t0 = Instant::now();
+        let mut c = Controller::new(16, 256);
+        let (limit, t) = run(&mut c, t0, 0.75, 100, true, 0.0);
+        assert_eq!(limit, 16, "not before the limit has been busy for MEASURE");
+        let (limit, t) = run(&mut c, t, 0.5, 100, true, 0.0);
+        assert_eq!(limit, 32);
+        let (limit, _) = run(&mut c, t, 2.25, 100, true, 0.0);
+        assert_eq!(limit, 64, "a step from no rate at all is not judged: growth goes on");
+        assert!(!c.saturated(t0 + SETTLE * 3));
     }
 
     #[test]

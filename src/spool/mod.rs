@@ -395,8 +395,12 @@ impl Spool {
     /// Writes what is queued, syncs and stops the writer. Idempotent.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
+        // Counted like every command: the writer takes one off for each it handles.
+        self.shared.heartbeat.queued.fetch_add(1, Ordering::Relaxed);
         if self.tx.send(Command::Close(tx)).await.is_ok() {
             let _ = rx.await;
+        } else {
+            self.shared.heartbeat.queued.fetch_sub(1, Ordering::Relaxed);
         }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
