@@ -9,7 +9,7 @@ pub(crate) mod types;
 use std::collections::HashMap;
 use std::fmt;
 
-use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::de::{IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
@@ -96,108 +96,30 @@ struct FastEnvelope<'a> {
     #[serde(borrow, default)]
     time: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    messages: Option<Messages<'a>>,
+    messages: Option<UsualMessages<'a>>,
 }
 
-/// `messages` as the fast path reads it: an object whose every member is an array, or anything
-/// else (`Unusual`), which sends the body down the general path.
-enum Messages<'a> {
-    Groups(Vec<(String, Vec<&'a RawValue>)>),
-    Unusual,
-}
+/// `messages` as the fast path reads it: an object whose every member is an array. Anything else
+/// fails to deserialize, and the body goes down the general path.
+struct UsualMessages<'a>(Vec<(String, Vec<&'a RawValue>)>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for Messages<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(MessagesVisitor(std::marker::PhantomData))
-    }
-}
-
-/// Visits `messages`; every value other than an object of arrays is skipped (still checked to
-/// be JSON) and reported `Unusual`.
-struct MessagesVisitor<'a>(std::marker::PhantomData<&'a ()>);
-
-/// A member of `messages`: its elements when it is an array, `None` (skipped) otherwise.
-struct MaybeEvents<'a>(Option<Vec<&'a RawValue>>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for MaybeEvents<'a> {
+impl<'de: 'a, 'a> Deserialize<'de> for UsualMessages<'a> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V<'a>(std::marker::PhantomData<&'a ()>);
         impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = MaybeEvents<'a>;
+            type Value = UsualMessages<'a>;
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("any JSON value")
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(4));
-                while let Some(item) = seq.next_element::<&'de RawValue>()? {
-                    out.push(item);
-                }
-                Ok(MaybeEvents(Some(out)))
+                f.write_str("an object of arrays")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(MaybeEvents(None))
-            }
-            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-                Ok(MaybeEvents(None))
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-                Ok(MaybeEvents(None))
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-                Ok(MaybeEvents(None))
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-                Ok(MaybeEvents(None))
-            }
-            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-                Ok(MaybeEvents(None))
-            }
-            fn visit_unit<E>(self) -> Result<Self::Value, E> {
-                Ok(MaybeEvents(None))
+                let mut groups = Vec::new();
+                while let Some(k) = map.next_key::<String>()? {
+                    groups.push((k, map.next_value::<Vec<&'de RawValue>>()?));
+                }
+                Ok(UsualMessages(groups))
             }
         }
-        d.deserialize_any(V(std::marker::PhantomData))
-    }
-}
-
-impl<'de: 'a, 'a> Visitor<'de> for MessagesVisitor<'a> {
-    type Value = Messages<'a>;
-    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("any JSON value")
-    }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-        let mut groups = Vec::new();
-        let mut usual = true;
-        while let Some(k) = map.next_key::<String>()? {
-            match map.next_value::<MaybeEvents<'a>>()?.0 {
-                Some(events) => groups.push((k, events)),
-                None => usual = false,
-            }
-        }
-        Ok(if usual { Messages::Groups(groups) } else { Messages::Unusual })
-    }
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
-        while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Messages::Unusual)
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
-        Ok(Messages::Unusual)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
-        Ok(Messages::Unusual)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
-        Ok(Messages::Unusual)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
-        Ok(Messages::Unusual)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
-        Ok(Messages::Unusual)
-    }
-    fn visit_unit<E>(self) -> Result<Self::Value, E> {
-        Ok(Messages::Unusual)
+        d.deserialize_map(V(std::marker::PhantomData))
     }
 }
 
@@ -229,14 +151,13 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
             Err(e) => Err(BodyError::NotJson(e.to_string())),
         };
     }
-    // The usual batch — a numeric `time` and `messages` an object of arrays — in one pass; anything
-    // else (a handshake, no `time`, a member that is not an array, `messages` not an object) again
-    // by the general path below, which keeps the raw values it needs.
-    // A body the fast path cannot read (invalid, or a number no f64 holds where it looks at values)
-    // is read again by the general path too, which decides what it is.
+    // The usual batch — a numeric `time` and `messages` an object of arrays — in one pass. Anything
+    // else (a handshake, no `time`, a member that is not an array, `messages` not an object, an
+    // invalid body) is read again by the general path below, which keeps the raw values it needs
+    // and decides what the body is.
     if let Ok(fast) = serde_json::from_slice::<FastEnvelope<'_>>(body) {
         let time = fast.time.and_then(|t| t.get().parse::<i64>().ok());
-        if let (Some(t), Some(Messages::Groups(groups))) = (time, fast.messages) {
+        if let (Some(t), Some(UsualMessages(groups))) = (time, fast.messages) {
             return Ok(Body::Batch(Batch {
                 token: fast.token.and_then(raw_plain_str),
                 time: Some(t),
