@@ -281,22 +281,6 @@ async fn failures_are_reported_and_the_event_still_published() {
     d.stop().await;
 }
 
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_owned()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn later_events_of_the_same_chat_wait_for_the_files_other_chats_do_not() {
     let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
