@@ -675,7 +675,7 @@ pub struct SpoolConfig {
     /// The spool's directory; one per replica, held by one process at a time.
     pub dir: PathBuf,
     /// Bytes the spool keeps on disk at most (segments, delivered events included until their
-    /// segment is deleted, and the dedup snapshot); past it the webhook answers 503, never drops.
+    /// segment is deleted, and the dedup journal); past it the webhook answers 503, never drops.
     pub max_bytes: u64,
     /// An event id durably stored within this window is acknowledged but not stored again (a batch
     /// Huggy sends twice). 19–39 bytes of memory per id.

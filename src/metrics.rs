@@ -237,7 +237,7 @@ impl Metrics {
             )),
             spool_disk_bytes: reg!(IntGauge::new(
                 "huggy_bridge_spool_disk_bytes",
-                "Bytes the spool holds on disk (segments, delivered events included until their segment is deleted, and the dedup snapshot); spool.max_bytes caps this."
+                "Bytes the spool holds on disk (segments, delivered events included until their segment is deleted, and the dedup journal); spool.max_bytes caps this."
             )),
             spool_fs_free_bytes: reg!(IntGauge::new(
                 "huggy_bridge_spool_fs_free_bytes",

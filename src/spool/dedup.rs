@@ -3,7 +3,7 @@
 //!
 //! Invariant: an id enters the window only after the frame of its event is durable (the writer
 //! inserts after the segment's `fdatasync`; recovery inserts what it reads from segments and from the
-//! snapshot, both durable). So everything the window makes us skip was stored first.
+//! journal, both durable). So everything the window makes us skip was stored first.
 //!
 //! Memory: ids are kept in [`GENERATIONS`] slices, each covering an equal part of the window and
 //! spread over [`SHARDS`] hash tables; a slice that falls out of the window is dropped whole. An
@@ -13,28 +13,25 @@
 //! one still held; with the ids in sixteen tables, that costs a sixteenth of a slice at a time
 //! instead of the whole slice (about 50 MB at a million ids in one table).
 //!
-//! Persistence: ids whose segment is about to be deleted would otherwise be forgotten by a restart,
-//! so before the writer deletes a segment the whole window is written to `dedup.snapshot` (temporary
-//! file, `fdatasync`, rename, directory sync). The writer encodes the window ([`Dedup::snapshot`], a
-//! copy of the ids) and a thread of its own writes and syncs it ([`write_snapshot`]), so requests
-//! never wait for that write; the segments are deleted once it is durable. Recovery loads the
-//! snapshot, then adds the ids of the events still in segments.
+//! Persistence: ids whose segment is deleted would otherwise be forgotten by a restart. The
+//! [`Journal`] keeps them on disk, append-only, a file per slice: the writer hands it each group's
+//! ids once the group is durable (a thread of its own writes them, unsynced), and before a segment
+//! is deleted the journal is synced. Deleting a segment thus costs the ids written since the last
+//! deletion, never a copy of the whole window. Recovery loads the journal, then adds the ids of the
+//! events still in segments (and journals them again: their earlier appends may not have been synced).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::fs::{self, File};
 use std::hash::{BuildHasher, Hash, Hasher};
 use std::io::{self, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::event::EventId;
 
 /// Slices of the window, each a hash set dropped whole when it expires.
 pub(crate) const GENERATIONS: i64 = 8;
-const SNAPSHOT: &str = "dedup.snapshot";
-const SNAPSHOT_MAGIC: &[u8; 8] = b"HUGGYDDP";
-const SNAPSHOT_VERSION: u32 = 1;
 
 /// Ids are SHA-256 output: their first eight bytes are already a uniform hash.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -117,25 +114,6 @@ impl Dedup {
         Dedup { dir: dir.to_owned(), window, span: (window / GENERATIONS).max(1), gens: VecDeque::new() }
     }
 
-    /// Loads the snapshot a previous run left, keeping what is still inside the window at `now`. A
-    /// damaged snapshot is logged and ignored: it costs at most a duplicate record, never an event.
-    pub(crate) fn load(&mut self, now: i64) {
-        let path = self.dir.join(SNAPSHOT);
-        match read_snapshot(&path) {
-            Ok(entries) => {
-                for (start, ids) in entries {
-                    for id in ids {
-                        self.insert(EventId(id), start, now);
-                    }
-                }
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => {
-                warn!(path = %path.display(), error = %e, "dedup snapshot unreadable; ignored (a re-sent batch may be published twice)")
-            }
-        }
-    }
-
     pub(crate) fn enabled(&self) -> bool {
         self.window > 0
     }
@@ -193,67 +171,341 @@ impl Dedup {
             .sum()
     }
 
-    /// Writes the window to `dedup.snapshot` durably, on the caller's thread.
-    ///
-    /// # Errors
-    /// The snapshot could not be made durable; the caller must not delete segments then.
-    #[cfg(test)]
-    pub(crate) fn persist(&self) -> io::Result<()> {
-        let mut snapshot = Vec::new();
-        self.snapshot_into(&mut snapshot);
-        write_snapshot(&self.dir, &snapshot).map(drop)
+    /// The span of one slice, in seconds: the granularity of expiry and of the journal's files.
+    pub(crate) fn span(&self) -> i64 {
+        self.span
     }
 
-    /// Writes the window in the snapshot's format into `out`, for [`write_snapshot`].
-    /// `out` is cleared first; passing the same buffer each time keeps one buffer of the window's
-    /// size instead of a fresh one per snapshot.
-    pub(crate) fn snapshot_into(&self, out: &mut Vec<u8>) {
-        out.clear();
-        out.reserve(16 + self.len() * 16 + self.gens.len() * 12 + 4);
-        out.extend_from_slice(SNAPSHOT_MAGIC);
-        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
-        out.extend_from_slice(&u32::try_from(self.gens.len()).unwrap_or(u32::MAX).to_le_bytes());
-        for g in &self.gens {
-            out.extend_from_slice(&g.start.to_le_bytes());
-            out.extend_from_slice(&u32::try_from(g.len()).unwrap_or(u32::MAX).to_le_bytes());
-            for k in g.ids.iter().flatten() {
-                out.extend_from_slice(&k.0);
+    /// The window, in seconds.
+    pub(crate) fn window(&self) -> i64 {
+        self.window
+    }
+}
+
+/// The journal's files: `dedup-<slice start>-<span>.ids`, one per slice of the window.
+const JOURNAL_PREFIX: &str = "dedup-";
+const JOURNAL_SUFFIX: &str = ".ids";
+/// The dedup snapshot of earlier builds (the whole window in one file), read once and migrated.
+const LEGACY_SNAPSHOT: &str = "dedup.snapshot";
+const LEGACY_MAGIC: &[u8; 8] = b"HUGGYDDP";
+const LEGACY_VERSION: u32 = 1;
+/// Starts every block of ids.
+const BLOCK_MAGIC: u32 = 0x4a44_4748;
+/// Magic, id count, CRC-32 of the count and the ids.
+const BLOCK_HEADER: usize = 12;
+/// Ids in one block at most: a damaged block costs at most these.
+const BLOCK_IDS: usize = 4096;
+
+/// One file of the journal: the ids stored during one slice of the window.
+struct JournalFile {
+    path: PathBuf,
+    /// Bytes on disk.
+    bytes: u64,
+    /// Open for appending once something was appended in this run.
+    file: Option<File>,
+    /// Appended to since the last sync.
+    dirty: bool,
+}
+
+/// The dedup window on disk, append-only: the writer hands it the ids of every group it made durable
+/// ([`Journal::append`], not synced), and before a segment is deleted the journal is synced
+/// ([`Journal::sync`]), so every id of that segment is durable elsewhere first. A file per slice of
+/// the window, deleted whole once the slice falls out of it ([`Journal::expire`]). Each deletion of
+/// a segment costs the ids written since the last one, not the whole window.
+///
+/// Files are sequences of blocks (magic, count, CRC-32, ids); reading skips a damaged or torn block
+/// and resumes at the next valid one. A lost id costs at most a duplicate record, never an event.
+pub(crate) struct Journal {
+    dir: PathBuf,
+    window: i64,
+    span: i64,
+    /// By slice start and span (a change of `spool.dedup_window_secs` leaves files of another span).
+    files: BTreeMap<(i64, i64), JournalFile>,
+    /// A file was created since the last sync: the directory entry must be synced too.
+    dir_dirty: bool,
+    /// Ids whose append failed: written again before the next sync may succeed.
+    retry: Vec<(EventId, i64)>,
+    buf: Vec<u8>,
+}
+
+impl Journal {
+    /// Opens the journal in the spool directory and loads the ids still inside the window at `now`
+    /// into `dedup`; files out of the window are deleted (all of them when `dedup` is disabled). A
+    /// snapshot left by an earlier build is loaded, written into the journal and removed.
+    pub(crate) fn open(dedup: &mut Dedup, now: i64) -> Journal {
+        let mut j = Journal {
+            dir: dedup.dir.clone(),
+            window: dedup.window(),
+            span: dedup.span(),
+            files: BTreeMap::new(),
+            dir_dirty: false,
+            retry: Vec::new(),
+            buf: Vec::new(),
+        };
+        let listed = match list_journal(&j.dir) {
+            Ok(l) => l,
+            Err(e) => {
+                warn!(dir = %j.dir.display(), error = %e, "dedup journal unreadable; ignored (a re-sent batch may be published twice)");
+                Vec::new()
+            }
+        };
+        for (start, span, path) in listed {
+            if !dedup.enabled() || start + span <= now - j.window {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let bytes = match fs::read(&path) {
+                Ok(b) => b,
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "dedup journal file unreadable; ignored (a re-sent batch may be published twice)");
+                    continue;
+                }
+            };
+            let damaged = read_blocks(&bytes, |id| dedup.insert(EventId(id), start, now));
+            if damaged > 0 {
+                warn!(path = %path.display(), damaged_bytes = damaged, "dedup journal: skipped damaged or torn blocks (a re-sent batch may be published twice)");
+            }
+            j.files.insert((start, span), JournalFile { path, bytes: bytes.len() as u64, file: None, dirty: false });
+        }
+        j.migrate_legacy(dedup, now);
+        j
+    }
+
+    fn migrate_legacy(&mut self, dedup: &mut Dedup, now: i64) {
+        let path = self.dir.join(LEGACY_SNAPSHOT);
+        let entries = match read_legacy_snapshot(&path) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "dedup snapshot unreadable; removed (a re-sent batch may be published twice)");
+                let _ = fs::remove_file(&path);
+                return;
+            }
+        };
+        let mut ids = Vec::new();
+        for (start, slice) in entries {
+            for id in slice {
+                dedup.insert(EventId(id), start, now);
+                ids.push((EventId(id), start));
             }
         }
-        let crc = crc32fast::hash(out);
-        out.extend_from_slice(&crc.to_le_bytes());
+        if !dedup.enabled() {
+            let _ = fs::remove_file(&path);
+            return;
+        }
+        // The snapshot goes only once its ids are durable in the journal.
+        let moved = self.append(&ids, now).and_then(|_| self.sync());
+        match moved.and_then(|()| fs::remove_file(&path)) {
+            Ok(()) => info!(ids = ids.len(), "dedup snapshot of an earlier version moved into the dedup journal"),
+            Err(e) => warn!(error = %e, "dedup snapshot not moved into the journal yet; it is read again at the next start"),
+        }
+    }
+
+    /// Bytes of the journal's files on disk.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.files.values().map(|f| f.bytes).sum()
+    }
+
+    /// Appends ids stored at the given times (ids already outside the window are left out), without
+    /// syncing. Returns the bytes added to disk. On failure the ids are kept and written again
+    /// before the next [`Journal::sync`] can succeed.
+    ///
+    /// # Errors
+    /// A file could not be created or written.
+    pub(crate) fn append(&mut self, ids: &[(EventId, i64)], now: i64) -> io::Result<u64> {
+        let mut todo = std::mem::take(&mut self.retry);
+        todo.extend_from_slice(ids);
+        let horizon = now - self.window - self.span;
+        let mut added = 0;
+        let mut i = 0;
+        while i < todo.len() {
+            let at = todo[i].1;
+            if at < horizon {
+                i += 1;
+                continue;
+            }
+            let start = at - at.rem_euclid(self.span);
+            let mut end = i;
+            while end < todo.len() && end - i < BLOCK_IDS && {
+                let a = todo[end].1;
+                a - a.rem_euclid(self.span) == start
+            } {
+                end += 1;
+            }
+            match self.write_block(start, &todo[i..end]) {
+                Ok(n) => added += n,
+                Err(e) => {
+                    self.retry.extend(todo[i..].iter().filter(|(_, at)| *at >= horizon));
+                    return Err(e);
+                }
+            }
+            i = end;
+        }
+        Ok(added)
+    }
+
+    fn write_block(&mut self, start: i64, ids: &[(EventId, i64)]) -> io::Result<u64> {
+        self.buf.clear();
+        let count = u32::try_from(ids.len()).expect("at most BLOCK_IDS").to_le_bytes();
+        self.buf.extend_from_slice(&BLOCK_MAGIC.to_le_bytes());
+        self.buf.extend_from_slice(&count);
+        self.buf.extend_from_slice(&[0; 4]);
+        for (id, _) in ids {
+            self.buf.extend_from_slice(&id.0);
+        }
+        let mut crc = crc32fast::Hasher::new();
+        crc.update(&count);
+        crc.update(&self.buf[BLOCK_HEADER..]);
+        self.buf[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
+        let span = self.span;
+        let dir = &self.dir;
+        let entry = self.files.entry((start, span)).or_insert_with(|| JournalFile {
+            path: dir.join(format!("{JOURNAL_PREFIX}{start:020}-{span}{JOURNAL_SUFFIX}")),
+            bytes: 0,
+            file: None,
+            dirty: false,
+        });
+        if entry.file.is_none() {
+            let created = !entry.path.exists();
+            entry.file = Some(fs::OpenOptions::new().create(true).append(true).open(&entry.path)?);
+            self.dir_dirty |= created;
+        }
+        let file = entry.file.as_mut().expect("opened above");
+        if let Err(e) = file.write_all(&self.buf) {
+            // Cut a partial block off, so the next append starts clean (reading would skip it anyway).
+            let _ = file.set_len(entry.bytes);
+            return Err(e);
+        }
+        entry.bytes += self.buf.len() as u64;
+        entry.dirty = true;
+        Ok(self.buf.len() as u64)
+    }
+
+    /// Makes everything appended so far durable (the files, and the directory when a file is new).
+    ///
+    /// # Errors
+    /// Ids are still waiting to be written again, or a sync failed; the segments waiting for this
+    /// sync must not be deleted.
+    pub(crate) fn sync(&mut self) -> io::Result<()> {
+        if !self.retry.is_empty() {
+            self.append(&[], crate::clock::now_secs())?;
+        }
+        for f in self.files.values_mut().filter(|f| f.dirty) {
+            if let Some(file) = &f.file {
+                file.sync_data()?;
+            }
+            f.dirty = false;
+        }
+        if self.dir_dirty {
+            File::open(&self.dir)?.sync_all()?;
+            self.dir_dirty = false;
+        }
+        Ok(())
+    }
+
+    /// Deletes the files of slices that fell out of the window at `now`. Returns the bytes freed.
+    pub(crate) fn expire(&mut self, now: i64) -> u64 {
+        let horizon = now - self.window;
+        let old: Vec<(i64, i64)> = self.files.keys().filter(|(start, span)| start + span <= horizon).copied().collect();
+        let mut freed = 0;
+        for key in old {
+            let f = self.files.remove(&key).expect("listed above");
+            match fs::remove_file(&f.path) {
+                Ok(()) => freed += f.bytes,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => freed += f.bytes,
+                Err(e) => {
+                    warn!(path = %f.path.display(), error = %e, "dedup journal: an expired file could not be deleted");
+                    self.files.insert(key, JournalFile { file: None, ..f });
+                }
+            }
+        }
+        freed
     }
 }
 
-/// Makes `snapshot` (from [`Dedup::snapshot`]) the durable `dedup.snapshot` of `dir`: temporary
-/// file, sync, rename, directory sync. Returns its size.
-///
-/// # Errors
-/// The snapshot could not be made durable; the segments it was to cover must not be deleted.
-pub fn write_snapshot(dir: &Path, snapshot: &[u8]) -> io::Result<u64> {
-    let tmp = dir.join(format!("{SNAPSHOT}.tmp"));
-    {
-        let mut f = File::create(&tmp)?;
-        f.write_all(snapshot)?;
-        f.sync_data()?;
-    }
-    fs::rename(&tmp, dir.join(SNAPSHOT))?;
-    File::open(dir)?.sync_all()?;
-    Ok(snapshot.len() as u64)
+/// Bytes of the dedup journal's files (and of an earlier build's snapshot) in `dir`.
+pub(crate) fn journal_bytes(dir: &Path) -> u64 {
+    let legacy = fs::metadata(dir.join(LEGACY_SNAPSHOT)).map_or(0, |m| m.len());
+    list_journal(dir).unwrap_or_default().iter().map(|(_, _, p)| fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>()
+        + legacy
 }
 
-fn read_snapshot(path: &Path) -> io::Result<Vec<(i64, Vec<[u8; 16]>)>> {
+/// The journal's files: slice start, span and path.
+fn list_journal(dir: &Path) -> io::Result<Vec<(i64, i64, PathBuf)>> {
+    let mut out = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        let Some((start, span)) = name
+            .strip_prefix(JOURNAL_PREFIX)
+            .and_then(|r| r.strip_suffix(JOURNAL_SUFFIX))
+            .and_then(|r| r.split_once('-'))
+        else {
+            continue;
+        };
+        if let (Ok(start), Ok(span)) = (start.parse(), span.parse()) {
+            out.push((start, span, path));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Calls `each` for every id in the valid blocks of `bytes`; returns the bytes skipped as damaged
+/// or torn. After a bad block, reading resumes at the next position where a valid block starts.
+fn read_blocks(bytes: &[u8], mut each: impl FnMut([u8; 16])) -> usize {
+    let mut pos = 0;
+    let mut skipped = 0;
+    while pos < bytes.len() {
+        match valid_block(&bytes[pos..]) {
+            Some(ids) => {
+                for c in ids.chunks_exact(16) {
+                    each(c.try_into().expect("16 bytes"));
+                }
+                pos += BLOCK_HEADER + ids.len();
+            }
+            None => {
+                let magic = BLOCK_MAGIC.to_le_bytes();
+                let next = (pos + 1..bytes.len().saturating_sub(3))
+                    .find(|&p| bytes[p..p + 4] == magic && valid_block(&bytes[p..]).is_some())
+                    .unwrap_or(bytes.len());
+                skipped += next - pos;
+                pos = next;
+            }
+        }
+    }
+    skipped
+}
+
+/// The ids of the block at the start of `b`, if a whole valid one is there.
+fn valid_block(b: &[u8]) -> Option<&[u8]> {
+    let head = b.get(..BLOCK_HEADER)?;
+    if head[..4] != BLOCK_MAGIC.to_le_bytes() {
+        return None;
+    }
+    let count = u32::from_le_bytes(head[4..8].try_into().expect("4 bytes")) as usize;
+    if count > BLOCK_IDS {
+        return None;
+    }
+    let ids = b.get(BLOCK_HEADER..BLOCK_HEADER + count * 16)?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head[4..8]);
+    crc.update(ids);
+    (crc.finalize().to_le_bytes() == head[8..12]).then_some(ids)
+}
+
+fn read_legacy_snapshot(path: &Path) -> io::Result<Vec<(i64, Vec<[u8; 16]>)>> {
     let mut buf = Vec::new();
     BufReader::new(File::open(path)?).read_to_end(&mut buf)?;
     let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidData, why.to_owned());
-    if buf.len() < 20 || &buf[..8] != SNAPSHOT_MAGIC {
+    if buf.len() < 20 || &buf[..8] != LEGACY_MAGIC {
         return Err(bad("not a dedup snapshot"));
     }
     let (body, crc) = buf.split_at(buf.len() - 4);
     if crc32fast::hash(body) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
         return Err(bad("checksum mismatch"));
     }
-    if u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) != SNAPSHOT_VERSION {
+    if u32::from_le_bytes(body[8..12].try_into().expect("4 bytes")) != LEGACY_VERSION {
         return Err(bad("unknown snapshot version"));
     }
     let gens = u32::from_le_bytes(body[12..16].try_into().expect("4 bytes")) as usize;
@@ -282,36 +534,95 @@ mod tests {
         EventId(b)
     }
 
-    #[test]
-    fn ids_expire_with_their_slice_and_survive_a_snapshot() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut d = Dedup::new(dir.path(), 800);
-        d.insert(id(1), 1000, 1000);
-        d.insert(id(2), 1500, 1500);
-        assert!(d.contains(&id(1), 1500) && d.contains(&id(2), 1500));
-        d.persist().unwrap();
-        let mut again = Dedup::new(dir.path(), 800);
-        again.load(1500);
-        assert!(again.contains(&id(1), 1500) && again.contains(&id(2), 1500) && !again.contains(&id(3), 1500));
-        // 1000 falls out of an 800 s window by 1900 (+ one slice of 100 s at most).
-        again.expire(2001);
-        assert!(!again.contains(&id(1), 2001));
-        assert!(again.contains(&id(2), 2001));
+    /// A window of 800 s (slices of 100 s) with its journal opened at `now`.
+    fn opened(dir: &Path, now: i64) -> (Dedup, Journal) {
+        let mut d = Dedup::new(dir, 800);
+        let j = Journal::open(&mut d, now);
+        (d, j)
     }
 
     #[test]
-    fn a_damaged_snapshot_is_ignored_not_fatal() {
+    fn ids_expire_with_their_slice_and_survive_in_the_journal() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = Dedup::new(dir.path(), 800);
+        let (mut d, mut j) = opened(dir.path(), 1500);
         d.insert(id(1), 1000, 1000);
-        d.persist().unwrap();
-        let p = dir.path().join(SNAPSHOT);
+        d.insert(id(2), 1500, 1500);
+        assert!(d.contains(&id(1), 1500) && d.contains(&id(2), 1500));
+        let added = j.append(&[(id(1), 1000), (id(2), 1500)], 1500).unwrap();
+        j.sync().unwrap();
+        assert_eq!(added, j.bytes());
+        assert_eq!(added, 2 * (BLOCK_HEADER as u64 + 16), "one block per slice");
+        drop(j);
+        let (mut again, mut j) = opened(dir.path(), 1500);
+        assert!(again.contains(&id(1), 1500) && again.contains(&id(2), 1500) && !again.contains(&id(3), 1500));
+        // 1000 falls out of an 800 s window by 1900 (+ one slice of 100 s at most); so does its file.
+        again.expire(2001);
+        assert!(!again.contains(&id(1), 2001));
+        assert!(again.contains(&id(2), 2001));
+        assert_eq!(j.expire(2001), BLOCK_HEADER as u64 + 16);
+        assert_eq!(list_journal(dir.path()).unwrap().len(), 1);
+        drop(j);
+        let (again, _j) = opened(dir.path(), 2001);
+        assert!(!again.contains(&id(1), 2001) && again.contains(&id(2), 2001));
+    }
+
+    #[test]
+    fn a_damaged_block_costs_its_own_ids_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut j) = opened(dir.path(), 1000);
+        for n in 0..3 {
+            j.append(&[(id(n), 1000)], 1000).unwrap();
+        }
+        j.sync().unwrap();
+        let (_, _, p) = list_journal(dir.path()).unwrap().remove(0);
         let mut bytes = fs::read(&p).unwrap();
-        bytes[20] ^= 0xff;
+        let block = BLOCK_HEADER + 16;
+        bytes[block + BLOCK_HEADER + 3] ^= 0xff; // an id byte of the second block
+        bytes.extend_from_slice(&bytes[..block - 5].to_vec()); // and a torn block at the end
         fs::write(&p, bytes).unwrap();
-        let mut again = Dedup::new(dir.path(), 800);
-        again.load(1000);
-        assert_eq!(again.len(), 0);
+        let (again, mut j) = opened(dir.path(), 1000);
+        assert!(again.contains(&id(0), 1000) && !again.contains(&id(1), 1000) && again.contains(&id(2), 1000));
+        // Appends after the torn block are read again at the next start.
+        j.append(&[(id(7), 1000)], 1000).unwrap();
+        j.sync().unwrap();
+        drop(j);
+        let (again, _j) = opened(dir.path(), 1000);
+        assert!(again.contains(&id(7), 1000) && again.contains(&id(2), 1000));
+    }
+
+    #[test]
+    fn an_earlier_builds_snapshot_moves_into_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        // Version 1 of `dedup.snapshot`: magic, version, slices (start, count, ids), CRC-32.
+        let mut snap = LEGACY_MAGIC.to_vec();
+        snap.extend_from_slice(&LEGACY_VERSION.to_le_bytes());
+        snap.extend_from_slice(&1u32.to_le_bytes());
+        snap.extend_from_slice(&1000i64.to_le_bytes());
+        snap.extend_from_slice(&2u32.to_le_bytes());
+        snap.extend_from_slice(&id(1).0);
+        snap.extend_from_slice(&id(2).0);
+        let crc = crc32fast::hash(&snap);
+        snap.extend_from_slice(&crc.to_le_bytes());
+        fs::write(dir.path().join(LEGACY_SNAPSHOT), snap).unwrap();
+        let (d, j) = opened(dir.path(), 1000);
+        assert!(d.contains(&id(1), 1000) && d.contains(&id(2), 1000));
+        assert!(!dir.path().join(LEGACY_SNAPSHOT).exists());
+        assert!(j.bytes() > 0);
+        drop(j);
+        let (d, _j) = opened(dir.path(), 1000);
+        assert!(d.contains(&id(1), 1000) && d.contains(&id(2), 1000));
+    }
+
+    #[test]
+    fn a_disabled_window_deletes_the_journal() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut j) = opened(dir.path(), 1000);
+        j.append(&[(id(1), 1000)], 1000).unwrap();
+        j.sync().unwrap();
+        let mut off = Dedup::new(dir.path(), 0);
+        let j = Journal::open(&mut off, 1000);
+        assert_eq!(j.bytes(), 0);
+        assert!(list_journal(dir.path()).unwrap().is_empty());
     }
 
     #[test]

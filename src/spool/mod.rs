@@ -14,7 +14,8 @@
 //!   `Acked`, `Files` (an event's `bridge_files`) and `Abandoned` (after a failed write). A segment
 //!   rolls over at `segment_bytes`; it is deleted once every event in it and in every older segment
 //!   is acknowledged.
-//! - `dedup.snapshot`: the dedup window, written before a segment is deleted ([`dedup`]).
+//! - `dedup-<slice start>-<span>.ids`: the dedup journal, the ids of the window a file per slice,
+//!   synced before a segment is deleted ([`dedup`]).
 //! - `damaged/`: copies of segments in which recovery found damage, for inspection.
 //!
 //! What is synced when, and what damage costs, is in [`writer`] and [`recovery`].
@@ -92,7 +93,7 @@ pub enum SpoolError {
 #[derive(Clone)]
 pub struct SpoolSettings {
     dir: PathBuf,
-    /// Cap on the bytes the spool keeps on disk (segments and dedup snapshot).
+    /// Cap on the bytes the spool keeps on disk (segments and dedup journal).
     max_bytes: u64,
     dedup_window_secs: u64,
     segment_bytes: u64,
@@ -177,7 +178,7 @@ pub struct SpoolStats {
     /// Bytes of undelivered events.
     pub bytes: u64,
     /// Bytes on disk: segments (delivered events included until their segment is deleted) and the
-    /// dedup snapshot. This is what `max_bytes` caps.
+    /// dedup journal. This is what `max_bytes` caps.
     pub disk_bytes: u64,
     pub(crate) max_bytes: u64,
     /// Segment files on disk.
@@ -267,7 +268,7 @@ pub(crate) enum Command {
     Ack(Vec<u64>),
     FilesDone(u64, Vec<u8>),
     Close(oneshot::Sender<()>),
-    /// A dedup snapshot is durable: the segments it covers can go.
+    /// The dedup journal was synced: the segments waiting for it can go.
     Compact,
 }
 
@@ -291,11 +292,11 @@ impl Spool {
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
         let now = now_secs();
         let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs);
-        dedup.load(now);
+        let journal = dedup::Journal::open(&mut dedup, now);
         let recovered = recovery::recover(&settings.dir, recovery::Mode::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
-        let (writer, shared) = writer::Writer::start(settings, recovered, dedup, dir_lock, tx.downgrade())?;
+        let (writer, shared) = writer::Writer::start(settings, recovered, dedup, journal, dir_lock, tx.downgrade())?;
         let thread = std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
         let stats = stats_of(&shared);
         info!(
@@ -444,7 +445,7 @@ pub struct OfflineStatus {
     pub pending_file_captures: usize,
     /// Segment files.
     pub segments: usize,
-    /// Bytes on disk (segments and the dedup snapshot).
+    /// Bytes on disk (segments and the dedup journal).
     pub disk_bytes: u64,
     /// What reading the segments found: torn tails, damaged regions, events lost.
     pub damage: RecoveryReport,
@@ -476,7 +477,7 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
         oldest_age_secs: oldest.map(|at| (now - at).max(0)),
         pending_file_captures: r.file_work.len(),
         segments: r.segments.len(),
-        disk_bytes: r.disk_bytes,
+        disk_bytes: r.disk_bytes + dedup::journal_bytes(dir),
         damage: r.report,
     })
 }

@@ -64,6 +64,9 @@ pub(crate) struct Recovered {
     pub(crate) file_results: HashMap<u64, Vec<u8>>,
     pub(crate) file_work: Vec<FileWork>,
     pub(crate) disk_bytes: u64,
+    /// Ids of the events in segments and when each was stored (repair mode with a dedup window
+    /// only), for the dedup journal.
+    pub(crate) ids: Vec<(crate::event::EventId, i64)>,
     pub(crate) report: RecoveryReport,
 }
 
@@ -83,6 +86,7 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
         file_results: HashMap::new(),
         file_work: Vec::new(),
         disk_bytes: 0,
+        ids: Vec::new(),
         report: RecoveryReport::default(),
     };
     let abandoned = abandoned_limits(&files)?;
@@ -223,6 +227,9 @@ fn apply(
         Record::Event { seq, received_at, event } => {
             r.next_seq = r.next_seq.max(seq + 1);
             dedup.insert(event.id, received_at, now);
+            if mode == Mode::Repair && dedup.enabled() {
+                r.ids.push((event.id, received_at));
+            }
             if mode == Mode::ReadOnly {
                 types.insert(seq, event.event_type.label());
             }

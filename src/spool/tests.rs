@@ -106,9 +106,14 @@ async fn ids_in_segments_are_remembered_even_if_the_dedup_log_was_lost() {
     let spool = Spool::open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     spool.close().await;
-    // The dedup snapshot is written only before a segment is deleted: a crash may leave none.
+    // The dedup journal is synced only before a segment is deleted: a crash may leave none.
     // The segment still has the id.
-    let _ = std::fs::remove_file(dir.path().join("dedup.snapshot"));
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ids") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
     let spool = Spool::open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 1));
@@ -216,8 +221,9 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
 
 #[tokio::test]
 async fn ids_of_deleted_segments_are_still_duplicates_after_a_restart() {
-    // The snapshot that covers deleted segments is written off the writer thread; a segment may
-    // only go once it is durable, so a restart right after the deletion still knows every id.
+    // The dedup journal is written and synced off the writer thread; a segment may only go once the
+    // journal was synced after it became deletable, so a restart right after the deletion still
+    // knows every id.
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.segment_bytes = 512;

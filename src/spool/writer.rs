@@ -9,9 +9,9 @@
 //!   the writer keeps those records in memory.
 //! - A new segment's header is synced, and so is the directory entry, before anything is written
 //!   after it; a full segment is synced before the next one starts.
-//! - The dedup window is written to `dedup.snapshot` and synced before a segment is deleted. That
-//!   write happens on a thread of its own ([`Snapshots`]): the writer copies the window's ids, goes on
-//!   committing groups, and deletes the segments once the snapshot is durable.
+//! - The ids of every durable group go to the dedup journal ([`dedup::Journal`]), on a thread of its
+//!   own and unsynced; before a segment is deleted the journal is synced (on that thread too: the
+//!   writer goes on committing groups and deletes the segments once the sync succeeded).
 //!
 //! When a `write` or `fdatasync` fails (Postgres' "fsyncgate": after a failed `fdatasync` the
 //! kernel may have dropped the dirty pages, and a second `fdatasync` can succeed without them), the
@@ -53,57 +53,89 @@ pub(crate) struct Writer {
     synced_len: u64,
     next_seq: u64,
     dedup: Dedup,
-    /// Bytes of `dedup.snapshot` on disk.
-    snapshot_bytes: u64,
     /// Acknowledgements and file results written but not known to be durable.
     carry: Vec<Record>,
     /// The active segment failed a write or sync: the next group starts a fresh one.
     broken: bool,
-    snapshots: Snapshots,
-    /// Dropped last: no snapshot is written after the directory is released.
+    journal: JournalThread,
+    /// Dropped last: nothing is written after the directory is released.
     _lock: DirLock,
 }
 
-/// The thread that writes dedup snapshots, one at a time, and the segments waiting for the one
-/// being written.
-struct Snapshots {
-    jobs: Option<Sender<Vec<u8>>>,
-    /// The result of a write, and the buffer back for the next snapshot.
-    done: Receiver<(std::io::Result<u64>, Vec<u8>)>,
-    /// The buffer snapshots are encoded into, while no write holds it.
-    buffer: Vec<u8>,
-    /// Deleted once the snapshot being written is durable.
+/// What the journal thread is asked to do, in order.
+enum JournalJob {
+    /// Ids of a durable group, with the time each was stored.
+    Append(Vec<(EventId, i64)>),
+    /// Make everything appended so far durable, then report.
+    Sync,
+}
+
+/// The thread that keeps the dedup journal ([`dedup::Journal`]), and the segments waiting for the
+/// sync in flight.
+struct JournalThread {
+    jobs: Option<Sender<JournalJob>>,
+    /// The result of each [`JournalJob::Sync`].
+    synced: Receiver<std::io::Result<()>>,
+    /// Deleted once the sync in flight succeeded.
     covering: Option<Vec<Segment>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl Snapshots {
-    /// Starts the thread. When a snapshot is durable it queues [`Command::Compact`] (if the spool is
-    /// still open and the queue has room; a busy writer compacts after its group anyway).
-    fn start(shared: Arc<Shared>, wake: mpsc::WeakSender<Command>) -> std::io::Result<Snapshots> {
-        let (jobs, todo) = std::sync::mpsc::channel::<Vec<u8>>();
-        let (report, done) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new().name("spool-snapshot".into()).spawn(move || {
-            for snapshot in todo {
-                let written = dedup::write_snapshot(&shared.settings.dir, &snapshot);
-                if report.send((written, snapshot)).is_err() {
-                    break;
-                }
-                if let Some(tx) = wake.upgrade() {
-                    let queued = &shared.heartbeat.queued;
-                    queued.fetch_add(1, Ordering::Relaxed);
-                    if tx.try_send(Command::Compact).is_err() {
-                        queued.fetch_sub(1, Ordering::Relaxed);
+impl JournalThread {
+    /// Starts the thread. After each sync it queues [`Command::Compact`] (if the spool is still open
+    /// and the queue has room; a busy writer compacts after its group anyway). The journal's bytes
+    /// on disk are kept in the shared `disk_bytes`.
+    fn start(
+        shared: Arc<Shared>,
+        mut journal: dedup::Journal,
+        wake: mpsc::WeakSender<Command>,
+    ) -> std::io::Result<JournalThread> {
+        let (jobs, todo) = std::sync::mpsc::channel::<JournalJob>();
+        let (report, synced) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("spool-dedup".into()).spawn(move || {
+            for job in todo {
+                let now = now_secs();
+                match job {
+                    JournalJob::Append(ids) => {
+                        let added = journal.append(&ids, now);
+                        let freed = journal.expire(now);
+                        let mut st = shared.lock();
+                        st.disk_bytes = (st.disk_bytes + *added.as_ref().unwrap_or(&0)).saturating_sub(freed);
+                        drop(st);
+                        if let Err(e) = added {
+                            warn!(error = %e, "spool: dedup journal write failed; retried before the next segment is deleted");
+                        }
+                    }
+                    JournalJob::Sync => {
+                        if report.send(journal.sync()).is_err() {
+                            break;
+                        }
+                        if let Some(tx) = wake.upgrade() {
+                            let queued = &shared.heartbeat.queued;
+                            queued.fetch_add(1, Ordering::Relaxed);
+                            if tx.try_send(Command::Compact).is_err() {
+                                queued.fetch_sub(1, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
             }
         })?;
-        Ok(Snapshots { jobs: Some(jobs), done, buffer: Vec::new(), covering: None, thread: Some(thread) })
+        Ok(JournalThread { jobs: Some(jobs), synced, covering: None, thread: Some(thread) })
+    }
+
+    /// Hands the thread the ids of a durable group.
+    fn append(&self, ids: Vec<(EventId, i64)>) {
+        if let Some(jobs) = &self.jobs {
+            if !ids.is_empty() && jobs.send(JournalJob::Append(ids)).is_err() {
+                error!("spool: the dedup journal thread stopped; acknowledged segments are kept");
+            }
+        }
     }
 }
 
-impl Drop for Snapshots {
-    /// Lets the snapshot being written finish (it is small next to the segments it replaces).
+impl Drop for JournalThread {
+    /// Lets the thread write what it was handed (an append is small).
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(t) = self.thread.take() {
@@ -116,16 +148,17 @@ type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, Sp
 
 impl Writer {
     /// Builds the shared state from what recovery found and opens a fresh active segment.
-    /// `wake` is the writer's own queue, for the snapshot thread to say a snapshot is durable.
+    /// `wake` is the writer's own queue, for the journal thread to say a sync is done.
     pub(crate) fn start(
         settings: SpoolSettings,
         recovered: Recovered,
         dedup: Dedup,
+        journal: dedup::Journal,
         lock: DirLock,
         wake: mpsc::WeakSender<Command>,
     ) -> Result<(Writer, Arc<Shared>), SpoolError> {
         let unacked_bytes = recovered.unacked.values().map(|p| p.bytes).sum();
-        let snapshot_bytes = fs::metadata(settings.dir.join("dedup.snapshot")).map_or(0, |m| m.len());
+        let journal_bytes = journal.bytes();
         let files_pending = recovered.file_work.len();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
@@ -134,7 +167,7 @@ impl Writer {
                 segments: recovered.segments,
                 committed_len: 0,
                 reader_segment: 0,
-                disk_bytes: recovered.disk_bytes + snapshot_bytes,
+                disk_bytes: recovered.disk_bytes + journal_bytes,
                 write_error: false,
                 refusing: false,
                 refused_need: 0,
@@ -163,7 +196,9 @@ impl Writer {
             st.disk_bytes += len;
             st.reader_segment = st.segments.front().map_or(first_seq, |s| s.first_seq);
         }
-        let snapshots = Snapshots::start(shared.clone(), wake)?;
+        let journal = JournalThread::start(shared.clone(), journal, wake)?;
+        // Their appends in the last run may not have been synced before it ended.
+        journal.append(recovered.ids);
         let writer = Writer {
             shared: shared.clone(),
             active,
@@ -172,10 +207,9 @@ impl Writer {
             synced_len: len,
             next_seq,
             dedup,
-            snapshot_bytes,
             carry: Vec::new(),
             broken: false,
-            snapshots,
+            journal,
             _lock: lock,
         };
         Ok((writer, shared))
@@ -308,7 +342,7 @@ impl Writer {
                     files_done.push((seq, member));
                 }
                 Command::Close(tx) => close = Some(tx),
-                // Only wakes the writer: compaction below picks up the durable snapshot.
+                // Only wakes the writer: compaction below picks up the journal's sync.
                 Command::Compact => {}
             }
         }
@@ -340,10 +374,11 @@ impl Writer {
                 false
             }
         };
-        if ok {
+        if ok && self.dedup.enabled() {
             for (id, at) in &new_ids {
                 self.dedup.insert(*id, *at, now);
             }
+            self.journal.append(new_ids);
         }
         {
             let mut st = self.shared.lock();
@@ -489,22 +524,19 @@ impl Writer {
         }
     }
 
-    /// Deletes old segments whose events are all acknowledged and that the reader has left, once a
-    /// dedup snapshot written after they became deletable is durable (their ids would otherwise be
-    /// forgotten by a restart). The snapshot is written by [`Snapshots`]; this call starts one, or
-    /// finishes what the last one covers.
+    /// Deletes old segments whose events are all acknowledged and that the reader has left, once the
+    /// dedup journal was synced after they became deletable (their ids would otherwise be forgotten
+    /// by a restart). The sync runs on the journal's thread; this call asks for one, or deletes what
+    /// the last one covers.
     fn compact(&mut self) -> std::io::Result<()> {
-        if self.snapshots.covering.is_some() {
-            let written = match self.snapshots.done.try_recv() {
+        if self.journal.covering.is_some() {
+            let synced = match self.journal.synced.try_recv() {
                 Err(TryRecvError::Empty) => return Ok(()),
-                Ok((written, buffer)) => {
-                    self.snapshots.buffer = buffer;
-                    written
-                }
-                Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the snapshot thread stopped")),
+                Ok(synced) => synced,
+                Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the dedup journal thread stopped")),
             };
-            let covered = self.snapshots.covering.take().unwrap_or_default();
-            self.snapshot_written(written?);
+            let covered = self.journal.covering.take().unwrap_or_default();
+            synced?;
             self.delete(covered)?;
         }
         let victims = self.deletable();
@@ -514,28 +546,13 @@ impl Writer {
         if !self.dedup.enabled() {
             return self.delete(victims);
         }
-        let mut snapshot = std::mem::take(&mut self.snapshots.buffer);
-        self.dedup.snapshot_into(&mut snapshot);
-        let unsent = match self.snapshots.jobs.as_ref() {
-            Some(jobs) => jobs.send(snapshot).err().map(|std::sync::mpsc::SendError(back)| back),
-            None => Some(snapshot),
-        };
-        let Some(unsent) = unsent else {
-            self.snapshots.covering = Some(victims);
-            return Ok(());
-        };
-        // No snapshot thread (it stopped): write it here.
-        self.snapshots.jobs = None;
-        self.snapshots.buffer = unsent;
-        self.snapshot_written(dedup::write_snapshot(&self.shared.settings.dir, &self.snapshots.buffer)?);
-        self.delete(victims)
-    }
-
-    /// Accounts for a durable snapshot of `size` bytes replacing the previous one.
-    fn snapshot_written(&mut self, size: u64) {
-        let mut st = self.shared.lock();
-        st.disk_bytes = (st.disk_bytes + size).saturating_sub(self.snapshot_bytes);
-        self.snapshot_bytes = size;
+        match self.journal.jobs.as_ref().map(|jobs| jobs.send(JournalJob::Sync)) {
+            Some(Ok(())) => {
+                self.journal.covering = Some(victims);
+                Ok(())
+            }
+            _ => Err(std::io::Error::other("the dedup journal thread stopped; acknowledged segments are kept")),
+        }
     }
 
     /// The oldest segments, in order, whose events are all acknowledged and that neither the reader
