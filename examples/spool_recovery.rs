@@ -162,7 +162,7 @@ async fn recover(dir: &Path, max_bytes: u64) -> anyhow::Result<()> {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    if !(args.gib > 0.0) {
+    if args.gib.is_nan() || args.gib <= 0.0 {
         bail!("--gib must be positive");
     }
     if let Some(dir) = &args.recover {

@@ -578,7 +578,7 @@ mod tests {
         let mut bytes = fs::read(&p).unwrap();
         let block = BLOCK_HEADER + 16;
         bytes[block + BLOCK_HEADER + 3] ^= 0xff; // an id byte of the second block
-        bytes.extend_from_slice(&bytes[..block - 5].to_vec()); // and a torn block at the end
+        bytes.extend_from_within(..block - 5); // and a torn block at the end
         fs::write(&p, bytes).unwrap();
         let (again, mut j) = opened(dir.path(), 1000);
         assert!(again.contains(&id(0), 1000) && !again.contains(&id(1), 1000) && again.contains(&id(2), 1000));
