@@ -56,29 +56,37 @@ cpu_ticks() {
 peak_rss_kib() { awk '/^VmHWM:/{ print $2 }' "/proc/$1/status"; }
 field() { sed -n "s/.*\b$1=\([0-9]*\).*/\1/p" <<<"$2"; }
 
-# One wrk run: prints its BENCH line (see scripts/bench/post.lua).
+# One wrk run: prints its BENCH line (see scripts/bench/post.lua) and leaves wrk's own CPU time
+# (user + system, seconds) in $work/wrk.cpu.
 run_wrk() { # url seconds nonce
-  wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "${2}s" -s scripts/bench/post.lua "$1" -- "$work/batch.json" "$3" \
-    | grep '^BENCH '
+  local TIMEFORMAT='%U %S'
+  { time wrk --latency -t "$THREADS" -c "$CONNECTIONS" -d "${2}s" -s scripts/bench/post.lua "$1" -- "$work/batch.json" \
+    "$3" >"$work/wrk.out"; } 2>"$work/wrk.cpu"
+  grep '^BENCH ' "$work/wrk.out"
 }
 
-# Warm-up, then the measured run with the CPU of `cpu_pids` read around it; appends a line to
-# $results, sets `acked` to the batches answered 2xx in both runs and `cpu_t0` to the CPU ticks at
-# the start of the measured run.
+# Warm-up, then the measured run with the CPU of `cpu_pids` read around it, and of the broker
+# (`broker_pid`, when set) and of wrk itself; appends a line to $results, sets `acked` to the batches
+# answered 2xx in both runs and `cpu_t0` to the CPU ticks at the start of the measured run.
+broker_pid=
 measure() { # name url cpu_pids...
-  local name=$1 url=$2 warm line t0 t1 req non2xx
+  local name=$1 url=$2 warm line t0 t1 b0=0 b1=0 req non2xx wrk_us
   shift 2
   warm=$(run_wrk "$url" "$WARMUP" "$name-warmup-$$")
   t0=$(cpu_ticks "$@")
+  [ -n "$broker_pid" ] && b0=$(cpu_ticks "$broker_pid")
   cpu_t0=$t0
   line=$(run_wrk "$url" "$DURATION" "$name-$$")
   t1=$(cpu_ticks "$@")
+  [ -n "$broker_pid" ] && b1=$(cpu_ticks "$broker_pid")
+  wrk_us=$(awk '{ printf "%d", ($1 + $2) * 1000000 }' "$work/wrk.cpu")
   req=$(field requests "$line")
   non2xx=$(field non2xx "$line")
   acked=$(($(field requests "$warm") - $(field non2xx "$warm") + req - non2xx))
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$req" "$non2xx" "$(field duration_us "$line")" \
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$name" "$req" "$non2xx" "$(field duration_us "$line")" \
     "$(field p50_us "$line")" "$(field p99_us "$line")" "$(field p999_us "$line")" \
-    "$(((t1 - t0) * 1000000 / clk_tck))" "$(field socket_errors "$line")" "$(field timeouts "$line")" >>"$results"
+    "$(((t1 - t0) * 1000000 / clk_tck))" "$(field socket_errors "$line")" "$(field timeouts "$line")" \
+    "$(((b1 - b0) * 1000000 / clk_tck))" "$wrk_us" >>"$results"
 }
 
 echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB; $(rustc --version); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); $("$NGINX" -v 2>&1)"
@@ -111,7 +119,8 @@ kill -TERM "$rpid"; wait "$rpid" 2>/dev/null || true
 kport=$(free_port)
 "$TANSU_BIN" broker --listener-url "tcp://127.0.0.1:$kport" --advertised-listener-url "tcp://127.0.0.1:$kport" \
   --storage-engine memory://tansu/ >"$work/tansu.log" 2>&1 &
-pids+=($!)
+broker_pid=$!
+pids+=("$broker_pid")
 wait_port "$kport"
 
 metric_sum() { # admin port, metric names...: the sum of their samples
@@ -177,9 +186,10 @@ path, per_batch, drain = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 rows = {}
 for line in open(path):
     f = line.rstrip("\n").split("\t")
-    r = dict(zip(["req", "non2xx", "dur_us", "p50", "p99", "p999", "cpu_us", "sock", "tmo"], map(int, f[1:10])))
-    if len(f) > 10:
-        r.update(zip(["rss_kib", "acked", "published", "dups", "drain_ms", "cpu_drained_us"], map(int, f[10:16])))
+    keys = ["req", "non2xx", "dur_us", "p50", "p99", "p999", "cpu_us", "sock", "tmo", "broker_us", "wrk_us"]
+    r = dict(zip(keys, map(int, f[1:12])))
+    if len(f) > 12:
+        r.update(zip(["rss_kib", "acked", "published", "dups", "drain_ms", "cpu_drained_us"], map(int, f[12:18])))
     rows[f[0]] = r
 ng = rows["nginx"]
 def rps(r): return (r["req"] - r["non2xx"]) / (r["dur_us"] / 1e6)
@@ -204,6 +214,23 @@ for mode in ("spool", "kafka"):
           f" CPU until caught up {r['cpu_drained_us'] / ok:.1f} us/req, {r['cpu_drained_us'] / ok / per_batch:.1f} us/event")
 print("(published can exceed acknowledged by up to 2 x connections x events per batch: requests in flight when wrk stops"
       " its runs are stored and published, but not counted)")
+print()
+# Where the box's CPU goes, per request answered 2xx, and what is left for the daemon at each goal.
+cores = __import__("os").cpu_count()
+print(f"CPU per request on this box ({cores} cores), us: server, broker, wrk (the load generator), all")
+for name, r in rows.items():
+    ok = r["req"] - r["non2xx"]
+    server, broker, wrk = (r[k] / ok for k in ("cpu_us", "broker_us", "wrk_us"))
+    print(f"{name:>6} {server:>8.1f} {broker:>8.1f} {wrk:>8.1f} {server + broker + wrk:>8.1f}")
+for mode, ratio in (("spool", 0.5), ("kafka", 0.18)):
+    r = rows[mode]
+    ok = r["req"] - r["non2xx"]
+    target = ratio * rps(ng)
+    budget = cores * 1e6 / target
+    broker, wrk = r["broker_us"] / ok, r["wrk_us"] / ok
+    print(f"{mode}: at {ratio} x nginx ({target:.0f} req/s) the box has {budget:.1f} us of CPU per request;"
+          f" the broker takes {broker:.1f} and wrk {wrk:.1f} of it at this run's rate, leaving"
+          f" {budget - broker - wrk:.1f} us for the daemon, which used {r['cpu_us'] / ok:.1f}")
 print()
 def goal(text, ok): print(f"goal: {text:<58} {'met' if ok else 'NOT met'}")
 for mode, ratio, p99x in (("spool", 0.5, 4), ("kafka", 0.18, 5)):
