@@ -2,12 +2,21 @@
 //! same parsed comparison the fetch guard makes ([`super::prefix::allowed`]). The event's bytes are
 //! scanned once, without recursion and without re-serializing them.
 
+use std::borrow::Cow;
+
 use super::prefix::{allowed, Prefix};
 use crate::json::string_end;
+
+/// Distinct strings remembered per event as not being file URLs (events repeat the same avatar
+/// URL); past this many, each is judged again.
+const REMEMBER_REJECTED: usize = 16;
 
 /// URLs in `event` (raw JSON) under one of `prefixes`, in document order, each once.
 pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
+    // Tokens already judged not to be file URLs: the same bytes get the same answer, so a repeated
+    // one is passed over without decoding or parsing it again.
+    let mut rejected: Vec<&[u8]> = Vec::new();
     let mut i = 0;
     while let Some(open) = memchr::memchr(b'"', &event[i..]) {
         let start = i + open;
@@ -17,9 +26,16 @@ pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
         if i >= event.len() {
             i = event.len();
         }
+        if rejected.contains(&token) {
+            continue;
+        }
         if let Some(s) = decode(token) {
-            if allowed(prefixes, &s) && !out.contains(&s) {
-                out.push(s);
+            if allowed(prefixes, &s) {
+                if !out.iter().any(|u| *u == *s) {
+                    out.push(s.into_owned());
+                }
+            } else if rejected.len() < REMEMBER_REJECTED {
+                rejected.push(token);
             }
         }
     }
@@ -27,17 +43,17 @@ pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
 }
 
 /// A JSON string token to its text, when it could be a URL (it starts with `http`, in any letter
-/// case); every other string is passed over without a copy.
-fn decode(token: &[u8]) -> Option<String> {
+/// case); every other string is passed over. Borrowed when the token has no escapes.
+fn decode(token: &[u8]) -> Option<Cow<'_, str>> {
     if token.len() < 10 || !token.ends_with(b"\"") {
         return None;
     }
     let inner = &token[1..token.len() - 1];
     if !inner.contains(&b'\\') {
-        return inner[..4].eq_ignore_ascii_case(b"http").then(|| std::str::from_utf8(inner).ok().map(str::to_owned))?;
+        return inner[..4].eq_ignore_ascii_case(b"http").then(|| std::str::from_utf8(inner).ok().map(Cow::Borrowed))?;
     }
     let s = serde_json::from_slice::<String>(token).ok()?;
-    s.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("http")).then_some(s)
+    s.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("http")).then_some(Cow::Owned(s))
 }
 
 #[cfg(test)]
@@ -71,6 +87,22 @@ mod tests {
         {
             let _ = file_urls(junk, &prefixes());
         }
+    }
+
+    #[test]
+    fn a_repeated_string_gets_the_same_answer_each_time() {
+        let ev = br#"{"a":"https://c.pzw.io/x.jpg","b":"https://files.huggy.app/1","c":"https://c.pzw.io/x.jpg","d":"https://files.huggy.app/1","e":"https:\/\/files.huggy.app\/2","f":"https:\/\/files.huggy.app\/2"}"#;
+        assert_eq!(
+            file_urls(ev, &prefixes()),
+            vec!["https://files.huggy.app/1".to_owned(), "https://files.huggy.app/2".to_owned()]
+        );
+        // More distinct rejected strings than are remembered: the ones after still count.
+        let mut many = String::from("{");
+        for n in 0..40 {
+            many.push_str(&format!("\"r{n}\":\"https://c.pzw.io/{n}.jpg\","));
+        }
+        many.push_str("\"x\":\"https://c.pzw.io/39.jpg\",\"y\":\"https://files.huggy.app/late\"}");
+        assert_eq!(file_urls(many.as_bytes(), &prefixes()), vec!["https://files.huggy.app/late".to_owned()]);
     }
 
     #[test]
