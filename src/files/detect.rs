@@ -106,6 +106,27 @@ mod tests {
     }
 
     #[test]
+    fn a_url_the_parser_would_have_to_clean_up_is_neither_found_nor_allowed() {
+        // The URL parser trims spaces and controls at the ends and drops tabs and line breaks.
+        let odd = [
+            " https://files.huggy.app/a",
+            "https://files.huggy.app/a ",
+            "ht\ttps://files.huggy.app/a",
+            "https://files.huggy.app/a\nb",
+        ];
+        for u in odd {
+            assert!(url::Url::parse(u).is_ok(), "{u:?} parses");
+            assert!(!allowed(&prefixes(), u), "{u:?} allowed");
+            let ev = serde_json::to_vec(&serde_json::json!({ "file": u })).unwrap();
+            assert!(file_urls(&ev, &prefixes()).is_empty(), "{u:?} found");
+        }
+        assert!(
+            allowed(&prefixes(), "https://files.huggy.app/my file.pdf"),
+            "an inner space is percent-encoded, not dropped"
+        );
+    }
+
+    #[test]
     fn lookalike_urls_are_not_files() {
         let ev = br#"{"a":"https://files.huggy.app.evil.com/x","b":"https://files.huggy.app@evil.com/x","c":"https://files.huggy.app:8443/x","d":"https://files.huggy.app/ok"}"#;
         assert_eq!(file_urls(ev, &prefixes()), vec!["https://files.huggy.app/ok".to_owned()]);

@@ -92,6 +92,16 @@ pub fn parse_prefixes(raw: &[String]) -> Vec<Prefix> {
 }
 
 /// Whether `text` is a URL under one of `prefixes`: what detection and the fetch guard both ask.
+///
+/// Only a URL written as it is parsed: the URL parser would drop leading and trailing spaces and
+/// control characters and every tab or line break, so `" https://…"` or `"ht\ttps://…"` would
+/// parse as an allowed URL that a string is not; such strings are refused. (This also makes a
+/// leading `http`, in any letter case, necessary for a match, which detection relies on.)
 pub fn allowed(prefixes: &[Prefix], text: &str) -> bool {
+    let edges = |b: Option<&u8>| b.is_some_and(|b| *b <= b' ');
+    let bytes = text.as_bytes();
+    if edges(bytes.first()) || edges(bytes.last()) || bytes.iter().any(|b| matches!(b, b'\t' | b'\n' | b'\r')) {
+        return false;
+    }
     Url::parse(text).is_ok_and(|u| prefixes.iter().any(|p| p.matches(&u)))
 }

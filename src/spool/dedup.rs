@@ -297,7 +297,9 @@ impl Journal {
         let moved = self.append(&ids, now).and_then(|_| self.sync());
         match moved.and_then(|()| fs::remove_file(&path)) {
             Ok(()) => info!(ids = ids.len(), "dedup snapshot of an earlier version moved into the dedup journal"),
-            Err(e) => warn!(error = %e, "dedup snapshot not moved into the journal yet; it is read again at the next start"),
+            Err(e) => {
+                warn!(error = %e, "dedup snapshot not moved into the journal yet; it is read again at the next start")
+            }
         }
     }
 
