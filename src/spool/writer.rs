@@ -9,9 +9,10 @@
 //!   the writer keeps those records in memory.
 //! - A new segment's header is synced, and so is the directory entry, before anything is written
 //!   after it; a full segment is synced before the next one starts.
-//! - The ids of every durable group go to the dedup journal ([`dedup::Journal`]), on a thread of its
-//!   own and unsynced; before a segment is deleted the journal is synced (on that thread too: the
-//!   writer goes on committing groups and deletes the segments once the sync succeeded).
+//! - The ids of every durable group go to the dedup journal ([`dedup::Journal`]), unsynced; before a
+//!   segment is deleted the journal is synced. Both happen on the [`Janitor`]'s thread, and so does
+//!   the unlinking of segments (milliseconds for a large one): the writer goes on committing groups,
+//!   deletes the segments from its list once the sync succeeded and has the janitor unlink them.
 //!
 //! When a `write` or `fdatasync` fails (Postgres' "fsyncgate": after a failed `fdatasync` the
 //! kernel may have dropped the dirty pages, and a second `fdatasync` can succeed without them), the
@@ -57,46 +58,53 @@ pub(crate) struct Writer {
     carry: Vec<Record>,
     /// The active segment failed a write or sync: the next group starts a fresh one.
     broken: bool,
-    journal: JournalThread,
+    janitor: Janitor,
     /// Dropped last: nothing is written after the directory is released.
     _lock: DirLock,
 }
 
-/// What the journal thread is asked to do, in order.
-enum JournalJob {
+/// What the janitor is asked to do, in order.
+enum Chore {
     /// Ids of a durable group, with the time each was stored.
     Append(Vec<(EventId, i64)>),
     /// Make everything appended so far durable, then report.
     Sync,
+    /// Delete these segments, oldest first (already gone from the shared list). Unlinking a segment
+    /// of tens of MiB takes milliseconds (its cached pages and extents are freed): not on the
+    /// writer's thread, where every request would wait for it.
+    Delete(Vec<Segment>),
 }
 
-/// The thread that keeps the dedup journal ([`dedup::Journal`]), and the segments waiting for the
-/// sync in flight.
-struct JournalThread {
-    jobs: Option<Sender<JournalJob>>,
-    /// The result of each [`JournalJob::Sync`].
+/// The thread that does the spool's slow housekeeping off the writer's thread: it keeps the dedup
+/// journal ([`dedup::Journal`]) and deletes segments. Also holds the segments waiting for the
+/// journal sync in flight.
+struct Janitor {
+    jobs: Option<Sender<Chore>>,
+    /// The result of each [`Chore::Sync`].
     synced: Receiver<std::io::Result<()>>,
     /// Deleted once the sync in flight succeeded.
     covering: Option<Vec<Segment>>,
     thread: Option<JoinHandle<()>>,
 }
 
-impl JournalThread {
-    /// Starts the thread. After each sync it queues [`Command::Compact`] (if the spool is still open
-    /// and the queue has room; a busy writer compacts after its group anyway). The journal's bytes
-    /// on disk are kept in the shared `disk_bytes`.
+impl Janitor {
+    /// Starts the thread. After each sync or deletion it queues [`Command::Compact`] (if the spool is
+    /// still open and the queue has room; a busy writer compacts after its group anyway), so that
+    /// the writer deletes what the sync covers and ends a refusal once room is freed. The bytes it
+    /// adds and frees on disk are kept in the shared `disk_bytes`.
     fn start(
         shared: Arc<Shared>,
         mut journal: dedup::Journal,
         wake: mpsc::WeakSender<Command>,
-    ) -> std::io::Result<JournalThread> {
-        let (jobs, todo) = std::sync::mpsc::channel::<JournalJob>();
+    ) -> std::io::Result<Janitor> {
+        let (jobs, todo) = std::sync::mpsc::channel::<Chore>();
         let (report, synced) = std::sync::mpsc::channel();
-        let thread = std::thread::Builder::new().name("spool-dedup".into()).spawn(move || {
+        let thread = std::thread::Builder::new().name("spool-janitor".into()).spawn(move || {
             for job in todo {
                 let now = now_secs();
+                let wakes = !matches!(job, Chore::Append(_));
                 match job {
-                    JournalJob::Append(ids) => {
+                    Chore::Append(ids) => {
                         let added = journal.append(&ids, now);
                         let freed = journal.expire(now);
                         let mut st = shared.lock();
@@ -106,35 +114,38 @@ impl JournalThread {
                             warn!(error = %e, "spool: dedup journal write failed; retried before the next segment is deleted");
                         }
                     }
-                    JournalJob::Sync => {
+                    Chore::Sync => {
                         if report.send(journal.sync()).is_err() {
                             break;
                         }
-                        if let Some(tx) = wake.upgrade() {
-                            let queued = &shared.heartbeat.queued;
-                            queued.fetch_add(1, Ordering::Relaxed);
-                            if tx.try_send(Command::Compact).is_err() {
-                                queued.fetch_sub(1, Ordering::Relaxed);
-                            }
+                    }
+                    Chore::Delete(victims) => delete_segments(&shared, victims),
+                }
+                if wakes {
+                    if let Some(tx) = wake.upgrade() {
+                        let queued = &shared.heartbeat.queued;
+                        queued.fetch_add(1, Ordering::Relaxed);
+                        if tx.try_send(Command::Compact).is_err() {
+                            queued.fetch_sub(1, Ordering::Relaxed);
                         }
                     }
                 }
             }
         })?;
-        Ok(JournalThread { jobs: Some(jobs), synced, covering: None, thread: Some(thread) })
+        Ok(Janitor { jobs: Some(jobs), synced, covering: None, thread: Some(thread) })
     }
 
     /// Hands the thread the ids of a durable group.
     fn append(&self, ids: Vec<(EventId, i64)>) {
         if let Some(jobs) = &self.jobs {
-            if !ids.is_empty() && jobs.send(JournalJob::Append(ids)).is_err() {
-                error!("spool: the dedup journal thread stopped; acknowledged segments are kept");
+            if !ids.is_empty() && jobs.send(Chore::Append(ids)).is_err() {
+                error!("spool: the janitor thread stopped; acknowledged segments are kept");
             }
         }
     }
 }
 
-impl Drop for JournalThread {
+impl Drop for Janitor {
     /// Lets the thread write what it was handed (an append is small).
     fn drop(&mut self) {
         self.jobs = None;
@@ -148,7 +159,7 @@ type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, Sp
 
 impl Writer {
     /// Builds the shared state from what recovery found and opens a fresh active segment.
-    /// `wake` is the writer's own queue, for the journal thread to say a sync is done.
+    /// `wake` is the writer's own queue, for the janitor to say a sync or a deletion is done.
     pub(crate) fn start(
         settings: SpoolSettings,
         recovered: Recovered,
@@ -196,9 +207,9 @@ impl Writer {
             st.disk_bytes += len;
             st.reader_segment = st.segments.front().map_or(first_seq, |s| s.first_seq);
         }
-        let journal = JournalThread::start(shared.clone(), journal, wake)?;
+        let janitor = Janitor::start(shared.clone(), journal, wake)?;
         // Their appends in the last run may not have been synced before it ended.
-        journal.append(recovered.ids);
+        janitor.append(recovered.ids);
         let writer = Writer {
             shared: shared.clone(),
             active,
@@ -209,7 +220,7 @@ impl Writer {
             dedup,
             carry: Vec::new(),
             broken: false,
-            journal,
+            janitor,
             _lock: lock,
         };
         Ok((writer, shared))
@@ -378,7 +389,7 @@ impl Writer {
             for (id, at) in &new_ids {
                 self.dedup.insert(*id, *at, now);
             }
-            self.journal.append(new_ids);
+            self.janitor.append(new_ids);
         }
         {
             let mut st = self.shared.lock();
@@ -526,32 +537,33 @@ impl Writer {
 
     /// Deletes old segments whose events are all acknowledged and that the reader has left, once the
     /// dedup journal was synced after they became deletable (their ids would otherwise be forgotten
-    /// by a restart). The sync runs on the journal's thread; this call asks for one, or deletes what
+    /// by a restart). The sync runs on the janitor's thread; this call asks for one, or deletes what
     /// the last one covers.
     fn compact(&mut self) -> std::io::Result<()> {
-        if self.journal.covering.is_some() {
-            let synced = match self.journal.synced.try_recv() {
+        if self.janitor.covering.is_some() {
+            let synced = match self.janitor.synced.try_recv() {
                 Err(TryRecvError::Empty) => return Ok(()),
                 Ok(synced) => synced,
-                Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the dedup journal thread stopped")),
+                Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the janitor thread stopped")),
             };
-            let covered = self.journal.covering.take().unwrap_or_default();
+            let covered = self.janitor.covering.take().unwrap_or_default();
             synced?;
-            self.delete(covered)?;
+            self.delete(covered);
         }
         let victims = self.deletable();
         if victims.is_empty() {
             return Ok(());
         }
         if !self.dedup.enabled() {
-            return self.delete(victims);
+            self.delete(victims);
+            return Ok(());
         }
-        match self.journal.jobs.as_ref().map(|jobs| jobs.send(JournalJob::Sync)) {
+        match self.janitor.jobs.as_ref().map(|jobs| jobs.send(Chore::Sync)) {
             Some(Ok(())) => {
-                self.journal.covering = Some(victims);
+                self.janitor.covering = Some(victims);
                 Ok(())
             }
-            _ => Err(std::io::Error::other("the dedup journal thread stopped; acknowledged segments are kept")),
+            _ => Err(std::io::Error::other("the janitor thread stopped; acknowledged segments are kept")),
         }
     }
 
@@ -572,21 +584,60 @@ impl Writer {
             .collect()
     }
 
-    /// Deletes `victims`, the oldest segments, oldest first.
-    fn delete(&mut self, victims: Vec<Segment>) -> std::io::Result<()> {
-        for victim in victims {
-            match fs::remove_file(&victim.path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
-            }
+    /// Deletes `victims`, the oldest segments, oldest first: takes them off the shared list now and
+    /// has the janitor unlink them (here if it stopped).
+    fn delete(&mut self, victims: Vec<Segment>) {
+        {
             let mut st = self.shared.lock();
-            if st.segments.front().is_some_and(|s| s.first_seq == victim.first_seq) {
-                st.segments.pop_front();
+            for victim in &victims {
+                if st.segments.front().is_some_and(|s| s.first_seq == victim.first_seq) {
+                    st.segments.pop_front();
+                }
             }
-            st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
         }
-        Ok(())
+        let unsent = match self.janitor.jobs.as_ref() {
+            Some(jobs) => jobs.send(Chore::Delete(victims)).err().map(|std::sync::mpsc::SendError(c)| c),
+            None => Some(Chore::Delete(victims)),
+        };
+        if let Some(Chore::Delete(victims)) = unsent {
+            delete_segments(&self.shared, victims);
+        }
+    }
+}
+
+/// Bytes a segment is cut by at a time before it is unlinked.
+const SHRINK_STEP: u64 = 4 * 1024 * 1024;
+
+/// Cuts a file down a few MiB at a time: freeing a large file's blocks in one unlink holds the
+/// file system's journal for milliseconds, and every `fdatasync` of the active segment waits for it.
+/// Best effort: the unlink that follows frees whatever is left.
+fn shrink(path: &std::path::Path) {
+    let Ok(file) = OpenOptions::new().write(true).open(path) else { return };
+    let Ok(mut len) = file.metadata().map(|m| m.len()) else { return };
+    while len > SHRINK_STEP {
+        len -= SHRINK_STEP;
+        if file.set_len(len).is_err() {
+            return;
+        }
+    }
+}
+
+/// Unlinks `victims`, oldest first, and takes their bytes off `disk_bytes`. A segment that cannot be
+/// unlinked stays on disk and counted (recovery reads it again at the next start: its events are
+/// acknowledged in it or in a later segment).
+fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
+    for victim in victims {
+        shrink(&victim.path);
+        match fs::remove_file(&victim.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                error!(segment = %victim.path.display(), error = %e, "spool: a delivered segment could not be deleted; its space stays in use");
+                return;
+            }
+        }
+        let mut st = shared.lock();
+        st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
     }
 }
 
