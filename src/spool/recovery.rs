@@ -5,7 +5,10 @@
 //!   valid after it**, is a torn write that was never acknowledged to Huggy (its group's `fdatasync`
 //!   had not returned): it is logged and truncated away.
 //! - The bytes after the durable length of a segment abandoned after a failed write (recorded by an
-//!   `Abandoned` frame in the next segment) belong to a group that was answered 503: skipped, logged.
+//!   `Abandoned` frame in the next segment) belong to a group that was answered 503: skipped, logged,
+//!   even where they still read back whole.
+//! - Every segment read is synced before the spool opens: a group written but not yet synced when a
+//!   process died is still in the page cache and reads back whole; from now on it counts as stored.
 //! - Anything else that does not checksum is **damage**: logged with its offset and size, counted,
 //!   the segment is copied into `damaged/` for inspection, and reading resumes at the next valid
 //!   frame (found by its magic and checksum), so every valid frame after the damage is still
@@ -125,6 +128,13 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
         loop {
             match chunks.frame_at(pos)? {
                 Next::End => break,
+                // A frame that still reads back past the durable length of an abandoned segment was
+                // answered 503 and may be gone after a power loss: it is not stored.
+                Next::Frame(_, used) if limit.is_some_and(|l| pos + used as u64 > l) => {
+                    info!(segment = %path.display(), offset = pos, bytes = chunks.len - pos,
+                        "spool: skipping the failed write at the end of a segment abandoned after an i/o error");
+                    break;
+                }
                 Next::Frame(rec, used) => {
                     r.report.frames += 1;
                     if let Record::Event { seq, .. } = &rec {
@@ -192,6 +202,12 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
         }
         if damaged && mode == Mode::Repair {
             keep_aside(dir, path, &mut r.report)?;
+        }
+        if mode == Mode::Repair {
+            // What was read may be a group written but never synced before the last run ended (a
+            // process crash leaves it in the page cache). Its events are now treated as stored: in
+            // the dedup window, a re-send answered as a duplicate. Make them durable first.
+            fs::File::open(path)?.sync_data()?;
         }
         r.report.bytes_read += chunks.len;
         r.disk_bytes += chunks.len;

@@ -463,17 +463,25 @@ async fn file_work_comes_from_the_durable_event_and_again_after_a_restart() {
 }
 
 /// Fails the `n`th `fdatasync` (1-based) the way a disk does: `EIO`, and the pages written since the
-/// file's last successful sync are gone. Optionally every sync after it fails too.
+/// file's last successful sync are gone (or, with `keep_pages`, still readable from the cache but
+/// never written: what a later power loss takes). Optionally every sync after it fails too.
 struct FaultyIo {
     syncs: std::sync::atomic::AtomicUsize,
     fail_at: usize,
     fail_after: bool,
+    keep_pages: bool,
     synced_len: std::sync::Mutex<std::collections::HashMap<i32, u64>>,
 }
 
 impl FaultyIo {
     fn new(fail_at: usize, fail_after: bool) -> Arc<FaultyIo> {
-        Arc::new(FaultyIo { syncs: Default::default(), fail_at, fail_after, synced_len: Default::default() })
+        Arc::new(FaultyIo {
+            syncs: Default::default(),
+            fail_at,
+            fail_after,
+            keep_pages: false,
+            synced_len: Default::default(),
+        })
     }
 }
 
@@ -483,8 +491,10 @@ impl SegmentIo for FaultyIo {
         let n = self.syncs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         let mut lens = self.synced_len.lock().unwrap();
         if n == self.fail_at || (self.fail_after && n > self.fail_at) {
-            let keep = lens.get(&file.as_raw_fd()).copied().unwrap_or(0);
-            file.set_len(keep)?;
+            if !self.keep_pages {
+                let keep = lens.get(&file.as_raw_fd()).copied().unwrap_or(0);
+                file.set_len(keep)?;
+            }
             return Err(std::io::Error::from_raw_os_error(5));
         }
         file.sync_data()?;
@@ -532,6 +542,25 @@ async fn left_seq(spool: &Spool, id: u32) -> u64 {
         .find(|s| serde_json::from_slice::<serde_json::Value>(&s.event.value).unwrap()["id"] == id)
         .unwrap()
         .seq
+}
+
+#[tokio::test]
+async fn a_refused_group_that_still_reads_back_is_not_taken_for_stored() {
+    // The sync failed but the group's pages are still in the cache: the 503'd event reads back
+    // whole past the abandoned segment's durable length. It must not count as stored (nor as a
+    // duplicate of its re-send), since a power loss would take it.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.io = Arc::new(FaultyIo { keep_pages: true, ..Arc::into_inner(FaultyIo::new(3, false)).unwrap() });
+    let spool = Spool::open(s).unwrap();
+    spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
+    assert!(spool.append(vec![ev(2, "1")], now_secs()).await.is_err());
+    spool.close().await;
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(spool.stats().events, 1, "only the event answered 2xx");
+    let again = spool.append(vec![ev(2, "1")], now_secs()).await.unwrap();
+    assert_eq!((again.stored, again.duplicates), (1, 0), "the re-send is stored, not skipped as a duplicate");
+    spool.close().await;
 }
 
 #[tokio::test]
