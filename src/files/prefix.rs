@@ -91,7 +91,9 @@ pub fn parse_prefixes(raw: &[String]) -> Vec<Prefix> {
     raw.iter().filter_map(|p| Prefix::parse(p).ok()).collect()
 }
 
-/// Whether `text` is a URL under one of `prefixes`: what detection and the fetch guard both ask.
+/// Whether `text` is a URL under one of `prefixes`: what detection asks of each string. The fetch
+/// guard compares the parsed URL with the same prefixes ([`Prefix::matches`]), so whatever detection
+/// finds, the guard admits; detection is the narrower of the two.
 ///
 /// Only a URL written as it is parsed: the URL parser would drop leading and trailing spaces and
 /// control characters and every tab or line break, so `" https://…"` or `"ht\ttps://…"` would

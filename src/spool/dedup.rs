@@ -182,7 +182,7 @@ impl Dedup {
     }
 }
 
-/// The journal's files: `dedup-<slice start>-<span>.ids`, one per slice of the window.
+/// The journal's files: `dedup-<slice start>-<span>-<generation>.ids`, per slice of the window.
 const JOURNAL_PREFIX: &str = "dedup-";
 const JOURNAL_SUFFIX: &str = ".ids";
 /// The dedup snapshot of earlier builds (the whole window in one file), read once and migrated.
@@ -196,20 +196,31 @@ const BLOCK_HEADER: usize = 12;
 /// Ids in one block at most: a damaged block costs at most these.
 const BLOCK_IDS: usize = 4096;
 
-/// One file of the journal: the ids stored during one slice of the window.
+/// One file of the journal: ids stored during one slice of the window.
 struct JournalFile {
     path: PathBuf,
     /// Bytes on disk.
     bytes: u64,
-    /// Open for appending once something was appended in this run.
+    /// Open for appending (or syncing) once needed in this run.
     file: Option<File>,
-    /// Appended to since the last sync.
+    /// Written since its last successful sync (files found at start count as written: the run
+    /// that wrote them may have ended before syncing them).
     dirty: bool,
+    /// Created since the last successful sync of the directory.
+    fresh: bool,
+    /// A sync of it failed: what it holds beyond its last good sync may be gone whatever a later
+    /// sync says ("fsyncgate"), so it is never written or synced again; the ids written since go
+    /// into a fresh file. Still read at start and deleted when its slice expires.
+    broken: bool,
 }
+
+/// Ids written since the last good sync, at most, before the journal syncs on its own: bounds
+/// what a failed sync has to write again (24 bytes an id).
+const SYNC_EVERY_IDS: usize = 65_536;
 
 /// The dedup window on disk, append-only: the writer hands it the ids of every group it made durable
 /// ([`Journal::append`], not synced), and before a segment is deleted the journal is synced
-/// ([`Journal::sync`]), so every id of that segment is durable elsewhere first. A file per slice of
+/// ([`Journal::sync`]), so every id of that segment is durable elsewhere first. Files per slice of
 /// the window, deleted whole once the slice falls out of it ([`Journal::expire`]). Each deletion of
 /// a segment costs the ids written since the last one, not the whole window.
 ///
@@ -219,12 +230,13 @@ pub(crate) struct Journal {
     dir: PathBuf,
     window: i64,
     span: i64,
-    /// By slice start and span (a change of `spool.dedup_window_secs` leaves files of another span).
-    files: BTreeMap<(i64, i64), JournalFile>,
-    /// A file was created since the last sync: the directory entry must be synced too.
-    dir_dirty: bool,
-    /// Ids whose append failed: written again before the next sync may succeed.
+    /// By slice start, span (a change of `spool.dedup_window_secs` leaves files of another span)
+    /// and generation (a new one after a failed sync).
+    files: BTreeMap<FileKey, JournalFile>,
+    /// Ids not written yet (a write failed, or a sync did and they are written again).
     retry: Vec<(EventId, i64)>,
+    /// Ids written since the last good sync.
+    unsynced: Vec<(EventId, i64)>,
     buf: Vec<u8>,
 }
 
@@ -238,8 +250,8 @@ impl Journal {
             window: dedup.window(),
             span: dedup.span(),
             files: BTreeMap::new(),
-            dir_dirty: false,
             retry: Vec::new(),
+            unsynced: Vec::new(),
             buf: Vec::new(),
         };
         let listed = match list_journal(&j.dir) {
@@ -249,7 +261,7 @@ impl Journal {
                 Vec::new()
             }
         };
-        for (start, span, path) in listed {
+        for ((start, span, generation), path) in listed {
             if !dedup.enabled() || start + span <= now - j.window {
                 let _ = fs::remove_file(&path);
                 continue;
@@ -265,7 +277,9 @@ impl Journal {
             if damaged > 0 {
                 warn!(path = %path.display(), damaged_bytes = damaged, "dedup journal: skipped damaged or torn blocks (a re-sent batch may be published twice)");
             }
-            j.files.insert((start, span), JournalFile { path, bytes: bytes.len() as u64, file: None, dirty: false });
+            let file =
+                JournalFile { path, bytes: bytes.len() as u64, file: None, dirty: true, fresh: true, broken: false };
+            j.files.insert((start, span, generation), file);
         }
         j.migrate_legacy(dedup, now);
         j
@@ -294,7 +308,7 @@ impl Journal {
             return;
         }
         // The snapshot goes only once its ids are durable in the journal.
-        let moved = self.append(&ids, now).and_then(|_| self.sync());
+        let moved = self.append(&ids, now).and_then(|()| self.sync(now));
         match moved.and_then(|()| fs::remove_file(&path)) {
             Ok(()) => info!(ids = ids.len(), "dedup snapshot of an earlier version moved into the dedup journal"),
             Err(e) => {
@@ -308,45 +322,41 @@ impl Journal {
         self.files.values().map(|f| f.bytes).sum()
     }
 
-    /// Appends ids stored at the given times (ids already outside the window are left out), without
-    /// syncing. Returns the bytes added to disk. On failure the ids are kept and written again
-    /// before the next [`Journal::sync`] can succeed.
+    /// Appends ids stored at the given times (ids already outside the window are left out), after
+    /// any still waiting from a failure, without syncing. On failure the ids not written are kept
+    /// and written again before the next [`Journal::sync`] can succeed.
     ///
     /// # Errors
     /// A file could not be created or written.
-    pub(crate) fn append(&mut self, ids: &[(EventId, i64)], now: i64) -> io::Result<u64> {
+    pub(crate) fn append(&mut self, ids: &[(EventId, i64)], now: i64) -> io::Result<()> {
         let mut todo = std::mem::take(&mut self.retry);
         todo.extend_from_slice(ids);
         let horizon = now - self.window - self.span;
-        let mut added = 0;
+        todo.retain(|(_, at)| *at >= horizon);
         let mut i = 0;
         while i < todo.len() {
-            let at = todo[i].1;
-            if at < horizon {
-                i += 1;
-                continue;
-            }
-            let start = at - at.rem_euclid(self.span);
-            let mut end = i;
-            while end < todo.len() && end - i < BLOCK_IDS && {
-                let a = todo[end].1;
-                a - a.rem_euclid(self.span) == start
-            } {
+            let start = todo[i].1 - todo[i].1.rem_euclid(self.span);
+            let mut end = i + 1;
+            while end < todo.len() && end - i < BLOCK_IDS && todo[end].1 - todo[end].1.rem_euclid(self.span) == start {
                 end += 1;
             }
-            match self.write_block(start, &todo[i..end]) {
-                Ok(n) => added += n,
-                Err(e) => {
-                    self.retry.extend(todo[i..].iter().filter(|(_, at)| *at >= horizon));
-                    return Err(e);
-                }
+            if let Err(e) = self.write_block(start, &todo[i..end]) {
+                self.retry = todo.split_off(i);
+                return Err(e);
             }
+            self.unsynced.extend_from_slice(&todo[i..end]);
             i = end;
         }
-        Ok(added)
+        Ok(())
     }
 
-    fn write_block(&mut self, start: i64, ids: &[(EventId, i64)]) -> io::Result<u64> {
+    /// Whether so many ids were written since the last good sync that the journal should sync
+    /// without being asked.
+    pub(crate) fn sync_due(&self) -> bool {
+        self.unsynced.len() >= SYNC_EVERY_IDS
+    }
+
+    fn write_block(&mut self, start: i64, ids: &[(EventId, i64)]) -> io::Result<()> {
         self.buf.clear();
         let count = u32::try_from(ids.len()).expect("at most BLOCK_IDS").to_le_bytes();
         self.buf.extend_from_slice(&BLOCK_MAGIC.to_le_bytes());
@@ -359,94 +369,148 @@ impl Journal {
         crc.update(&count);
         crc.update(&self.buf[BLOCK_HEADER..]);
         self.buf[8..12].copy_from_slice(&crc.finalize().to_le_bytes());
+        let buf = std::mem::take(&mut self.buf);
+        let written = self.writable(start).and_then(|entry| {
+            let file = entry.file.as_mut().expect("writable files are open");
+            if let Err(e) = file.write_all(&buf) {
+                // Cut a partial block off, so the next append starts clean (reading would skip it anyway).
+                let _ = file.set_len(entry.bytes);
+                return Err(e);
+            }
+            entry.bytes += buf.len() as u64;
+            entry.dirty = true;
+            Ok(())
+        });
+        self.buf = buf;
+        written
+    }
+
+    /// The file the ids of the slice at `start` go to, open: the newest generation of it unless
+    /// that one is broken, then a fresh one.
+    fn writable(&mut self, start: i64) -> io::Result<&mut JournalFile> {
         let span = self.span;
+        let newest =
+            self.files.range((start, span, 0)..=(start, span, u32::MAX)).next_back().map(|(k, f)| (k.2, f.broken));
+        let generation = match newest {
+            Some((g, false)) => g,
+            Some((g, true)) => g + 1,
+            None => 0,
+        };
         let dir = &self.dir;
-        let entry = self.files.entry((start, span)).or_insert_with(|| JournalFile {
-            path: dir.join(format!("{JOURNAL_PREFIX}{start:020}-{span}{JOURNAL_SUFFIX}")),
+        let entry = self.files.entry((start, span, generation)).or_insert_with(|| JournalFile {
+            path: dir.join(format!("{JOURNAL_PREFIX}{start:020}-{span}-{generation}{JOURNAL_SUFFIX}")),
             bytes: 0,
             file: None,
             dirty: false,
+            fresh: true,
+            broken: false,
         });
         if entry.file.is_none() {
-            let created = !entry.path.exists();
-            entry.file = Some(fs::OpenOptions::new().create(true).append(true).open(&entry.path)?);
-            self.dir_dirty |= created;
+            let opened = fs::OpenOptions::new().create(true).append(true).open(&entry.path)?;
+            // A file left by a failed write of this run, or by an earlier run: append after what it has.
+            entry.bytes = opened.metadata()?.len();
+            entry.file = Some(opened);
         }
-        let file = entry.file.as_mut().expect("opened above");
-        if let Err(e) = file.write_all(&self.buf) {
-            // Cut a partial block off, so the next append starts clean (reading would skip it anyway).
-            let _ = file.set_len(entry.bytes);
-            return Err(e);
-        }
-        entry.bytes += self.buf.len() as u64;
-        entry.dirty = true;
-        Ok(self.buf.len() as u64)
+        Ok(entry)
     }
 
-    /// Makes everything appended so far durable (the files, and the directory when a file is new).
+    /// Makes everything appended so far durable: the files written since their last sync, and the
+    /// directory when a file is new. A failed sync breaks the files it failed on; everything
+    /// written since the last good sync is then written again into fresh files before a sync can
+    /// succeed.
     ///
     /// # Errors
-    /// Ids are still waiting to be written again, or a sync failed; the segments waiting for this
-    /// sync must not be deleted.
-    pub(crate) fn sync(&mut self) -> io::Result<()> {
+    /// Ids could not be written, or a sync failed: the segments waiting for this sync must not
+    /// be deleted.
+    pub(crate) fn sync(&mut self, now: i64) -> io::Result<()> {
         if !self.retry.is_empty() {
-            self.append(&[], crate::clock::now_secs())?;
+            self.append(&[], now)?;
         }
-        for f in self.files.values_mut().filter(|f| f.dirty) {
-            if let Some(file) = &f.file {
-                file.sync_data()?;
-            }
-            f.dirty = false;
-        }
-        if self.dir_dirty {
-            File::open(&self.dir)?.sync_all()?;
-            self.dir_dirty = false;
-        }
-        Ok(())
-    }
-
-    /// Deletes the files of slices that fell out of the window at `now`. Returns the bytes freed.
-    pub(crate) fn expire(&mut self, now: i64) -> u64 {
-        let horizon = now - self.window;
-        let old: Vec<(i64, i64)> = self.files.keys().filter(|(start, span)| start + span <= horizon).copied().collect();
-        let mut freed = 0;
-        for key in old {
-            let f = self.files.remove(&key).expect("listed above");
-            match fs::remove_file(&f.path) {
-                Ok(()) => freed += f.bytes,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => freed += f.bytes,
+        let mut result = Ok(());
+        for f in self.files.values_mut().filter(|f| f.dirty && !f.broken) {
+            let synced = match &f.file {
+                Some(file) => file.sync_data(),
+                None => fs::OpenOptions::new().append(true).open(&f.path).and_then(|file| {
+                    let r = file.sync_data();
+                    f.file = Some(file);
+                    r
+                }),
+            };
+            match synced {
+                Ok(()) => f.dirty = false,
                 Err(e) => {
-                    warn!(path = %f.path.display(), error = %e, "dedup journal: an expired file could not be deleted");
-                    self.files.insert(key, JournalFile { file: None, ..f });
+                    f.broken = true;
+                    f.file = None;
+                    result = Err(e);
                 }
             }
         }
-        freed
+        if result.is_ok() && self.files.values().any(|f| f.fresh) {
+            match File::open(&self.dir).and_then(|d| d.sync_all()) {
+                Ok(()) => self.files.values_mut().for_each(|f| f.fresh = false),
+                Err(e) => {
+                    // Their names may not be durable: never count on them again.
+                    for f in self.files.values_mut().filter(|f| f.fresh) {
+                        f.broken = true;
+                        f.file = None;
+                    }
+                    result = Err(e);
+                }
+            }
+        }
+        match result {
+            Ok(()) => self.unsynced.clear(),
+            Err(_) => {
+                let mut again = std::mem::take(&mut self.unsynced);
+                again.append(&mut self.retry);
+                self.retry = again;
+            }
+        }
+        result
+    }
+
+    /// Deletes the files of slices that fell out of the window at `now`.
+    pub(crate) fn expire(&mut self, now: i64) {
+        let horizon = now - self.window;
+        let old: Vec<FileKey> = self.files.keys().filter(|(start, span, _)| start + span <= horizon).copied().collect();
+        for key in old {
+            let f = self.files.remove(&key).expect("listed above");
+            match fs::remove_file(&f.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    warn!(path = %f.path.display(), error = %e, "dedup journal: an expired file could not be deleted; its space stays in use");
+                    self.files.insert(key, JournalFile { file: None, broken: true, ..f });
+                }
+            }
+        }
     }
 }
 
 /// Bytes of the dedup journal's files (and of an earlier build's snapshot) in `dir`.
 pub(crate) fn journal_bytes(dir: &Path) -> u64 {
     let legacy = fs::metadata(dir.join(LEGACY_SNAPSHOT)).map_or(0, |m| m.len());
-    list_journal(dir).unwrap_or_default().iter().map(|(_, _, p)| fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>()
+    list_journal(dir).unwrap_or_default().iter().map(|(_, p)| fs::metadata(p).map_or(0, |m| m.len())).sum::<u64>()
         + legacy
 }
 
-/// The journal's files: slice start, span and path.
-fn list_journal(dir: &Path) -> io::Result<Vec<(i64, i64, PathBuf)>> {
+/// A journal file's slice start, span and generation.
+type FileKey = (i64, i64, u32);
+
+/// The journal's files and their paths.
+fn list_journal(dir: &Path) -> io::Result<Vec<(FileKey, PathBuf)>> {
     let mut out = Vec::new();
     for entry in fs::read_dir(dir)? {
         let path = entry?.path();
         let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
-        let Some((start, span)) = name
-            .strip_prefix(JOURNAL_PREFIX)
-            .and_then(|r| r.strip_suffix(JOURNAL_SUFFIX))
-            .and_then(|r| r.split_once('-'))
-        else {
+        let Some(parts) = name.strip_prefix(JOURNAL_PREFIX).and_then(|r| r.strip_suffix(JOURNAL_SUFFIX)) else {
             continue;
         };
-        if let (Ok(start), Ok(span)) = (start.parse(), span.parse()) {
-            out.push((start, span, path));
+        let mut parts = parts.splitn(3, '-').map(str::parse::<i64>);
+        if let (Some(Ok(start)), Some(Ok(span)), Some(Ok(generation))) = (parts.next(), parts.next(), parts.next()) {
+            if let Ok(generation) = u32::try_from(generation) {
+                out.push(((start, span, generation), path));
+            }
         }
     }
     out.sort();
@@ -550,10 +614,9 @@ mod tests {
         d.insert(id(1), 1000, 1000);
         d.insert(id(2), 1500, 1500);
         assert!(d.contains(&id(1), 1500) && d.contains(&id(2), 1500));
-        let added = j.append(&[(id(1), 1000), (id(2), 1500)], 1500).unwrap();
-        j.sync().unwrap();
-        assert_eq!(added, j.bytes());
-        assert_eq!(added, 2 * (BLOCK_HEADER as u64 + 16), "one block per slice");
+        j.append(&[(id(1), 1000), (id(2), 1500)], 1500).unwrap();
+        j.sync(1500).unwrap();
+        assert_eq!(j.bytes(), 2 * (BLOCK_HEADER as u64 + 16), "one block per slice");
         drop(j);
         let (mut again, mut j) = opened(dir.path(), 1500);
         assert!(again.contains(&id(1), 1500) && again.contains(&id(2), 1500) && !again.contains(&id(3), 1500));
@@ -561,7 +624,8 @@ mod tests {
         again.expire(2001);
         assert!(!again.contains(&id(1), 2001));
         assert!(again.contains(&id(2), 2001));
-        assert_eq!(j.expire(2001), BLOCK_HEADER as u64 + 16);
+        j.expire(2001);
+        assert_eq!(j.bytes(), BLOCK_HEADER as u64 + 16);
         assert_eq!(list_journal(dir.path()).unwrap().len(), 1);
         drop(j);
         let (again, _j) = opened(dir.path(), 2001);
@@ -575,8 +639,8 @@ mod tests {
         for n in 0..3 {
             j.append(&[(id(n), 1000)], 1000).unwrap();
         }
-        j.sync().unwrap();
-        let (_, _, p) = list_journal(dir.path()).unwrap().remove(0);
+        j.sync(1000).unwrap();
+        let (_, p) = list_journal(dir.path()).unwrap().remove(0);
         let mut bytes = fs::read(&p).unwrap();
         let block = BLOCK_HEADER + 16;
         bytes[block + BLOCK_HEADER + 3] ^= 0xff; // an id byte of the second block
@@ -586,10 +650,45 @@ mod tests {
         assert!(again.contains(&id(0), 1000) && !again.contains(&id(1), 1000) && again.contains(&id(2), 1000));
         // Appends after the torn block are read again at the next start.
         j.append(&[(id(7), 1000)], 1000).unwrap();
-        j.sync().unwrap();
+        j.sync(1000).unwrap();
         drop(j);
         let (again, _j) = opened(dir.path(), 1000);
         assert!(again.contains(&id(7), 1000) && again.contains(&id(2), 1000));
+    }
+
+    #[test]
+    fn after_a_failed_sync_the_ids_since_the_last_good_one_go_into_a_fresh_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut j) = opened(dir.path(), 1000);
+        j.append(&[(id(1), 1000)], 1000).unwrap();
+        j.sync(1000).unwrap();
+        j.append(&[(id(2), 1000)], 1000).unwrap();
+        // What a failed sync does to the file it failed on, and to the ids since the last good one.
+        j.files.values_mut().for_each(|f| {
+            f.broken = true;
+            f.file = None;
+        });
+        j.retry = std::mem::take(&mut j.unsynced);
+        j.sync(1000).unwrap();
+        let names: Vec<_> = list_journal(dir.path()).unwrap().into_iter().map(|(k, _)| k).collect();
+        assert_eq!(names, vec![(1000, 100, 0), (1000, 100, 1)], "a second generation of the slice");
+        assert_eq!(j.bytes(), 3 * (BLOCK_HEADER as u64 + 16), "id 2 written again");
+        drop(j);
+        let (d, _j) = opened(dir.path(), 1000);
+        assert!(d.contains(&id(1), 1000) && d.contains(&id(2), 1000));
+    }
+
+    #[test]
+    fn the_journal_syncs_on_its_own_after_many_ids() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, mut j) = opened(dir.path(), 1000);
+        let ids: Vec<_> = (0..SYNC_EVERY_IDS as u64).map(|n| (id(n), 1000)).collect();
+        j.append(&ids[..10], 1000).unwrap();
+        assert!(!j.sync_due());
+        j.append(&ids[10..], 1000).unwrap();
+        assert!(j.sync_due());
+        j.sync(1000).unwrap();
+        assert!(!j.sync_due() && j.unsynced.is_empty());
     }
 
     #[test]
@@ -620,7 +719,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_, mut j) = opened(dir.path(), 1000);
         j.append(&[(id(1), 1000)], 1000).unwrap();
-        j.sync().unwrap();
+        j.sync(1000).unwrap();
         let mut off = Dedup::new(dir.path(), 0);
         let j = Journal::open(&mut off, 1000);
         assert_eq!(j.bytes(), 0);

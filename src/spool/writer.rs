@@ -100,26 +100,23 @@ impl Janitor {
         let (jobs, todo) = std::sync::mpsc::channel::<Chore>();
         let (report, synced) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("spool-janitor".into()).spawn(move || {
+            let mut failing = false;
             for job in todo {
-                let now = now_secs();
                 let wakes = !matches!(job, Chore::Append(_));
-                match job {
-                    Chore::Append(ids) => {
-                        let added = journal.append(&ids, now);
-                        let freed = journal.expire(now);
-                        let mut st = shared.lock();
-                        st.disk_bytes = (st.disk_bytes + *added.as_ref().unwrap_or(&0)).saturating_sub(freed);
-                        drop(st);
-                        if let Err(e) = added {
-                            warn!(error = %e, "spool: dedup journal write failed; retried before the next segment is deleted");
-                        }
-                    }
-                    Chore::Sync => {
-                        if report.send(journal.sync()).is_err() {
-                            break;
-                        }
-                    }
-                    Chore::Delete(victims) => delete_segments(&shared, victims),
+                let before = journal.bytes();
+                // A panic in one chore must not end the thread: the writer could delete nothing more.
+                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    do_chore(&shared, &mut journal, job, &report, &mut failing)
+                }));
+                let after = journal.bytes();
+                {
+                    let mut st = shared.lock();
+                    st.disk_bytes = (st.disk_bytes + after).saturating_sub(before);
+                }
+                match done {
+                    Ok(true) => {}
+                    Ok(false) => break,
+                    Err(_) => error!("spool: a janitor chore panicked; carrying on with the next one"),
                 }
                 if wakes {
                     if let Some(tx) = wake.upgrade() {
@@ -153,6 +150,64 @@ impl Drop for Janitor {
             let _ = t.join();
         }
     }
+}
+
+/// Does one chore; `false` when the writer is gone and the thread should stop. `failing` keeps the
+/// journal's failures logged once, when they start and when they end.
+fn do_chore(
+    shared: &Shared,
+    journal: &mut dedup::Journal,
+    job: Chore,
+    report: &Sender<std::io::Result<()>>,
+    failing: &mut bool,
+) -> bool {
+    let now = now_secs();
+    // What the journal did: `Some` when it synced (or failed to write), `None` for a plain append
+    // that went well, which says nothing about whether syncing works again.
+    let outcome: Option<std::io::Result<()>> = match job {
+        Chore::Append(ids) => {
+            let r = match journal.append(&ids, now) {
+                Ok(()) if journal.sync_due() => Some(journal.sync(now)),
+                Ok(()) => None,
+                Err(e) => Some(Err(e)),
+            };
+            journal.expire(now);
+            r
+        }
+        Chore::Sync => {
+            let r = journal.sync(now);
+            let answer = match &r {
+                Ok(()) => Ok(()),
+                // Waiting for room would wedge the spool: only deleting segments frees it. The ids
+                // not yet in the journal cost at most a duplicate record after a restart.
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                    warn!("spool: disk full; deleting delivered segments although the dedup journal could not take their ids (after a restart a re-sent batch may be published twice)");
+                    Ok(())
+                }
+                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+            };
+            if report.send(answer).is_err() {
+                return false;
+            }
+            Some(r)
+        }
+        Chore::Delete(victims) => {
+            delete_segments(shared, victims);
+            None
+        }
+    };
+    match outcome {
+        Some(Err(e)) if !*failing => {
+            *failing = true;
+            error!(dir = %shared.settings.dir.display(), error = %e, "spool: the dedup journal cannot be written or synced; delivered segments are kept (and the spool fills) until it can");
+        }
+        Some(Ok(())) if *failing => {
+            *failing = false;
+            info!("spool: the dedup journal is written and synced again");
+        }
+        _ => {}
+    }
+    true
 }
 
 type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, SpoolError>);
@@ -605,39 +660,46 @@ impl Writer {
     }
 }
 
-/// Bytes a segment is cut by at a time before it is unlinked.
+/// Bytes an unlinked segment is cut by at a time.
 const SHRINK_STEP: u64 = 4 * 1024 * 1024;
 
-/// Cuts a file down a few MiB at a time: freeing a large file's blocks in one unlink holds the
-/// file system's journal for milliseconds, and every `fdatasync` of the active segment waits for it.
-/// Best effort: the unlink that follows frees whatever is left.
-fn shrink(path: &std::path::Path) {
-    let Ok(file) = OpenOptions::new().write(true).open(path) else { return };
-    let Ok(mut len) = file.metadata().map(|m| m.len()) else { return };
-    while len > SHRINK_STEP {
-        len -= SHRINK_STEP;
-        if file.set_len(len).is_err() {
-            return;
-        }
-    }
-}
-
-/// Unlinks `victims`, oldest first, and takes their bytes off `disk_bytes`. A segment that cannot be
-/// unlinked stays on disk and counted (recovery reads it again at the next start: its events are
-/// acknowledged in it or in a later segment).
+/// Deletes `victims`, oldest first, and takes their bytes off `disk_bytes`. Each is unlinked first,
+/// then cut down a few MiB at a time through a descriptor still open on it: freeing a large file's
+/// blocks in one go holds the file system's journal for milliseconds, and every `fdatasync` of the
+/// active segment waits for it. (Shrinking after the unlink, never before: a crash meanwhile leaves
+/// an orphan the file system frees, not a cut segment that recovery would report as damage.)
+/// A segment that cannot be unlinked goes back on the list, counted, and is tried again later.
 fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
+    let mut kept = Vec::new();
     for victim in victims {
-        shrink(&victim.path);
+        let open = OpenOptions::new().write(true).open(&victim.path);
         match fs::remove_file(&victim.path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                error!(segment = %victim.path.display(), error = %e, "spool: a delivered segment could not be deleted; its space stays in use");
-                return;
+                error!(segment = %victim.path.display(), bytes = victim.size, error = %e,
+                    "spool: a delivered segment could not be deleted; its space stays in use and deletion is tried again");
+                kept.push(victim);
+                continue;
+            }
+        }
+        if let Ok(file) = open {
+            let mut len = file.metadata().map_or(0, |m| m.len());
+            while len > SHRINK_STEP {
+                len -= SHRINK_STEP;
+                if file.set_len(len).is_err() {
+                    break;
+                }
             }
         }
         let mut st = shared.lock();
         st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
+    }
+    if !kept.is_empty() {
+        let mut st = shared.lock();
+        for victim in kept.into_iter().rev() {
+            st.segments.push_front(victim);
+        }
     }
 }
 
