@@ -17,6 +17,8 @@
 //! - `dedup-<slice start>-<span>.ids`: the dedup journal, the ids of the window a file per slice,
 //!   synced before a segment is deleted ([`dedup`]).
 //! - `damaged/`: copies of segments in which recovery found damage, for inspection.
+//! - `segment-<first seq>.deleting`: a delivered segment being deleted (removed at start if a crash
+//!   left one).
 //!
 //! What is synced when, and what damage costs, is in [`writer`] and [`recovery`].
 
@@ -290,6 +292,7 @@ impl Spool {
     pub fn open(settings: SpoolSettings) -> Result<Spool, SpoolError> {
         fs::create_dir_all(&settings.dir)?;
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
+        writer::remove_leftovers(&settings.dir)?;
         let now = now_secs();
         let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs);
         let journal = dedup::Journal::open(&mut dedup, now);

@@ -248,6 +248,22 @@ async fn ids_of_deleted_segments_are_still_duplicates_after_a_restart() {
     spool.close().await;
 }
 
+#[tokio::test]
+async fn a_deletion_cut_short_by_a_crash_is_finished_at_start_and_is_no_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
+    spool.close().await;
+    // A delivered segment renamed for deletion and cut mid-frame when the process died.
+    let leftover = dir.path().join("segment-00000000000000000000.deleting");
+    std::fs::write(&leftover, b"HUGGYSEG\x02\x00\x00\x00 cut").unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert!(!leftover.exists());
+    assert_eq!(spool.recovery_report().damaged_regions, 0);
+    assert_eq!(spool.stats().events, 1);
+    spool.close().await;
+}
+
 #[test]
 fn ranges_merge() {
     assert_eq!(to_ranges(&mut [5, 1, 2, 3, 9, 8]), vec![(1, 3), (5, 5), (8, 9)]);

@@ -663,17 +663,19 @@ impl Writer {
 /// Bytes an unlinked segment is cut by at a time.
 const SHRINK_STEP: u64 = 4 * 1024 * 1024;
 
-/// Deletes `victims`, oldest first, and takes their bytes off `disk_bytes`. Each is unlinked first,
-/// then cut down a few MiB at a time through a descriptor still open on it: freeing a large file's
+/// Deletes `victims`, oldest first, and takes their bytes off `disk_bytes`. Each is renamed out of
+/// the segments' names, then cut down a few MiB at a time and unlinked: freeing a large file's
 /// blocks in one go holds the file system's journal for milliseconds, and every `fdatasync` of the
-/// active segment waits for it. (Shrinking after the unlink, never before: a crash meanwhile leaves
-/// an orphan the file system frees, not a cut segment that recovery would report as damage.)
-/// A segment that cannot be unlinked goes back on the list, counted, and is tried again later.
+/// active segment waits for it. (Renamed before it is cut: a crash meanwhile leaves a
+/// `.deleting` file the next start removes, never a cut segment that recovery would report as
+/// damage.) A segment that cannot be renamed goes back on the list, counted, and is tried again.
 fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
     let mut kept = Vec::new();
     for victim in victims {
-        let open = OpenOptions::new().write(true).open(&victim.path);
-        match fs::remove_file(&victim.path) {
+        // Renamed out of the segments' names first: a crash while it is cut down leaves a file the
+        // next start removes, never a cut segment.
+        let doomed = victim.path.with_extension("deleting");
+        match fs::rename(&victim.path, &doomed) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
@@ -683,15 +685,7 @@ fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
                 continue;
             }
         }
-        if let Ok(file) = open {
-            let mut len = file.metadata().map_or(0, |m| m.len());
-            while len > SHRINK_STEP {
-                len -= SHRINK_STEP;
-                if file.set_len(len).is_err() {
-                    break;
-                }
-            }
-        }
+        shrink_and_remove(&doomed);
         let mut st = shared.lock();
         st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
     }
@@ -699,6 +693,37 @@ fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
         let mut st = shared.lock();
         for victim in kept.into_iter().rev() {
             st.segments.push_front(victim);
+        }
+    }
+}
+
+/// Removes what deletions cut short by a crash left in `dir` (`segment-….deleting`).
+pub(crate) fn remove_leftovers(dir: &std::path::Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.starts_with("segment-") && name.ends_with(".deleting") {
+            info!(path = %path.display(), "spool: removing a segment whose deletion a crash cut short");
+            shrink_and_remove(&path);
+        }
+    }
+    Ok(())
+}
+
+/// Cuts `path` down a few MiB at a time, then unlinks it (best effort: it is no segment any more).
+fn shrink_and_remove(path: &std::path::Path) {
+    if let Ok(file) = OpenOptions::new().write(true).open(path) {
+        let mut len = file.metadata().map_or(0, |m| m.len());
+        while len > SHRINK_STEP {
+            len -= SHRINK_STEP;
+            if file.set_len(len).is_err() {
+                break;
+            }
+        }
+    }
+    if let Err(e) = fs::remove_file(path) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            warn!(path = %path.display(), error = %e, "spool: a deleted segment's file could not be removed; the next start tries again");
         }
     }
 }
