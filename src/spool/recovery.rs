@@ -67,8 +67,8 @@ pub(crate) struct Recovered {
     pub(crate) file_results: HashMap<u64, Vec<u8>>,
     pub(crate) file_work: Vec<FileWork>,
     pub(crate) disk_bytes: u64,
-    /// Ids of the events in segments and when each was stored (repair mode with a dedup window
-    /// only), for the dedup journal.
+    /// Ids of the events in segments that the dedup journal did not hold, and when each was stored
+    /// (repair mode with a dedup window only): their appends may have been lost with the last run.
     pub(crate) ids: Vec<(crate::event::EventId, i64)>,
     pub(crate) report: RecoveryReport,
 }
@@ -242,10 +242,12 @@ fn apply(
     match rec {
         Record::Event { seq, received_at, event } => {
             r.next_seq = r.next_seq.max(seq + 1);
-            dedup.insert(event.id, received_at, now);
-            if mode == Mode::Repair && dedup.enabled() {
+            // Ids the journal already holds (loaded from it) need not be written again: files found
+            // at start are synced before any segment is deleted.
+            if mode == Mode::Repair && dedup.enabled() && !dedup.contains(&event.id, now) {
                 r.ids.push((event.id, received_at));
             }
+            dedup.insert(event.id, received_at, now);
             if mode == Mode::ReadOnly {
                 types.insert(seq, event.event_type.label());
             }

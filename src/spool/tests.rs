@@ -108,12 +108,7 @@ async fn ids_in_segments_are_remembered_even_if_the_dedup_log_was_lost() {
     spool.close().await;
     // The dedup journal is synced only before a segment is deleted: a crash may leave none.
     // The segment still has the id.
-    for entry in std::fs::read_dir(dir.path()).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|e| e == "ids") {
-            std::fs::remove_file(path).unwrap();
-        }
-    }
+    remove_journal(dir.path());
     let spool = Spool::open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 1));
@@ -262,6 +257,47 @@ async fn a_deletion_cut_short_by_a_crash_is_finished_at_start_and_is_no_damage()
     assert_eq!(spool.recovery_report().damaged_regions, 0);
     assert_eq!(spool.stats().events, 1);
     spool.close().await;
+}
+
+#[tokio::test]
+async fn ids_whose_journal_appends_were_lost_are_journaled_again_before_their_segments_go() {
+    // The last run died with ids still on their way to the journal: the segments have them, the
+    // journal does not. They must be journaled again before those segments are deleted.
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.segment_bytes = 512;
+    let spool = Spool::open(s.clone()).unwrap();
+    let now = now_secs();
+    for i in 0..20 {
+        spool.append(vec![ev(i, "1")], now).await.unwrap();
+    }
+    spool.close().await;
+    remove_journal(dir.path());
+    let spool = Spool::open(s.clone()).unwrap();
+    let got = read_all(&spool).await;
+    spool.ack(got.iter().map(|s| s.seq).collect()).await;
+    spool.append(vec![ev(100, "1")], now).await.unwrap();
+    let _ = read_all(&spool).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while list_segments(dir.path()).unwrap().len() > 2 {
+        assert!(std::time::Instant::now() < deadline, "acknowledged segments were not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spool.close().await;
+    let spool = Spool::open(s).unwrap();
+    let r = spool.append((0..20).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 20), "every id of the deleted segments is remembered");
+    spool.close().await;
+}
+
+/// Deletes the dedup journal's files.
+fn remove_journal(dir: &Path) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "ids") {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
 }
 
 #[test]
