@@ -203,8 +203,7 @@ struct JournalFile {
     bytes: u64,
     /// Open for appending (or syncing) once needed in this run.
     file: Option<File>,
-    /// Written since its last successful sync (files found at start count as written: the run
-    /// that wrote them may have ended before syncing them).
+    /// Written since its last successful sync.
     dirty: bool,
     /// Created since the last successful sync of the directory.
     fresh: bool,
@@ -261,25 +260,40 @@ impl Journal {
                 Vec::new()
             }
         };
-        for ((start, span, generation), path) in listed {
+        // A file counts only once it is durable: the run that wrote it may have ended before syncing
+        // it (recovery then takes the ids from the segments instead and journals them again).
+        let mut keep = Vec::new();
+        for (key, path) in listed {
+            let (start, span, _) = key;
             if !dedup.enabled() || start + span <= now - j.window {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let bytes = match fs::read(&path) {
+            let synced = File::open(&path).and_then(|f| f.sync_data());
+            if let Err(e) = &synced {
+                warn!(path = %path.display(), error = %e, "dedup journal file cannot be synced; its ids are not counted on (a re-sent batch may be published twice)");
+            }
+            keep.push((key, path, synced.is_ok()));
+        }
+        let dir_synced = keep.is_empty() || File::open(&j.dir).and_then(|d| d.sync_all()).is_ok();
+        for (key, path, synced) in keep {
+            let durable = synced && dir_synced;
+            let bytes = if durable { fs::read(&path) } else { fs::metadata(&path).map(|_| Vec::new()) };
+            let bytes = match bytes {
                 Ok(b) => b,
                 Err(e) => {
                     warn!(path = %path.display(), error = %e, "dedup journal file unreadable; ignored (a re-sent batch may be published twice)");
                     continue;
                 }
             };
-            let damaged = read_blocks(&bytes, |id| dedup.insert(EventId(id), start, now));
+            let damaged = read_blocks(&bytes, |id| dedup.insert(EventId(id), key.0, now));
             if damaged > 0 {
                 warn!(path = %path.display(), damaged_bytes = damaged, "dedup journal: skipped damaged or torn blocks (a re-sent batch may be published twice)");
             }
-            let file =
-                JournalFile { path, bytes: bytes.len() as u64, file: None, dirty: true, fresh: true, broken: false };
-            j.files.insert((start, span, generation), file);
+            let size = fs::metadata(&path).map_or(bytes.len() as u64, |m| m.len());
+            // A file not known durable is kept until it expires, never written to again.
+            let file = JournalFile { path, bytes: size, file: None, dirty: false, fresh: false, broken: !durable };
+            j.files.insert(key, file);
         }
         j.migrate_legacy(dedup, now);
         j
@@ -423,10 +437,8 @@ impl Journal {
     /// Ids could not be written, or a sync failed: the segments waiting for this sync must not
     /// be deleted.
     pub(crate) fn sync(&mut self, now: i64) -> io::Result<()> {
-        if !self.retry.is_empty() {
-            self.append(&[], now)?;
-        }
-        let mut result = Ok(());
+        // Ids that cannot be written now still leave the others to sync.
+        let mut result = if self.retry.is_empty() { Ok(()) } else { self.append(&[], now) };
         for f in self.files.values_mut().filter(|f| f.dirty && !f.broken) {
             let synced = match &f.file {
                 Some(file) => file.sync_data(),
@@ -441,11 +453,13 @@ impl Journal {
                 Err(e) => {
                     f.broken = true;
                     f.file = None;
-                    result = Err(e);
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
                 }
             }
         }
-        if result.is_ok() && self.files.values().any(|f| f.fresh) {
+        if self.files.values().any(|f| f.fresh && !f.broken) {
             match File::open(&self.dir).and_then(|d| d.sync_all()) {
                 Ok(()) => self.files.values_mut().for_each(|f| f.fresh = false),
                 Err(e) => {
@@ -454,7 +468,9 @@ impl Journal {
                         f.broken = true;
                         f.file = None;
                     }
-                    result = Err(e);
+                    if result.is_ok() {
+                        result = Err(e);
+                    }
                 }
             }
         }

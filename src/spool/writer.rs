@@ -84,6 +84,9 @@ struct Janitor {
     synced: Receiver<std::io::Result<()>>,
     /// Deleted once the sync in flight succeeded.
     covering: Option<Vec<Segment>>,
+    /// A deletion is in flight: the next waits for it, so segments always go oldest first (a
+    /// segment that could not be deleted goes back on the list before anything newer goes).
+    deleting: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -99,15 +102,25 @@ impl Janitor {
     ) -> std::io::Result<Janitor> {
         let (jobs, todo) = std::sync::mpsc::channel::<Chore>();
         let (report, synced) = std::sync::mpsc::channel();
+        let deleting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deletion_done = deleting.clone();
         let thread = std::thread::Builder::new().name("spool-janitor".into()).spawn(move || {
             let mut failing = false;
             for job in todo {
                 let wakes = !matches!(job, Chore::Append(_));
+                let (is_sync, is_delete) = (matches!(job, Chore::Sync), matches!(job, Chore::Delete(_)));
+                let mut answered = false;
                 let before = journal.bytes();
                 // A panic in one chore must not end the thread: the writer could delete nothing more.
                 let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    do_chore(&shared, &mut journal, job, &report, &mut failing)
+                    do_chore(&shared, &mut journal, job, &report, &mut failing, &mut answered)
                 }));
+                if is_sync && !answered && done.is_err() {
+                    let _ = report.send(Err(std::io::Error::other("the dedup journal's sync panicked")));
+                }
+                if is_delete {
+                    deletion_done.store(false, Ordering::Release);
+                }
                 let after = journal.bytes();
                 {
                     let mut st = shared.lock();
@@ -129,7 +142,7 @@ impl Janitor {
                 }
             }
         })?;
-        Ok(Janitor { jobs: Some(jobs), synced, covering: None, thread: Some(thread) })
+        Ok(Janitor { jobs: Some(jobs), synced, covering: None, deleting, thread: Some(thread) })
     }
 
     /// Hands the thread the ids of a durable group.
@@ -160,6 +173,7 @@ fn do_chore(
     job: Chore,
     report: &Sender<std::io::Result<()>>,
     failing: &mut bool,
+    answered: &mut bool,
 ) -> bool {
     let now = now_secs();
     // What the journal did: `Some` when it synced (or failed to write), `None` for a plain append
@@ -189,6 +203,7 @@ fn do_chore(
             if report.send(answer).is_err() {
                 return false;
             }
+            *answered = true;
             Some(r)
         }
         Chore::Delete(victims) => {
@@ -199,7 +214,7 @@ fn do_chore(
     match outcome {
         Some(Err(e)) if !*failing => {
             *failing = true;
-            error!(dir = %shared.settings.dir.display(), error = %e, "spool: the dedup journal cannot be written or synced; delivered segments are kept (and the spool fills) until it can");
+            error!(dir = %shared.settings.dir.display(), error = %e, "spool: the dedup journal cannot be written or synced; delivered segments are kept (and the spool fills) until it can, except on a full disk");
         }
         Some(Ok(())) if *failing => {
             *failing = false;
@@ -604,6 +619,10 @@ impl Writer {
             let covered = self.janitor.covering.take().unwrap_or_default();
             synced?;
             self.delete(covered);
+            return Ok(());
+        }
+        if self.janitor.deleting.load(Ordering::Acquire) {
+            return Ok(());
         }
         let victims = self.deletable();
         if victims.is_empty() {
@@ -641,21 +660,30 @@ impl Writer {
 
     /// Deletes `victims`, the oldest segments, oldest first: takes them off the shared list now and
     /// has the janitor unlink them (here if it stopped).
-    fn delete(&mut self, victims: Vec<Segment>) {
+    fn delete(&mut self, mut victims: Vec<Segment>) {
         {
             let mut st = self.shared.lock();
+            let mut popped = 0;
             for victim in &victims {
-                if st.segments.front().is_some_and(|s| s.first_seq == victim.first_seq) {
-                    st.segments.pop_front();
+                if st.segments.front().is_none_or(|s| s.first_seq != victim.first_seq) {
+                    break;
                 }
+                st.segments.pop_front();
+                popped += 1;
             }
+            victims.truncate(popped);
         }
+        if victims.is_empty() {
+            return;
+        }
+        self.janitor.deleting.store(true, Ordering::Release);
         let unsent = match self.janitor.jobs.as_ref() {
             Some(jobs) => jobs.send(Chore::Delete(victims)).err().map(|std::sync::mpsc::SendError(c)| c),
             None => Some(Chore::Delete(victims)),
         };
         if let Some(Chore::Delete(victims)) = unsent {
             delete_segments(&self.shared, victims);
+            self.janitor.deleting.store(false, Ordering::Release);
         }
     }
 }
@@ -668,32 +696,31 @@ const SHRINK_STEP: u64 = 4 * 1024 * 1024;
 /// blocks in one go holds the file system's journal for milliseconds, and every `fdatasync` of the
 /// active segment waits for it. (Renamed before it is cut: a crash meanwhile leaves a
 /// `.deleting` file the next start removes, never a cut segment that recovery would report as
-/// damage.) A segment that cannot be renamed goes back on the list, counted, and is tried again.
+/// damage.) A segment that cannot be renamed goes back on the list, counted, with every newer
+/// victim (segments go oldest first), and deletion is tried again.
 fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
-    let mut kept = Vec::new();
-    for victim in victims {
+    let mut victims = victims.into_iter();
+    while let Some(victim) = victims.next() {
         // Renamed out of the segments' names first: a crash while it is cut down leaves a file the
         // next start removes, never a cut segment.
         let doomed = victim.path.with_extension("deleting");
         match fs::rename(&victim.path, &doomed) {
-            Ok(()) => {}
+            Ok(()) => shrink_and_remove(&doomed),
+            // Already gone: nothing to cut, its bytes are no longer on disk.
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
                 error!(segment = %victim.path.display(), bytes = victim.size, error = %e,
-                    "spool: a delivered segment could not be deleted; its space stays in use and deletion is tried again");
-                kept.push(victim);
-                continue;
+                    "spool: a delivered segment could not be deleted; it and the newer ones stay (counted) and deletion is tried again");
+                // Back on the list with every newer victim, in order: segments go oldest first.
+                let mut st = shared.lock();
+                for v in std::iter::once(victim).chain(victims).collect::<Vec<_>>().into_iter().rev() {
+                    st.segments.push_front(v);
+                }
+                return;
             }
         }
-        shrink_and_remove(&doomed);
         let mut st = shared.lock();
         st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
-    }
-    if !kept.is_empty() {
-        let mut st = shared.lock();
-        for victim in kept.into_iter().rev() {
-            st.segments.push_front(victim);
-        }
     }
 }
 
