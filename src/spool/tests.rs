@@ -227,15 +227,7 @@ async fn ids_of_deleted_segments_are_still_duplicates_after_a_restart() {
     for i in 0..40 {
         spool.append(vec![ev(i, "1")], now).await.unwrap();
     }
-    let got = read_all(&spool).await;
-    spool.ack(got.iter().map(|s| s.seq).collect()).await;
-    spool.append(vec![ev(100, "1")], now).await.unwrap();
-    let _ = read_all(&spool).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while list_segments(dir.path()).unwrap().len() > 2 {
-        assert!(std::time::Instant::now() < deadline, "acknowledged segments were not deleted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    deliver_everything_until_old_segments_go(&spool, dir.path(), now).await;
     spool.close().await;
     let spool = Spool::open(s).unwrap();
     let r = spool.append((0..40).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
@@ -274,20 +266,26 @@ async fn ids_whose_journal_appends_were_lost_are_journaled_again_before_their_se
     spool.close().await;
     remove_journal(dir.path());
     let spool = Spool::open(s.clone()).unwrap();
-    let got = read_all(&spool).await;
-    spool.ack(got.iter().map(|s| s.seq).collect()).await;
-    spool.append(vec![ev(100, "1")], now).await.unwrap();
-    let _ = read_all(&spool).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while list_segments(dir.path()).unwrap().len() > 2 {
-        assert!(std::time::Instant::now() < deadline, "acknowledged segments were not deleted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    deliver_everything_until_old_segments_go(&spool, dir.path(), now).await;
     spool.close().await;
     let spool = Spool::open(s).unwrap();
     let r = spool.append((0..20).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 20), "every id of the deleted segments is remembered");
     spool.close().await;
+}
+
+/// Acknowledges everything undelivered, then appends one more event so that a fresh segment holds
+/// the writer and the reader, and waits (bounded) until every older segment is deleted.
+async fn deliver_everything_until_old_segments_go(spool: &Spool, dir: &Path, now: i64) {
+    let got = read_all(spool).await;
+    spool.ack(got.iter().map(|s| s.seq).collect()).await;
+    spool.append(vec![ev(100, "1")], now).await.unwrap();
+    let _ = read_all(spool).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while list_segments(dir).unwrap().len() > 2 {
+        assert!(std::time::Instant::now() < deadline, "acknowledged segments were not deleted");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Deletes the dedup journal's files.
