@@ -11,8 +11,9 @@
 //!   after it; a full segment is synced before the next one starts.
 //! - The ids of every durable group go to the dedup journal ([`dedup::Journal`]), unsynced; before a
 //!   segment is deleted the journal is synced. Both happen on the [`Janitor`]'s thread, and so does
-//!   the unlinking of segments (milliseconds for a large one): the writer goes on committing groups,
-//!   deletes the segments from its list once the sync succeeded and has the janitor unlink them.
+//!   the unlinking of segments (milliseconds for a large one): the writer takes the deletable
+//!   segments off its list and goes on committing groups; the janitor syncs the journal, then
+//!   unlinks them (or puts them back on the list if the sync failed).
 //!
 //! When a `write` or `fdatasync` fails (Postgres' "fsyncgate": after a failed `fdatasync` the
 //! kernel may have dropped the dirty pages, and a second `fdatasync` can succeed without them), the
@@ -25,8 +26,8 @@
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
-use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -67,33 +68,28 @@ pub(crate) struct Writer {
 enum Chore {
     /// Ids of a durable group, with the time each was stored.
     Append(Vec<(EventId, i64)>),
-    /// Make everything appended so far durable, then report.
-    Sync,
-    /// Delete these segments, oldest first (already gone from the shared list). Unlinking a segment
-    /// of tens of MiB takes milliseconds (its cached pages and extents are freed): not on the
-    /// writer's thread, where every request would wait for it.
-    Delete(Vec<Segment>),
+    /// Delete these segments, oldest first (already off the shared list), once the journal holding
+    /// their ids is synced (`sync`: the dedup window is on). Unlinking a segment of tens of MiB takes
+    /// milliseconds (its cached pages and extents are freed): not on the writer's thread, where
+    /// every request would wait for it.
+    Delete { victims: Vec<Segment>, sync: bool },
 }
 
 /// The thread that does the spool's slow housekeeping off the writer's thread: it keeps the dedup
-/// journal ([`dedup::Journal`]) and deletes segments. Also holds the segments waiting for the
-/// journal sync in flight.
+/// journal ([`dedup::Journal`]) and deletes segments.
 struct Janitor {
     jobs: Option<Sender<Chore>>,
-    /// The result of each [`Chore::Sync`].
-    synced: Receiver<std::io::Result<()>>,
-    /// Deleted once the sync in flight succeeded.
-    covering: Option<Vec<Segment>>,
-    /// A deletion is in flight: the next waits for it, so segments always go oldest first (a
-    /// segment that could not be deleted goes back on the list before anything newer goes).
-    deleting: Arc<std::sync::atomic::AtomicBool>,
+    /// A deletion is in flight (set by the writer, cleared by the janitor when done): the next waits
+    /// for it, so segments go strictly oldest first (a segment put back on the list goes back
+    /// before anything newer is taken off it).
+    deleting: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl Janitor {
-    /// Starts the thread. After each sync or deletion it queues [`Command::Compact`] (if the spool is
-    /// still open and the queue has room; a busy writer compacts after its group anyway), so that
-    /// the writer deletes what the sync covers and ends a refusal once room is freed. The bytes it
+    /// Starts the thread. After a deletion that freed room it queues [`Command::Compact`] (if the
+    /// spool is still open and the queue has room; a busy writer compacts after its group anyway),
+    /// so that the writer deletes what became deletable meanwhile and ends a refusal. The bytes it
     /// adds and frees on disk are kept in the shared `disk_bytes`.
     fn start(
         shared: Arc<Shared>,
@@ -101,37 +97,31 @@ impl Janitor {
         wake: mpsc::WeakSender<Command>,
     ) -> std::io::Result<Janitor> {
         let (jobs, todo) = std::sync::mpsc::channel::<Chore>();
-        let (report, synced) = std::sync::mpsc::channel();
-        let deleting = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let deleting = Arc::new(AtomicBool::new(false));
         let deletion_done = deleting.clone();
         let thread = std::thread::Builder::new().name("spool-janitor".into()).spawn(move || {
             let mut failing = false;
             for job in todo {
-                let wakes = !matches!(job, Chore::Append(_));
-                let (is_sync, is_delete) = (matches!(job, Chore::Sync), matches!(job, Chore::Delete(_)));
-                let mut answered = false;
+                let is_delete = matches!(job, Chore::Delete { .. });
                 let before = journal.bytes();
                 // A panic in one chore must not end the thread: the writer could delete nothing more.
-                let done = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    do_chore(&shared, &mut journal, job, &report, &mut failing, &mut answered)
-                }));
-                if is_sync && !answered && done.is_err() {
-                    let _ = report.send(Err(std::io::Error::other("the dedup journal's sync panicked")));
-                }
-                if is_delete {
-                    deletion_done.store(false, Ordering::Release);
-                }
+                let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    do_chore(&shared, &mut journal, job, &mut failing)
+                }))
+                .unwrap_or_else(|_| {
+                    error!("spool: a janitor chore panicked; carrying on with the next one");
+                    false
+                });
                 let after = journal.bytes();
                 {
                     let mut st = shared.lock();
                     st.disk_bytes = (st.disk_bytes + after).saturating_sub(before);
                 }
-                match done {
-                    Ok(true) => {}
-                    Ok(false) => break,
-                    Err(_) => error!("spool: a janitor chore panicked; carrying on with the next one"),
+                if is_delete {
+                    deletion_done.store(false, Ordering::Release);
                 }
-                if wakes {
+                // Not after a failed deletion: the writer tries again after its next group, not in a loop.
+                if freed {
                     if let Some(tx) = wake.upgrade() {
                         let queued = &shared.heartbeat.queued;
                         queued.fetch_add(1, Ordering::Relaxed);
@@ -142,7 +132,7 @@ impl Janitor {
                 }
             }
         })?;
-        Ok(Janitor { jobs: Some(jobs), synced, covering: None, deleting, thread: Some(thread) })
+        Ok(Janitor { jobs: Some(jobs), deleting, thread: Some(thread) })
     }
 
     /// Hands the thread the ids of a durable group.
@@ -156,7 +146,7 @@ impl Janitor {
 }
 
 impl Drop for Janitor {
-    /// Lets the thread write what it was handed (an append is small).
+    /// Lets the thread finish what it was handed.
     fn drop(&mut self) {
         self.jobs = None;
         if let Some(t) = self.thread.take() {
@@ -165,20 +155,13 @@ impl Drop for Janitor {
     }
 }
 
-/// Does one chore; `false` when the writer is gone and the thread should stop. `failing` keeps the
-/// journal's failures logged once, when they start and when they end.
-fn do_chore(
-    shared: &Shared,
-    journal: &mut dedup::Journal,
-    job: Chore,
-    report: &Sender<std::io::Result<()>>,
-    failing: &mut bool,
-    answered: &mut bool,
-) -> bool {
+/// Does one chore; returns whether segments were deleted. `failing` keeps the journal's failures
+/// logged once, when they start and when they end.
+fn do_chore(shared: &Shared, journal: &mut dedup::Journal, job: Chore, failing: &mut bool) -> bool {
     let now = now_secs();
     // What the journal did: `Some` when it synced (or failed to write), `None` for a plain append
     // that went well, which says nothing about whether syncing works again.
-    let outcome: Option<std::io::Result<()>> = match job {
+    let (outcome, freed): (Option<std::io::Result<()>>, bool) = match job {
         Chore::Append(ids) => {
             let r = match journal.append(&ids, now) {
                 Ok(()) if journal.sync_due() => Some(journal.sync(now)),
@@ -186,29 +169,24 @@ fn do_chore(
                 Err(e) => Some(Err(e)),
             };
             journal.expire(now);
-            r
+            (r, false)
         }
-        Chore::Sync => {
-            let r = journal.sync(now);
-            let answer = match &r {
-                Ok(()) => Ok(()),
+        Chore::Delete { victims, sync } => {
+            let synced = sync.then(|| journal.sync(now));
+            let freed = match &synced {
                 // Waiting for room would wedge the spool: only deleting segments frees it. The ids
                 // not yet in the journal cost at most a duplicate record after a restart.
-                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => {
+                Some(Err(e)) if e.kind() == std::io::ErrorKind::StorageFull => {
                     warn!("spool: disk full; deleting delivered segments although the dedup journal could not take their ids (after a restart a re-sent batch may be published twice)");
-                    Ok(())
+                    delete_segments(shared, victims)
                 }
-                Err(e) => Err(std::io::Error::new(e.kind(), e.to_string())),
+                Some(Err(_)) => {
+                    put_back(shared, victims);
+                    false
+                }
+                _ => delete_segments(shared, victims),
             };
-            if report.send(answer).is_err() {
-                return false;
-            }
-            *answered = true;
-            Some(r)
-        }
-        Chore::Delete(victims) => {
-            delete_segments(shared, victims);
-            None
+            (synced, freed)
         }
     };
     match outcome {
@@ -222,7 +200,7 @@ fn do_chore(
         }
         _ => {}
     }
-    true
+    freed
 }
 
 type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, SpoolError>);
@@ -501,9 +479,7 @@ impl Writer {
         if self.broken {
             self.replace_segment();
         } else {
-            if let Err(e) = self.compact() {
-                warn!(error = %e, "spool: compaction failed; will retry after the next group");
-            }
+            self.compact();
             self.maybe_roll();
         }
         // Room freed by delivery ends a refusal without waiting for the next batch: a replica that
@@ -605,48 +581,42 @@ impl Writer {
         }
     }
 
-    /// Deletes old segments whose events are all acknowledged and that the reader has left, once the
-    /// dedup journal was synced after they became deletable (their ids would otherwise be forgotten
-    /// by a restart). The sync runs on the janitor's thread; this call asks for one, or deletes what
-    /// the last one covers.
-    fn compact(&mut self) -> std::io::Result<()> {
-        if self.janitor.covering.is_some() {
-            let synced = match self.janitor.synced.try_recv() {
-                Err(TryRecvError::Empty) => return Ok(()),
-                Ok(synced) => synced,
-                Err(TryRecvError::Disconnected) => Err(std::io::Error::other("the janitor thread stopped")),
-            };
-            let covered = self.janitor.covering.take().unwrap_or_default();
-            synced?;
-            self.delete(covered);
-            return Ok(());
-        }
+    /// Deletes old segments whose events are all acknowledged and that the reader has left: takes
+    /// them off the shared list and has the janitor sync the dedup journal (their ids would
+    /// otherwise be forgotten by a restart) and then unlink them. One deletion at a time.
+    fn compact(&mut self) {
         if self.janitor.deleting.load(Ordering::Acquire) {
-            return Ok(());
+            return;
         }
-        let victims = self.deletable();
+        let victims = self.take_deletable();
         if victims.is_empty() {
-            return Ok(());
+            return;
         }
-        if !self.dedup.enabled() {
-            self.delete(victims);
-            return Ok(());
-        }
-        match self.janitor.jobs.as_ref().map(|jobs| jobs.send(Chore::Sync)) {
-            Some(Ok(())) => {
-                self.janitor.covering = Some(victims);
-                Ok(())
+        let sync = self.dedup.enabled();
+        self.janitor.deleting.store(true, Ordering::Release);
+        let unsent = match self.janitor.jobs.as_ref() {
+            Some(jobs) => jobs.send(Chore::Delete { victims, sync }).err().map(|std::sync::mpsc::SendError(c)| c),
+            None => Some(Chore::Delete { victims, sync }),
+        };
+        if let Some(Chore::Delete { victims, sync }) = unsent {
+            // No janitor: without a window delete here; with one, nothing can sync the journal.
+            if sync {
+                error!("spool: the janitor thread stopped; acknowledged segments are kept");
+                put_back(&self.shared, victims);
+            } else {
+                delete_segments(&self.shared, victims);
             }
-            _ => Err(std::io::Error::other("the janitor thread stopped; acknowledged segments are kept")),
+            self.janitor.deleting.store(false, Ordering::Release);
         }
     }
 
-    /// The oldest segments, in order, whose events are all acknowledged and that neither the reader
-    /// nor the writer is in.
-    fn deletable(&self) -> Vec<Segment> {
-        let st = self.shared.lock();
+    /// Takes off the shared list the oldest segments, in order, whose events are all acknowledged
+    /// and that neither the reader nor the writer is in.
+    fn take_deletable(&self) -> Vec<Segment> {
+        let mut st = self.shared.lock();
         let oldest_unacked = st.unacked.keys().next().copied().unwrap_or(u64::MAX);
-        st.segments
+        let n = st
+            .segments
             .iter()
             .zip(st.segments.iter().skip(1))
             .take_while(|(seg, next)| {
@@ -654,51 +624,22 @@ impl Writer {
                     && st.reader_segment != seg.first_seq
                     && seg.first_seq != self.active_first_seq
             })
-            .map(|(seg, _)| seg.clone())
-            .collect()
-    }
-
-    /// Deletes `victims`, the oldest segments, oldest first: takes them off the shared list now and
-    /// has the janitor unlink them (here if it stopped).
-    fn delete(&mut self, mut victims: Vec<Segment>) {
-        {
-            let mut st = self.shared.lock();
-            let mut popped = 0;
-            for victim in &victims {
-                if st.segments.front().is_none_or(|s| s.first_seq != victim.first_seq) {
-                    break;
-                }
-                st.segments.pop_front();
-                popped += 1;
-            }
-            victims.truncate(popped);
-        }
-        if victims.is_empty() {
-            return;
-        }
-        self.janitor.deleting.store(true, Ordering::Release);
-        let unsent = match self.janitor.jobs.as_ref() {
-            Some(jobs) => jobs.send(Chore::Delete(victims)).err().map(|std::sync::mpsc::SendError(c)| c),
-            None => Some(Chore::Delete(victims)),
-        };
-        if let Some(Chore::Delete(victims)) = unsent {
-            delete_segments(&self.shared, victims);
-            self.janitor.deleting.store(false, Ordering::Release);
-        }
+            .count();
+        st.segments.drain(..n).collect()
     }
 }
 
 /// Bytes an unlinked segment is cut by at a time.
 const SHRINK_STEP: u64 = 4 * 1024 * 1024;
 
-/// Deletes `victims`, oldest first, and takes their bytes off `disk_bytes`. Each is renamed out of
-/// the segments' names, then cut down a few MiB at a time and unlinked: freeing a large file's
-/// blocks in one go holds the file system's journal for milliseconds, and every `fdatasync` of the
-/// active segment waits for it. (Renamed before it is cut: a crash meanwhile leaves a
-/// `.deleting` file the next start removes, never a cut segment that recovery would report as
-/// damage.) A segment that cannot be renamed goes back on the list, counted, with every newer
-/// victim (segments go oldest first), and deletion is tried again.
-fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
+/// Deletes `victims`, oldest first, and takes their bytes off `disk_bytes`; returns whether it
+/// deleted them all. Each is renamed out of the segments' names, then cut down a few MiB at a time
+/// and unlinked: freeing a large file's blocks in one go holds the file system's journal for
+/// milliseconds, and every `fdatasync` of the active segment waits for it. (Renamed before it is
+/// cut: a crash meanwhile leaves a `.deleting` file the next start removes, never a cut segment
+/// that recovery would report as damage.) A segment that cannot be renamed goes back on the list,
+/// counted, with every newer victim, and deletion is tried again after a later group.
+fn delete_segments(shared: &Shared, victims: Vec<Segment>) -> bool {
     let mut victims = victims.into_iter();
     while let Some(victim) = victims.next() {
         // Renamed out of the segments' names first: a crash while it is cut down leaves a file the
@@ -711,16 +652,21 @@ fn delete_segments(shared: &Shared, victims: Vec<Segment>) {
             Err(e) => {
                 error!(segment = %victim.path.display(), bytes = victim.size, error = %e,
                     "spool: a delivered segment could not be deleted; it and the newer ones stay (counted) and deletion is tried again");
-                // Back on the list with every newer victim, in order: segments go oldest first.
-                let mut st = shared.lock();
-                for v in std::iter::once(victim).chain(victims).collect::<Vec<_>>().into_iter().rev() {
-                    st.segments.push_front(v);
-                }
-                return;
+                put_back(shared, std::iter::once(victim).chain(victims).collect());
+                return false;
             }
         }
         let mut st = shared.lock();
         st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
+    }
+    true
+}
+
+/// Puts segments taken off the list for deletion back at its front, in order.
+fn put_back(shared: &Shared, victims: Vec<Segment>) {
+    let mut st = shared.lock();
+    for v in victims.into_iter().rev() {
+        st.segments.push_front(v);
     }
 }
 
