@@ -20,12 +20,9 @@ pub fn file_urls(event: &[u8], prefixes: &[Prefix]) -> Vec<String> {
     let mut i = 0;
     while let Some(open) = memchr::memchr(b'"', &event[i..]) {
         let start = i + open;
-        let end = string_end(event, start + 1);
-        let token = &event[start..(end + 1).min(event.len())];
-        i = end + 1;
-        if i >= event.len() {
-            i = event.len();
-        }
+        let stop = (string_end(event, start + 1) + 1).min(event.len());
+        let token = &event[start..stop];
+        i = stop;
         if rejected.contains(&token) {
             continue;
         }
@@ -50,7 +47,10 @@ fn decode(token: &[u8]) -> Option<Cow<'_, str>> {
     }
     let inner = &token[1..token.len() - 1];
     if !inner.contains(&b'\\') {
-        return inner[..4].eq_ignore_ascii_case(b"http").then(|| std::str::from_utf8(inner).ok().map(Cow::Borrowed))?;
+        if !inner[..4].eq_ignore_ascii_case(b"http") {
+            return None;
+        }
+        return std::str::from_utf8(inner).ok().map(Cow::Borrowed);
     }
     let s = serde_json::from_slice::<String>(token).ok()?;
     s.get(..4).is_some_and(|h| h.eq_ignore_ascii_case("http")).then_some(Cow::Owned(s))

@@ -74,6 +74,11 @@ impl BuildHasher for BuildIdHasher {
 /// old one held until the new one is filled) adds a sixteenth of the slice to the peak, not all of it.
 const SHARDS: usize = 16;
 
+/// The table of a slice an id goes to.
+fn shard_of(k: &Key) -> usize {
+    usize::from(k.0[8]) % SHARDS
+}
+
 struct Generation {
     start: i64,
     /// Chosen by the id's ninth byte (the table hashes the first eight).
@@ -86,11 +91,11 @@ impl Generation {
     }
 
     fn shard(&self, k: &Key) -> &HashSet<Key, BuildIdHasher> {
-        &self.ids[usize::from(k.0[8]) % SHARDS]
+        &self.ids[shard_of(k)]
     }
 
     fn insert(&mut self, k: Key) {
-        self.ids[usize::from(k.0[8]) % SHARDS].insert(k);
+        self.ids[shard_of(&k)].insert(k);
     }
 
     fn len(&self) -> usize {

@@ -325,13 +325,22 @@ impl Spool {
     /// captured: at-least-once. Nothing after the write depends on the caller.
     pub async fn append(&self, events: Vec<Event>, received_at: i64) -> Result<Appended, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        self.shared.heartbeat.queued.fetch_add(1, Ordering::Relaxed);
-        let sent = self.tx.send(Command::Append { events, received_at, reply }).await;
-        if sent.is_err() {
-            self.shared.heartbeat.queued.fetch_sub(1, Ordering::Relaxed);
+        if !self.send(Command::Append { events, received_at, reply }).await {
             return Err(SpoolError::Closed);
         }
         rx.await.map_err(|_| SpoolError::Closed)?
+    }
+
+    /// Queues a command for the writer, counted in the heartbeat's queue (the writer takes one off
+    /// for each it handles); `false` when the spool is closed.
+    async fn send(&self, command: Command) -> bool {
+        let queued = &self.shared.heartbeat.queued;
+        queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.send(command).await.is_ok();
+        if !sent {
+            queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
     }
 
     /// Records that Kafka acknowledged these events (or they were dead-lettered).
@@ -339,18 +348,14 @@ impl Spool {
         if seqs.is_empty() {
             return;
         }
-        self.shared.heartbeat.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Command::Ack(seqs)).await.is_err() {
-            self.shared.heartbeat.queued.fetch_sub(1, Ordering::Relaxed);
+        if !self.send(Command::Ack(seqs)).await {
             warn!("spool closed before an acknowledgement was recorded; the events will be published again");
         }
     }
 
     /// Records the `bridge_files` of an event; synced with its group, then the publisher picks it up.
     pub(crate) async fn files_done(&self, seq: u64, member: Vec<u8>) {
-        self.shared.heartbeat.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Command::FilesDone(seq, member)).await.is_err() {
-            self.shared.heartbeat.queued.fetch_sub(1, Ordering::Relaxed);
+        if !self.send(Command::FilesDone(seq, member)).await {
             warn!(seq, "spool closed before file results were recorded; they are captured again after the restart");
         }
     }
@@ -399,12 +404,8 @@ impl Spool {
     /// Writes what is queued, syncs and stops the writer. Idempotent.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        // Counted like every command: the writer takes one off for each it handles.
-        self.shared.heartbeat.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Command::Close(tx)).await.is_ok() {
+        if self.send(Command::Close(tx)).await {
             let _ = rx.await;
-        } else {
-            self.shared.heartbeat.queued.fetch_sub(1, Ordering::Relaxed);
         }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(h) = handle {
