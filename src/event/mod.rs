@@ -95,32 +95,10 @@ struct FastEnvelope<'a> {
     _valid_token: Option<&'a RawValue>,
     #[serde(borrow, default)]
     time: Option<&'a RawValue>,
+    /// An object whose every member is an array; anything else fails to deserialize, and the body
+    /// goes down the general path.
     #[serde(borrow, default)]
-    messages: Option<UsualMessages<'a>>,
-}
-
-/// `messages` as the fast path reads it: an object whose every member is an array. Anything else
-/// fails to deserialize, and the body goes down the general path.
-struct UsualMessages<'a>(Vec<(String, Vec<&'a RawValue>)>);
-
-impl<'de: 'a, 'a> Deserialize<'de> for UsualMessages<'a> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = UsualMessages<'a>;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("an object of arrays")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-                let mut groups = Vec::new();
-                while let Some(k) = map.next_key::<String>()? {
-                    groups.push((k, map.next_value::<Vec<&'de RawValue>>()?));
-                }
-                Ok(UsualMessages(groups))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
+    messages: Option<Members<Vec<&'a RawValue>>>,
 }
 
 /// The envelope with `messages` kept raw, for the general path.
@@ -157,7 +135,7 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
     // and decides what the body is.
     if let Ok(fast) = serde_json::from_slice::<FastEnvelope<'_>>(body) {
         let time = fast.time.and_then(|t| t.get().parse::<i64>().ok());
-        if let (Some(t), Some(UsualMessages(groups))) = (time, fast.messages) {
+        if let (Some(t), Some(Members(groups))) = (time, fast.messages) {
             return Ok(Body::Batch(Batch {
                 token: fast.token.and_then(raw_plain_str),
                 time: Some(t),
@@ -175,7 +153,7 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
     if !messages.get().starts_with('{') {
         return Err(BodyError::MessagesNotAnObject);
     }
-    let groups = serde_json::from_str::<OrderedGroups<'_>>(messages.get())
+    let groups = serde_json::from_str::<Members<&RawValue>>(messages.get())
         .map_err(|e| BodyError::NotJson(e.to_string()))?
         .0
         .into_iter()
@@ -243,26 +221,28 @@ fn raw_plain_str(raw: &RawValue) -> Option<&str> {
     (!inner.contains('\\') && !inner.contains('"')).then_some(inner)
 }
 
-/// The members of `messages`, in document order, duplicates kept.
-struct OrderedGroups<'a>(Vec<(String, &'a RawValue)>);
+/// The members of a JSON object, in document order, duplicates kept: `messages` read by the general
+/// path as `Members<&RawValue>`, and by the fast path as `Members<Vec<&RawValue>>`, which fails on
+/// any member that is not an array.
+struct Members<V>(Vec<(String, V)>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for OrderedGroups<'a> {
+impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = OrderedGroups<'a>;
+        struct Visit<V>(std::marker::PhantomData<V>);
+        impl<'de, V: Deserialize<'de>> Visitor<'de> for Visit<V> {
+            type Value = Members<V>;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("an object of event lists")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut out = Vec::new();
                 while let Some(k) = map.next_key::<String>()? {
-                    out.push((k, map.next_value::<&'de RawValue>()?));
+                    out.push((k, map.next_value::<V>()?));
                 }
-                Ok(OrderedGroups(out))
+                Ok(Members(out))
             }
         }
-        d.deserialize_map(V(std::marker::PhantomData))
+        d.deserialize_map(Visit(std::marker::PhantomData))
     }
 }
 
