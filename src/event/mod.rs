@@ -279,10 +279,41 @@ impl Event {
         format!("app.huggy.{}", self.event_type.as_str())
     }
 
-    /// The `ce_time` header: the event's time as RFC 3339, in whole seconds.
-    pub fn ce_time(&self) -> String {
-        let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(self.time.max(0).unsigned_abs());
-        humantime::format_rfc3339_seconds(t).to_string()
+    /// The event's time in Unix milliseconds, read from the batch `time` as Huggy may send it
+    /// ([`time_millis`]); `None` when it is a plausible time in neither seconds nor milliseconds.
+    pub fn time_millis(&self) -> Option<i64> {
+        time_millis(self.time)
+    }
+
+    /// The `ce_time` header: the event's time as RFC 3339 (whole seconds, or milliseconds when the
+    /// batch `time` had them); `None` when the batch `time` is not a plausible time, so the header
+    /// is left out and the event still published (SPEC §5).
+    pub fn ce_time(&self) -> Option<String> {
+        let ms = self.time_millis()?;
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.unsigned_abs());
+        Some(if ms % 1000 == 0 {
+            humantime::format_rfc3339_seconds(t).to_string()
+        } else {
+            humantime::format_rfc3339_millis(t).to_string()
+        })
+    }
+}
+
+/// The times the bridge vouches for: 2000-01-01T00:00:00Z up to (not including) 2200-01-01, in
+/// Unix seconds. Huggy sends seconds; some senders send milliseconds; the two windows are far apart
+/// (10 digits against 13), so a value is read in the unit that makes it plausible.
+const PLAUSIBLE_SECS: std::ops::Range<i64> = 946_684_800..7_258_118_400;
+
+/// A batch `time` in Unix milliseconds: seconds (what Huggy documents) are scaled, milliseconds are
+/// kept, and anything that is a plausible time in neither unit — negative, zero, a year past 2200
+/// or before 2000 — is `None`. Never panics and never overflows, whatever a client sends.
+pub fn time_millis(time: i64) -> Option<i64> {
+    if PLAUSIBLE_SECS.contains(&time) {
+        Some(time * 1000)
+    } else if (PLAUSIBLE_SECS.start * 1000..PLAUSIBLE_SECS.end * 1000).contains(&time) {
+        Some(time)
+    } else {
+        None
     }
 }
 
@@ -382,7 +413,7 @@ impl fmt::Debug for EventId {
 /// let events = split(&batch, 0);
 /// assert_eq!(events[0].key.as_deref(), Some("42"));
 /// assert_eq!(events[0].value, br#"{"id":1, "chat":{"id":42}}"#, "byte for byte");
-/// assert_eq!(events[0].ce_time(), "2023-11-14T22:13:20Z");
+/// assert_eq!(events[0].ce_time().as_deref(), Some("2023-11-14T22:13:20Z"));
 /// assert_eq!(events[1].dead_letter.as_deref(), Some("event is not an object"));
 /// ```
 pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {

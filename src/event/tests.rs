@@ -122,7 +122,7 @@ fn bytes_survive_exactly_big_ids_escapes_emoji_whitespace() {
     assert_eq!(first.key.as_deref(), Some("9007199254740993"));
     assert_eq!(first.company.as_deref(), Some("77"));
     assert_eq!(first.time, 1_700_000_000);
-    assert_eq!(first.ce_time(), "2023-11-14T22:13:20Z");
+    assert_eq!(first.ce_time().as_deref(), Some("2023-11-14T22:13:20Z"));
     assert_eq!(first.ce_source(), "huggy://company/77");
     assert_eq!(events[1].key.as_deref(), Some("18446744073709551617"), "ids beyond 2^64 keep their digits");
 }
@@ -374,4 +374,21 @@ fn lone_surrogates_are_dead_lettered_pairs_are_fine() {
     let events = split(&batch(body), 0);
     let dead: Vec<bool> = events.iter().map(|e| e.dead_letter.is_some()).collect();
     assert_eq!(dead, vec![false, true, true, false, true]);
+}
+
+#[test]
+fn a_batch_time_in_seconds_or_milliseconds_is_read_as_such_and_nonsense_is_left_out() {
+    let at = |time: i64| {
+        let body = format!(r#"{{"time":{time},"token":"t","messages":{{"agentChangedStatus":[{{"id":1}}]}}}}"#);
+        let events = split(&batch(body.as_bytes()), 7);
+        (events[0].time_millis(), events[0].ce_time())
+    };
+    assert_eq!(at(1_700_000_000), (Some(1_700_000_000_000), Some("2023-11-14T22:13:20Z".into())));
+    assert_eq!(at(1_700_000_000_123), (Some(1_700_000_000_123), Some("2023-11-14T22:13:20.123Z".into())));
+    assert_eq!(at(1_700_000_000_000), (Some(1_700_000_000_000), Some("2023-11-14T22:13:20Z".into())));
+    // Past the year 9999 as seconds (humantime's limit; 1978 if read as milliseconds), microseconds,
+    // zero, negative, and the extremes of i64: no panic, no overflow, no `ce_time`.
+    for nonsense in [253_402_300_800, 1_700_000_000_000_000, 0, -1, i64::MIN, i64::MAX] {
+        assert_eq!(at(nonsense), (None, None), "time {nonsense}");
+    }
 }

@@ -63,14 +63,17 @@ impl Routes {
 /// The CloudEvents (Kafka binding, binary mode) and bridge headers of an event's record.
 pub(crate) fn headers(ev: &Event) -> OwnedHeaders {
     let id = ev.id.to_string();
-    let (ce_type, source, time) = (ev.ce_type(), ev.ce_source(), ev.ce_time());
+    let (ce_type, source) = (ev.ce_type(), ev.ce_source());
     let mut h = OwnedHeaders::new_with_capacity(8)
         .insert(Header { key: "ce_specversion", value: Some("1.0") })
         .insert(Header { key: "ce_id", value: Some(id.as_str()) })
         .insert(Header { key: "ce_type", value: Some(ce_type.as_str()) })
-        .insert(Header { key: "ce_source", value: Some(source.as_str()) })
-        .insert(Header { key: "ce_time", value: Some(time.as_str()) })
-        .insert(Header { key: "content-type", value: Some("application/json") });
+        .insert(Header { key: "ce_source", value: Some(source.as_str()) });
+    // A batch `time` that is no plausible time leaves the optional attribute out (SPEC §5).
+    if let Some(time) = ev.ce_time() {
+        h = h.insert(Header { key: "ce_time", value: Some(time.as_str()) });
+    }
+    h = h.insert(Header { key: "content-type", value: Some("application/json") });
     if let Some(orig) = &ev.original_type {
         h = h.insert(Header { key: "huggy_original_type", value: Some(orig.as_str()) });
     }
