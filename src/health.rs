@@ -109,6 +109,9 @@ impl Health {
                 if !s.writable {
                     reasons.push("spool not writable".to_owned());
                 }
+                if s.disk_full {
+                    reasons.push("no room on the spool's filesystem".to_owned());
+                }
                 if s.full {
                     reasons.push(format!("spool full ({} of {} bytes on disk)", s.disk_bytes, s.max_bytes));
                 }

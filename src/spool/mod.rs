@@ -44,7 +44,7 @@ use tracing::{info, warn};
 
 use crate::clock::{now_millis, now_secs};
 use crate::event::{Event, EventId};
-pub use io::{OsIo, SegmentIo};
+pub use io::{is_no_room, OsIo, SegmentIo};
 pub use lock::LockError;
 pub(crate) use reader::Reader;
 pub use recovery::RecoveryReport;
@@ -68,6 +68,15 @@ pub enum SpoolError {
         used: u64,
         /// `spool.max_bytes`.
         max: u64,
+    },
+    /// The spool's filesystem has no room (`ENOSPC`): refused until delivery (or the operator) frees
+    /// some; the writer keeps taking acknowledgements and deleting delivered segments meanwhile.
+    #[error("no room on the spool's filesystem ({free} bytes free, {want} wanted)")]
+    NoRoom {
+        /// Bytes free when last looked.
+        free: u64,
+        /// Bytes the writer waits for before it takes batches again.
+        want: u64,
     },
     /// A write or fsync of the batch failed, so it was not acknowledged.
     #[error("spool write failed; the batch is not durable")]
@@ -192,6 +201,8 @@ pub struct SpoolStats {
     /// Refusing batches: a batch was refused for lack of room and usage has not fallen below the
     /// low-water mark since.
     pub(crate) full: bool,
+    /// Refusing batches because the filesystem had no room (`ENOSPC`), until it has again.
+    pub(crate) disk_full: bool,
     /// Event ids held by the dedup window.
     pub dedup_ids: usize,
 }
@@ -232,6 +243,8 @@ pub(crate) struct State {
     pub(crate) reader_segment: u64,
     pub(crate) disk_bytes: u64,
     pub(crate) write_error: bool,
+    /// The filesystem had no room (`ENOSPC`) and has not enough yet.
+    pub(crate) disk_full: bool,
     pub(crate) refusing: bool,
     /// Bytes of the largest batch refused since refusing began: batches are refused until it fits.
     pub(crate) refused_need: u64,
@@ -427,6 +440,7 @@ fn stats_of(shared: &Shared) -> SpoolStats {
         pending_files: st.files_pending,
         writable: !st.write_error,
         full: st.refusing || st.disk_bytes >= max_bytes,
+        disk_full: st.disk_full,
         dedup_ids: st.dedup_ids,
     }
 }

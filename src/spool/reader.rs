@@ -61,7 +61,12 @@ impl Reader {
                 let mut st = self.shared.lock();
                 let Some(idx) = st.segments.iter().position(|s| s.first_seq == self.segment) else {
                     // Our segment was deleted (all acknowledged): start at the oldest that is left.
-                    let Some(first) = st.segments.front().map(|s| s.first_seq) else { return Ok(out) };
+                    let Some(first) = st.segments.front().map(|s| s.first_seq) else {
+                        // Not even an active one (a spool that cannot write deleted its last):
+                        // let go of the deleted file.
+                        self.chunks = None;
+                        return Ok(out);
+                    };
                     drop(st);
                     self.move_to(first);
                     continue;

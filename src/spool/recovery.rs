@@ -201,7 +201,11 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
             }
         }
         if damaged && mode == Mode::Repair {
-            keep_aside(dir, path, &mut r.report)?;
+            // A copy for inspection is no reason not to start (the disk may be full): the segment
+            // itself stays until its events are delivered.
+            if let Err(e) = keep_aside(dir, path, &mut r.report) {
+                error!(segment = %path.display(), error = %e, "spool: could not keep a copy of a damaged segment aside");
+            }
         }
         if mode == Mode::Repair {
             // What was read may be a group written but never synced before the last run ended (a
