@@ -42,7 +42,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
-use crate::clock::{now_millis, now_secs};
+use crate::clock::{monotonic_millis, now_secs};
 use crate::event::{Event, EventId};
 pub use io::{is_no_room, OsIo, SegmentIo};
 pub use lock::LockError;
@@ -539,7 +539,7 @@ impl Heartbeat {
     /// How long the writer has been stuck with work, if it has: in one group for longer than
     /// `after`, or with queued commands and no group finished for longer than `after`.
     pub(crate) fn stalled_for(&self, after: Duration) -> Option<Duration> {
-        let now = now_millis();
+        let now = monotonic_millis();
         let limit = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let busy = self.busy_since_ms.load(Ordering::Relaxed);
         if busy > 0 && now - busy > limit {

@@ -53,7 +53,7 @@ use super::{
     segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared, SpoolError,
     SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
 };
-use crate::clock::{now_millis, now_secs};
+use crate::clock::{monotonic_millis, now_secs};
 use crate::event::EventId;
 
 /// How often a writer that cannot write (a failed segment, a full disk) tries again on its own,
@@ -266,7 +266,7 @@ impl Writer {
             heartbeat: Heartbeat::default(),
             settings,
         });
-        shared.heartbeat.last_commit_ms.store(now_millis(), Ordering::Relaxed);
+        shared.heartbeat.last_commit_ms.store(monotonic_millis(), Ordering::Relaxed);
         let mut next_seq = recovered.next_seq;
         let (active, first_seq, len, no_room) = match fresh_segment(&shared, &mut next_seq, &[]) {
             Ok((file, first_seq, len)) => {
@@ -333,11 +333,11 @@ impl Writer {
             }
             let shared = self.shared.clone();
             let hb = &shared.heartbeat;
-            hb.busy_since_ms.store(now_millis(), Ordering::Relaxed);
+            hb.busy_since_ms.store(monotonic_millis(), Ordering::Relaxed);
             let n = group.len() as u64;
             close_reply = self.commit(group);
             hb.queued.fetch_sub(n, Ordering::Relaxed);
-            hb.last_commit_ms.store(now_millis(), Ordering::Relaxed);
+            hb.last_commit_ms.store(monotonic_millis(), Ordering::Relaxed);
             hb.busy_since_ms.store(0, Ordering::Relaxed);
         }
         if let (false, Some(active)) = (self.broken, &self.active) {
