@@ -29,15 +29,18 @@ pub(crate) mod io;
 mod lock;
 mod reader;
 mod recovery;
+mod undelivered;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use undelivered::Undelivered;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
@@ -231,11 +234,20 @@ pub(crate) struct Segment {
     pub(crate) limit: Option<u64>,
     /// Bytes on disk.
     pub(crate) size: u64,
+    /// Events stored in it, and their bytes (for the undelivered bytes' estimate).
+    pub(crate) events: u64,
+    pub(crate) event_bytes: u64,
+}
+
+impl Segment {
+    pub(crate) fn new(first_seq: u64, path: PathBuf, limit: Option<u64>, size: u64) -> Segment {
+        Segment { first_seq, path, limit, size, events: 0, event_bytes: 0 }
+    }
 }
 
 pub(crate) struct State {
-    pub(crate) unacked: BTreeMap<u64, Pending>,
-    pub(crate) unacked_bytes: u64,
+    /// Stored events not yet delivered.
+    pub(crate) undelivered: Undelivered,
     pub(crate) segments: VecDeque<Segment>,
     /// Committed end of the active segment: the reader never reads past it.
     pub(crate) committed_len: u64,
@@ -431,18 +443,33 @@ fn stats_of(shared: &Shared) -> SpoolStats {
     let st = shared.lock();
     let max_bytes = shared.settings.max_bytes;
     SpoolStats {
-        events: st.unacked.len() as u64,
-        bytes: st.unacked_bytes,
+        events: st.undelivered.len(),
+        bytes: undelivered_bytes(&st.undelivered, &st.segments),
         disk_bytes: st.disk_bytes,
         max_bytes,
         segments: st.segments.len(),
-        oldest_received_at: st.unacked.values().next().map(|p| p.received_at),
+        oldest_received_at: st.undelivered.oldest_received_at(),
         pending_files: st.files_pending,
         writable: !st.write_error,
         full: st.refusing || st.disk_bytes >= max_bytes,
         disk_full: st.disk_full,
         dedup_ids: st.dedup_ids,
     }
+}
+
+/// Bytes of undelivered events: exact for segments wholly undelivered or delivered, in proportion
+/// to the events left for one partly delivered (events are not indexed one by one).
+fn undelivered_bytes(undelivered: &Undelivered, segments: &VecDeque<Segment>) -> u64 {
+    let ends = segments.iter().skip(1).map(|s| s.first_seq).chain(std::iter::once(u64::MAX));
+    segments
+        .iter()
+        .zip(ends)
+        .filter(|(s, _)| s.events > 0)
+        .map(|(s, end)| {
+            let left = undelivered.count_in(s.first_seq, end).min(s.events);
+            u64::try_from(u128::from(s.event_bytes) * u128::from(left) / u128::from(s.events)).unwrap_or(u64::MAX)
+        })
+        .sum()
 }
 
 /// What `huggy-bridge spool status` shows: read without changing anything, under the lock.
@@ -485,12 +512,13 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
     let now = now_secs();
     let mut dedup = dedup::Dedup::new(dir, 0);
     let r = recovery::recover(dir, recovery::Mode::ReadOnly, &mut dedup, now)?;
-    let oldest = r.unacked.values().next().map(|p| p.received_at);
+    let tally = recovery::tally(&r)?;
+    let oldest = tally.oldest_received_at;
     Ok(OfflineStatus {
         dir: dir.to_owned(),
-        undelivered_events: r.unacked.len() as u64,
-        undelivered_bytes: r.unacked.values().map(|p| p.bytes).sum(),
-        by_type: r.unacked_by_type,
+        undelivered_events: r.undelivered.len(),
+        undelivered_bytes: tally.bytes,
+        by_type: tally.by_type,
         oldest_received_at: oldest,
         oldest_age_secs: oldest.map(|at| (now - at).max(0)),
         pending_file_captures: r.file_work.len(),

@@ -102,7 +102,7 @@ impl Reader {
                     Next::Frame(rec, used) => {
                         self.offset += used as u64;
                         if let Record::Event { seq, received_at, event } = rec {
-                            if self.shared.lock().unacked.contains_key(&seq) {
+                            if self.shared.lock().undelivered.contains(seq) {
                                 out.push(Stored { seq, received_at, event });
                             }
                         }

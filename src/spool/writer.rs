@@ -241,13 +241,11 @@ impl Writer {
         lock: DirLock,
         wake: mpsc::WeakSender<Command>,
     ) -> Result<(Writer, Arc<Shared>), SpoolError> {
-        let unacked_bytes = recovered.unacked.values().map(|p| p.bytes).sum();
         let journal_bytes = journal.bytes();
         let files_pending = recovered.file_work.len();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                unacked: recovered.unacked,
-                unacked_bytes,
+                undelivered: recovered.undelivered,
                 segments: recovered.segments,
                 committed_len: 0,
                 reader_segment: 0,
@@ -271,12 +269,12 @@ impl Writer {
         let (active, first_seq, len, no_room) = match fresh_segment(&shared, &mut next_seq, &[]) {
             Ok((file, first_seq, len)) => {
                 let mut st = shared.lock();
-                st.segments.push_back(Segment {
+                st.segments.push_back(Segment::new(
                     first_seq,
-                    path: segment_path(&shared.settings.dir, first_seq),
-                    limit: None,
-                    size: len,
-                });
+                    segment_path(&shared.settings.dir, first_seq),
+                    None,
+                    len,
+                ));
                 st.disk_bytes += len;
                 (Some(file), first_seq, len, None)
             }
@@ -376,7 +374,7 @@ impl Writer {
     /// After a failed write: once the disk has room again (when it was full), a fresh segment.
     fn heal(&mut self) {
         if let Some(want) = self.no_room {
-            let (all_delivered, free) = (self.shared.lock().unacked.is_empty(), self.free_bytes());
+            let (all_delivered, free) = (self.shared.lock().undelivered.is_empty(), self.free_bytes());
             // With nothing left to deliver the spool frees no more room: the refused group is no
             // reason to wait any longer, room for a few small groups is.
             let needed = if all_delivered { MIN_ROOM } else { want.saturating_add(ROOM_MARGIN) };
@@ -412,7 +410,7 @@ impl Writer {
         let (max_bytes, low_water) = (settings.max_bytes, settings.low_water());
         let (usage, mut refusing, mut refused_need, unacked_empty) = {
             let st = self.shared.lock();
-            (st.disk_bytes, st.refusing, st.refused_need, st.unacked.is_empty())
+            (st.disk_bytes, st.refusing, st.refused_need, st.undelivered.is_empty())
         };
         let mut buf = Vec::new();
         let mut replies: Vec<Reply> = Vec::new();
@@ -548,9 +546,13 @@ impl Writer {
             let mut st = self.shared.lock();
             if ok {
                 st.disk_bytes += buf.len() as u64;
+                let (events, bytes) = (new_pending.len() as u64, new_pending.iter().map(|(_, p)| p.bytes).sum::<u64>());
                 for (seq, p) in new_pending {
-                    st.unacked_bytes += p.bytes;
-                    st.unacked.insert(seq, p);
+                    st.undelivered.stored(seq, p.received_at);
+                }
+                if let Some(active) = st.segments.iter_mut().rev().find(|s| s.first_seq == self.active_first_seq) {
+                    active.events += events;
+                    active.event_bytes += bytes;
                 }
                 st.files_pending += new_work.len();
                 st.file_work.extend(new_work.iter().cloned());
@@ -559,14 +561,16 @@ impl Writer {
             // Acknowledgements and file results are facts whether or not their frames were written:
             // the failure path keeps them for the fresh segment.
             for (seq, member) in files_done {
-                if st.unacked.contains_key(&seq) && st.file_results.insert(seq, member).is_none() {
+                if st.undelivered.contains(seq) && st.file_results.insert(seq, member).is_none() {
                     st.files_pending = st.files_pending.saturating_sub(1);
                 }
             }
-            for seq in &acked {
-                if let Some(p) = st.unacked.remove(seq) {
-                    st.unacked_bytes -= p.bytes;
+            if let Some(Record::Acked(ranges)) = &ack_record {
+                for &(a, b) in ranges {
+                    st.undelivered.ack(a, b);
                 }
+            }
+            for seq in &acked {
                 st.file_results.remove(seq);
             }
             st.refusing = refusing;
@@ -677,12 +681,7 @@ impl Writer {
             old.size = self.active_len;
             old.limit = previous_limit;
         }
-        st.segments.push_back(Segment {
-            first_seq,
-            path: segment_path(&self.shared.settings.dir, first_seq),
-            limit: None,
-            size: len,
-        });
+        st.segments.push_back(Segment::new(first_seq, segment_path(&self.shared.settings.dir, first_seq), None, len));
         st.committed_len = len;
         st.disk_bytes += len;
         drop(st);
@@ -747,7 +746,7 @@ impl Writer {
     /// and that neither the reader nor the writer is in.
     fn take_deletable(&mut self) -> Vec<Segment> {
         let mut st = self.shared.lock();
-        let oldest_unacked = st.unacked.keys().next().copied().unwrap_or(u64::MAX);
+        let oldest_unacked = st.undelivered.oldest().unwrap_or(u64::MAX);
         let mut n = st
             .segments
             .iter()
@@ -799,6 +798,10 @@ fn delete_segments(shared: &Shared, victims: Vec<Segment>) -> bool {
         }
         let mut st = shared.lock();
         st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
+        // Its seqs are gone for good: the index forgets them (not those of a victim still to go,
+        // which may yet be put back).
+        let floor = victims.as_slice().first().or(st.segments.front()).map_or(u64::MAX, |s| s.first_seq);
+        st.undelivered.raise_floor(floor);
     }
     true
 }
