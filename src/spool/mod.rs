@@ -189,7 +189,7 @@ pub(crate) struct Stored {
 pub struct SpoolStats {
     /// Undelivered events.
     pub events: u64,
-    /// Bytes of undelivered events.
+    /// Bytes of undelivered events (in proportion to the events left in a partly delivered segment).
     pub bytes: u64,
     /// Bytes on disk: segments (delivered events included until their segment is deleted) and the
     /// dedup journal. This is what `max_bytes` caps.
