@@ -21,7 +21,8 @@
 //! starts a fresh segment whose first frame records how much of the failed one is durable, rewrites
 //! there every acknowledgement and file result not known to be durable (those of the failed group
 //! included), syncs it, and goes on. If even that fails, every append is refused (readiness turns
-//! false) and the next group tries a fresh segment again.
+//! false) and the next group tries a fresh segment again, or the writer itself every
+//! [`RETRY_BROKEN_EVERY`] (a replica that is not ready receives no batches).
 //!
 //! A full disk (`ENOSPC`) heals by itself: the group that hit it is refused like any failed write,
 //! and from then on every batch is refused (`SpoolError::NoRoom`, readiness false) while the writer
@@ -59,6 +60,9 @@ use crate::event::EventId;
 /// How often a writer that cannot write (a failed segment, a full disk) tries again on its own,
 /// without waiting for a batch: a replica that is not ready receives none.
 const HEAL_EVERY: Duration = Duration::from_millis(250);
+/// How often a writer whose disk failed otherwise than for room tries a fresh segment on its own
+/// (each failure is logged).
+const RETRY_BROKEN_EVERY: Duration = Duration::from_secs(5);
 /// Free bytes wanted beyond the refused group before batches are taken again after `ENOSPC`, so
 /// that the spool does not flap between refusing and failing writes on an almost full disk.
 pub(crate) const ROOM_MARGIN: u64 = 256 * 1024;
@@ -352,7 +356,8 @@ impl Writer {
     /// The next command; `None` once every sender is gone. While the writer cannot write it does
     /// not only wait: every [`HEAL_EVERY`] it deletes what became deletable and tries to write again.
     fn next_command(&mut self, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
-        let mut next_try = Instant::now() + HEAL_EVERY;
+        let every = |no_room: Option<u64>| if no_room.is_some() { HEAL_EVERY } else { RETRY_BROKEN_EVERY };
+        let mut next_try = Instant::now() + every(self.no_room);
         while self.broken {
             match rx.try_recv() {
                 Ok(c) => return Some(c),
@@ -363,7 +368,7 @@ impl Writer {
                 self.compact();
                 self.heal();
                 self.shared.committed.notify_waiters();
-                next_try = Instant::now() + HEAL_EVERY;
+                next_try = Instant::now() + every(self.no_room);
             } else {
                 std::thread::sleep(Duration::from_millis(20));
             }
