@@ -783,3 +783,35 @@ fn a_wall_clock_jump_moves_no_heartbeat_and_no_stall_check() {
     jump_wall(600_000);
     assert!(now_secs() - wall >= 599, "the seam moves the wall clock");
 }
+
+#[tokio::test]
+async fn undelivered_gauges_follow_acknowledgements_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append((1..=4).map(|i| ev(i, "1")).collect(), 100).await.unwrap();
+    spool.append((5..=6).map(|i| ev(i, "1")).collect(), 200).await.unwrap();
+    let total: u64 = (1..=6).map(|i| ev(i, "1").value.len() as u64).sum();
+    let st = spool.stats();
+    assert_eq!((st.events, st.bytes, st.oldest_received_at), (6, total, Some(100)));
+    let got = read_all(&spool).await;
+    spool.ack(got.iter().take(4).map(|s| s.seq).collect()).await;
+    spool.ack(vec![got[0].seq]).await;
+    let left = |s: &Spool| {
+        let st = s.stats();
+        (st.events, st.oldest_received_at)
+    };
+    // Acknowledgements are applied after their group: wait for them, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while left(&spool) != (2, Some(200)) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", spool.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let bytes = spool.stats().bytes;
+    assert!(bytes > 0 && bytes < total, "in proportion within a partly delivered segment: {bytes} of {total}");
+    spool.close().await;
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(left(&spool), (2, Some(200)), "the same after a restart");
+    let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, got[4..].iter().map(|s| s.seq).collect::<Vec<_>>(), "only the unacknowledged are read again");
+    spool.close().await;
+}
