@@ -720,6 +720,13 @@ async fn a_full_disk_refuses_keeps_delivering_and_deleting_and_takes_batches_aga
     );
     let r = spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap();
     assert_eq!(r.stored, 1, "the refused batch is stored once there is room");
+    // What the spool counts on disk is what is on disk (the janitor's journal writes land a little
+    // later: bounded wait).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.stats().disk_bytes != disk.used() {
+        assert!(std::time::Instant::now() < deadline, "counted {} on disk {}", spool.stats().disk_bytes, disk.used());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     spool.close().await;
     let spool = Spool::open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1, "only the batch taken after the disk healed is undelivered");

@@ -520,9 +520,10 @@ impl Writer {
                 }
                 true
             }
-            // Nothing was written: what the group carried waits for the fresh segment.
+            // Nothing was written (nor is on disk): what the group carried waits for the fresh segment.
             Err(_) if self.broken => {
                 self.carry_over(ack_record.as_ref(), &files_done);
+                buf.clear();
                 true
             }
             Err(e) => {
