@@ -21,6 +21,10 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// (`RestartPreventExitStatus=78` in the systemd unit).
 const EXIT_CONFIG: u8 = 78;
 
+/// How often the daemon checks its `<key>_file` secrets for a new content (a Kubernetes Secret
+/// volume takes a minute or so to show an update anyway).
+const SECRET_FILES_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How a failure of a command is reported.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Report {
@@ -193,6 +197,7 @@ fn main() -> ExitCode {
                 // From here on SIGHUP no longer terminates the process, even during a long recovery.
                 let hangups = shutdown::hangups();
                 let running = app::start(cfg, stop.clone()).await?;
+                running.reloader().watch_secret_files(path.clone(), SECRET_FILES_POLL, stop.clone());
                 shutdown::reload_on_hangup(hangups, running.reloader(), path, stop);
                 running.wait().await
             })

@@ -6,9 +6,12 @@
 //! [`Reloader::on_reload`]. Other changes are reported as needing a restart. An invalid new
 //! configuration is logged and the old one stays in force.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
+use sha2::{Digest, Sha256};
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{Config, ConfigError};
@@ -96,6 +99,53 @@ impl Reloader {
         result
     }
 
+    /// Reloads from `path` whenever the content of a `<key>_file` in force changes, checking every
+    /// `every`, until `stop`. Kubernetes updates a Secret volume in place (a new `..data` symlink),
+    /// so a rotated Secret reaches the daemon without a signal. The content is compared, not the
+    /// modification time, so the symlink swap, an editor's rename and an in-place write all count.
+    pub fn watch_secret_files(&self, path: Option<PathBuf>, every: Duration, stop: CancellationToken) {
+        let reloader = self.clone();
+        tokio::spawn(async move {
+            let mut seen = reloader.fingerprints();
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = stop.cancelled() => break,
+                }
+                let (r, p, before) = (reloader.clone(), path.clone(), seen.clone());
+                // Reading files: off the async workers.
+                let checked = tokio::task::spawn_blocking(move || {
+                    let now = r.fingerprints();
+                    if now == before {
+                        return now;
+                    }
+                    info!("a secret file changed; reloading the configuration");
+                    // Logged and counted by `reload`. A refused reload is not retried until the
+                    // content changes again.
+                    let _ = r.reload(p.as_deref());
+                    r.fingerprints()
+                })
+                .await;
+                match checked {
+                    Ok(now) => seen = now,
+                    Err(e) => warn!(error = %e, "secret file check failed"),
+                }
+            }
+        });
+    }
+
+    /// A digest of every `<key>_file` of the configuration in force (`None` for an unreadable one).
+    fn fingerprints(&self) -> Vec<(PathBuf, Option<[u8; 32]>)> {
+        let files = secret_files(&self.0.current.lock().unwrap_or_else(PoisonError::into_inner));
+        files
+            .into_iter()
+            .map(|f| {
+                let digest = std::fs::read(&f).ok().map(|bytes| Sha256::digest(&bytes).into());
+                (f, digest)
+            })
+            .collect()
+    }
+
     fn apply_valid(&self, cfg: Config) -> Result<Applied, ReloadError> {
         let mut current = self.0.current.lock().unwrap_or_else(PoisonError::into_inner);
         for (part, hook) in self.0.hooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
@@ -126,6 +176,21 @@ impl Reloader {
         };
         self.0.metrics.config_reloads.with_label_values(&[label.label()]).inc();
     }
+}
+
+/// The `<key>_file` paths of `cfg`.
+fn secret_files(cfg: &Config) -> Vec<PathBuf> {
+    [
+        &cfg.huggy.tokens_file,
+        &cfg.kafka.sasl.password_file,
+        &cfg.kafka.tls.key_password_file,
+        &cfg.files.s3.access_key_id_file,
+        &cfg.files.s3.secret_access_key_file,
+    ]
+    .into_iter()
+    .flatten()
+    .cloned()
+    .collect()
 }
 
 /// Sections other than `[huggy]` whose values differ (secrets compared as they are, not redacted).

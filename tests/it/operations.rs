@@ -503,3 +503,54 @@ async fn the_watchdog_stops_while_the_spool_writer_is_stuck() {
     let last = notifications(&sock, Duration::from_millis(500)).await;
     assert!(after.iter().chain(&last).any(|m| m == "STOPPING=1"), "{after:?} {last:?}");
 }
+
+/// A Secret volume as kubelet lays it out: `tokens -> ..data/tokens`, `..data -> ..<version>`.
+fn kubelet_secret_volume(dir: &Path, version: &str, tokens: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&versioned).unwrap();
+    std::fs::write(versioned.join("tokens"), tokens).unwrap();
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &tmp).unwrap();
+    std::fs::rename(&tmp, dir.join("..data")).unwrap();
+    if !dir.join("tokens").exists() {
+        std::os::unix::fs::symlink("..data/tokens", dir.join("tokens")).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_volume_updated_in_place_is_picked_up_without_a_signal() {
+    let dir = tempfile::tempdir().unwrap();
+    let volume = dir.path().join("secrets");
+    std::fs::create_dir(&volume).unwrap();
+    kubelet_secret_volume(&volume, "2026_01_01", "first\n");
+    let config = dir.path().join("bridge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[http]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:{}\"\n[huggy]\ntokens_file = \"{}\"\n\
+             [kafka]\nbrokers = \"embedded\"\npartitions = 1\n[spool]\ndir = \"{}\"\n[files]\nenabled = false\n",
+            common::free_port(),
+            volume.join("tokens").display(),
+            dir.path().join("spool").display()
+        ),
+    )
+    .unwrap();
+    let cfg = huggy_bridge::config::Config::load(Some(&config)).expect("loads");
+    let d = app::start(cfg, CancellationToken::new()).await.expect("daemon starts");
+    let stop = CancellationToken::new();
+    d.reloader().watch_secret_files(Some(config.clone()), Duration::from_millis(100), stop.clone());
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    assert_eq!(common::post(&url, batch_with_token("first", 1, 0)).await.0, 200);
+
+    kubelet_secret_volume(&volume, "2026_01_02", "second\n");
+    common::wait_for("the rotated token to be accepted", Duration::from_secs(20), async || {
+        (common::post(&url, batch_with_token("second", 1, 1)).await.0 == 200).then_some(())
+    })
+    .await;
+    assert_eq!(common::post(&url, batch_with_token("first", 1, 2)).await.0, 401, "the old token is gone");
+    let applied = huggy_bridge::metrics::counter_sum(&d.metrics.config_reloads);
+    assert_eq!(applied, 1, "one change, one reload");
+    stop.cancel();
+    d.shutdown();
+    d.wait().await.unwrap();
+}
