@@ -143,10 +143,11 @@ mod tests {
 
     /// Every single-valued secret key, how to read it back, and the minimal settings that make it valid.
     type Reader = fn(&Config) -> Option<&str>;
+    type EnvVars = &'static [(&'static str, &'static str)];
     const SASL: &[(&str, &str)] =
         &[("HUGGY_BRIDGE_KAFKA__SASL__MECHANISM", "PLAIN"), ("HUGGY_BRIDGE_KAFKA__SASL__USERNAME", "u")];
 
-    fn single_secrets() -> Vec<(&'static str, Reader, &'static [(&'static str, &'static str)])> {
+    fn single_secrets() -> Vec<(&'static str, Reader, EnvVars)> {
         vec![
             ("kafka.sasl.password", |c| exposed(&c.kafka.sasl.password), SASL),
             ("kafka.tls.key_password", |c| exposed(&c.kafka.tls.key_password), &[]),

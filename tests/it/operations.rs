@@ -95,24 +95,8 @@ async fn run_starts_with_kubelet_service_links_and_exports_process_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let (config, _, admin) = write_config(dir.path());
     let log = dir.path().join("daemon.log");
-    let mut child = bridge(&["run"], &config, &[("HUGGY_BRIDGE_LOG__FORMAT", "text")])
-        .env("RUST_LOG", "info,huggy_bridge=debug,librdkafka=warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = start_binary(&config, admin, &log, "info,huggy_bridge=debug,librdkafka=warn", &[]).await;
     let client = reqwest::Client::new();
-    let exited =
-        common::wait_for("/readyz to answer 200, or the daemon to exit", Duration::from_secs(60), async || {
-            if let Some(status) = child.try_wait().unwrap() {
-                return Some(Err(status));
-            }
-            let ready = client.get(format!("http://{admin}/readyz")).send().await;
-            ready.is_ok_and(|r| r.status().is_success()).then_some(Ok(()))
-        })
-        .await;
-    let text = std::fs::read_to_string(&log).unwrap();
-    assert!(exited.is_ok(), "daemon exited with {exited:?}; log:\n{text}");
 
     let metrics = client.get(format!("http://{admin}/metrics")).send().await.unwrap().text().await.unwrap();
     let rss: f64 = metrics
@@ -196,16 +180,20 @@ fn topics_create_gives_up_within_the_request_timeout() {
     assert_eq!(stderr.matches("request_timeout_ms").count(), 1, "the error is printed once: {stderr}");
 }
 
+/// The log filter of a daemon whose log a test reads.
+const QUIET: &str = "info,librdkafka=warn";
+
 /// A running binary with `config`, its log in `log`; waits for `/readyz`.
 async fn start_binary(
     config: &Path,
     admin: SocketAddr,
     log: &Path,
+    rust_log: &str,
     extra: &[(&str, &str)],
 ) -> common::process::ChildGuard {
     let mut child = common::process::ChildGuard::spawn(
         bridge(&["run"], config, &[[("HUGGY_BRIDGE_LOG__FORMAT", "text")].as_slice(), extra].concat())
-            .env("RUST_LOG", "info,librdkafka=warn")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(log).unwrap()),
     )
@@ -275,12 +263,30 @@ async fn tokens_rotate_through_a_tokens_file_and_sighup_under_load() {
     std::fs::write(&tokens, "0123\n").unwrap();
     let (config, http, admin) = write_config_with_tokens_file(dir.path(), "");
     let log = dir.path().join("daemon.log");
-    let mut child = start_binary(&config, admin, &log, &[]).await;
+    let mut child = start_binary(&config, admin, &log, QUIET, &[]).await;
     let url = format!("http://{http}/webhooks/huggy");
 
+    // A batch whose body is still arriving when its token is removed: judged by the tokens in force
+    // when it arrived. It is the only request in flight until its body bytes are reserved, which
+    // happens after the handler took the tokens in force.
+    let slow_body = batch_with_token("0123", 99, 0);
+    let mut slow = tokio::net::TcpStream::connect(http).await.unwrap();
+    let head = format!(
+        "POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        slow_body.len()
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(&slow_body.as_bytes()[..10]).await.unwrap();
+    common::wait_for("the slow request to be in the handler", Duration::from_secs(20), async || {
+        let held = common::process::metric_value(&admin, "huggy_bridge_http_inflight_body_bytes").await;
+        (held > 0.0).then_some(())
+    })
+    .await;
+
     // Load throughout: every client sends with the token it was told is valid, and records any
-    // refusal. The token changes only when both the old and the new one are accepted.
-    let token = Arc::new(Mutex::new("0123".to_owned()));
+    // refusal. A client holds the token's read lock for the whole request, so the token changes
+    // only between requests, and only while both the old and the new one are accepted.
+    let token = Arc::new(tokio::sync::RwLock::new("0123".to_owned()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut clients = Vec::new();
     for c in 0..4 {
@@ -291,33 +297,24 @@ async fn tokens_rotate_through_a_tokens_file_and_sighup_under_load() {
                 if stop.load(Ordering::SeqCst) {
                     break;
                 }
-                let t = token.lock().unwrap().clone();
+                let t = token.read().await;
                 let (status, text) = common::post(&url, batch_with_token(&t, c, b)).await;
                 sent += 1;
                 if status != 200 {
-                    refused.push(format!("{t}: {status} {text}"));
+                    refused.push(format!("{}: {status} {text}", *t));
                 }
             }
             (sent, refused)
         }));
     }
 
-    // A batch whose body is still arriving when its token is removed: judged by the tokens in force
-    // when it arrived.
-    let slow_body = batch_with_token("0123", 99, 0);
-    let mut slow = tokio::net::TcpStream::connect(http).await.unwrap();
-    let head = format!(
-        "POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
-        slow_body.len()
-    );
-    slow.write_all(head.as_bytes()).await.unwrap();
-    slow.write_all(&slow_body.as_bytes()[..10]).await.unwrap();
-
     tokio::time::sleep(Duration::from_millis(300)).await;
     // Rotation, as an operator does it: add the new token, move Huggy over, remove the old one.
     replace_file(&tokens, "0123\ntrue\n");
     hangup(&child, &admin, "applied").await;
-    *token.lock().unwrap() = "true".to_owned();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Waits for the requests in flight with the old token to be answered.
+    *token.write().await = "true".to_owned();
     tokio::time::sleep(Duration::from_millis(300)).await;
     replace_file(&tokens, "true\n");
     hangup(&child, &admin, "applied").await;
@@ -359,7 +356,7 @@ async fn a_broken_reload_keeps_the_old_configuration_serving() {
     std::fs::write(&tokens, "old-token\n").unwrap();
     let (config, http, admin) = write_config_with_tokens_file(dir.path(), "");
     let log = dir.path().join("daemon.log");
-    let child = start_binary(&config, admin, &log, &[]).await;
+    let child = start_binary(&config, admin, &log, QUIET, &[]).await;
     let url = format!("http://{http}/webhooks/huggy");
 
     // A broken file, then a vanished tokens file, then an empty one: each refused, the old tokens stay.
@@ -400,7 +397,8 @@ async fn a_second_signal_exits_at_once() {
     let (config, http, admin) = write_config_with_tokens_file(dir.path(), "[shutdown]\ntimeout_secs = 120\n");
     std::fs::write(dir.path().join("tokens"), "t\n").unwrap();
     let log = dir.path().join("daemon.log");
-    let mut child = start_binary(&config, admin, &log, &[("HUGGY_BRIDGE_HTTP__BODY_TIMEOUT_MS", "120000")]).await;
+    let mut child =
+        start_binary(&config, admin, &log, QUIET, &[("HUGGY_BRIDGE_HTTP__BODY_TIMEOUT_MS", "120000")]).await;
     // A request whose body never finishes keeps the drain waiting for up to shutdown.timeout_secs.
     let mut stuck = tokio::net::TcpStream::connect(http).await.unwrap();
     stuck.write_all(b"POST /webhooks/huggy HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{\"tok").await.unwrap();
