@@ -218,3 +218,65 @@ fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
     out.sort();
     out
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Secret;
+
+    fn config(tokens: &[&str]) -> Config {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = tokens.iter().map(|t| Secret::new(*t)).collect();
+        cfg
+    }
+
+    fn tokens(table: &AuthTable) -> Vec<String> {
+        table.current().tokens.iter().map(|t| t.expose().to_owned()).collect()
+    }
+
+    fn reloader(cfg: &Config) -> (Reloader, Arc<AuthTable>, Arc<Metrics>) {
+        let auth = Arc::new(AuthTable::new(Auth::from_config(cfg)));
+        let metrics = Arc::new(Metrics::new());
+        (Reloader::new(cfg.clone(), auth.clone(), metrics.clone()), auth, metrics)
+    }
+
+    fn count(metrics: &Metrics, result: ReloadResult) -> u64 {
+        metrics.config_reloads.with_label_values(&[result.label()]).get()
+    }
+
+    #[test]
+    fn a_valid_configuration_swaps_the_tokens_and_names_what_needs_a_restart() {
+        let (r, auth, metrics) = reloader(&config(&["a"]));
+        let before = auth.current();
+        let mut next = config(&["b", "c"]);
+        next.kafka.partitions = 12;
+        next.kafka.tls.key_password = Some(Secret::new("changed"));
+        next.files.s3.secret_access_key = Some(Secret::new("changed"));
+        let applied = r.apply(next).expect("applied");
+        assert_eq!(applied, Applied { tokens: 2, restart_needed: vec!["files".into(), "kafka".into()] });
+        assert_eq!(tokens(&auth), ["b", "c"]);
+        assert_eq!(before.tokens.len(), 1, "a snapshot taken before the reload keeps its tokens");
+        assert_eq!(count(&metrics, ReloadResult::Applied), 1);
+        assert!(r.apply(config(&["b"])).expect("applied").restart_needed.contains(&"kafka".to_owned()));
+        assert!(r.apply(config(&["d"])).expect("applied").restart_needed.is_empty(), "only tokens changed");
+    }
+
+    #[test]
+    fn an_invalid_configuration_or_a_refusing_part_keeps_the_old_one() {
+        let (r, auth, metrics) = reloader(&config(&["a"]));
+        assert!(matches!(r.apply(config(&[])), Err(ReloadError::Invalid(ConfigError::NoTokens))));
+        r.on_reload("test part", |cfg| {
+            if cfg.huggy.tokens.iter().any(|t| t.expose() == "refused") {
+                Err("not this one".into())
+            } else {
+                Ok(())
+            }
+        });
+        let e = r.apply(config(&["refused"])).unwrap_err();
+        assert!(matches!(e, ReloadError::Part { part: "test part", .. }), "{e}");
+        assert_eq!(tokens(&auth), ["a"]);
+        assert_eq!(count(&metrics, ReloadResult::Rejected), 2);
+        r.apply(config(&["fine"])).expect("the part takes it");
+        assert_eq!(tokens(&auth), ["fine"]);
+    }
+}
