@@ -11,6 +11,7 @@ use std::time::Duration;
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 
+mod env;
 mod secrets;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -850,12 +851,17 @@ impl Default for LogConfig {
     }
 }
 
-/// The top-level sections (`http`, `kafka`, …), as the declared defaults serialize them.
-fn section_names() -> Vec<String> {
+/// The declared defaults as figment values, by section.
+fn default_values() -> figment::value::Dict {
     match figment::value::Value::serialize(Config::default()) {
-        Ok(figment::value::Value::Dict(_, sections)) => sections.into_keys().collect(),
+        Ok(figment::value::Value::Dict(_, sections)) => sections,
         other => unreachable!("the default configuration serializes to a table, got {other:?}"),
     }
+}
+
+/// The top-level sections (`http`, `kafka`, …), as the declared defaults serialize them.
+fn section_names() -> Vec<String> {
+    default_values().into_keys().collect()
 }
 
 /// Whether an environment key (prefix stripped) is configuration: its first `__`-separated segment
@@ -928,11 +934,11 @@ impl Config {
             None => {}
         }
         let sections = section_names();
-        // Secret keys are merged raw after the typed variables, never parsed as literals.
+        // String settings keep the value as given; secret keys are merged raw after the others.
         let env = Env::prefixed(ENV_PREFIX)
             .filter(move |key| names_a_section(&sections, key.as_str()) && !secrets::is_raw_env_key(key.as_str()))
             .split("__");
-        secrets::merge_raw_env(figment.merge(env))
+        secrets::merge_raw_env(figment.merge(env::TypedEnv::new(env, default_values())))
     }
 
     /// Names of the variables under [`ENV_PREFIX`] that configuration loading ignored because their
@@ -1150,6 +1156,42 @@ mod tests {
             let err = message(&Config::load(Some(Path::new("c.toml"))).unwrap_err());
             assert!(err.contains("kafka.brokerz: unknown field") && err.contains("c.toml"), "{err}");
             assert!(!err.contains("default."), "no figment profile: {err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn string_settings_from_the_environment_are_never_coerced() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__MECHANISM", "PLAIN");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__USERNAME", "0123");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__PASSWORD", "true");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__FALLBACK_TOPIC", "007");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__TOPICS__RECEIVEDMESSAGE", "1e3");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__CLIENT__RACK", "0042");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__SOCKET__KEEPALIVE__ENABLE", "true");
+            jail.set_env("HUGGY_BRIDGE_HTTP__PATH", "/0123");
+            jail.set_env("HUGGY_BRIDGE_LOG__LEVEL", "true");
+            // Numbers and booleans still parse for settings that are numbers and booleans.
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONS", "12");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__TLS__ENABLED", "false");
+            jail.set_env("HUGGY_BRIDGE_FILES__ALLOWED_URL_PREFIXES", "[\"https://a.example/\"]");
+            let cfg = Config::load(None).expect("loads");
+            assert_eq!(cfg.kafka.sasl.username, "0123");
+            assert_eq!(cfg.kafka.sasl.password.as_ref().map(Secret::expose), Some("true"));
+            assert_eq!(cfg.kafka.fallback_topic, "007");
+            assert_eq!(
+                cfg.kafka.topics.get("receivedMessage").or(cfg.kafka.topics.get("receivedmessage")).map(String::as_str),
+                Some("1e3")
+            );
+            assert_eq!(cfg.kafka.librdkafka.get("client.rack").map(String::as_str), Some("0042"));
+            assert_eq!(cfg.kafka.librdkafka.get("socket.keepalive.enable").map(String::as_str), Some("true"));
+            assert_eq!(cfg.http.path, "/0123");
+            assert_eq!(cfg.log.level, "true");
+            assert_eq!(cfg.kafka.partitions, 12);
+            assert!(!cfg.kafka.tls.enabled);
+            assert_eq!(cfg.files.allowed_url_prefixes, ["https://a.example/"]);
             Ok(())
         });
     }
