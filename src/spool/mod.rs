@@ -530,12 +530,17 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
 
 /// Sorted, merged inclusive ranges.
 fn to_ranges(seqs: &mut [u64]) -> Vec<(u64, u64)> {
-    seqs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &s in seqs.iter() {
+    merge_ranges(seqs.iter().map(|&s| (s, s)).collect())
+}
+
+/// Inclusive ranges sorted and merged where they overlap or touch.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
         match out.last_mut() {
-            Some((_, end)) if *end + 1 >= s => *end = (*end).max(s),
-            _ => out.push((s, s)),
+            Some((_, end)) if end.saturating_add(1) >= a => *end = (*end).max(b),
+            _ => out.push((a, b)),
         }
     }
     out

@@ -301,6 +301,8 @@ fn remove_journal(dir: &Path) {
 #[test]
 fn ranges_merge() {
     assert_eq!(to_ranges(&mut [5, 1, 2, 3, 9, 8]), vec![(1, 3), (5, 5), (8, 9)]);
+    // Acknowledgements kept over many groups fold into few ranges.
+    assert_eq!(merge_ranges(vec![(10, 20), (1, 3), (4, 9), (30, 31), (15, 25)]), vec![(1, 25), (30, 31)]);
 }
 
 // ---------------------------------------------------------------------------------------------

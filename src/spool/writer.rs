@@ -51,8 +51,8 @@ use super::io::is_no_room;
 use super::lock::DirLock;
 use super::recovery::Recovered;
 use super::{
-    segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared, SpoolError,
-    SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
+    merge_ranges, segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared,
+    SpoolError, SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
 };
 use crate::clock::{monotonic_millis, now_secs};
 use crate::event::EventId;
@@ -516,7 +516,7 @@ impl Writer {
                 if synced {
                     self.carry.clear();
                 } else if let Some(r) = &ack_record {
-                    self.carry.push(r.clone());
+                    self.carry_acked(r);
                 }
                 true
             }
@@ -615,8 +615,24 @@ impl Writer {
 
     /// Keeps an acknowledgement and file results that were not written for the fresh segment.
     fn carry_over(&mut self, acked: Option<&Record>, files_done: &[(u64, Vec<u8>)]) {
-        self.carry.extend(acked.cloned());
+        if let Some(r) = acked {
+            self.carry_acked(r);
+        }
         self.carry.extend(files_done.iter().map(|(seq, m)| Record::Files { seq: *seq, member: m.clone() }));
+    }
+
+    /// Keeps an acknowledgement not known to be durable, merged into the one already kept: while
+    /// nothing is synced (a drain with no batches coming in, a full disk) they would otherwise pile
+    /// up a record per group.
+    fn carry_acked(&mut self, record: &Record) {
+        let Record::Acked(ranges) = record else { return };
+        match self.carry.iter_mut().find_map(|r| if let Record::Acked(kept) = r { Some(kept) } else { None }) {
+            Some(kept) => {
+                kept.extend_from_slice(ranges);
+                *kept = merge_ranges(std::mem::take(kept));
+            }
+            None => self.carry.push(record.clone()),
+        }
     }
 
     /// Writes `buf` at the end of the active segment, synced when `sync`. Returns whether it synced.
