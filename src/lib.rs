@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod build_info;
 pub mod clock;
 pub mod config;
 pub mod event;

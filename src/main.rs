@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use huggy_bridge::config::Config;
 use huggy_bridge::{app, publish, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
@@ -73,8 +73,12 @@ enum SpoolCommand {
     Drain,
 }
 
+/// `--version`: the version, the commit and the spool format (clap wants a `'static` string).
+static VERSION_LINE: std::sync::LazyLock<String> = std::sync::LazyLock::new(huggy_bridge::build_info::version_line);
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().version(VERSION_LINE.as_str()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Commands that receive no webhooks need no webhook tokens.
     let offline = matches!(cli.command, Some(Command::Topics { .. } | Command::Spool { .. } | Command::Probe { .. }));
     let loaded =

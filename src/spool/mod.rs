@@ -49,6 +49,9 @@ pub use lock::LockError;
 pub(crate) use reader::Reader;
 pub use recovery::RecoveryReport;
 
+/// The on-disk format of the segments this build writes, and the only one it reads.
+pub const FORMAT_VERSION: u32 = format::VERSION;
+
 /// Largest segment; smaller spools get smaller segments (see [`SpoolSettings::segment_bytes_for`]).
 pub(crate) const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Commands queued for the writer at most. The bytes they hold are bounded upstream: every event in
