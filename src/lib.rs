@@ -36,6 +36,7 @@ mod health;
 mod http;
 mod ingest;
 mod json;
+pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod shutdown;

@@ -30,8 +30,16 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the configuration and print it, secrets redacted; exit 1 on any error.
-    CheckConfig,
+    /// Validate the configuration and print it, secrets redacted, then its worst-case memory (TOML
+    /// comments: the output stays a configuration file); exit 1 on any error.
+    CheckConfig {
+        /// Events stored per second at the peak, for the dedup window's share of the memory figure.
+        #[arg(long, default_value_t = huggy_bridge::memory::DEFAULT_PEAK_EVENTS_PER_SEC)]
+        peak_events_per_sec: u64,
+        /// The smallest event the batches carry, in bytes: small events cost more memory per byte.
+        #[arg(long, default_value_t = huggy_bridge::memory::DEFAULT_MIN_EVENT_BYTES)]
+        min_event_bytes: u64,
+    },
     /// Kafka topic management.
     Topics {
         #[command(subcommand)]
@@ -95,8 +103,10 @@ fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
+        Command::CheckConfig { peak_events_per_sec, min_event_bytes } => {
             print!("{}", cfg.to_redacted_toml());
+            let assumptions = huggy_bridge::memory::Assumptions { peak_events_per_sec, min_event_bytes };
+            print!("\n{}", huggy_bridge::memory::worst_case(&cfg, &assumptions));
             ExitCode::SUCCESS
         }
         Command::Topics { command: TopicsCommand::List } => {
