@@ -130,7 +130,7 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         Term { name: "request bodies", bytes: inflight, from: "http.max_inflight_bytes".into() },
         Term {
             name: "connection buffers",
-            bytes: cfg.http.max_connections as u64 * crate::http::CONNECTION_READ_BUFFER_BYTES as u64,
+            bytes: (cfg.http.max_connections as u64).saturating_mul(crate::http::CONNECTION_READ_BUFFER_BYTES as u64),
             from: format!(
                 "http.max_connections × {} KiB",
                 crate::http::CONNECTION_READ_BUFFER_BYTES / 1024
@@ -138,7 +138,7 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         },
         Term {
             name: "parsed events",
-            bytes: inflight + inflight / min_event * EVENT_STRUCT_BYTES,
+            bytes: inflight.saturating_add((inflight / min_event).saturating_mul(EVENT_STRUCT_BYTES)),
             from: format!(
                 "their bytes (≤ http.max_inflight_bytes) + {EVENT_STRUCT_BYTES} bytes per event, one per {min_event} bytes"
             ),
@@ -148,30 +148,30 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         let group = (crate::spool::GROUP_MAX_BYTES as u64).max(max_body);
         terms.push(Term {
             name: "write group",
-            bytes: group + group / min_event * FRAME_OVERHEAD_BYTES,
+            bytes: group.saturating_add((group / min_event).saturating_mul(FRAME_OVERHEAD_BYTES)),
             from: format!(
                 "max({} MiB, http.max_body_bytes) of events + {FRAME_OVERHEAD_BYTES} bytes of frame each",
                 crate::spool::GROUP_MAX_BYTES as u64 / MIB
             ),
         });
-        let window = crate::publish::WINDOW_BYTES as u64 + max_body;
+        let window = (crate::publish::WINDOW_BYTES as u64).saturating_add(max_body);
         let records = (cfg.kafka.max_in_flight_records as u64).min(window / min_event + 1);
         terms.push(Term {
             name: "publisher window",
-            bytes: 2 * window + records * EVENT_STRUCT_BYTES,
+            bytes: window.saturating_mul(2).saturating_add(records.saturating_mul(EVENT_STRUCT_BYTES)),
             from: format!(
                 "2 × ({} MiB + http.max_body_bytes): read and librdkafka's copy; {EVENT_STRUCT_BYTES} bytes per \
                  record (kafka.max_in_flight_records)",
                 crate::publish::WINDOW_BYTES as u64 / MIB
             ),
         });
-        let events = cfg.spool.max_bytes / (min_event + FRAME_OVERHEAD_BYTES);
+        let events = cfg.spool.max_bytes / min_event.saturating_add(FRAME_OVERHEAD_BYTES);
         terms.push(Term {
             name: "undelivered index",
-            bytes: events * INDEX_ENTRY_BYTES,
+            bytes: events.saturating_mul(INDEX_ENTRY_BYTES),
             from: format!(
                 "spool.max_bytes ÷ {} bytes per smallest event frame × {INDEX_ENTRY_BYTES} bytes",
-                min_event + FRAME_OVERHEAD_BYTES
+                min_event.saturating_add(FRAME_OVERHEAD_BYTES)
             ),
         });
         let ids = a.peak_events_per_sec.saturating_mul(cfg.spool.dedup_window_secs);
@@ -182,7 +182,9 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         });
         terms.push(Term {
             name: "recovery buffers",
-            bytes: crate::spool::READ_CHUNK_BYTES as u64 + max_body + FRAME_OVERHEAD_BYTES,
+            bytes: (crate::spool::READ_CHUNK_BYTES as u64)
+                .saturating_add(max_body)
+                .saturating_add(FRAME_OVERHEAD_BYTES),
             from: format!(
                 "{} MiB chunks; a larger frame whole (http.max_body_bytes)",
                 crate::spool::READ_CHUNK_BYTES / (1024 * 1024)
@@ -199,7 +201,7 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         let part = crate::files::store::PART_BYTES as u64;
         terms.push(Term {
             name: "file capture",
-            bytes: cfg.files.max_concurrency as u64 * 3 * part,
+            bytes: (cfg.files.max_concurrency as u64).saturating_mul(3 * part),
             from: format!("files.max_concurrency × 3 parts of {} MiB", part / MIB),
         });
     }
@@ -288,6 +290,17 @@ mod tests {
             assert!(text.contains(t.name), "{text}");
         }
         assert!(toml::from_str::<toml::Table>(&text).is_ok());
+    }
+
+    #[test]
+    fn absurd_settings_saturate_instead_of_overflowing() {
+        let mut cfg = Config::default();
+        cfg.http.max_inflight_bytes = usize::MAX;
+        cfg.http.max_connections = usize::MAX;
+        cfg.files.max_concurrency = usize::MAX;
+        cfg.spool.max_bytes = u64::MAX;
+        let w = worst_case(&cfg, &Assumptions { peak_events_per_sec: u64::MAX, min_event_bytes: u64::MAX });
+        assert_eq!(w.total(), u64::MAX);
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub(crate) const MAX_BYTES_PER_ID: u64 = 40;
 pub(crate) fn max_memory_bytes(ids: u64) -> u64 {
     let slice = ids / GENERATIONS.unsigned_abs() + 1;
     let rebuilding = slice / SHARDS as u64 + 1;
-    (ids + slice + rebuilding).saturating_mul(MAX_BYTES_PER_ID)
+    ids.saturating_add(slice).saturating_add(rebuilding).saturating_mul(MAX_BYTES_PER_ID)
 }
 
 /// Ids are SHA-256 output: their first eight bytes are already a uniform hash.
