@@ -39,6 +39,8 @@ mod json;
 pub mod memory;
 pub mod metrics;
 pub mod publish;
+pub mod reload;
 pub mod shutdown;
 pub mod spool;
+pub mod systemd;
 pub mod telemetry;
