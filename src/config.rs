@@ -17,6 +17,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ENV_PREFIX: &str = "HUGGY_BRIDGE_";
 const REDACTED: &str = "[redacted]";
 
+/// The largest `http.max_body_bytes` accepted: half the spool's frame limit, so that an event as
+/// large as a whole body, with its key, type, company and a dead-letter reason, always fits a frame.
+pub const MAX_BODY_BYTES_CEILING: usize = 128 * 1024 * 1024;
+
 /// Why the configuration was refused. The message names the key; a cause (figment's parse error, a
 /// prefix's flaw) is the error's source, so print the whole chain.
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +64,18 @@ pub enum ConfigError {
         bound_key: &'static str,
         /// That setting's value.
         bound: u64,
+        /// What would go wrong otherwise.
+        reason: &'static str,
+    },
+    /// A size above what the bridge can handle at all.
+    #[error("invalid configuration: {key} ({value}) must be at most {ceiling}: {reason}")]
+    AboveCeiling {
+        /// The setting.
+        key: &'static str,
+        /// Its value.
+        value: u64,
+        /// The largest value allowed.
+        ceiling: u64,
         /// What would go wrong otherwise.
         reason: &'static str,
     },
@@ -678,8 +694,13 @@ pub struct SpoolConfig {
     /// segment is deleted, and the dedup journal); past it the webhook answers 503, never drops.
     pub max_bytes: u64,
     /// An event id durably stored within this window is acknowledged but not stored again (a batch
-    /// Huggy sends twice). 19–39 bytes of memory per id.
+    /// Huggy sends twice), unless another batch of its stream came in between. 19–39 bytes of memory
+    /// per id, and 38–76 per stream remembered.
     pub dedup_window_secs: u64,
+    /// Ids the dedup window holds at most, and streams (token, type, key) it remembers at most: the
+    /// ceiling of its memory. At the ceiling the oldest are forgotten early, which costs at most a
+    /// duplicate record of a late re-send, never an event.
+    pub dedup_max_ids: usize,
     /// A warning is logged while the oldest undelivered event is older than this (readiness does not
     /// depend on it: riding out a Kafka outage is what the spool is for; alert on
     /// `huggy_bridge_spool_oldest_age_seconds`). Above `files.token_ttl_secs`: an event may wait that
@@ -698,6 +719,8 @@ impl Default for SpoolConfig {
             // Huggy sends a batch again when it did not get our answer, within minutes; an hour covers
             // that with room to spare at 14 MB per 100 events/s. Consumers deduplicate by ce_id anyway.
             dedup_window_secs: 3600,
+            // 39 MB of ids and 76 MB of streams at most: an hour at 270 events/s.
+            dedup_max_ids: crate::spool::DEFAULT_DEDUP_MAX_IDS,
             max_undelivered_age_secs: 900,
             stall_timeout_secs: 60,
         }
@@ -921,6 +944,15 @@ impl Config {
             });
         }
         positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
+        if self.http.max_body_bytes > MAX_BODY_BYTES_CEILING {
+            return Err(ConfigError::AboveCeiling {
+                key: "http.max_body_bytes",
+                value: self.http.max_body_bytes as u64,
+                ceiling: MAX_BODY_BYTES_CEILING as u64,
+                reason: "an event that large would not fit one spool frame (256 MiB with the event's metadata), \
+                         and a frame over the limit reads back as damage",
+            });
+        }
         if self.http.max_inflight_bytes < self.http.max_body_bytes {
             return Err(ConfigError::BelowBound {
                 key: "http.max_inflight_bytes",
@@ -950,6 +982,7 @@ impl Config {
         positive("kafka.replication_factor", self.kafka.replication_factor >= 1)?;
         positive("kafka.max_in_flight_records", self.kafka.max_in_flight_records > 0)?;
         positive("spool.max_bytes", self.spool.max_bytes > 0)?;
+        positive("spool.dedup_max_ids", self.spool.dedup_max_ids > 0)?;
         if self.delivery.ack == AckMode::Spool && self.spool.max_bytes < self.http.max_body_bytes as u64 {
             return Err(ConfigError::BelowBound {
                 key: "spool.max_bytes",
@@ -1170,6 +1203,17 @@ mod tests {
         assert_eq!(cfg.http.max_inflight_bytes, 256 * 1024 * 1024);
         cfg.http.max_inflight_bytes = cfg.http.max_body_bytes - 1;
         assert!(cfg.validate().unwrap_err().to_string().contains("http.max_inflight_bytes"));
+        let body = cfg.http.max_body_bytes;
+        cfg.http.max_body_bytes = MAX_BODY_BYTES_CEILING + 1;
+        cfg.http.max_inflight_bytes = usize::MAX;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("http.max_body_bytes") && err.contains("must be at most 134217728"), "{err}");
+        assert!(err.contains("spool frame"), "the reason is given: {err}");
+        cfg.http.max_body_bytes = MAX_BODY_BYTES_CEILING;
+        cfg.spool.max_bytes = u64::MAX;
+        assert!(cfg.validate().is_ok(), "the ceiling itself is accepted");
+        cfg.spool.max_bytes = 1024 * 1024 * 1024;
+        cfg.http.max_body_bytes = body;
         cfg.http.max_inflight_bytes = cfg.http.max_body_bytes;
         cfg.validate().expect("one body at a time is a valid budget");
         cfg.spool.max_bytes = cfg.http.max_body_bytes as u64 - 1;

@@ -4,12 +4,13 @@
 //! The public server is hyper driven by hand, so that it can bound what a hostile client can hold:
 //! a connection limit, a header (and idle keep-alive) timeout, a body timeout, a body size limit.
 
+mod auth;
 mod budget;
 mod error;
 mod webhook;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use axum::extract::State;
@@ -25,17 +26,19 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub(crate) use auth::Auth;
 pub(crate) use budget::{BodyBudget, Reservation};
 pub(crate) use error::ApiError;
 
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::health::Health;
 use crate::ingest::Durability;
 use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
 pub(crate) struct AppState {
-    tokens: Vec<Secret>,
+    /// The accepted tokens; replaced whole (a reload), read once per request.
+    auth: RwLock<Arc<Auth>>,
     /// Where batches are made durable: the spool or Kafka in the daemon, a fake in tests.
     ingest: Arc<dyn Durability>,
     metrics: Arc<Metrics>,
@@ -45,21 +48,29 @@ pub(crate) struct AppState {
     /// Request bodies held at once (`http.max_inflight_bytes`).
     body_budget: Arc<BodyBudget>,
     body_timeout: Duration,
+    /// Longest wait for a body to start, or for its next bytes (`http.header_timeout_ms`).
+    body_idle_timeout: Duration,
     retry_after_secs: u64,
 }
 
 impl AppState {
     pub(crate) fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
-            tokens: cfg.huggy.tokens.clone(),
+            auth: RwLock::new(Arc::new(Auth::from_config(cfg))),
             ingest,
             body_budget: BodyBudget::new(cfg.http.max_inflight_bytes, metrics.http_inflight_body_bytes.clone()),
             metrics,
             health,
             max_body_bytes: cfg.http.max_body_bytes,
             body_timeout: cfg.body_timeout(),
+            body_idle_timeout: cfg.header_timeout(),
             retry_after_secs: cfg.http.retry_after_secs,
         }
+    }
+
+    /// The tokens in force now.
+    pub(crate) fn auth(&self) -> Arc<Auth> {
+        Arc::clone(&self.auth.read().unwrap_or_else(std::sync::PoisonError::into_inner))
     }
 
     pub(crate) fn is_draining(&self) -> bool {

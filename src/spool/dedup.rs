@@ -94,8 +94,9 @@ impl Generation {
         &self.ids[shard_of(k)]
     }
 
-    fn insert(&mut self, k: Key) {
-        self.ids[shard_of(&k)].insert(k);
+    /// Whether `k` was new.
+    fn insert(&mut self, k: Key) -> bool {
+        self.ids[shard_of(&k)].insert(k)
     }
 
     fn len(&self) -> usize {
@@ -110,13 +111,25 @@ pub(crate) struct Dedup {
     span: i64,
     /// Oldest first; `start`s are multiples of `span`.
     gens: VecDeque<Generation>,
+    /// Ids held at most (`spool.dedup_max_ids`): at the ceiling the oldest slice is dropped early, so
+    /// a re-send of its batches is published again (a duplicate), never an event lost.
+    max_ids: usize,
+    /// Ids held now.
+    count: usize,
 }
 
 impl Dedup {
-    /// An empty window of `window_secs` (0 disables deduplication).
-    pub(crate) fn new(dir: &Path, window_secs: u64) -> Dedup {
+    /// An empty window of `window_secs` (0 disables deduplication) holding at most `max_ids` ids.
+    pub(crate) fn new(dir: &Path, window_secs: u64, max_ids: usize) -> Dedup {
         let window = i64::try_from(window_secs).unwrap_or(i64::MAX / 4);
-        Dedup { dir: dir.to_owned(), window, span: (window / GENERATIONS).max(1), gens: VecDeque::new() }
+        Dedup {
+            dir: dir.to_owned(),
+            window,
+            span: (window / GENERATIONS).max(1),
+            gens: VecDeque::new(),
+            max_ids: max_ids.max(1),
+            count: 0,
+        }
     }
 
     pub(crate) fn enabled(&self) -> bool {
@@ -150,19 +163,29 @@ impl Dedup {
                 0
             }
         };
-        self.gens[idx].insert(Key(id.0));
+        if self.gens[idx].insert(Key(id.0)) {
+            self.count += 1;
+        }
+        // At the ceiling the oldest slice goes (the newest, when it is the only one): its ids are
+        // forgotten early, which costs at most a duplicate record of a late re-send.
+        while self.count > self.max_ids {
+            let Some(oldest) = self.gens.pop_front() else { break };
+            self.count -= oldest.len();
+        }
     }
 
     /// Forgets the slices that fell out of the window.
     pub(crate) fn expire(&mut self, now: i64) {
         let horizon = now - self.window;
         while self.gens.front().is_some_and(|g| g.start + self.span <= horizon) {
-            self.gens.pop_front();
+            if let Some(g) = self.gens.pop_front() {
+                self.count -= g.len();
+            }
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.gens.iter().map(Generation::len).sum()
+        self.count
     }
 
     #[cfg(test)]
@@ -623,7 +646,7 @@ mod tests {
 
     /// A window of 800 s (slices of 100 s) with its journal opened at `now`.
     fn opened(dir: &Path, now: i64) -> (Dedup, Journal) {
-        let mut d = Dedup::new(dir, 800);
+        let mut d = Dedup::new(dir, 800, usize::MAX);
         let j = Journal::open(&mut d, now);
         (d, j)
     }
@@ -741,7 +764,7 @@ mod tests {
         let (_, mut j) = opened(dir.path(), 1000);
         j.append(&[(id(1), 1000)], 1000).unwrap();
         j.sync(1000).unwrap();
-        let mut off = Dedup::new(dir.path(), 0);
+        let mut off = Dedup::new(dir.path(), 0, usize::MAX);
         let j = Journal::open(&mut off, 1000);
         assert_eq!(j.bytes(), 0);
         assert!(list_journal(dir.path()).unwrap().is_empty());
@@ -750,7 +773,7 @@ mod tests {
     #[test]
     fn bytes_per_id_stay_within_the_documented_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = Dedup::new(dir.path(), 3600);
+        let mut d = Dedup::new(dir.path(), 3600, usize::MAX);
         let n = 360_000u64;
         for i in 0..n {
             d.insert(id(i), 10_000 + i64::try_from(i / 100).unwrap(), 10_000 + i64::try_from(i / 100).unwrap());
@@ -758,5 +781,25 @@ mod tests {
         assert_eq!(d.len(), n as usize);
         let per_id = d.heap_bytes() as f64 / n as f64;
         assert!((17.0..=40.0).contains(&per_id), "{per_id} bytes per id");
+    }
+
+    #[test]
+    fn at_the_ceiling_the_oldest_slice_is_forgotten_and_memory_stops_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Dedup::new(dir.path(), 800, 1000);
+        for n in 0..600 {
+            d.insert(id(n), 100, 100);
+        }
+        for n in 600..1200 {
+            d.insert(id(n), 300, 300);
+        }
+        assert!(d.len() <= 1000, "{} ids held", d.len());
+        assert!(!d.contains(&id(0), 300), "the oldest slice went first");
+        assert!(d.contains(&id(1199), 300), "the newest ids are kept");
+        for n in 1200..5000 {
+            d.insert(id(n), 300, 300);
+            assert!(d.len() <= 1000);
+        }
+        assert_eq!(d.len(), d.gens.iter().map(Generation::len).sum::<usize>(), "the count is exact");
     }
 }

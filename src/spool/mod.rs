@@ -91,6 +91,9 @@ pub enum SpoolError {
     Closed,
 }
 
+/// `spool.dedup_max_ids` when not configured.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 1_000_000;
+
 /// How to open a spool.
 #[derive(Clone)]
 pub struct SpoolSettings {
@@ -98,6 +101,8 @@ pub struct SpoolSettings {
     /// Cap on the bytes the spool keeps on disk (segments and dedup journal).
     max_bytes: u64,
     dedup_window_secs: u64,
+    /// Ids (and streams) the dedup window holds at most (`spool.dedup_max_ids`).
+    pub(crate) dedup_max_ids: usize,
     segment_bytes: u64,
     /// Write and sync calls; tests inject failures here.
     pub(crate) io: Arc<dyn SegmentIo>,
@@ -115,10 +120,18 @@ impl SpoolSettings {
             dir,
             max_bytes,
             dedup_window_secs,
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             segment_bytes: Self::segment_bytes_for(max_bytes),
             io: Arc::new(OsIo),
             sync_observer: None,
         }
+    }
+
+    /// Caps the dedup window's memory at `max_ids` ids and as many streams.
+    #[must_use]
+    pub fn with_dedup_max_ids(mut self, max_ids: usize) -> Self {
+        self.dedup_max_ids = max_ids;
+        self
     }
 
     /// A sixteenth of the cap, between 1 MiB and 64 MiB: space is freed a segment at a time, so
@@ -294,7 +307,7 @@ impl Spool {
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
         writer::remove_leftovers(&settings.dir)?;
         let now = now_secs();
-        let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs);
+        let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs, settings.dedup_max_ids);
         let journal = dedup::Journal::open(&mut dedup, now);
         let recovered = recovery::recover(&settings.dir, recovery::Mode::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
@@ -469,7 +482,7 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
     }
     let _lock = lock::DirLock::acquire(dir)?;
     let now = now_secs();
-    let mut dedup = dedup::Dedup::new(dir, 0);
+    let mut dedup = dedup::Dedup::new(dir, 0, 1);
     let r = recovery::recover(dir, recovery::Mode::ReadOnly, &mut dedup, now)?;
     let oldest = r.unacked.values().next().map(|p| p.received_at);
     Ok(OfflineStatus {
