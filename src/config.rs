@@ -29,7 +29,9 @@ pub enum ConfigError {
     #[error("cannot load configuration")]
     Load(#[from] Box<figment::Error>),
     /// No webhook token: no batch could ever be accepted.
-    #[error("invalid configuration: huggy.tokens is empty: no batch could ever be accepted")]
+    #[error(
+        "invalid configuration: huggy.tokens is empty (and no huggy.accounts token): no batch could ever be accepted"
+    )]
     NoTokens,
     /// A setting that must be given is empty.
     #[error("invalid configuration: {key} is empty")]
@@ -66,6 +68,25 @@ pub enum ConfigError {
         bound: u64,
         /// What would go wrong otherwise.
         reason: &'static str,
+    },
+    /// A `tokens_file` could not be read.
+    #[error("invalid configuration: {key} {path:?} cannot be read")]
+    TokensFile {
+        /// The setting, e.g. `huggy.accounts[0].tokens_file`.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `[[huggy.accounts]]` entry that cannot work.
+    #[error("invalid configuration: huggy.accounts[{index}]: {problem}")]
+    Account {
+        /// Its position in the list.
+        index: usize,
+        /// What is wrong (never a token).
+        problem: &'static str,
     },
     /// A size above what the bridge can handle at all.
     #[error("invalid configuration: {key} ({value}) must be at most {ceiling}: {reason}")]
@@ -318,9 +339,50 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HuggyConfig {
-    /// Accepted batch tokens, one per Huggy account (Configurações > Webhook).
+    /// Accepted batch tokens, one per Huggy account (Configurações > Webhook). Their events name
+    /// their company themselves.
     #[serde(deserialize_with = "secrets_list")]
     pub tokens: Vec<Secret>,
+    /// `[[huggy.accounts]]`: tokens bound to one company id each. An event of such a token that
+    /// names another company is dead-lettered (`company_mismatch`); `ce_source` and a company key
+    /// are the account's.
+    pub accounts: Vec<AccountConfig>,
+}
+
+impl HuggyConfig {
+    /// Whether any token is configured, bound to an account or not.
+    pub(crate) fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || self.accounts.iter().any(|a| !a.tokens.is_empty())
+    }
+}
+
+/// One `[[huggy.accounts]]` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountConfig {
+    /// The Huggy company id of the account, as in its events' `company.id`.
+    #[serde(deserialize_with = "company_id")]
+    pub company_id: String,
+    /// The account's tokens.
+    #[serde(deserialize_with = "secrets_list")]
+    pub tokens: Vec<Secret>,
+    /// A file with more of the account's tokens, one a line (a Kubernetes Secret volume, systemd
+    /// `LoadCredential=`); read when the configuration is loaded.
+    pub tokens_file: Option<PathBuf>,
+}
+
+/// A company id as TOML or the environment give it: a number, or a string of digits.
+fn company_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrString {
+        Number(u64),
+        String(String),
+    }
+    Ok(match NumberOrString::deserialize(d)? {
+        NumberOrString::Number(n) => n.to_string(),
+        NumberOrString::String(s) => s.trim().to_owned(),
+    })
 }
 
 /// `[kafka]`: where events go and how the producer talks to the brokers.
@@ -869,7 +931,25 @@ impl Config {
     /// # Errors
     /// Unreadable or malformed TOML, unknown keys, wrong types, or a failed [`Config::validate`].
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?.validated()
+        let mut cfg = Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        cfg.read_token_files()?;
+        cfg.validated()
+    }
+
+    /// Adds the tokens of every account's `tokens_file` to its `tokens`, as the exact lines given
+    /// (surrounding whitespace and empty lines aside).
+    fn read_token_files(&mut self) -> Result<(), ConfigError> {
+        for (i, account) in self.huggy.accounts.iter_mut().enumerate() {
+            let Some(path) = account.tokens_file.take() else { continue };
+            let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::TokensFile {
+                key: format!("huggy.accounts[{i}].tokens_file"),
+                path: path.clone(),
+                source,
+            })?;
+            account.tokens.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(Secret::new));
+            account.tokens_file = Some(path);
+        }
+        Ok(())
     }
 
     pub(crate) fn figment(path: Option<&Path>) -> Figment {
@@ -914,7 +994,8 @@ impl Config {
     /// # Errors
     /// As [`Config::load`], except for missing tokens.
     pub fn load_offline(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg = Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let mut cfg = Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        cfg.read_token_files()?;
         cfg.validate_offline()?;
         Ok(cfg)
     }
@@ -924,10 +1005,32 @@ impl Config {
     /// # Errors
     /// The first setting found wrong (every `[kafka]` problem at once).
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.huggy.tokens.is_empty() {
+        if !self.huggy.has_tokens() {
             return Err(ConfigError::NoTokens);
         }
         self.validate_offline()
+    }
+
+    /// Every account has a company id of digits and at least one token, and no token is configured
+    /// twice (in two accounts, or in an account and `huggy.tokens`): which company it speaks for
+    /// must be clear.
+    fn validate_accounts(&self) -> Result<(), ConfigError> {
+        let mut seen: std::collections::HashSet<&str> = self.huggy.tokens.iter().map(Secret::expose).collect();
+        for (index, a) in self.huggy.accounts.iter().enumerate() {
+            let problem = |problem| Err(ConfigError::Account { index, problem });
+            if a.company_id.is_empty() || a.company_id.len() > 40 || !a.company_id.bytes().all(|b| b.is_ascii_digit()) {
+                return problem("company_id must be a company id (digits)");
+            }
+            if a.tokens.is_empty() {
+                return problem("no tokens (tokens or tokens_file)");
+            }
+            for t in &a.tokens {
+                if !seen.insert(t.expose()) {
+                    return problem("a token is configured twice (in two accounts, or also in huggy.tokens)");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`Config::validate`] without the webhook's tokens.
@@ -943,6 +1046,7 @@ impl Config {
                 value: self.http.path.clone(),
             });
         }
+        self.validate_accounts()?;
         positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
         if self.http.max_body_bytes > MAX_BODY_BYTES_CEILING {
             return Err(ConfigError::AboveCeiling {
@@ -1410,6 +1514,50 @@ mod tests {
             assert_eq!(cfg.kafka.brokers, "k1:9092");
             jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__ACKS", "1");
             assert!(Config::load_offline(None).unwrap_err().to_string().contains("acks"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn accounts_bind_tokens_to_a_company_from_the_file_or_the_list() {
+        Jail::expect_with(|jail| {
+            jail.create_file("account-b.tokens", "b-1\n\n  b-2  \n")?;
+            jail.create_file(
+                "c.toml",
+                r#"
+                [huggy]
+                tokens = ["plain"]
+                [[huggy.accounts]]
+                company_id = 15693
+                tokens = ["a-1"]
+                [[huggy.accounts]]
+                company_id = "20001"
+                tokens_file = "account-b.tokens"
+                "#,
+            )?;
+            let cfg = Config::load(Some(Path::new("c.toml"))).expect("valid");
+            let accounts = &cfg.huggy.accounts;
+            assert_eq!((accounts[0].company_id.as_str(), accounts[1].company_id.as_str()), ("15693", "20001"));
+            let b: Vec<&str> = accounts[1].tokens.iter().map(Secret::expose).collect();
+            assert_eq!(b, ["b-1", "b-2"], "one token a line, exactly");
+            let shown = toml::to_string(&cfg).unwrap_or_default() + &format!("{cfg:?}");
+            assert!(!shown.contains("a-1") && !shown.contains("b-2"), "tokens never printed");
+
+            jail.create_file("only-accounts.toml", "[[huggy.accounts]]\ncompany_id = 1\ntokens = [\"x\"]\n")?;
+            assert!(Config::load(Some(Path::new("only-accounts.toml"))).is_ok(), "accounts alone are tokens enough");
+            for (toml, expected) in [
+                ("[huggy]\ntokens = [\"y\"]\n[[huggy.accounts]]\ncompany_id = 1\n", "no tokens"),
+                ("[[huggy.accounts]]\ncompany_id = \"x1\"\ntokens = [\"x\"]\n", "company_id must be"),
+                (
+                    "[huggy]\ntokens = [\"x\"]\n[[huggy.accounts]]\ncompany_id = 1\ntokens = [\"x\"]\n",
+                    "configured twice",
+                ),
+                ("[[huggy.accounts]]\ncompany_id = 1\ntokens_file = \"missing.tokens\"\n", "tokens_file"),
+            ] {
+                jail.create_file("bad.toml", toml)?;
+                let err = message(&Config::load(Some(Path::new("bad.toml"))).unwrap_err());
+                assert!(err.contains(expected) && !err.contains("\"x\""), "{toml}: {err}");
+            }
             Ok(())
         });
     }

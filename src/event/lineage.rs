@@ -42,6 +42,23 @@ impl Source {
     }
 }
 
+/// Who sent a batch, as its token says: the token's [`Source`], and the company id of its account
+/// when the token is bound to one (`[[huggy.accounts]]`).
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct Sender {
+    /// The token's digest.
+    pub source: Source,
+    /// The account's company id, digits.
+    pub account: Option<String>,
+}
+
+impl Sender {
+    /// A token not bound to an account: its events name their company themselves.
+    pub fn token(token: &str) -> Sender {
+        Sender { source: Source::of_token(token), account: None }
+    }
+}
+
 /// An event's place among the events of its stream (source, type, key).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct Lineage {

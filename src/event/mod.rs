@@ -15,7 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-pub use lineage::{Lineage, Source, StreamRuns};
+pub use lineage::{Lineage, Sender, Source, StreamRuns};
 pub use types::{EventType, KnownType};
 
 use crate::json::string_end;
@@ -488,18 +488,19 @@ impl fmt::Debug for EventId {
 /// use huggy_bridge::event::{parse_body, split, Body};
 ///
 /// let body = br#"{"time":1700000000,"token":"t","messages":{"receivedMessage":[{"id":1, "chat":{"id":42}}, 7]}}"#;
-/// use huggy_bridge::event::Source;
+/// use huggy_bridge::event::Sender;
 ///
 /// let Ok(Body::Batch(batch)) = parse_body(body) else { panic!("a batch") };
-/// let events = split(&batch, Source::of_token("t"), 0);
+/// let events = split(&batch, &Sender::token("t"), 0);
 /// assert_eq!(events[0].key.as_deref(), Some("42"));
 /// assert_eq!(events[0].value, br#"{"id":1, "chat":{"id":42}}"#, "byte for byte");
 /// assert_eq!(events[0].ce_time().as_deref(), Some("2023-11-14T22:13:20Z"));
 /// assert_eq!(events[1].dead_letter.as_deref(), Some("event is not an object"));
 /// ```
-pub fn split(batch: &Batch<'_>, source: Source, received_at: i64) -> Vec<Event> {
+pub fn split(batch: &Batch<'_>, sender: &Sender, received_at: i64) -> Vec<Event> {
     let time = batch.time.unwrap_or(received_at);
-    let mut seen = Occurrences { source, counts: HashMap::new() };
+    let account = sender.account.as_deref();
+    let mut seen = Occurrences { source: sender.source, counts: HashMap::new() };
     let mut out = Vec::new();
     // The type each event's stream is named by (the id's type name), in the order of `out`.
     let mut stream_types: Vec<String> = Vec::new();
@@ -519,14 +520,14 @@ pub fn split(batch: &Batch<'_>, source: Source, received_at: i64) -> Vec<Event> 
             Group::Events(items) => items,
             Group::NotAnArray(raw) => {
                 let id = seen.id(id_type, &batch.stamp, raw.get().as_bytes());
-                out.push(dead_event(id, &event_type, raw, time, "event list is not an array".into()));
+                out.push(dead_event(id, &event_type, raw, time, account, "event list is not an array".into()));
                 stream_types.push(id_type.to_owned());
                 continue;
             }
         };
         for item in items.iter().copied() {
             let id = seen.id(id_type, &batch.stamp, item.get().as_bytes());
-            let mut ev = build_event(id, &event_type, original_type.clone(), item, time);
+            let mut ev = build_event(id, &event_type, original_type.clone(), item, time, account);
             if let Some(reason) = &type_problem {
                 ev.dead_letter = Some(reason.clone());
             }
@@ -534,7 +535,7 @@ pub fn split(batch: &Batch<'_>, source: Source, received_at: i64) -> Vec<Event> 
             stream_types.push(id_type.to_owned());
         }
     }
-    lineage::assign(&mut out, &stream_types, &source);
+    lineage::assign(&mut out, &stream_types, &sender.source);
     out
 }
 
@@ -557,13 +558,25 @@ impl Occurrences {
     }
 }
 
-fn dead_event(id: EventId, event_type: &EventType, raw: &RawValue, time: i64, reason: String) -> Event {
+/// The dead-letter reason of an event whose token's account is not the company it names.
+pub const COMPANY_MISMATCH: &str = "company_mismatch";
+
+/// An event that cannot go to its topic. Its company is its token's account's, if any: nothing the
+/// event says about itself is trusted.
+fn dead_event(
+    id: EventId,
+    event_type: &EventType,
+    raw: &RawValue,
+    time: i64,
+    account: Option<&str>,
+    reason: String,
+) -> Event {
     Event {
         id,
         event_type: event_type.clone(),
         original_type: None,
-        key: None,
-        company: None,
+        key: account.map(str::to_owned),
+        company: account.map(str::to_owned),
         time,
         value: raw.get().as_bytes().to_vec(),
         dead_letter: Some(reason),
@@ -593,18 +606,34 @@ struct IdOnly<'a> {
     id: Option<&'a RawValue>,
 }
 
-fn build_event(id: EventId, event_type: &EventType, original_type: Option<String>, raw: &RawValue, time: i64) -> Event {
+/// Builds one event. With a token bound to an account (`account`), the company is the account's
+/// whatever the event says; an event that names another company is dead-lettered
+/// ([`COMPANY_MISMATCH`]), so no account's token can publish under another's name.
+fn build_event(
+    id: EventId,
+    event_type: &EventType,
+    original_type: Option<String>,
+    raw: &RawValue,
+    time: i64,
+    account: Option<&str>,
+) -> Event {
     if !raw.get().starts_with('{') {
-        return dead_event(id, event_type, raw, time, "event is not an object".into());
+        return dead_event(id, event_type, raw, time, account, "event is not an object".into());
     }
     if has_lone_surrogate(raw.get()) {
-        return dead_event(id, event_type, raw, time, "event has a \\u escape of a lone UTF-16 surrogate".into());
+        let reason = "event has a \\u escape of a lone UTF-16 surrogate".into();
+        return dead_event(id, event_type, raw, time, account, reason);
     }
     let fields = match serde_json::from_str::<KeyFields<'_>>(raw.get()) {
         Ok(f) => f,
-        Err(e) => return dead_event(id, event_type, raw, time, format!("event cannot be read: {e}")),
+        Err(e) => return dead_event(id, event_type, raw, time, account, format!("event cannot be read: {e}")),
     };
-    let company = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
+    let claimed = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
+    let mismatch = match (account, &claimed) {
+        (Some(a), Some(c)) => a.trim_start_matches('0') != c.trim_start_matches('0'),
+        _ => false,
+    };
+    let company = account.map(str::to_owned).or(claimed);
     let key = key_for(event_type, &fields).or_else(|| company.clone());
     Event {
         id,
@@ -614,7 +643,7 @@ fn build_event(id: EventId, event_type: &EventType, original_type: Option<String
         company,
         time,
         value: raw.get().as_bytes().to_vec(),
-        dead_letter: None,
+        dead_letter: mismatch.then(|| COMPANY_MISMATCH.to_owned()),
         files: Vec::new(),
         lineage: None,
     }

@@ -13,7 +13,7 @@ fn fixture(name: &str) -> Vec<u8> {
 
 /// Splits `batch` as the webhook does: its source is its own token's.
 fn split_as_sent(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
-    split(batch, Source::of_token(batch.token.expect("a token")), received_at)
+    split(batch, &Sender::token(batch.token.expect("a token")), received_at)
 }
 
 /// The source of token `"t"`.
@@ -485,4 +485,30 @@ fn the_top_level_token_is_found_without_a_parse_wherever_it_sits() {
     for (body, want) in cases {
         assert_eq!(top_level_token(body.as_bytes()), *want, "{body}");
     }
+}
+
+#[test]
+fn an_accounts_events_are_its_company_and_one_naming_another_is_dead_lettered() {
+    let body = br#"{"token":"t","time":5,"messages":{"agentChangedStatus":[
+        {"id":7,"company":{"id":15693}},
+        {"id":8,"company":{"id":99}},
+        {"id":9},
+        {"id":10,"companyID":"015693"}
+    ],"closedChat":[{"company":{"id":99}}], "updatedChatDepartment":[3]}}"#;
+    let account = Sender { source: Source::of_token("t"), account: Some("15693".into()) };
+    let events = split(&batch(body), &account, 0);
+    let companies: Vec<Option<&str>> = events.iter().map(|e| e.company.as_deref()).collect();
+    assert_eq!(companies, [Some("15693"); 6], "ce_source is the account's, whatever the event says");
+    let dead: Vec<Option<&str>> = events.iter().map(|e| e.dead_letter.as_deref()).collect();
+    assert_eq!(
+        dead,
+        [None, Some(COMPANY_MISMATCH), None, None, Some(COMPANY_MISMATCH), Some("event is not an object")],
+        "another company: dead-lettered; none: the account's; leading zeros are the same id"
+    );
+    assert_eq!(events[4].key.as_deref(), Some("15693"), "a company key is the account's, not the claimed one");
+    // Without an account the event names its company, as before.
+    let plain = split_as_sent(&batch(body), 0);
+    assert_eq!(plain[1].company.as_deref(), Some("99"));
+    assert!(plain.iter().take(5).all(|e| e.dead_letter.is_none()));
+    assert_eq!(plain.iter().map(|e| e.id).collect::<Vec<_>>(), events.iter().map(|e| e.id).collect::<Vec<_>>());
 }

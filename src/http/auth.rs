@@ -1,4 +1,5 @@
-//! Who may post batches: the accepted tokens, in one value built from the configuration. The
+//! Who may post batches: the accepted tokens (`huggy.tokens`, and those of `[[huggy.accounts]]`
+//! with the company each speaks for), in one value built from the configuration. The
 //! handler takes the value in force when a request arrives ([`AppState::auth`]) and judges the whole
 //! request by it, so replacing it (a reload) never changes the rules in the middle of a batch.
 //!
@@ -8,10 +9,11 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::config::{Config, Secret};
-use crate::event::Source;
+use crate::event::{Sender, Source};
 
 /// The accepted tokens, each stored only as digests: the SHA-256 compared in constant time, and the
-/// [`Source`] that tells its events apart from other tokens' events (event ids, dedup).
+/// [`Source`] that tells its events apart from other tokens' events (event ids, dedup); with the
+/// account's company id for a token bound to one.
 #[derive(Debug)]
 pub(crate) struct Auth {
     entries: Vec<Entry>,
@@ -20,39 +22,51 @@ pub(crate) struct Auth {
 #[derive(Debug)]
 struct Entry {
     digest: [u8; 32],
-    source: Source,
+    sender: Sender,
+}
+
+impl Entry {
+    fn new(token: &Secret, account: Option<&str>) -> Entry {
+        Entry {
+            digest: Sha256::digest(token.expose().as_bytes()).into(),
+            sender: Sender {
+                source: Source::of_token(token.expose()),
+                account: account.map(|a| a.trim_start_matches('0').to_owned()),
+            },
+        }
+    }
 }
 
 impl Auth {
     pub(crate) fn from_config(cfg: &Config) -> Auth {
-        Auth::new(&cfg.huggy.tokens)
+        let mut auth = Auth::new(&cfg.huggy.tokens);
+        for account in &cfg.huggy.accounts {
+            for t in &account.tokens {
+                auth.entries.push(Entry::new(t, Some(&account.company_id)));
+            }
+        }
+        auth
     }
 
+    /// Tokens not bound to an account.
     pub(crate) fn new(tokens: &[Secret]) -> Auth {
-        let entries = tokens
-            .iter()
-            .map(|t| Entry {
-                digest: Sha256::digest(t.expose().as_bytes()).into(),
-                source: Source::of_token(t.expose()),
-            })
-            .collect();
-        Auth { entries }
+        Auth { entries: tokens.iter().map(|t| Entry::new(t, None)).collect() }
     }
 
     /// The source of a presented token, or `None` when no configured token matches. Takes time that
     /// depends on neither the token's content nor its length: the presented token is hashed, and its
     /// digest compared with every configured one with `ct_eq`, without an early exit on a match.
-    pub(crate) fn check(&self, token: &str) -> Option<Source> {
+    pub(crate) fn check(&self, token: &str) -> Option<Sender> {
         let presented = Sha256::digest(token.as_bytes());
         let mut found = None;
         for e in &self.entries {
             let hit: bool = e.digest.ct_eq(presented.as_slice()).into();
-            // Every entry is compared; the branch only picks which source to remember.
+            // Every entry is compared; the branch only picks which sender to remember.
             if hit && found.is_none() {
-                found = Some(e.source);
+                found = Some(&e.sender);
             }
         }
-        found
+        found.cloned()
     }
 
     pub(crate) fn accepts(&self, token: &str) -> bool {
@@ -79,9 +93,24 @@ mod tests {
     fn each_token_has_its_own_source_and_none_is_the_token_in_clear() {
         let (a, b) = ("afb53a5e1abeeece89f2c80acb1686ab", "420786094f46358650");
         let auth = Auth::new(&[Secret::new(a), Secret::new(b)]);
-        let (sa, sb) = (auth.check(a).unwrap(), auth.check(b).unwrap());
+        let (sa, sb) = (auth.check(a).unwrap().source, auth.check(b).unwrap().source);
         assert_ne!(sa, sb);
         assert_eq!(sa, Source::of_token(a), "stable across builds of the table");
         assert!(!format!("{sa:?}{}", hex::encode(sa.0)).contains(a));
+    }
+
+    #[test]
+    fn an_accounts_token_carries_its_company_and_a_plain_token_none() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("plain")];
+        cfg.huggy.accounts = vec![crate::config::AccountConfig {
+            company_id: "15693".into(),
+            tokens: vec![Secret::new("bound-1"), Secret::new("bound-2")],
+            tokens_file: None,
+        }];
+        let auth = Auth::from_config(&cfg);
+        assert_eq!(auth.check("plain").unwrap().account, None);
+        assert_eq!(auth.check("bound-2").unwrap().account.as_deref(), Some("15693"));
+        assert!(auth.check("bound-3").is_none());
     }
 }

@@ -134,8 +134,8 @@ fn decode(body: &[u8], auth: &Auth, received_at: i64) -> Result<Decoded, ApiErro
             Ok(Decoded::Handshake(token.to_owned()))
         }
         WebhookBody::Batch(batch) => {
-            let source = batch.token.and_then(|t| auth.check(t)).ok_or(ApiError::Unauthorized)?;
-            Ok(Decoded::Batch(event::split(&batch, source, received_at)))
+            let sender = batch.token.and_then(|t| auth.check(t)).ok_or(ApiError::Unauthorized)?;
+            Ok(Decoded::Batch(event::split(&batch, &sender, received_at)))
         }
     }
 }

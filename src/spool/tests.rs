@@ -106,7 +106,7 @@ fn batch_events(token: &str, body: &str) -> Vec<Event> {
     let crate::event::Body::Batch(b) = crate::event::parse_body(body.as_bytes()).expect("parses") else {
         panic!("a batch")
     };
-    crate::event::split(&b, crate::event::Source::of_token(token), 0)
+    crate::event::split(&b, &crate::event::Sender::token(token), 0)
 }
 
 fn status(online: bool) -> String {

@@ -6,6 +6,8 @@
 //!   two identical events in one batch are two events;
 //! - three batches in one second (online, offline, online) are three events in order; two tokens'
 //!   identical events are two events; a verbatim re-send of the last batch is published once;
+//! - an account's token (`[[huggy.accounts]]`) cannot publish under another company: such an event is
+//!   dead-lettered (`company_mismatch`), and `ce_source` is always the account's;
 //! - 160 connections that each send a head declaring 4 MiB and then nothing hold no budget: normal
 //!   batches beside them get 200 at once, never 503;
 //! - 300 concurrent 4 MiB uploads without a valid token stay within `http.max_inflight_bytes`: the
@@ -229,6 +231,70 @@ async fn head_only_connections_hold_no_budget_and_huggy_is_served_beside_them() 
         (published(&d, "receivedMessage").await == 20.0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_accounts_token_cannot_publish_under_another_company() {
+    let Some(bin) = real_broker_or_skip("accounts") else { return };
+    let tansu = Tansu::start(&bin, None);
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &tansu.bootstrap(), 3);
+    // The daemon runs in `dir`, where it reads `config.toml`; the environment adds the plain tokens.
+    const ACCOUNT_TOKEN: &str = "0a0b0c0d0e0f0a0b0c0d0e0f0a0b0c0d";
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!("[[huggy.accounts]]\ncompany_id = 15693\ntokens = [\"{ACCOUNT_TOKEN}\"]\n"),
+    )
+    .unwrap();
+    let d = Daemon::start(dir.path(), &spool_config(&tansu.bootstrap(), &dir.path().join("spool"))).await;
+    let status_time = r#""time": 1644341895"#;
+    let company = r#""company": {
+          "id": 15693
+        }"#;
+    let batch = |agent: u32, company_json: &str| {
+        variant("agentChangedStatus.json", status_time, 1_763_950_000, r#""id": 40419"#, &format!(r#""id": {agent}"#))
+            .replacen(company, company_json, 1)
+            .replace("afb53a5e1abeeece89f2c80acb1686ab", ACCOUNT_TOKEN)
+    };
+    // Its own company, another company, none at all.
+    for body in
+        [batch(1, r#""company": {"id": 15693}"#), batch(2, r#""company": {"id": 66666}"#), batch(3, r#""nothing": {}"#)]
+    {
+        let (code, text) = post(&d.url(), body).await;
+        assert_eq!((code, text.as_str()), (200, r#"{"accepted":1}"#), "accepted (the 2xx covers dead letters)");
+    }
+    // A plain token (huggy.tokens) keeps naming whatever company its events name.
+    let plain = variant("agentChangedStatus.json", status_time, 1_763_950_000, r#""id": 40419"#, r#""id": 4"#)
+        .replacen(company, r#""company": {"id": 77777}"#, 1);
+    assert_eq!(post(&d.url(), plain).await.0, 200);
+
+    wait_for("published and dead-lettered", Duration::from_secs(60), async || {
+        let done =
+            d.metric("huggy_bridge_spool_events").await == 0.0 && published(&d, "agentChangedStatus").await >= 3.0;
+        done.then_some(())
+    })
+    .await;
+    let recs = read_topics_async(&tansu.bootstrap(), &["huggy.agentChangedStatus", "huggy.dead-letter"]).await;
+    let on = |topic: &str, key: &str| -> Vec<&Rec> {
+        recs.iter().filter(|r| r.topic == topic && r.key.as_deref() == Some(key)).collect()
+    };
+    let own = on("huggy.agentChangedStatus", "1");
+    assert_eq!(own.len(), 1);
+    assert_eq!(own[0].header("ce_source"), Some("huggy://company/15693"));
+    assert!(on("huggy.agentChangedStatus", "2").is_empty(), "not published under company 66666");
+    let dead = on("huggy.dead-letter", "2");
+    assert_eq!(dead.len(), 1, "dead-lettered instead");
+    assert_eq!(dead[0].header("huggy_dlq_reason"), Some("company_mismatch"));
+    assert_eq!(dead[0].header("ce_source"), Some("huggy://company/15693"), "the token's account, not the claim");
+    assert!(String::from_utf8_lossy(&dead[0].value).contains("66666"), "the event's bytes, untouched");
+    let none = on("huggy.agentChangedStatus", "3");
+    assert_eq!(none.len(), 1);
+    assert_eq!(none[0].header("ce_source"), Some("huggy://company/15693"), "no company: the account's");
+    let plain = on("huggy.agentChangedStatus", "4");
+    assert_eq!(plain.len(), 1);
+    assert_eq!(plain[0].header("ce_source"), Some("huggy://company/77777"), "huggy.tokens works as before");
+    assert!(recs.iter().all(|r| r.header("ce_source") != Some("huggy://company/66666")));
+    assert!(!d.log_text().contains(ACCOUNT_TOKEN), "no token in the log");
 }
 
 /// Peak resident set of a process (`VmHWM`), in bytes.
