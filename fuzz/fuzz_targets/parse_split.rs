@@ -40,13 +40,13 @@ impl Judges {
         let runs = self.runs.get_or_insert_with(|| event::StreamRuns::new(3600, usize::MAX));
         let mut lists: HashMap<[u8; 16], Vec<event::EventId>> = HashMap::new();
         for ev in events {
-            lists.entry(ev.lineage.expect("every split event has a lineage").stream).or_default().push(ev.id);
+            lists.entry(ev.lineage.as_ref().expect("every split event has a lineage").stream).or_default().push(ev.id);
         }
         let none = HashMap::new();
         let mut dups = Vec::new();
         for (i, ev) in events.iter().enumerate() {
-            let l = ev.lineage.expect("lineage");
-            let by_rule = self.stored.contains(&ev.id) && runs.is_resend(Some(&l), &none);
+            let l = ev.lineage.as_deref().expect("lineage");
+            let by_rule = self.stored.contains(&ev.id) && runs.is_resend(Some(l), &none);
             let by_model = self.stored.contains(&ev.id) && self.model.get(&l.stream) == lists.get(&l.stream);
             assert_eq!(by_rule, by_model, "the dedup rule and its model disagree on event {i}");
             if by_rule {
@@ -55,7 +55,7 @@ impl Judges {
         }
         for ev in events {
             self.stored.insert(ev.id);
-            let l = ev.lineage.expect("lineage");
+            let l = ev.lineage.as_deref().expect("lineage");
             runs.record(l.stream, l.run, 0);
         }
         self.model.extend(lists);
@@ -76,8 +76,8 @@ fuzz_target!(|input: &[u8]| {
     let ids: Vec<event::EventId> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids, again.iter().map(|e| e.id).collect::<Vec<_>>());
     assert_eq!(
-        events.iter().map(|e| e.lineage).collect::<Vec<_>>(),
-        again.iter().map(|e| e.lineage).collect::<Vec<_>>(),
+        events.iter().map(|e| e.lineage.clone()).collect::<Vec<_>>(),
+        again.iter().map(|e| e.lineage.clone()).collect::<Vec<_>>(),
         "lineages are a function of the batch too"
     );
     let mut distinct = ids.clone();
@@ -88,8 +88,8 @@ fuzz_target!(|input: &[u8]| {
     let other = events_of(x, "token-b").expect("same body");
     let other_ids: HashSet<event::EventId> = other.iter().map(|e| e.id).collect();
     assert!(ids.iter().all(|id| !other_ids.contains(id)), "two tokens share an id");
-    let streams: HashSet<[u8; 16]> = events.iter().map(|e| e.lineage.expect("lineage").stream).collect();
-    assert!(other.iter().all(|e| !streams.contains(&e.lineage.expect("lineage").stream)), "two tokens share a stream");
+    let streams: HashSet<[u8; 16]> = events.iter().map(|e| e.lineage.as_ref().expect("lineage").stream).collect();
+    assert!(other.iter().all(|e| !streams.contains(&e.lineage.as_ref().expect("lineage").stream)), "two tokens share a stream");
 
     let y_events = events_of(y, "token-a").unwrap_or_default();
     let mut judges = Judges::default();

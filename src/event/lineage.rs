@@ -12,8 +12,8 @@
 //! The one ambiguous case left: a batch re-sent *after* a later batch of the same stream was
 //! accepted (Huggy retries an old batch late) is published again, a duplicate with the same event
 //! id — at-least-once, the safe side: a duplicate is visible and removable by its id, a dropped
-//! state is not. The same holds for streams the spool does not remember (after a restart, or beyond
-//! the ceiling of [`StreamRuns`]).
+//! state is not. The same holds for streams the spool does not remember (after a crash — a clean
+//! shutdown saves them —, or beyond the ceiling of [`StreamRuns`]).
 //!
 //! Pure: no I/O; the fuzz targets compile this file as it is.
 
@@ -109,7 +109,7 @@ pub(crate) fn assign(events: &mut [Event], id_types: &[String], source: &Source)
     }
     let runs: HashMap<[u8; 16], [u8; 16]> = runs.into_iter().map(|(s, h)| (s, first_128(h))).collect();
     for (ev, stream) in events.iter_mut().zip(streams) {
-        ev.lineage = runs.get(&stream).map(|run| Lineage { stream, run: *run });
+        ev.lineage = runs.get(&stream).map(|run| Box::new(Lineage { stream, run: *run }));
     }
 }
 
@@ -184,6 +184,13 @@ impl StreamRuns {
     fn rotate(&mut self, now: i64) {
         self.previous = std::mem::take(&mut self.current);
         self.current_since = now;
+    }
+
+    /// Every remembered stream with its last run, older first (to save and load them across a
+    /// restart in the same order).
+    pub fn entries(&self) -> impl Iterator<Item = ([u8; 16], [u8; 16])> + '_ {
+        let older = self.previous.iter().filter(|(s, _)| !self.current.contains_key(*s));
+        older.chain(self.current.iter()).map(|(s, r)| (*s, *r))
     }
 
     /// Streams remembered.

@@ -342,7 +342,7 @@ pub struct Event {
     /// run in its batch. In memory only, never in the spool's frames: `None` for events read back
     /// from disk and for events made outside a batch, which are then judged by their id alone.
     #[serde(skip)]
-    pub(crate) lineage: Option<Lineage>,
+    pub(crate) lineage: Option<Box<Lineage>>,
 }
 
 impl Event {

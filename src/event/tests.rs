@@ -414,7 +414,7 @@ fn a_batch_time_in_seconds_or_milliseconds_is_read_as_such_and_nonsense_is_left_
 
 /// Lineage of every event of `body`, as split with its own token.
 fn lineages(body: &[u8]) -> Vec<Lineage> {
-    split_as_sent(&batch(body), 0).iter().map(|e| e.lineage.expect("every split event has one")).collect()
+    split_as_sent(&batch(body), 0).iter().map(|e| *e.lineage.clone().expect("every split event has one")).collect()
 }
 
 #[test]
@@ -446,7 +446,7 @@ fn online_offline_online_in_one_second_is_three_events_and_a_resend_is_one() {
     // The spool's rule: a duplicate when the id was stored and the stream's last run is its own.
     let mut accept = |body: &[u8]| -> bool {
         let ev = split_as_sent(&batch(body), 0).remove(0);
-        let l = ev.lineage.unwrap();
+        let l = *ev.lineage.unwrap();
         let duplicate = stored.contains(&ev.id) && runs.is_resend(Some(&l), &none);
         stored.insert(ev.id);
         runs.record(l.stream, l.run, 1_700_000_000);

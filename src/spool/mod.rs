@@ -16,6 +16,8 @@
 //!   is acknowledged.
 //! - `dedup-<slice start>-<span>.ids`: the dedup journal, the ids of the window a file per slice,
 //!   synced before a segment is deleted ([`dedup`]).
+//! - `dedup-runs.snapshot`: what each dedup stream last carried, saved by a clean shutdown, read and
+//!   deleted at the next start ([`dedup::save_runs`]).
 //! - `damaged/`: copies of segments in which recovery found damage, for inspection.
 //! - `segment-<first seq>.deleting`: a delivered segment being deleted (removed at start if a crash
 //!   left one).

@@ -140,6 +140,24 @@ async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_la
     assert_eq!(states.len(), 7);
     assert_eq!(states[..3], [true, false, true], "in the order accepted");
     spool.close().await;
+    // A clean restart keeps what the streams last carried: the last batch again is still a re-send,
+    // and a state that returns is still new.
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let last = status(false).replace(r#""t""#, r#""u""#);
+    let r = spool.append(batch_events("u", &last), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "re-sent across a clean restart");
+    let r = spool.append(batch_events("t", &status(false)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "token t's last batch was offline");
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "online again after a restart: new");
+    spool.close().await;
+    // Without a clean shutdown (no saved runs) nothing is known: a re-send is stored again, never a
+    // returning state dropped.
+    std::fs::remove_file(dir.path().join("dedup-runs.snapshot")).expect("saved by the clean close");
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "unknown stream after a crash: stored (a duplicate at worst)");
+    spool.close().await;
 }
 
 #[tokio::test]

@@ -260,7 +260,10 @@ impl Writer {
         let janitor = Janitor::start(shared.clone(), journal, wake)?;
         // Their appends in the last run may not have been synced before it ended.
         janitor.append(recovered.ids);
-        let runs = StreamRuns::new(dedup.window(), shared.settings.dedup_max_ids);
+        let mut runs = StreamRuns::new(dedup.window(), shared.settings.dedup_max_ids);
+        if dedup.enabled() {
+            dedup::take_runs(&shared.settings.dir, &mut runs, dedup.window(), now_secs());
+        }
         let writer = Writer {
             shared: shared.clone(),
             active,
@@ -305,6 +308,11 @@ impl Writer {
         if !self.broken {
             if let Err(e) = self.shared.settings.io.sync_data(&self.active) {
                 error!(error = %e, "spool: final sync failed; unsynced acknowledgements will be published again");
+            }
+        }
+        if self.dedup.enabled() && !self.runs.is_empty() {
+            if let Err(e) = dedup::save_runs(&self.shared.settings.dir, &self.runs, now_secs()) {
+                warn!(error = %e, "spool: dedup runs not saved; a batch re-sent across the restart may be published twice");
             }
         }
         info!("spool closed");
@@ -352,10 +360,10 @@ impl Writer {
                     let (pending_mark, ids_mark, work_mark) = (new_pending.len(), new_ids.len(), new_work.len());
                     // Judged against the runs before this batch: its own events do not count.
                     let runs: Vec<([u8; 16], [u8; 16])> =
-                        events.iter().filter_map(|e| e.lineage.map(|l| (l.stream, l.run))).collect();
+                        events.iter().filter_map(|e| e.lineage.as_ref().map(|l| (l.stream, l.run))).collect();
                     for event in events {
                         let stored_before = self.dedup.contains(&event.id, now) || group_ids.contains(&event.id);
-                        if stored_before && self.runs.is_resend(event.lineage.as_ref(), &group_runs) {
+                        if stored_before && self.runs.is_resend(event.lineage.as_deref(), &group_runs) {
                             duplicates += 1;
                             seqs.push(None);
                             continue;
