@@ -78,10 +78,6 @@ async fn process(st: &Arc<AppState>, req: Request) -> Result<(HttpOutcome, Respo
     // Held until the answer is ready, or until hyper drops this future because the client left.
     let (body, held) = read_body(st, req.into_body(), declared).await?;
     let received_at = now_secs();
-    // A wrong token found by a cheap scan is refused before the body is parsed.
-    if event::top_level_token(&body).is_some_and(|t| !auth.accepts(t)) {
-        return Err(ApiError::Unauthorized);
-    }
     let (decoded, _held) = if body.len() <= DECODE_INLINE_BYTES {
         (decode(&body, &auth, received_at), held)
     } else {
@@ -126,8 +122,12 @@ enum Decoded {
     Batch(Vec<event::Event>),
 }
 
-/// Parses and authenticates a body and splits a batch into events. Pure CPU work, no I/O.
+/// Authenticates and parses a body and splits a batch into events. Pure CPU work, no I/O.
 fn decode(body: &[u8], auth: &Auth, received_at: i64) -> Result<Decoded, ApiError> {
+    // A wrong token found by a cheap scan (one pass, no allocation) is refused before the parse.
+    if event::top_level_token(body).is_some_and(|t| !auth.accepts(t)) {
+        return Err(ApiError::Unauthorized);
+    }
     match event::parse_body(body)? {
         WebhookBody::Handshake { token } => {
             let token = token.filter(|t| auth.accepts(t)).ok_or(ApiError::Unauthorized)?;
