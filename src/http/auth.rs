@@ -1,9 +1,12 @@
-//! Who may post batches: the accepted tokens (`huggy.tokens`, and those of `[[huggy.accounts]]`
-//! with the company each speaks for), in one value built from the configuration. The
-//! handler takes the value in force when a request arrives ([`AppState::auth`]) and judges the whole
-//! request by it, so replacing it (a reload) never changes the rules in the middle of a batch.
+//! Who may send batches: the accepted tokens (`huggy.tokens`, `huggy.tokens_file`, and those of
+//! `[[huggy.accounts]]` with the company each speaks for), in one table swapped whole when the
+//! configuration is reloaded.
 //!
-//! [`AppState::auth`]: super::AppState::auth
+//! A request takes the table in force when it arrives ([`AuthTable::current`]) and is judged by it
+//! to the end, however long its body takes; a reload replaces the table for the requests that
+//! arrive after it.
+
+use std::sync::{Arc, PoisonError, RwLock};
 
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -71,6 +74,31 @@ impl Auth {
 
     pub(crate) fn accepts(&self, token: &str) -> bool {
         self.check(token).is_some()
+    }
+
+    /// Tokens accepted.
+    pub(crate) fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// The auth table in force; readers take a snapshot, a reload replaces it atomically.
+#[derive(Debug)]
+pub struct AuthTable(RwLock<Arc<Auth>>);
+
+impl AuthTable {
+    pub(crate) fn new(auth: Auth) -> Self {
+        AuthTable(RwLock::new(Arc::new(auth)))
+    }
+
+    /// The table in force now.
+    pub(crate) fn current(&self) -> Arc<Auth> {
+        self.0.read().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Puts `auth` in force for every request that arrives from now on.
+    pub(crate) fn replace(&self, auth: Auth) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(auth);
     }
 }
 

@@ -10,7 +10,7 @@ mod error;
 mod webhook;
 
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 pub(crate) use auth::Auth;
+pub use auth::AuthTable;
 pub(crate) use budget::{BodyBudget, Reservation};
 pub(crate) use error::ApiError;
 
@@ -37,8 +38,8 @@ use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
 pub(crate) struct AppState {
-    /// The accepted tokens; replaced whole (a reload), read once per request.
-    auth: RwLock<Arc<Auth>>,
+    /// Accepted credentials; replaced whole by a reload.
+    auth: Arc<AuthTable>,
     /// Where batches are made durable: the spool or Kafka in the daemon, a fake in tests.
     ingest: Arc<dyn Durability>,
     metrics: Arc<Metrics>,
@@ -56,7 +57,7 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
-            auth: RwLock::new(Arc::new(Auth::from_config(cfg))),
+            auth: Arc::new(AuthTable::new(Auth::from_config(cfg))),
             ingest,
             body_budget: BodyBudget::new(cfg.http.max_inflight_bytes, metrics.http_inflight_body_bytes.clone()),
             metrics,
@@ -68,9 +69,9 @@ impl AppState {
         }
     }
 
-    /// The tokens in force now.
-    pub(crate) fn auth(&self) -> Arc<Auth> {
-        Arc::clone(&self.auth.read().unwrap_or_else(std::sync::PoisonError::into_inner))
+    /// The auth table requests are judged by, for a reload to replace.
+    pub(crate) fn auth(&self) -> Arc<AuthTable> {
+        self.auth.clone()
     }
 
     pub(crate) fn is_draining(&self) -> bool {

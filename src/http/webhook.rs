@@ -73,8 +73,9 @@ async fn process(st: &Arc<AppState>, req: Request) -> Result<(HttpOutcome, Respo
     if declared.is_some_and(|len| len > st.max_body_bytes as u64) {
         return Err(ApiError::TooLarge { limit: st.max_body_bytes });
     }
-    // The tokens in force when the request arrived judge all of it, whatever a reload does meanwhile.
-    let auth = st.auth();
+    // The credentials in force when the request arrived judge it, even if a reload replaces them
+    // while its body is being read.
+    let auth = st.auth.current();
     // Held until the answer is ready, or until hyper drops this future because the client left.
     let (body, held) = read_body(st, req.into_body(), declared).await?;
     let received_at = now_secs();
