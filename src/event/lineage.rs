@@ -162,6 +162,7 @@ impl StreamRuns {
         }
         self.expire(now);
         if self.current.len() >= (self.max_streams / 2).max(1) && !self.current.contains_key(&stream) {
+            // At the ceiling: the older half is forgotten (its re-sends become duplicates).
             self.rotate(now);
         }
         self.current.insert(stream, run);

@@ -171,6 +171,11 @@ impl Dedup {
         while self.count > self.max_ids {
             let Some(oldest) = self.gens.pop_front() else { break };
             self.count -= oldest.len();
+            warn!(
+                max_ids = self.max_ids,
+                forgotten = oldest.len(),
+                "dedup window at its ceiling (spool.dedup_max_ids): its oldest ids are forgotten early; a late re-send of their batches will be published again"
+            );
         }
     }
 

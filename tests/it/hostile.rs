@@ -332,4 +332,18 @@ fn check_config_exits_78_with_a_clear_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must differ"));
+    // A body limit above what one spool frame can hold is refused, with the reason.
+    std::fs::write(
+        &path,
+        "[huggy]\ntokens = [\"t\"]\n[http]\nmax_body_bytes = 268435456\nmax_inflight_bytes = 1073741824\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.max_body_bytes") && err.contains("134217728") && err.contains("spool frame"), "{err}");
 }
