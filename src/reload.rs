@@ -283,4 +283,19 @@ mod tests {
         r.apply(config(&["fine"])).expect("the part takes it");
         assert_eq!(tokens(&auth), ["fine"]);
     }
+
+    #[test]
+    fn an_accounts_tokens_file_is_watched_and_its_tokens_counted() {
+        let mut cfg = config(&["a"]);
+        cfg.huggy.accounts = vec![crate::config::AccountConfig {
+            company_id: "15693".into(),
+            tokens: vec![Secret::new("b"), Secret::new("c")],
+            tokens_file: Some("/run/secrets/account-15693".into()),
+        }];
+        assert!(secret_files(&cfg).contains(&PathBuf::from("/run/secrets/account-15693")));
+        let (r, auth, _) = reloader(&config(&["d"]));
+        assert_eq!(r.apply(cfg).expect("applied").tokens, 3, "plain and account tokens");
+        assert_eq!(tokens(&auth), ["a", "b", "c"]);
+        assert_eq!(auth.current().check("b").and_then(|s| s.account).as_deref(), Some("15693"));
+    }
 }
