@@ -113,12 +113,17 @@ pub(crate) fn assign(events: &mut [Event], id_types: &[String], source: &Source)
     }
 }
 
+/// Largest bytes one remembered stream costs in [`StreamRuns`]: 33 bytes (stream, run, control
+/// byte) at the lowest load factor a table has right after it doubled (7/16).
+pub const STREAM_MAX_BYTES: u64 = 76;
+
 /// The last run accepted per stream, for at least `window` seconds and at most `max_streams`
 /// streams: two tables, the current one and the one before; the older is dropped whole when the
 /// current one has covered a window or holds half the ceiling. A stream forgotten that way is
 /// unknown, and an unknown stream's events are never duplicates: at the ceiling a re-send is
 /// published again, never a state dropped. Memory: a 16-byte stream and a 16-byte run per entry in
-/// a hash table (load 7/16 to 7/8): **38 to 76 bytes per stream**, so `max_streams` × 76 at most.
+/// a hash table (load 7/16 to 7/8): **38 to 76 bytes per stream** ([`STREAM_MAX_BYTES`]), so
+/// `max_streams` × 76 at most, and half as much again for a moment while the current table doubles.
 #[derive(Debug)]
 pub struct StreamRuns {
     window: i64,
