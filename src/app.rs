@@ -381,7 +381,8 @@ impl Pipeline {
 
 /// Opens the spool, reporting what recovery found as metrics.
 fn open_spool(cfg: &Config, metrics: &Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Spool> {
-    let mut settings = SpoolSettings::new(cfg.spool.dir.clone(), cfg.spool.max_bytes, cfg.spool.dedup_window_secs);
+    let mut settings = SpoolSettings::new(cfg.spool.dir.clone(), cfg.spool.max_bytes, cfg.spool.dedup_window_secs)
+        .with_dedup_max_ids(cfg.spool.dedup_max_ids);
     if let Some(io) = &overrides.spool_io {
         settings.io = io.clone();
     }

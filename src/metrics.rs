@@ -204,7 +204,7 @@ impl Metrics {
             )),
             events_duplicate: reg!(IntCounter::new(
                 "huggy_bridge_events_duplicate_total",
-                "Events acknowledged but not published again: their id was seen within the dedup window."
+                "Events acknowledged but not published again: a re-send (their id was stored within the dedup window, and their stream's last batch carried them too)."
             )),
             events_published: reg!(counter_vec(
                 "huggy_bridge_events_published_total",

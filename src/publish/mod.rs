@@ -566,6 +566,7 @@ mod tests {
                 value: br#"{"a":1}"#.to_vec(),
                 dead_letter: None,
                 files: if files { vec!["https://files.huggy.app/x".into()] } else { Vec::new() },
+                lineage: None,
             },
         }
     }
