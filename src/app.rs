@@ -224,8 +224,14 @@ impl Pipeline {
                 move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
             }),
         };
-        let publisher =
-            Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate));
+        let limits =
+            publish::claim::TopicLimits::read(cfg, &bootstrap, kafka::routable_topics(cfg).into_iter().collect()).await;
+        let claims = publish::claim::ClaimChecks::new(cfg, limits, metrics.clone());
+        let publisher = Arc::new(
+            Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
+                .recreating_with(recreate)
+                .with_claim_checks(claims),
+        );
         let spool = match cfg.delivery.ack {
             AckMode::Spool => Some(open_spool(cfg, &metrics, overrides)?),
             AckMode::Kafka => None,

@@ -46,6 +46,14 @@ labels! {
 }
 
 labels! {
+    /// Where a claim check went, the `topic` label of `huggy_bridge_claim_checks_total`.
+    ClaimTopic {
+        Event => "event",
+        DeadLetter => "dead_letter",
+    }
+}
+
+labels! {
     /// Final result of a file, the `result` label of `huggy_bridge_file_downloads_total`: each file is
     /// counted once, under one of these (retries are counted apart, in
     /// `huggy_bridge_file_download_retries_total`).
@@ -138,6 +146,14 @@ pub struct Metrics {
     pub(crate) published_bytes: IntCounter,
     /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
+    /// `huggy_bridge_claim_checks_total`: events too large for their topic, stored in the file store
+    /// and published as a claim check, by `topic` (`event` or `dead_letter`).
+    pub claim_checks: IntCounterVec,
+    /// `huggy_bridge_claim_check_bytes_total`: bytes of the events stored as claim checks.
+    pub claim_check_bytes: IntCounter,
+    /// `huggy_bridge_dead_letters_replayed_total`: dead-lettered records republished by
+    /// `dead-letter replay`.
+    pub dead_letters_replayed: IntCounter,
     pub(crate) ready: IntGauge,
     build_info: IntGaugeVec,
 }
@@ -339,6 +355,19 @@ impl Metrics {
                 "huggy_bridge_kafka_producer_recreated_total",
                 "Producers replaced after a fatal librdkafka error."
             )),
+            claim_checks: reg!(counter_vec(
+                "huggy_bridge_claim_checks_total",
+                "Events too large for their topic, stored in the file store and published as a claim check, by topic kind (event, dead_letter).",
+                "topic"
+            )),
+            claim_check_bytes: reg!(IntCounter::new(
+                "huggy_bridge_claim_check_bytes_total",
+                "Bytes of the events stored in the file store as claim checks."
+            )),
+            dead_letters_replayed: reg!(IntCounter::new(
+                "huggy_bridge_dead_letters_replayed_total",
+                "Dead-lettered records republished to their topic by `dead-letter replay`."
+            )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("huggy_bridge_build_info", "Build information."),
@@ -357,6 +386,9 @@ impl Metrics {
         }
         for r in FileOutcome::ALL {
             m.file_downloads.with_label_values(&[r.label()]);
+        }
+        for k in ClaimTopic::ALL {
+            m.claim_checks.with_label_values(&[k.label()]);
         }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);
