@@ -162,9 +162,9 @@ impl TopicLimits {
         };
         let mut read = HashMap::new();
         for (topic, result) in self.topics.iter().zip(results) {
-            let value = result.ok().and_then(|r| {
-                r.entries.into_iter().find(|e| e.name == "max.message.bytes").and_then(|e| e.value)
-            });
+            let value = result
+                .ok()
+                .and_then(|r| r.entries.into_iter().find(|e| e.name == "max.message.bytes").and_then(|e| e.value));
             if let Some(limit) = value.and_then(|v| v.parse::<usize>().ok()) {
                 read.insert(topic.clone(), limit);
             }
@@ -222,7 +222,13 @@ impl ClaimChecks {
 
     /// Stores `value` byte-exact as the claim check of event `id` on `topic`; storing it again (a
     /// retry) replaces the same object.
-    pub(crate) async fn put(&self, topic: &str, id: &str, value: &[u8], kind: ClaimTopic) -> Result<Reference, ClaimError> {
+    pub(crate) async fn put(
+        &self,
+        topic: &str,
+        id: &str,
+        value: &[u8],
+        kind: ClaimTopic,
+    ) -> Result<Reference, ClaimError> {
         let location = self.store().await?.put(&object_key(topic, id), value).await.map_err(ClaimError::Store)?;
         self.metrics.claim_checks.with_label_values(&[kind.label()]).inc();
         self.metrics.claim_check_bytes.inc_by(value.len() as u64);
@@ -294,7 +300,11 @@ pub fn reference_of(headers: Option<&rdkafka::message::BorrowedHeaders>) -> Opti
 pub(crate) fn is_too_large(e: &KafkaError) -> bool {
     matches!(
         e.rdkafka_error_code(),
-        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::MessageBatchTooLarge | RDKafkaErrorCode::InvalidMessageSize)
+        Some(
+            RDKafkaErrorCode::MessageSizeTooLarge
+                | RDKafkaErrorCode::MessageBatchTooLarge
+                | RDKafkaErrorCode::InvalidMessageSize
+        )
     )
 }
 
@@ -340,7 +350,9 @@ impl Publisher {
             .map_err(|e| SendError::Claim(e.to_string()))?;
         let claimed = matches!(v, Cow::Owned(_));
         match self.deliver(producer, topic, ev, h, &v).await {
-            Err(e) if is_too_large(&e) && !claimed => self.deliver_claim_check(producer, topic, ev, headers, kind).await,
+            Err(e) if is_too_large(&e) && !claimed => {
+                self.deliver_claim_check(producer, topic, ev, headers, kind).await
+            }
             other => other.map_err(SendError::Kafka),
         }
     }
@@ -424,10 +436,17 @@ mod tests {
         cfg.files.store = format!("file://{}", dir.display());
         let c = ClaimChecks::new(&cfg, TopicLimits::fixed(10), Arc::new(Metrics::new()));
         let value = b"{\"big\":\"\\u00e9\xc3\xa9\"}".to_vec();
-        let (h, v) = c.shape("chat.t", "00ff", None, OwnedHeaders::new(), &value, ClaimTopic::Event, false).await.expect("stored");
+        let (h, v) = c
+            .shape("chat.t", "00ff", None, OwnedHeaders::new(), &value, ClaimTopic::Event, false)
+            .await
+            .expect("stored");
         assert!(matches!(v, Cow::Owned(_)));
         let r: Reference = serde_json::from_slice(h.iter().next().and_then(|x| x.value).expect("header")).expect("ref");
-        assert!(r.location.starts_with("file:///") && r.location.ends_with("claim-checks/chat.t/00ff.json"), "{}", r.location);
+        assert!(
+            r.location.starts_with("file:///") && r.location.ends_with("claim-checks/chat.t/00ff.json"),
+            "{}",
+            r.location
+        );
         assert_eq!(c.resolve(&r).await.expect("resolves"), value);
         let outside = Reference { location: "file:///etc/passwd".into(), ..r.clone() };
         assert!(c.resolve(&outside).await.is_err(), "only locations inside the store are read");

@@ -206,7 +206,10 @@ fn producer_max_message_bytes(cfg: &Config) -> usize {
 }
 
 /// An admin client for the configured cluster (TLS, SASL and passthrough included).
-pub(crate) fn admin_client(kafka: &KafkaConfig, bootstrap: &str) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+pub(crate) fn admin_client(
+    kafka: &KafkaConfig,
+    bootstrap: &str,
+) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
     let mut cc = client_config(kafka, bootstrap);
     apply_passthrough_common(&mut cc, kafka);
     cc.create()
@@ -232,11 +235,29 @@ pub(crate) fn consumer_config(kafka: &KafkaConfig, bootstrap: &str, group: &str)
 /// out producer-only ones a consumer or admin client would refuse.
 fn apply_passthrough_common(cc: &mut ClientConfig, kafka: &KafkaConfig) {
     const PRODUCER_ONLY: &[&str] = &[
-        "acks", "request.required.acks", "compression.type", "compression.codec", "compression.level", "linger.ms",
-        "queue.buffering.max.ms", "batch.size", "batch.num.messages", "message.timeout.ms", "delivery.timeout.ms",
-        "enable.idempotence", "max.in.flight.requests.per.connection", "max.in.flight", "partitioner",
-        "queue.buffering.max.messages", "queue.buffering.max.kbytes", "retries", "message.send.max.retries",
-        "retry.backoff.ms", "request.timeout.ms", "sticky.partitioning.linger.ms", "transactional.id",
+        "acks",
+        "request.required.acks",
+        "compression.type",
+        "compression.codec",
+        "compression.level",
+        "linger.ms",
+        "queue.buffering.max.ms",
+        "batch.size",
+        "batch.num.messages",
+        "message.timeout.ms",
+        "delivery.timeout.ms",
+        "enable.idempotence",
+        "max.in.flight.requests.per.connection",
+        "max.in.flight",
+        "partitioner",
+        "queue.buffering.max.messages",
+        "queue.buffering.max.kbytes",
+        "retries",
+        "message.send.max.retries",
+        "retry.backoff.ms",
+        "request.timeout.ms",
+        "sticky.partitioning.linger.ms",
+        "transactional.id",
     ];
     for (k, v) in &kafka.librdkafka {
         if !PRODUCER_ONLY.contains(&k.as_str()) {
