@@ -138,6 +138,9 @@ pub struct Metrics {
     pub(crate) kafka_brokers_up: IntGauge,
     pub(crate) kafka_queue_messages: IntGauge,
     pub(crate) kafka_queue_bytes: IntGauge,
+    /// `huggy_bridge_kafka_transmitted_bytes`: bytes the current producer sent to brokers (requests
+    /// on the wire, compressed), from librdkafka's statistics.
+    pub kafka_transmitted_bytes: IntGauge,
     /// `huggy_bridge_kafka_fatal_error`: 1 after librdkafka raised a fatal error.
     pub kafka_fatal: IntGauge,
     pub(crate) produce_latency: Histogram,
@@ -328,6 +331,10 @@ impl Metrics {
             kafka_queue_bytes: reg!(IntGauge::new(
                 "huggy_bridge_kafka_producer_queue_bytes",
                 "Bytes in the librdkafka producer queue (statistics msg_size)."
+            )),
+            kafka_transmitted_bytes: reg!(IntGauge::new(
+                "huggy_bridge_kafka_transmitted_bytes",
+                "Bytes the current Kafka producer sent to brokers (requests as on the wire, records compressed), from librdkafka statistics; starts over when the producer is replaced."
             )),
             kafka_fatal: reg!(IntGauge::new(
                 "huggy_bridge_kafka_fatal_error",

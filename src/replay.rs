@@ -176,7 +176,7 @@ pub async fn replay(cfg: &Config, opts: &ReplayOptions) -> anyhow::Result<Replay
     let producer = kafka::producer(&send_cfg, &bootstrap, metrics.clone(), Arc::new(KafkaHealth::new()))
         .context("creating the Kafka producer")?;
     let limits = TopicLimits::read(cfg, &bootstrap, kafka::routable_topics(cfg).into_iter().collect()).await;
-    let claims = ClaimChecks::new(cfg, limits, metrics.clone());
+    let claims = ClaimChecks::new(cfg, Arc::new(limits), metrics.clone());
 
     let partitions = tokio::task::block_in_place(|| consumer.fetch_metadata(Some(&dlq), timeout))
         .with_context(|| format!("reading the partitions of {dlq}"))?

@@ -108,6 +108,14 @@ impl TopicLimits {
     /// Reads the limits of `topics` from the brokers at `bootstrap`. A topic whose limit cannot be
     /// read (no such topic yet, a broker without DescribeConfigs) is assumed to take Kafka's default.
     pub(crate) async fn read(cfg: &Config, bootstrap: &str, topics: Vec<String>) -> Self {
+        let limits = Self::unread(cfg, bootstrap, topics);
+        limits.refresh().await;
+        limits
+    }
+
+    /// The limits of `topics`, all Kafka's default until [`TopicLimits::refresh`] reads them (the
+    /// daemon does that in the background: an unreachable Kafka must not delay its start).
+    pub(crate) fn unread(cfg: &Config, bootstrap: &str, topics: Vec<String>) -> Self {
         let admin = match kafka::admin_client(&cfg.kafka, bootstrap) {
             Ok(a) => Some(a),
             Err(e) => {
@@ -115,16 +123,14 @@ impl TopicLimits {
                 None
             }
         };
-        let limits = TopicLimits {
+        TopicLimits {
             admin,
             topics,
             timeout: Duration::from_millis(cfg.kafka.request_timeout_ms.min(10_000)),
             known: RwLock::new(HashMap::new()),
             refreshed: Mutex::new(None),
         }
-        .with_default(DEFAULT_MAX_MESSAGE_BYTES);
-        limits.refresh().await;
-        limits
+        .with_default(DEFAULT_MAX_MESSAGE_BYTES)
     }
 
     /// The largest record `topic` accepts, in bytes.
@@ -187,7 +193,7 @@ pub(crate) enum ClaimError {
 
 /// Size decisions and claim checks for one producer's records.
 pub(crate) struct ClaimChecks {
-    pub(crate) limits: TopicLimits,
+    pub(crate) limits: Arc<TopicLimits>,
     codec: Codec,
     files: FilesConfig,
     store: tokio::sync::OnceCell<Arc<FileStore>>,
@@ -196,7 +202,7 @@ pub(crate) struct ClaimChecks {
 
 impl ClaimChecks {
     /// Claim checks stored in `cfg.files.store` (opened at the first one), the limits in `limits`.
-    pub(crate) fn new(cfg: &Config, limits: TopicLimits, metrics: Arc<Metrics>) -> Self {
+    pub(crate) fn new(cfg: &Config, limits: Arc<TopicLimits>, metrics: Arc<Metrics>) -> Self {
         let codec = if kafka::compression_type(&cfg.kafka) == "zstd" { Codec::Zstd } else { Codec::Other };
         ClaimChecks { limits, codec, files: cfg.files.clone(), store: tokio::sync::OnceCell::new(), metrics }
     }
@@ -270,9 +276,16 @@ impl ClaimChecks {
     }
 }
 
-/// The object key of an event's claim check.
+/// The object key of an event's claim check. Topic names are `[A-Za-z0-9._-]` (checked by the
+/// configuration); an id that is not a plain name (from a hand-made dead letter) is hashed.
 fn object_key(topic: &str, id: &str) -> String {
-    format!("claim-checks/{topic}/{id}.json")
+    let plain =
+        !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        format!("claim-checks/{topic}/{id}.json")
+    } else {
+        format!("claim-checks/{topic}/{}.json", hex::encode(Sha256::digest(id.as_bytes())))
+    }
 }
 
 fn headers_len(h: &OwnedHeaders) -> usize {
@@ -382,7 +395,7 @@ mod tests {
     use super::*;
 
     fn checks(limit: usize) -> ClaimChecks {
-        ClaimChecks::new(&Config::default(), TopicLimits::fixed(limit), Arc::new(Metrics::new()))
+        ClaimChecks::new(&Config::default(), Arc::new(TopicLimits::fixed(limit)), Arc::new(Metrics::new()))
     }
 
     #[test]
@@ -402,6 +415,13 @@ mod tests {
         }
         assert!(!c.fits("t", Some("k"), &h, &noise), "random bytes do not compress");
         assert!(c.fits("t", Some("k"), &h, &noise[..50_000]));
+    }
+
+    #[test]
+    fn object_keys_are_plain_names_whatever_the_id() {
+        assert_eq!(object_key("huggy.closedChat", "00ff"), "claim-checks/huggy.closedChat/00ff.json");
+        let odd = object_key("t", "../../etc/passwd");
+        assert!(odd.starts_with("claim-checks/t/") && !odd.contains(".."), "{odd}");
     }
 
     #[test]
@@ -434,7 +454,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("huggy-claim-{}", std::process::id()));
         let mut cfg = Config::default();
         cfg.files.store = format!("file://{}", dir.display());
-        let c = ClaimChecks::new(&cfg, TopicLimits::fixed(10), Arc::new(Metrics::new()));
+        let c = ClaimChecks::new(&cfg, Arc::new(TopicLimits::fixed(10)), Arc::new(Metrics::new()));
         let value = b"{\"big\":\"\\u00e9\xc3\xa9\"}".to_vec();
         let (h, v) = c
             .shape("chat.t", "00ff", None, OwnedHeaders::new(), &value, ClaimTopic::Event, false)

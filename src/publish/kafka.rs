@@ -95,6 +95,7 @@ impl ClientContext for BridgeContext {
         self.metrics.kafka_brokers_up.set(up as i64);
         self.metrics.kafka_queue_messages.set(stats.msg_cnt as i64);
         self.metrics.kafka_queue_bytes.set(stats.msg_size as i64);
+        self.metrics.kafka_transmitted_bytes.set(stats.tx_bytes);
         self.health.brokers_up.store(up as i64, Ordering::Relaxed);
         self.health.stats_at.store(now_secs(), Ordering::Relaxed);
         if up > 0 {

@@ -146,7 +146,7 @@ impl Publisher {
             routes,
             claims: claim::ClaimChecks::new(
                 &crate::config::Config::default(),
-                claim::TopicLimits::fixed(claim::DEFAULT_MAX_MESSAGE_BYTES),
+                Arc::new(claim::TopicLimits::fixed(claim::DEFAULT_MAX_MESSAGE_BYTES)),
                 metrics.clone(),
             ),
             metrics,
