@@ -15,6 +15,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers as _, OwnedHeaders};
+use rdkafka::producer::DeliveryFuture;
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
@@ -343,6 +344,37 @@ impl SendError {
 }
 
 impl Publisher {
+    /// Hands the record of `ev` to librdkafka for `topic`: whole when it fits, else a claim check
+    /// (stored first). A record librdkafka refuses at once as too large goes as a claim check in
+    /// its place, so it keeps its order among the records of its key.
+    pub(super) async fn enqueue_fitting(
+        &self,
+        producer: &Producer,
+        topic: &str,
+        ev: &Event,
+    ) -> Result<DeliveryFuture, SendError> {
+        let id = ev.id.to_string();
+        let key = ev.key.as_deref();
+        let (h, v) = self
+            .claims
+            .shape(topic, &id, key, super::headers(ev), &ev.value, ClaimTopic::Event, false)
+            .await
+            .map_err(|e| SendError::Claim(e.to_string()))?;
+        let claimed = matches!(v, Cow::Owned(_));
+        match self.enqueue(producer, topic, ev, h, &v).await {
+            Err(e) if is_too_large(&e) && !claimed => {
+                self.count_error(&e);
+                let (h, v) = self
+                    .claims
+                    .shape(topic, &id, key, super::headers(ev), &ev.value, ClaimTopic::Event, true)
+                    .await
+                    .map_err(|e| SendError::Claim(e.to_string()))?;
+                self.enqueue(producer, topic, ev, h, &v).await.map_err(SendError::Kafka)
+            }
+            other => other.map_err(SendError::Kafka),
+        }
+    }
+
     /// Sends `ev` to `topic` with `headers` and waits for the delivery: whole when it fits, else as
     /// a claim check; a record the broker refuses as too large anyway makes the limits be read again
     /// and goes as a claim check.

@@ -243,23 +243,11 @@ impl Publisher {
         for ev in events {
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
-                None => {
-                    // Too large for its topic even compressed: a claim check, in the event's place.
-                    let topic = self.routes.topic_for(&ev.event_type);
-                    let id = ev.id.to_string();
-                    match self
-                        .claims
-                        .shape(topic, &id, ev.key.as_deref(), headers(ev), &ev.value, ClaimTopic::Event, false)
-                        .await
-                    {
-                        Ok((h, value)) => self
-                            .enqueue(&producer, topic, ev, h, &value)
-                            .await
-                            .map(|f| (Instant::now(), f))
-                            .map_err(PublishError::Kafka),
-                        Err(e) => Err(PublishError::Claim(e.to_string())),
-                    }
-                }
+                None => self
+                    .enqueue_fitting(&producer, self.routes.topic_for(&ev.event_type), ev)
+                    .await
+                    .map(|f| (Instant::now(), f))
+                    .map_err(PublishError::from),
             });
         }
         let waited = join_all(pending.into_iter().map(|p| async move {
@@ -397,6 +385,15 @@ impl Publisher {
                 }
                 Err((e, _)) => return Err(e),
             }
+        }
+    }
+}
+
+impl From<claim::SendError> for PublishError {
+    fn from(e: claim::SendError) -> Self {
+        match e {
+            claim::SendError::Kafka(e) => PublishError::Kafka(e),
+            claim::SendError::Claim(why) => PublishError::Claim(why),
         }
     }
 }

@@ -247,3 +247,31 @@ async fn counter_total(d: &Daemon, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// A record refused as too large although the bridge thought it fitted (here librdkafka's own
+/// limit, lowered through the passthrough; in production a topic's limit lowered while the daemon
+/// runs) is sent as a claim check, not dead-lettered, and the key's next event follows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_refused_as_too_large_becomes_a_claim_check_not_a_dead_letter() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.kafka.librdkafka.insert("message.max.bytes".into(), "300000".into());
+    cfg.files.store = format!("file://{}", dir.path().join("store").display());
+    let d = TestApp::start(cfg.clone()).await;
+    let refused = message(20, 888, &incompressible_body(500_000));
+    let next = message(21, 888, "after the refused one");
+    let (status, text) = post(&d.url(), batch(&[&refused, &next])).await;
+    assert_eq!(status, 200, "{text}");
+    wait_for("published", Duration::from_secs(30), async || (d.published() == 2).then_some(())).await;
+    assert_eq!(d.dead_lettered(), 0);
+    let recs = d.records(&[TOPIC, DLQ]).await;
+    assert!(recs.iter().all(|r| r.topic == TOPIC), "nothing dead-lettered");
+    assert_eq!(recs.len(), 2);
+    let reference: serde_json::Value =
+        serde_json::from_str(recs[0].header("huggy_claim_check").expect("a claim check")).unwrap();
+    let location = reference["location"].as_str().unwrap().strip_prefix("file://").unwrap();
+    assert_eq!(std::fs::read(location).unwrap(), refused.as_bytes());
+    assert_eq!(recs[1].value, next.as_bytes(), "the key's next event after the claim check");
+    assert_eq!(d.metric("huggy_bridge_claim_checks_total{topic=\"event\"}").await, 1.0);
+    d.stop().await;
+}
