@@ -344,6 +344,22 @@ impl SendError {
 }
 
 impl Publisher {
+    /// The record of `ev` for `topic`: whole when it fits (unless `force`d), else a claim check.
+    async fn shape_event<'a>(
+        &self,
+        topic: &str,
+        ev: &'a Event,
+        headers: OwnedHeaders,
+        kind: ClaimTopic,
+        force: bool,
+    ) -> Result<(OwnedHeaders, Cow<'a, [u8]>), SendError> {
+        let id = ev.id.to_string();
+        self.claims
+            .shape(topic, &id, ev.key.as_deref(), headers, &ev.value, kind, force)
+            .await
+            .map_err(|e| SendError::Claim(e.to_string()))
+    }
+
     /// Hands the record of `ev` to librdkafka for `topic`: whole when it fits, else a claim check
     /// (stored first). A record librdkafka refuses at once as too large goes as a claim check in
     /// its place, so it keeps its order among the records of its key.
@@ -353,22 +369,12 @@ impl Publisher {
         topic: &str,
         ev: &Event,
     ) -> Result<DeliveryFuture, SendError> {
-        let id = ev.id.to_string();
-        let key = ev.key.as_deref();
-        let (h, v) = self
-            .claims
-            .shape(topic, &id, key, super::headers(ev), &ev.value, ClaimTopic::Event, false)
-            .await
-            .map_err(|e| SendError::Claim(e.to_string()))?;
+        let (h, v) = self.shape_event(topic, ev, super::headers(ev), ClaimTopic::Event, false).await?;
         let claimed = matches!(v, Cow::Owned(_));
         match self.enqueue(producer, topic, ev, h, &v).await {
             Err(e) if is_too_large(&e) && !claimed => {
                 self.count_error(&e);
-                let (h, v) = self
-                    .claims
-                    .shape(topic, &id, key, super::headers(ev), &ev.value, ClaimTopic::Event, true)
-                    .await
-                    .map_err(|e| SendError::Claim(e.to_string()))?;
+                let (h, v) = self.shape_event(topic, ev, super::headers(ev), ClaimTopic::Event, true).await?;
                 self.enqueue(producer, topic, ev, h, &v).await.map_err(SendError::Kafka)
             }
             other => other.map_err(SendError::Kafka),
@@ -386,13 +392,7 @@ impl Publisher {
         headers: OwnedHeaders,
         kind: ClaimTopic,
     ) -> Result<(), SendError> {
-        let id = ev.id.to_string();
-        let key = ev.key.as_deref();
-        let (h, v) = self
-            .claims
-            .shape(topic, &id, key, headers.clone(), &ev.value, kind, false)
-            .await
-            .map_err(|e| SendError::Claim(e.to_string()))?;
+        let (h, v) = self.shape_event(topic, ev, headers.clone(), kind, false).await?;
         let claimed = matches!(v, Cow::Owned(_));
         match self.deliver(producer, topic, ev, h, &v).await {
             Err(e) if is_too_large(&e) && !claimed => {
@@ -412,12 +412,7 @@ impl Publisher {
         kind: ClaimTopic,
     ) -> Result<(), SendError> {
         self.claims.limits.refresh().await;
-        let id = ev.id.to_string();
-        let (h, v) = self
-            .claims
-            .shape(topic, &id, ev.key.as_deref(), headers, &ev.value, kind, true)
-            .await
-            .map_err(|e| SendError::Claim(e.to_string()))?;
+        let (h, v) = self.shape_event(topic, ev, headers, kind, true).await?;
         self.deliver(producer, topic, ev, h, &v).await.map_err(SendError::Kafka)
     }
 }
