@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
 use crate::event::EventType;
-use crate::metrics::{ClaimTopic, Metrics};
+use crate::metrics::Metrics;
 use crate::publish::claim::{self, ClaimChecks, TopicLimits};
 use crate::publish::kafka::{self, KafkaHealth};
 use crate::publish::Routes;
@@ -463,7 +463,7 @@ async fn decide(
         }
     }
     let key = msg.key().map(String::from_utf8_lossy);
-    match claims.shape(&topic, id, key.as_deref(), headers, &value, ClaimTopic::Event, false).await {
+    match claims.shape(&topic, id, key.as_deref(), headers, &value, false).await {
         Ok((headers, shaped)) => Decision::Replay { topic, headers, value: shaped.into_owned() },
         Err(e) => Decision::Left(e.to_string()),
     }

@@ -197,6 +197,7 @@ pub(crate) struct ClaimChecks {
     pub(crate) limits: Arc<TopicLimits>,
     codec: Codec,
     files: FilesConfig,
+    dead_letter_topic: String,
     store: tokio::sync::OnceCell<Arc<FileStore>>,
     metrics: Arc<Metrics>,
 }
@@ -205,7 +206,14 @@ impl ClaimChecks {
     /// Claim checks stored in `cfg.files.store` (opened at the first one), the limits in `limits`.
     pub(crate) fn new(cfg: &Config, limits: Arc<TopicLimits>, metrics: Arc<Metrics>) -> Self {
         let codec = if kafka::compression_type(&cfg.kafka) == "zstd" { Codec::Zstd } else { Codec::Other };
-        ClaimChecks { limits, codec, files: cfg.files.clone(), store: tokio::sync::OnceCell::new(), metrics }
+        ClaimChecks {
+            limits,
+            codec,
+            files: cfg.files.clone(),
+            dead_letter_topic: cfg.kafka.dead_letter_topic.clone(),
+            store: tokio::sync::OnceCell::new(),
+            metrics,
+        }
     }
 
     /// Whether the record fits `topic`: uncompressed, or else once compressed.
@@ -229,14 +237,9 @@ impl ClaimChecks {
 
     /// Stores `value` byte-exact as the claim check of event `id` on `topic`; storing it again (a
     /// retry) replaces the same object.
-    pub(crate) async fn put(
-        &self,
-        topic: &str,
-        id: &str,
-        value: &[u8],
-        kind: ClaimTopic,
-    ) -> Result<Reference, ClaimError> {
+    pub(crate) async fn put(&self, topic: &str, id: &str, value: &[u8]) -> Result<Reference, ClaimError> {
         let location = self.store().await?.put(&object_key(topic, id), value).await.map_err(ClaimError::Store)?;
+        let kind = if topic == self.dead_letter_topic { ClaimTopic::DeadLetter } else { ClaimTopic::Event };
         self.metrics.claim_checks.with_label_values(&[kind.label()]).inc();
         self.metrics.claim_check_bytes.inc_by(value.len() as u64);
         info!(topic, event_id = id, bytes = value.len(), %location, "event too large for its topic: published as a claim check");
@@ -265,13 +268,12 @@ impl ClaimChecks {
         key: Option<&str>,
         headers: OwnedHeaders,
         value: &'a [u8],
-        kind: ClaimTopic,
         force: bool,
     ) -> Result<(OwnedHeaders, Cow<'a, [u8]>), ClaimError> {
         if !force && self.fits(topic, key, &headers, value) {
             return Ok((headers, Cow::Borrowed(value)));
         }
-        let r = self.put(topic, id, value, kind).await?;
+        let r = self.put(topic, id, value).await?;
         let (headers, value) = claim_record(headers, &r);
         Ok((headers, Cow::Owned(value)))
     }
@@ -350,12 +352,11 @@ impl Publisher {
         topic: &str,
         ev: &'a Event,
         headers: OwnedHeaders,
-        kind: ClaimTopic,
         force: bool,
     ) -> Result<(OwnedHeaders, Cow<'a, [u8]>), SendError> {
         let id = ev.id.to_string();
         self.claims
-            .shape(topic, &id, ev.key.as_deref(), headers, &ev.value, kind, force)
+            .shape(topic, &id, ev.key.as_deref(), headers, &ev.value, force)
             .await
             .map_err(|e| SendError::Claim(e.to_string()))
     }
@@ -369,12 +370,12 @@ impl Publisher {
         topic: &str,
         ev: &Event,
     ) -> Result<DeliveryFuture, SendError> {
-        let (h, v) = self.shape_event(topic, ev, super::headers(ev), ClaimTopic::Event, false).await?;
+        let (h, v) = self.shape_event(topic, ev, super::headers(ev), false).await?;
         let claimed = matches!(v, Cow::Owned(_));
         match self.enqueue(producer, topic, ev, h, &v).await {
             Err(e) if is_too_large(&e) && !claimed => {
                 self.count_error(&e);
-                let (h, v) = self.shape_event(topic, ev, super::headers(ev), ClaimTopic::Event, true).await?;
+                let (h, v) = self.shape_event(topic, ev, super::headers(ev), true).await?;
                 self.enqueue(producer, topic, ev, h, &v).await.map_err(SendError::Kafka)
             }
             other => other.map_err(SendError::Kafka),
@@ -390,14 +391,11 @@ impl Publisher {
         topic: &str,
         ev: &Event,
         headers: OwnedHeaders,
-        kind: ClaimTopic,
     ) -> Result<(), SendError> {
-        let (h, v) = self.shape_event(topic, ev, headers.clone(), kind, false).await?;
+        let (h, v) = self.shape_event(topic, ev, headers.clone(), false).await?;
         let claimed = matches!(v, Cow::Owned(_));
         match self.deliver(producer, topic, ev, h, &v).await {
-            Err(e) if is_too_large(&e) && !claimed => {
-                self.deliver_claim_check(producer, topic, ev, headers, kind).await
-            }
+            Err(e) if is_too_large(&e) && !claimed => self.deliver_claim_check(producer, topic, ev, headers).await,
             other => other.map_err(SendError::Kafka),
         }
     }
@@ -409,10 +407,9 @@ impl Publisher {
         topic: &str,
         ev: &Event,
         headers: OwnedHeaders,
-        kind: ClaimTopic,
     ) -> Result<(), SendError> {
         self.claims.limits.refresh().await;
-        let (h, v) = self.shape_event(topic, ev, headers, kind, true).await?;
+        let (h, v) = self.shape_event(topic, ev, headers, true).await?;
         self.deliver(producer, topic, ev, h, &v).await.map_err(SendError::Kafka)
     }
 }
@@ -483,10 +480,7 @@ mod tests {
         cfg.files.store = format!("file://{}", dir.display());
         let c = ClaimChecks::new(&cfg, Arc::new(TopicLimits::fixed(10)), Arc::new(Metrics::new()));
         let value = b"{\"big\":\"\\u00e9\xc3\xa9\"}".to_vec();
-        let (h, v) = c
-            .shape("chat.t", "00ff", None, OwnedHeaders::new(), &value, ClaimTopic::Event, false)
-            .await
-            .expect("stored");
+        let (h, v) = c.shape("chat.t", "00ff", None, OwnedHeaders::new(), &value, false).await.expect("stored");
         assert!(matches!(v, Cow::Owned(_)));
         let r: Reference = serde_json::from_slice(h.iter().next().and_then(|x| x.value).expect("header")).expect("ref");
         assert!(

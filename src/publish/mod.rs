@@ -20,7 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::clock::now_secs;
 use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
-use crate::metrics::{ClaimTopic, Metrics};
+use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
 use kafka::ErrorClass;
 pub(crate) use kafka::{KafkaHealth, Producer};
@@ -276,7 +276,7 @@ impl Publisher {
                     // The broker's limit is below what was read: read it again and send a claim check.
                     self.count_error(&e);
                     let topic = self.routes.topic_for(&ev.event_type);
-                    match self.deliver_claim_check(&producer, topic, ev, headers(ev), ClaimTopic::Event).await {
+                    match self.deliver_claim_check(&producer, topic, ev, headers(ev)).await {
                         Ok(()) => {
                             self.metrics.events_published.with_label_values(&[ev.event_type.label()]).inc();
                             Outcome::Published
@@ -321,7 +321,7 @@ impl Publisher {
         let h = headers(ev)
             .insert(Header { key: "huggy_dlq_reason", value: Some(reason) })
             .insert(Header { key: "huggy_dlq_topic", value: Some(intended) });
-        match self.deliver_fitting(producer, &self.routes.dead_letter, ev, h, ClaimTopic::DeadLetter).await {
+        match self.deliver_fitting(producer, &self.routes.dead_letter, ev, h).await {
             Ok(()) => {
                 warn!(event_id = %ev.id, event_type = %ev.event_type, reason, "event dead-lettered");
                 self.metrics.events_dead_lettered.with_label_values(&[ev.event_type.label()]).inc();

@@ -195,6 +195,7 @@ async fn dead_letters_are_replayed_once_filtered_and_what_still_cannot_be_publis
         dlq.iter().find(|r| r.header("huggy_claim_check").is_some()).expect("a claim check in the dead-letter topic");
     assert_eq!(resolve(&d, huge_dl), lone_huge.as_bytes(), "the dead-letter topic got the bytes, not a stub");
     assert!(dlq.iter().all(|r| !r.value.is_empty()));
+    assert_eq!(d.metric("huggy_bridge_claim_checks_total{topic=\"dead_letter\"}").await, 1.0);
 
     let (out, n) = replay(&d, &["--dry-run"]).await;
     assert_eq!(n, [4, 0, 1, 0], "{out}");
