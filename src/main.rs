@@ -1,6 +1,7 @@
 //! The `huggy-bridge` binary: parse the command line, load the configuration, and hand over to the
 //! library.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -202,13 +203,13 @@ fn main() -> ExitCode {
             telemetry::init(&cfg.log);
             block_on(async {
                 let report = replay::replay(&cfg, &replay::ReplayOptions { event_type, reason, dry_run }).await?;
-                print!("{report}");
+                write!(std::io::stdout().lock(), "{report}")?;
                 Ok(())
             })
         }
         Command::ClaimCheck { command: ClaimCheckCommand::Get { location, sha256 } } => block_on(async {
             let bytes = replay::claim_check_get(&cfg, &location, sha256.as_deref()).await?;
-            std::io::Write::write_all(&mut std::io::stdout().lock(), &bytes)?;
+            std::io::stdout().lock().write_all(&bytes)?;
             Ok(())
         }),
         Command::Probe { ready } => {
