@@ -283,8 +283,22 @@ impl Pipeline {
                 move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
             }),
         };
-        let publisher =
-            Arc::new(Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate));
+        // The topics' limits are read in the background: an unreachable Kafka must not delay the start.
+        let limits = Arc::new(publish::claim::TopicLimits::unread(
+            cfg,
+            &bootstrap,
+            kafka::routable_topics(cfg).into_iter().collect(),
+        ));
+        tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.refresh().await }
+        });
+        let claims = publish::claim::ClaimChecks::new(cfg, limits, metrics.clone());
+        let publisher = Arc::new(
+            Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
+                .recreating_with(recreate)
+                .with_claim_checks(claims),
+        );
         let spool = match cfg.delivery.ack {
             AckMode::Spool => {
                 // A large spool may take longer to recover than systemd's start timeout.
