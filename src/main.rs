@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use huggy_bridge::config::Config;
-use huggy_bridge::{app, publish, shutdown, spool, telemetry};
+use huggy_bridge::{app, contract, publish, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Each request allocates a few dozen small buffers on one thread that the spool writer or the
@@ -43,6 +43,11 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// The consumer contract: what this configuration publishes, as documents.
+    Contract {
+        #[command(subcommand)]
+        command: ContractCommand,
+    },
     /// Ask a running daemon's admin listener whether it is alive (or, with --ready, ready); exit 0
     /// when it is, 1 otherwise. For container health checks where no HTTP client is installed.
     Probe {
@@ -57,6 +62,18 @@ enum TopicsCommand {
     Create,
     /// List the topics the configuration can route to.
     List,
+}
+
+#[derive(Subcommand)]
+enum ContractCommand {
+    /// Print the AsyncAPI 3 document (JSON) of what this configuration publishes: every topic
+    /// (fallback and dead-letter included), key, headers, Kafka bindings, value schema per type.
+    Asyncapi,
+    /// Write the JSON Schema (draft 2020-12) of each event type's value into DIR, one file per type.
+    Schemas {
+        /// Directory to write `<type>.schema.json` files into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -76,7 +93,10 @@ enum SpoolCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that receive no webhooks need no webhook tokens.
-    let offline = matches!(cli.command, Some(Command::Topics { .. } | Command::Spool { .. } | Command::Probe { .. }));
+    let offline = matches!(
+        cli.command,
+        Some(Command::Topics { .. } | Command::Spool { .. } | Command::Contract { .. } | Command::Probe { .. })
+    );
     let loaded =
         if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
     let cfg = match loaded {
@@ -150,6 +170,22 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Contract { command: ContractCommand::Asyncapi } => {
+            print!("{}", contract::pretty(&contract::asyncapi(&cfg)));
+            ExitCode::SUCCESS
+        }
+        Command::Contract { command: ContractCommand::Schemas { dir } } => match contract::write_schemas(&dir) {
+            Ok(written) => {
+                for path in written {
+                    println!("{path}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("huggy-bridge: contract schemas: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Probe { ready } => {
             let mut addr = cfg.admin.listen;
             if addr.ip().is_unspecified() {

@@ -132,3 +132,42 @@ async fn keys_land_on_the_partition_java_clients_pick() {
     // librdkafka's own default (CRC32) would have put most keys elsewhere: the check can tell them apart.
     assert!(crc_would_differ > keys.len() / 2, "{crc_would_differ} of {}", keys.len());
 }
+
+/// `docs/contract/` holds what the commands print for the shipped `config.toml`; regenerate with
+/// `huggy-bridge contract asyncapi > docs/contract/asyncapi.json` and
+/// `huggy-bridge contract schemas docs/contract/schemas`.
+#[test]
+fn the_shipped_contract_documents_are_what_the_commands_print() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config = format!("{root}/config.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = DaemonEnv::new().command(dir.path(), args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let printed = run(&["contract", "asyncapi", "--config", &config]);
+    let shipped = std::fs::read_to_string(format!("{root}/docs/contract/asyncapi.json")).unwrap();
+    assert!(printed == shipped, "docs/contract/asyncapi.json is stale: regenerate it");
+    // The document parses and has a channel for every topic the configuration routes to.
+    let doc: serde_json::Value = serde_json::from_str(&printed).unwrap();
+    let addresses: std::collections::BTreeSet<&str> =
+        doc["channels"].as_object().unwrap().values().map(|c| c["address"].as_str().unwrap()).collect();
+    let listed = run(&["topics", "list", "--config", &config]);
+    assert_eq!(addresses, listed.lines().collect(), "every topic, fallback and dead-letter included");
+    assert!(addresses.contains("huggy.unknown") && addresses.contains("huggy.dead-letter"));
+
+    let out = dir.path().join("schemas");
+    run(&["contract", "schemas", out.to_str().unwrap()]);
+    let files = |d: &std::path::Path| -> std::collections::BTreeMap<String, String> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .map(|p| (p.file_name().unwrap().to_string_lossy().into_owned(), std::fs::read_to_string(&p).unwrap()))
+            .collect()
+    };
+    let written = files(&out);
+    assert_eq!(written.len(), 19, "one schema per known event type");
+    let shipped = files(std::path::Path::new(&format!("{root}/docs/contract/schemas")));
+    assert!(written == shipped, "docs/contract/schemas is stale: regenerate it");
+}
