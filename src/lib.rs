@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod build_info;
 pub mod clock;
 pub mod config;
 pub mod contract;
@@ -37,8 +38,11 @@ mod health;
 mod http;
 mod ingest;
 mod json;
+pub mod memory;
 pub mod metrics;
 pub mod publish;
+pub mod reload;
 pub mod shutdown;
 pub mod spool;
+pub mod systemd;
 pub mod telemetry;

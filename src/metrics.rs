@@ -59,6 +59,14 @@ labels! {
     }
 }
 
+labels! {
+    /// Result of a configuration reload, the `result` label of `huggy_bridge_config_reloads_total`.
+    ReloadResult {
+        Applied => "applied",
+        Rejected => "rejected",
+    }
+}
+
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
 pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
@@ -139,6 +147,8 @@ pub struct Metrics {
     /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
     pub(crate) ready: IntGauge,
+    /// `huggy_bridge_config_reloads_total`: reloads (SIGHUP) by `result`.
+    pub config_reloads: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -340,9 +350,17 @@ impl Metrics {
                 "Producers replaced after a fatal librdkafka error."
             )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
+            config_reloads: reg!(counter_vec(
+                "huggy_bridge_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result: applied, or rejected with the old configuration kept.",
+                "result"
+            )),
             build_info: reg!(IntGaugeVec::new(
-                Opts::new("huggy_bridge_build_info", "Build information."),
-                &["version"]
+                Opts::new(
+                    "huggy_bridge_build_info",
+                    "1, labelled with the running build: version, commit and the spool format it writes."
+                ),
+                &["version", "commit", "spool_format"]
             )),
             registry: registry.clone(),
         };
@@ -358,10 +376,19 @@ impl Metrics {
         for r in FileOutcome::ALL {
             m.file_downloads.with_label_values(&[r.label()]);
         }
+        for r in ReloadResult::ALL {
+            m.config_reloads.with_label_values(&[r.label()]);
+        }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);
         }
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[
+                crate::build_info::VERSION,
+                crate::build_info::COMMIT,
+                &crate::build_info::SPOOL_FORMAT.to_string(),
+            ])
+            .set(1);
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, … (from /proc).
         #[cfg(target_os = "linux")]
         registry
