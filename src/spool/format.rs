@@ -35,6 +35,10 @@ pub(crate) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
 
 /// What a frame records.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are nearly every record, and each is moved into a Stored at once: boxing would allocate per event"
+)]
 pub(crate) enum Record {
     /// An event made durable, with its spool sequence number and receipt time (unix seconds).
     Event { seq: u64, received_at: i64, event: Event },
@@ -186,6 +190,7 @@ pub(crate) struct Undecodable(pub(crate) String);
 
 /// The result of looking at the bytes at one position.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "as `Record`: a frame is the common case")]
 pub(crate) enum Next {
     /// A whole, valid frame and the bytes it takes.
     Frame(Record, usize),
