@@ -271,6 +271,7 @@ pub struct Event {
     /// File URLs to capture before publishing (filled by the files stage, empty otherwise).
     pub(crate) files: Vec<String>,
     /// The routing headers, read in the same parse as the key.
+    #[serde(default)]
     pub routing: Routing,
 }
 
