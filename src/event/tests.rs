@@ -614,7 +614,7 @@ fn routing_headers_of_every_published_example() {
 
 /// One event of `event_type` in a batch, split.
 fn one(event_type: &str, event: &str) -> Event {
-    let body = format!(r#"{{"time":1700000000,"messages":{{"{event_type}":[{event}]}}}}"#);
+    let body = format!(r#"{{"token":"t","time":1700000000,"messages":{{"{event_type}":[{event}]}}}}"#);
     split_as_sent(&batch(body.as_bytes()), 0).remove(0)
 }
 
