@@ -116,6 +116,9 @@ pub enum ConfigError {
         #[source]
         source: crate::files::prefix::PrefixError,
     },
+    /// The `[http.tls]` pair cannot be served (checked by `check-config` and at start).
+    #[error("invalid configuration")]
+    Tls(#[source] crate::http::TlsError),
     /// Everything wrong with `[kafka]`, reported at once.
     #[error("invalid configuration: {}", join_problems(.0))]
     Kafka(Vec<KafkaProblem>),
@@ -290,6 +293,26 @@ pub struct HttpConfig {
     /// Request-body bytes held in memory at once, across all requests; past it new requests get 503
     /// `overloaded` before their body is read.
     pub max_inflight_bytes: usize,
+    /// `[http.tls]`: HTTPS on the public listener; off when both files are empty.
+    pub tls: HttpTlsConfig,
+}
+
+/// `[http.tls]`: the certificate the public listener serves, re-read on reload and when a file
+/// changes. Both or neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf.
+    pub key_file: String,
+}
+
+impl HttpTlsConfig {
+    /// Whether the public listener speaks HTTPS.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty() || !self.key_file.is_empty()
+    }
 }
 
 impl Default for HttpConfig {
@@ -303,6 +326,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             retry_after_secs: 5,
             max_inflight_bytes: 256 * 1024 * 1024,
+            tls: HttpTlsConfig::default(),
         }
     }
 }
@@ -1008,6 +1032,15 @@ impl Config {
             });
         }
         positive("http.max_connections", self.http.max_connections > 0)?;
+        if self.http.tls.enabled() {
+            for (key, value) in
+                [("http.tls.cert_file", &self.http.tls.cert_file), ("http.tls.key_file", &self.http.tls.key_file)]
+            {
+                if value.is_empty() {
+                    return Err(ConfigError::Empty { key });
+                }
+            }
+        }
         if self.http.listen == self.admin.listen {
             return Err(ConfigError::SameListenAddress);
         }

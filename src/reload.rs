@@ -99,7 +99,8 @@ impl Reloader {
         result
     }
 
-    /// Reloads from `path` whenever the content of a `<key>_file` in force changes, checking every
+    /// Reloads from `path` whenever the content of a `<key>_file` in force (or of the `[http.tls]`
+    /// certificate or key: cert-manager and certbot replace them in place) changes, checking every
     /// `every`, until `stop`. Kubernetes updates a Secret volume in place (a new `..data` symlink),
     /// so a rotated Secret reaches the daemon without a signal. The content is compared, not the
     /// modification time, so the symlink swap, an editor's rename and an in-place write all count.
@@ -119,11 +120,19 @@ impl Reloader {
                     if now == before {
                         return now;
                     }
-                    info!("a secret file changed; reloading the configuration");
+                    info!("a watched file changed; reloading the configuration");
                     // Logged and counted by `reload`. A refused reload is not retried until the
                     // content changes again.
                     let _ = r.reload(p.as_deref());
-                    r.fingerprints()
+                    // The files of the configuration now in force, with the digests read before the
+                    // reload: a file still being written while it was read is seen again next time.
+                    let mut after = r.fingerprints();
+                    for (file, digest) in &mut after {
+                        if let Some((_, seen)) = now.iter().find(|(f, _)| f == file) {
+                            *digest = *seen;
+                        }
+                    }
+                    after
                 })
                 .await;
                 match checked {
@@ -178,7 +187,7 @@ impl Reloader {
     }
 }
 
-/// The `<key>_file` paths of `cfg`.
+/// The `<key>_file` paths of `cfg`, and its `[http.tls]` files.
 fn secret_files(cfg: &Config) -> Vec<PathBuf> {
     [
         &cfg.huggy.tokens_file,
@@ -190,14 +199,23 @@ fn secret_files(cfg: &Config) -> Vec<PathBuf> {
     .into_iter()
     .flatten()
     .cloned()
+    .chain([&cfg.http.tls.cert_file, &cfg.http.tls.key_file].into_iter().filter(|f| !f.is_empty()).map(PathBuf::from))
     .collect()
 }
 
 /// Sections other than `[huggy]` whose values differ (secrets compared as they are, not redacted).
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    let sections = |c: &Config| match toml::Value::try_from(c) {
-        Ok(toml::Value::Table(t)) => t,
-        _ => toml::Table::new(),
+    // `[http.tls]` is re-read by every reload; only turning it on or off needs a restart.
+    let same_tls = old.http.tls.enabled() == new.http.tls.enabled();
+    let sections = |c: &Config| {
+        let mut c = c.clone();
+        if same_tls {
+            c.http.tls = crate::config::HttpTlsConfig::default();
+        }
+        match toml::Value::try_from(&c) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        }
     };
     let (a, b) = (sections(old), sections(new));
     let mut out: Vec<String> = b
