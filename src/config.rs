@@ -1107,6 +1107,18 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
     }
 
+    /// Reads and checks the `[http.tls]` pair, when set: readable, the key the certificate's, not
+    /// expired (what the daemon checks at start; `check-config` runs it).
+    ///
+    /// # Errors
+    /// [`ConfigError::Tls`] naming the file and the problem.
+    pub fn check_tls_pair(&self) -> Result<(), ConfigError> {
+        if !self.http.tls.enabled() {
+            return Ok(());
+        }
+        crate::http::load_pair(&self.http.tls, std::time::SystemTime::now()).map(drop).map_err(ConfigError::Tls)
+    }
+
     pub(crate) fn header_timeout(&self) -> Duration {
         Duration::from_millis(self.http.header_timeout_ms)
     }

@@ -112,6 +112,10 @@ fn main() -> ExitCode {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
+            if let Err(e) = cfg.check_tls_pair() {
+                eprintln!("huggy-bridge: {}", error_chain(&e));
+                return ExitCode::from(EXIT_CONFIG);
+            }
             print!("{}", cfg.to_redacted_toml());
             ExitCode::SUCCESS
         }
