@@ -1276,6 +1276,19 @@ mod tests {
     }
 
     #[test]
+    fn the_tls_pair_is_both_files_or_neither() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        assert!(!cfg.http.tls.enabled());
+        cfg.validate().expect("plain HTTP");
+        cfg.check_tls_pair().expect("nothing to check without [http.tls]");
+        cfg.http.tls.cert_file = "cert.pem".into();
+        assert_eq!(cfg.validate().unwrap_err().to_string(), "invalid configuration: http.tls.key_file is empty");
+        cfg.http.tls = HttpTlsConfig { cert_file: String::new(), key_file: "key.pem".into() };
+        assert_eq!(cfg.validate().unwrap_err().to_string(), "invalid configuration: http.tls.cert_file is empty");
+    }
+
+    #[test]
     fn validate_rejects_conflicts() {
         let mut cfg = Config::default();
         assert!(cfg.validate().is_err(), "no tokens");

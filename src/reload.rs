@@ -280,6 +280,23 @@ mod tests {
     }
 
     #[test]
+    fn the_tls_files_are_watched_and_a_new_pair_needs_no_restart_but_turning_tls_on_does() {
+        let mut on = config(&["a"]);
+        on.http.tls.cert_file = "/etc/tls/cert.pem".into();
+        on.http.tls.key_file = "/etc/tls/key.pem".into();
+        let files = secret_files(&on);
+        assert!(
+            files.contains(&PathBuf::from("/etc/tls/cert.pem")) && files.contains(&PathBuf::from("/etc/tls/key.pem"))
+        );
+        assert!(secret_files(&config(&["a"])).is_empty(), "no empty path is watched");
+        let mut moved = on.clone();
+        moved.http.tls.cert_file = "/etc/tls2/cert.pem".into();
+        assert!(restart_needed(&on, &moved).is_empty(), "a new pair is applied by the reload");
+        assert_eq!(restart_needed(&config(&["a"]), &on), ["http"]);
+        assert_eq!(restart_needed(&on, &config(&["a"])), ["http"]);
+    }
+
+    #[test]
     fn an_invalid_configuration_or_a_refusing_part_keeps_the_old_one() {
         let (r, auth, metrics) = reloader(&config(&["a"]));
         assert!(matches!(r.apply(config(&[])), Err(ReloadError::Invalid(ConfigError::NoTokens))));

@@ -21,6 +21,9 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 // ---------------------------------------------------------------------------------------------
 // Certificates made by the test
 
+/// A date: year, month, day.
+pub(crate) type Ymd = (i32, u8, u8);
+
 /// A certificate authority the test makes, and what it signed (also used by the HTTPS tests).
 pub(crate) struct TestCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -60,13 +63,7 @@ impl TestCa {
 
     /// [`TestCa::sign`], valid from `validity.0` until `validity.1` (year, month, day, UTC) when given
     /// (rcgen's default: from 1975 to 4096).
-    pub(crate) fn sign_valid(
-        &self,
-        names: &[&str],
-        dir: &Path,
-        file: &str,
-        validity: Option<((i32, u8, u8), (i32, u8, u8))>,
-    ) -> Leaf {
+    pub(crate) fn sign_valid(&self, names: &[&str], dir: &Path, file: &str, validity: Option<(Ymd, Ymd)>) -> Leaf {
         let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names[0]);
         if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
