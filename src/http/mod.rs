@@ -32,8 +32,8 @@ pub(crate) use auth::Auth;
 pub use auth::AuthTable;
 pub(crate) use budget::{BodyBudget, Reservation};
 pub(crate) use error::ApiError;
-pub(crate) use tls::Tls;
 pub use tls::{load_pair, Pair, TlsError};
+pub(crate) use tls::{Tls, TLS_CONNECTION_BYTES};
 
 use crate::config::Config;
 use crate::health::Health;
@@ -141,7 +141,7 @@ pub(crate) struct ServeLimits {
 /// Largest read buffer of one connection (hyper's default is about 400 KiB). With bodies bounded by
 /// `http.max_inflight_bytes`, what connections hold is the other half of the memory bound:
 /// `http.max_connections` × this. Request heads must fit in it too (Huggy's are well under 2 KiB).
-const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Serves `router` on `listener` (over TLS with `tls`) until `stop`, then lets in-flight requests
 /// finish within `drain`.

@@ -83,6 +83,11 @@ pub enum TlsError {
     },
 }
 
+/// What rustls holds for one connection at most, for the worst-case memory: a handshake message
+/// being joined (rustls bounds it at 64 KiB) or one received record (≤ 18 KiB), one record being sent
+/// (≤ 18 KiB), and the session's keys and state.
+pub(crate) const TLS_CONNECTION_BYTES: usize = 96 * 1024;
+
 /// A certificate chain and its key, checked, with the leaf's expiry.
 #[derive(Debug, Clone)]
 pub struct Pair {
