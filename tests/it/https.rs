@@ -103,6 +103,9 @@ async fn a_batch_over_https_is_accepted_and_plain_http_is_refused_at_once() {
     s.write_all(body.as_bytes()).await.unwrap();
     let (status, text) = answer(&mut s).await;
     assert_eq!(status, 200, "{text}");
+    // Answered once in the spool; published to Kafka after.
+    common::wait_for("the batch published", Duration::from_secs(30), async || (app.published() >= 2).then_some(()))
+        .await;
     let recs = app.records(&["huggy.receivedMessage"]).await;
     assert!(recs.iter().any(|r| String::from_utf8_lossy(&r.value).contains("c1-b0-e1")), "the batch reached Kafka");
     assert_eq!(app.metric("huggy_bridge_tls_cert_expiry_timestamp_seconds").await, 3_799_958_400.0, "2090-06-01");
