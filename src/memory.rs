@@ -145,13 +145,13 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
             from: format!("http.max_connections × {} KiB ([http.tls])", crate::http::TLS_CONNECTION_BYTES / 1024),
         });
     }
-    terms.extend([Term {
+    terms.push(Term {
         name: "parsed events",
         bytes: inflight.saturating_add((inflight / min_event).saturating_mul(EVENT_STRUCT_BYTES)),
         from: format!(
             "their bytes (≤ http.max_inflight_bytes) + {EVENT_STRUCT_BYTES} bytes per event, one per {min_event} bytes"
         ),
-    }]);
+    });
     if spool_mode {
         let group = (crate::spool::GROUP_MAX_BYTES as u64).max(max_body);
         terms.push(Term {
@@ -294,6 +294,18 @@ mod tests {
             assert!(!names.contains(&absent), "{names:?}");
         }
         assert_eq!(by_name(&w, "producer copies").bytes, cfg.http.max_inflight_bytes as u64);
+    }
+
+    #[test]
+    fn https_adds_rustls_buffers_per_connection() {
+        let mut cfg = Config::default();
+        let plain = worst_case(&cfg, &Assumptions::default());
+        assert!(plain.terms.iter().all(|t| t.name != "TLS sessions"), "{plain}");
+        cfg.http.tls.cert_file = "cert.pem".into();
+        cfg.http.tls.key_file = "key.pem".into();
+        let tls = worst_case(&cfg, &Assumptions::default());
+        assert_eq!(by_name(&tls, "TLS sessions").bytes, 1024 * 96 * 1024, "1024 connections × 96 KiB");
+        assert!(tls.total() > plain.total());
     }
 
     #[test]
