@@ -13,6 +13,7 @@
 //! spool's one writer, so nothing after the 2xx depends on the request that brought the batch.
 //!
 //! - [`config`]: figment loading (defaults → TOML → `HUGGY_BRIDGE_*`), validation, redaction.
+//! - [`contract`]: the AsyncAPI document and JSON Schemas of what the bridge publishes.
 //! - `http`: the public webhook listener and the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`event`]: pure parsing and splitting of batches; types, keys, ids, CloudEvents attributes.
 //! - `ingest`: the durability stage the handler hands a batch to (`spool` or `kafka` ack mode).
@@ -21,6 +22,8 @@
 //!   client, earliest-deadline-first scheduling, streaming into an object store).
 //! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
 //!   loop that drains the spool.
+//! - [`replay`]: `dead-letter replay` and `claim-check get`, the ways back out of the dead-letter
+//!   topic and the file store.
 //! - `health`: readiness, liveness and the gauges read from state.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
 
@@ -30,6 +33,7 @@ pub mod app;
 pub mod build_info;
 pub mod clock;
 pub mod config;
+pub mod contract;
 pub mod event;
 pub mod files;
 mod health;
@@ -40,6 +44,7 @@ pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod reload;
+pub mod replay;
 pub mod shutdown;
 pub mod spool;
 pub mod systemd;

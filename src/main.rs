@@ -1,13 +1,14 @@
 //! The `huggy-bridge` binary: parse the command line, load the configuration, and hand over to the
 //! library.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use huggy_bridge::config::{Config, ConfigError};
 use huggy_bridge::telemetry::error_chain;
-use huggy_bridge::{app, publish, shutdown, spool, telemetry};
+use huggy_bridge::{app, contract, publish, replay, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Each request allocates a few dozen small buffers on one thread that the spool writer or the
@@ -69,6 +70,21 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// The dead-letter topic.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+    /// Claim checks: events too large for their topic, kept in the file store.
+    ClaimCheck {
+        #[command(subcommand)]
+        command: ClaimCheckCommand,
+    },
+    /// The consumer contract: what this configuration publishes, as documents.
+    Contract {
+        #[command(subcommand)]
+        command: ContractCommand,
+    },
     /// Ask a running daemon's admin listener whether it is alive (or, with --ready, ready); exit 0
     /// when it is, 1 otherwise. For container health checks where no HTTP client is installed.
     Probe {
@@ -83,6 +99,47 @@ enum TopicsCommand {
     Create,
     /// List the topics the configuration can route to.
     List,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Republish every dead-lettered record that can now be published to the topic its type routes
+    /// to today (key, value, headers and ce_id kept; huggy_dlq_* dropped); print what was replayed,
+    /// skipped and left. Running it again replays nothing twice.
+    Replay {
+        /// Only records of this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only records whose huggy_dlq_reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Report what would be replayed; publish and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClaimCheckCommand {
+    /// Write the event a claim check points to (its `location`) to stdout, byte for byte.
+    Get {
+        location: String,
+        /// Fail unless the bytes have this SHA-256 (hex, the claim check's `sha256`).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ContractCommand {
+    /// Print the AsyncAPI 3 document (JSON) of what this configuration publishes: every topic
+    /// (fallback and dead-letter included), key, headers, Kafka bindings, value schema per type.
+    Asyncapi,
+    /// Write the JSON Schema (draft 2020-12) of each event type's value into DIR, one file per type.
+    Schemas {
+        /// Directory to write `<type>.schema.json` files into (created if missing).
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,7 +165,17 @@ fn main() -> ExitCode {
     let matches = Cli::command().version(VERSION_LINE.as_str()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Commands that receive no webhooks need no webhook tokens.
-    let offline = matches!(cli.command, Some(Command::Topics { .. } | Command::Spool { .. } | Command::Probe { .. }));
+    let offline = matches!(
+        cli.command,
+        Some(
+            Command::Topics { .. }
+                | Command::Spool { .. }
+                | Command::Probe { .. }
+                | Command::DeadLetter { .. }
+                | Command::ClaimCheck { .. }
+                | Command::Contract { .. }
+        )
+    );
     let loaded =
         if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
     let cfg = match loaded {
@@ -188,6 +255,37 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::DeadLetter { command: DeadLetterCommand::Replay { event_type, reason, dry_run } } => {
+            telemetry::init(&cfg.log);
+            block_on(Report::Stderr, async {
+                let report = replay::replay(&cfg, &replay::ReplayOptions { event_type, reason, dry_run }).await?;
+                write!(std::io::stdout().lock(), "{report}")?;
+                Ok(())
+            })
+        }
+        Command::ClaimCheck { command: ClaimCheckCommand::Get { location, sha256 } } => {
+            block_on(Report::Stderr, async {
+                let bytes = replay::claim_check_get(&cfg, &location, sha256.as_deref()).await?;
+                std::io::stdout().lock().write_all(&bytes)?;
+                Ok(())
+            })
+        }
+        Command::Contract { command: ContractCommand::Asyncapi } => {
+            print!("{}", contract::pretty(&contract::asyncapi(&cfg)));
+            ExitCode::SUCCESS
+        }
+        Command::Contract { command: ContractCommand::Schemas { dir } } => match contract::write_schemas(&dir) {
+            Ok(written) => {
+                for path in written {
+                    println!("{path}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("huggy-bridge: contract schemas: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Probe { ready } => {
             let mut addr = cfg.admin.listen;
             if addr.ip().is_unspecified() {

@@ -31,6 +31,7 @@ async fn one_frame() -> u64 {
 
 fn ev(n: u32, key: &str) -> Event {
     let value = format!(r#"{{"id":{n},"chat":{{"id":{key}}}}}"#).into_bytes();
+    let routing = crate::event::routing_of(&EventType::Known(KnownType::ReceivedMessage), &value);
     Event {
         id: EventId::derive("receivedMessage", &value),
         event_type: EventType::Known(KnownType::ReceivedMessage),
@@ -41,6 +42,8 @@ fn ev(n: u32, key: &str) -> Event {
         value,
         dead_letter: None,
         files: Vec::new(),
+        lineage: None,
+        routing,
     }
 }
 
@@ -97,6 +100,65 @@ async fn duplicates_within_the_window_are_not_stored_even_after_restart() {
     let spool = Spool::open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1"), ev(3, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (1, 1));
+    spool.close().await;
+}
+
+/// The events of a webhook body, split as the webhook splits them for token `token`.
+fn batch_events(token: &str, body: &str) -> Vec<Event> {
+    let crate::event::Body::Batch(b) = crate::event::parse_body(body.as_bytes()).expect("parses") else {
+        panic!("a batch")
+    };
+    crate::event::split(&b, &crate::event::Sender::token(token), 0)
+}
+
+fn status(online: bool) -> String {
+    format!(r#"{{"token":"t","time":1700000000,"messages":{{"agentChangedStatus":[{{"id":7,"isOnline":{online}}}]}}}}"#)
+}
+
+#[tokio::test]
+async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_last_batch_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let now = now_secs();
+    for online in [true, false, true] {
+        let r = spool.append(batch_events("t", &status(online)), now).await.unwrap();
+        assert_eq!((r.stored, r.duplicates), (1, 0), "online={online}");
+    }
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "the last batch again: a re-send");
+    // In one write group (appends racing each other) the same holds.
+    let (a, b, c) = tokio::join!(
+        spool.append(batch_events("t", &status(false)), now),
+        spool.append(batch_events("t", &status(true)), now),
+        spool.append(batch_events("t", &status(false)), now),
+    );
+    let stored: usize = [a, b, c].into_iter().map(|r| r.unwrap().stored).sum();
+    assert_eq!(stored, 3, "offline, online, offline: three states, whatever group they share");
+    // Another token's identical event is its own.
+    let r = spool.append(batch_events("u", &status(false).replace(r#""t""#, r#""u""#)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "another token, another event");
+    let stored = read_all(&spool).await;
+    let states: Vec<bool> = stored.iter().map(|s| String::from_utf8_lossy(&s.event.value).contains("true")).collect();
+    assert_eq!(states.len(), 7);
+    assert_eq!(states[..3], [true, false, true], "in the order accepted");
+    spool.close().await;
+    // A clean restart keeps what the streams last carried: the last batch again is still a re-send,
+    // and a state that returns is still new.
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let last = status(false).replace(r#""t""#, r#""u""#);
+    let r = spool.append(batch_events("u", &last), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "re-sent across a clean restart");
+    let r = spool.append(batch_events("t", &status(false)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "token t's last batch was offline");
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "online again after a restart: new");
+    spool.close().await;
+    // Without a clean shutdown (no saved runs) nothing is known: a re-send is stored again, never a
+    // returning state dropped.
+    std::fs::remove_file(dir.path().join("dedup-runs.snapshot")).expect("saved by the clean close");
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "unknown stream after a crash: stored (a duplicate at worst)");
     spool.close().await;
 }
 
@@ -407,6 +469,36 @@ async fn an_unknown_format_version_refuses_to_start() {
     assert!(matches!(err, SpoolError::Format { .. }) && msg.contains("format 99"), "{msg}");
     // Nothing was changed: the file is as it was.
     assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_spool_of_format_2_is_read_and_its_routing_headers_come_from_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut event = ev(1, "42");
+    let expected = event.routing.clone();
+    assert_eq!(expected.chat_id.as_deref(), Some("42"));
+    event.routing = crate::event::Routing::default();
+    let mut frame = Vec::new();
+    format::encode(&format::Record::Event { seq: 1, received_at: 1, event: event.clone() }, &mut frame);
+    // Format 2 wrote the same record without the routing trailer (six absent options and a flag).
+    let payload = &frame[format::FRAME_HEADER_LEN..frame.len() - 7];
+    let len = u32::try_from(payload.len()).unwrap().to_le_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&len);
+    crc.update(payload);
+    let mut segment = format::segment_header().to_vec();
+    segment[8..12].copy_from_slice(&2u32.to_le_bytes());
+    segment.extend_from_slice(&format::FRAME_MAGIC.to_le_bytes());
+    segment.extend_from_slice(&len);
+    segment.extend_from_slice(&crc.finalize().to_le_bytes());
+    segment.extend_from_slice(payload);
+    std::fs::write(dir.path().join("segment-00000000000000000001.log"), &segment).unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let got = read_all(&spool).await;
+    assert_eq!(got.len(), 1);
+    event.routing = expected;
+    assert_eq!(got[0].event, event, "read whole, routing headers read again from the value");
+    spool.close().await;
 }
 
 #[tokio::test]

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod consumer_contract;
 mod deploy;
 mod durability;
 mod embedded;
@@ -18,3 +19,4 @@ mod https;
 mod kafka_security;
 mod operations;
 mod real_broker;
+mod whole_events;
