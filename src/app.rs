@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{AckMode, Config};
+use crate::config::{AckMode, Config, ConfigError};
 use crate::files::{bridge_files_json, Completion, FileCapture, FileDone, FileJob, FileResult};
 use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
@@ -100,6 +100,14 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
 /// A part could not be started (listener, spool, producer).
 pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrides) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
+    // Checked before anything starts: a broken pair is a configuration error.
+    let tls_pair = cfg
+        .http
+        .tls
+        .enabled()
+        .then(|| http::load_pair(&cfg.http.tls, std::time::SystemTime::now()))
+        .transpose()
+        .map_err(ConfigError::Tls)?;
     let notifier = overrides.notifier.clone().or_else(Notifier::from_env);
     let pipeline = Pipeline::start(&cfg, metrics.clone(), &overrides, notifier.as_ref()).await?;
     let health = pipeline.health.clone();
@@ -113,6 +121,7 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
     let ingest = Arc::new(Ingest { mode, files: pipeline.files.clone() });
     let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone()));
     let reloader = Reloader::new(cfg.clone(), state.auth(), metrics.clone());
+    let tls = tls_pair.map(|pair| start_tls(pair, &cfg, &metrics, &reloader)).transpose()?;
 
     let public = http::bind(cfg.http.listen, "http.listen").await?;
     let admin = http::bind(cfg.admin.listen, "admin.listen").await?;
@@ -123,6 +132,7 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
     let public_task = tokio::spawn(http::serve(
         public,
         http::public_router(&cfg.http.path, state.clone()),
+        tls,
         ServeLimits { header_timeout: cfg.header_timeout(), max_connections: cfg.http.max_connections },
         http_stop.clone(),
         deadline,
@@ -160,6 +170,30 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
         }
     });
     Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, reloader, stop, task })
+}
+
+/// The public listener's TLS serving `pair`, re-read by every reload. A broken new pair keeps the
+/// old one serving without refusing the rest of the reload: a token rotation must not wait on a
+/// certificate.
+fn start_tls(
+    pair: http::Pair,
+    cfg: &Config,
+    metrics: &Arc<Metrics>,
+    reloader: &Reloader,
+) -> anyhow::Result<Arc<http::Tls>> {
+    info!(cert_file = %cfg.http.tls.cert_file, not_after = pair.not_after, "the public listener speaks HTTPS");
+    let tls = Arc::new(http::Tls::new(pair, metrics.clone(), cfg.header_timeout())?);
+    let hook = tls.clone();
+    reloader.on_reload("http.tls", move |new| {
+        if new.http.tls.enabled() {
+            // Logged and counted by `reload`; the old pair keeps serving on failure.
+            let _ = hook.reload(&new.http.tls);
+        } else {
+            warn!("[http.tls] removed from the configuration; the listener speaks HTTPS until a restart");
+        }
+        Ok(())
+    });
+    Ok(tls)
 }
 
 /// Sends `WATCHDOG=1` twice per `interval` while liveness (`/healthz`) passes, and withholds it

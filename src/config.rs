@@ -151,6 +151,9 @@ pub enum ConfigError {
         #[source]
         source: crate::files::prefix::PrefixError,
     },
+    /// The `[http.tls]` pair cannot be served (checked by `check-config` and at start).
+    #[error("invalid configuration")]
+    Tls(#[source] crate::http::TlsError),
     /// Everything wrong with `[kafka]`, reported at once.
     #[error("invalid configuration: {}", join_problems(.0))]
     Kafka(Vec<KafkaProblem>),
@@ -325,6 +328,26 @@ pub struct HttpConfig {
     /// Request-body bytes held in memory at once, across all requests; past it new requests get 503
     /// `overloaded` before their body is read.
     pub max_inflight_bytes: usize,
+    /// `[http.tls]`: HTTPS on the public listener; off when both files are empty.
+    pub tls: HttpTlsConfig,
+}
+
+/// `[http.tls]`: the certificate the public listener serves, re-read on reload and when a file
+/// changes. Both or neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpTlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of the leaf.
+    pub key_file: String,
+}
+
+impl HttpTlsConfig {
+    /// Whether the public listener speaks HTTPS.
+    pub fn enabled(&self) -> bool {
+        !self.cert_file.is_empty() || !self.key_file.is_empty()
+    }
 }
 
 impl Default for HttpConfig {
@@ -338,6 +361,7 @@ impl Default for HttpConfig {
             max_connections: 1024,
             retry_after_secs: 5,
             max_inflight_bytes: 256 * 1024 * 1024,
+            tls: HttpTlsConfig::default(),
         }
     }
 }
@@ -1189,6 +1213,15 @@ impl Config {
             });
         }
         positive("http.max_connections", self.http.max_connections > 0)?;
+        if self.http.tls.enabled() {
+            for (key, value) in
+                [("http.tls.cert_file", &self.http.tls.cert_file), ("http.tls.key_file", &self.http.tls.key_file)]
+            {
+                if value.is_empty() {
+                    return Err(ConfigError::Empty { key });
+                }
+            }
+        }
         if self.http.listen == self.admin.listen {
             return Err(ConfigError::SameListenAddress);
         }
@@ -1254,6 +1287,18 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
+    }
+
+    /// Reads and checks the `[http.tls]` pair, when set: readable, the key the certificate's, not
+    /// expired (what the daemon checks at start; `check-config` runs it).
+    ///
+    /// # Errors
+    /// [`ConfigError::Tls`] naming the file and the problem.
+    pub fn check_tls_pair(&self) -> Result<(), ConfigError> {
+        if !self.http.tls.enabled() {
+            return Ok(());
+        }
+        crate::http::load_pair(&self.http.tls, std::time::SystemTime::now()).map(drop).map_err(ConfigError::Tls)
     }
 
     pub(crate) fn header_timeout(&self) -> Duration {
@@ -1410,6 +1455,19 @@ mod tests {
             assert!(err.contains("HUGGY_BRIDGE_ADMIN__LISTEN") && err.contains("\":http\""), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn the_tls_pair_is_both_files_or_neither() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        assert!(!cfg.http.tls.enabled());
+        cfg.validate().expect("plain HTTP");
+        cfg.check_tls_pair().expect("nothing to check without [http.tls]");
+        cfg.http.tls.cert_file = "cert.pem".into();
+        assert_eq!(cfg.validate().unwrap_err().to_string(), "invalid configuration: http.tls.key_file is empty");
+        cfg.http.tls = HttpTlsConfig { cert_file: String::new(), key_file: "key.pem".into() };
+        assert_eq!(cfg.validate().unwrap_err().to_string(), "invalid configuration: http.tls.cert_file is empty");
     }
 
     #[test]

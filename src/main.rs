@@ -191,6 +191,10 @@ fn main() -> ExitCode {
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig { peak_events_per_sec, min_event_bytes } => {
+            if let Err(e) = cfg.check_tls_pair() {
+                eprintln!("huggy-bridge: {}", error_chain(&e));
+                return ExitCode::from(EXIT_CONFIG);
+            }
             print!("{}", cfg.to_redacted_toml());
             let assumptions = huggy_bridge::memory::Assumptions { peak_events_per_sec, min_event_bytes };
             print!("\n{}", huggy_bridge::memory::worst_case(&cfg, &assumptions));

@@ -11,6 +11,7 @@
 //! |---|---|
 //! | request bodies | `http.max_inflight_bytes` (past it, 503 before a body is read) |
 //! | connection buffers | `http.max_connections` × 64 KiB read buffer each |
+//! | TLS sessions (with `[http.tls]`) | `http.max_connections` × [`crate::http::TLS_CONNECTION_BYTES`]: rustls' buffers of each connection |
 //! | parsed events | the events split out of the bodies in flight: a copy of their bytes (≤ the bodies) and [`EVENT_STRUCT_BYTES`] each, at most one per `min_event_bytes` of body |
 //! | write group (spool mode) | the group the spool writer encodes: 8 MiB, or one larger batch alone (`http.max_body_bytes` of events and their frames) |
 //! | publisher window (spool mode) | event values read for Kafka: 32 MiB plus one event, with librdkafka's copy of each; [`EVENT_STRUCT_BYTES`] per record of `kafka.max_in_flight_records` |
@@ -135,19 +136,23 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         Term {
             name: "connection buffers",
             bytes: (cfg.http.max_connections as u64).saturating_mul(crate::http::CONNECTION_READ_BUFFER_BYTES as u64),
-            from: format!(
-                "http.max_connections × {} KiB",
-                crate::http::CONNECTION_READ_BUFFER_BYTES / 1024
-            ),
-        },
-        Term {
-            name: "parsed events",
-            bytes: inflight.saturating_add((inflight / min_event).saturating_mul(EVENT_STRUCT_BYTES)),
-            from: format!(
-                "their bytes (≤ http.max_inflight_bytes) + {EVENT_STRUCT_BYTES} bytes per event, one per {min_event} bytes"
-            ),
+            from: format!("http.max_connections × {} KiB", crate::http::CONNECTION_READ_BUFFER_BYTES / 1024),
         },
     ];
+    if cfg.http.tls.enabled() {
+        terms.push(Term {
+            name: "TLS sessions",
+            bytes: (cfg.http.max_connections as u64).saturating_mul(crate::http::TLS_CONNECTION_BYTES as u64),
+            from: format!("http.max_connections × {} KiB ([http.tls])", crate::http::TLS_CONNECTION_BYTES / 1024),
+        });
+    }
+    terms.push(Term {
+        name: "parsed events",
+        bytes: inflight.saturating_add((inflight / min_event).saturating_mul(EVENT_STRUCT_BYTES)),
+        from: format!(
+            "their bytes (≤ http.max_inflight_bytes) + {EVENT_STRUCT_BYTES} bytes per event, one per {min_event} bytes"
+        ),
+    });
     if spool_mode {
         let group = (crate::spool::GROUP_MAX_BYTES as u64).max(max_body);
         terms.push(Term {
@@ -305,6 +310,18 @@ mod tests {
             assert!(!names.contains(&absent), "{names:?}");
         }
         assert_eq!(by_name(&w, "producer copies").bytes, cfg.http.max_inflight_bytes as u64);
+    }
+
+    #[test]
+    fn https_adds_rustls_buffers_per_connection() {
+        let mut cfg = Config::default();
+        let plain = worst_case(&cfg, &Assumptions::default());
+        assert!(plain.terms.iter().all(|t| t.name != "TLS sessions"), "{plain}");
+        cfg.http.tls.cert_file = "cert.pem".into();
+        cfg.http.tls.key_file = "key.pem".into();
+        let tls = worst_case(&cfg, &Assumptions::default());
+        assert_eq!(by_name(&tls, "TLS sessions").bytes, 1024 * 96 * 1024, "1024 connections × 96 KiB");
+        assert!(tls.total() > plain.total());
     }
 
     #[test]

@@ -75,6 +75,16 @@ labels! {
     }
 }
 
+labels! {
+    /// Why a connection to the TLS listener was not served, the `reason` label of
+    /// `huggy_bridge_tls_connections_refused_total`.
+    TlsRefusal {
+        Plaintext => "plaintext",
+        Timeout => "timeout",
+        Failed => "failed",
+    }
+}
+
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
 pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
@@ -168,6 +178,12 @@ pub struct Metrics {
     pub(crate) ready: IntGauge,
     /// `huggy_bridge_config_reloads_total`: reloads (SIGHUP) by `result`.
     pub config_reloads: IntCounterVec,
+    /// `huggy_bridge_tls_cert_expiry_timestamp_seconds`: the serving certificate's `notAfter`.
+    pub tls_cert_expiry: IntGauge,
+    /// `huggy_bridge_tls_reloads_total`: certificate re-reads by `result`.
+    pub tls_reloads: IntCounterVec,
+    /// `huggy_bridge_tls_connections_refused_total`: connections not served, by `reason`.
+    pub tls_refused: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -391,6 +407,20 @@ impl Metrics {
                 "Configuration reloads (SIGHUP) by result: applied, or rejected with the old configuration kept.",
                 "result"
             )),
+            tls_cert_expiry: reg!(IntGauge::new(
+                "huggy_bridge_tls_cert_expiry_timestamp_seconds",
+                "notAfter of the certificate the public listener serves (Unix seconds); 0 without [http.tls]."
+            )),
+            tls_reloads: reg!(counter_vec(
+                "huggy_bridge_tls_reloads_total",
+                "Re-reads of the [http.tls] certificate and key by result: applied, or rejected with the old pair kept.",
+                "result"
+            )),
+            tls_refused: reg!(counter_vec(
+                "huggy_bridge_tls_connections_refused_total",
+                "Connections to the TLS listener not served, by reason: plaintext (plain HTTP, answered 400), timeout (no handshake in time), failed (handshake error).",
+                "reason"
+            )),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new(
                     "huggy_bridge_build_info",
@@ -417,6 +447,12 @@ impl Metrics {
         }
         for r in ReloadResult::ALL {
             m.config_reloads.with_label_values(&[r.label()]);
+        }
+        for r in ReloadResult::ALL {
+            m.tls_reloads.with_label_values(&[r.label()]);
+        }
+        for r in TlsRefusal::ALL {
+            m.tls_refused.with_label_values(&[r.label()]);
         }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);

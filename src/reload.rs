@@ -99,7 +99,8 @@ impl Reloader {
         result
     }
 
-    /// Reloads from `path` whenever the content of a `<key>_file` in force changes, checking every
+    /// Reloads from `path` whenever the content of a `<key>_file` in force (or of the `[http.tls]`
+    /// certificate or key: cert-manager and certbot replace them in place) changes, checking every
     /// `every`, until `stop`. Kubernetes updates a Secret volume in place (a new `..data` symlink),
     /// so a rotated Secret reaches the daemon without a signal. The content is compared, not the
     /// modification time, so the symlink swap, an editor's rename and an in-place write all count.
@@ -119,11 +120,19 @@ impl Reloader {
                     if now == before {
                         return now;
                     }
-                    info!("a secret file changed; reloading the configuration");
+                    info!("a watched file changed; reloading the configuration");
                     // Logged and counted by `reload`. A refused reload is not retried until the
                     // content changes again.
                     let _ = r.reload(p.as_deref());
-                    r.fingerprints()
+                    // The files of the configuration now in force, with the digests read before the
+                    // reload: a file still being written while it was read is seen again next time.
+                    let mut after = r.fingerprints();
+                    for (file, digest) in &mut after {
+                        if let Some((_, seen)) = now.iter().find(|(f, _)| f == file) {
+                            *digest = *seen;
+                        }
+                    }
+                    after
                 })
                 .await;
                 match checked {
@@ -179,7 +188,7 @@ impl Reloader {
     }
 }
 
-/// The `<key>_file` paths of `cfg`.
+/// The `<key>_file` paths of `cfg`, and its `[http.tls]` files.
 fn secret_files(cfg: &Config) -> Vec<PathBuf> {
     [
         &cfg.huggy.tokens_file,
@@ -192,14 +201,23 @@ fn secret_files(cfg: &Config) -> Vec<PathBuf> {
     .flatten()
     .chain(cfg.huggy.accounts.iter().filter_map(|a| a.tokens_file.as_ref()))
     .cloned()
+    .chain([&cfg.http.tls.cert_file, &cfg.http.tls.key_file].into_iter().filter(|f| !f.is_empty()).map(PathBuf::from))
     .collect()
 }
 
 /// Sections other than `[huggy]` whose values differ (secrets compared as they are, not redacted).
 fn restart_needed(old: &Config, new: &Config) -> Vec<String> {
-    let sections = |c: &Config| match toml::Value::try_from(c) {
-        Ok(toml::Value::Table(t)) => t,
-        _ => toml::Table::new(),
+    // `[http.tls]` is re-read by every reload; only turning it on or off needs a restart.
+    let same_tls = old.http.tls.enabled() == new.http.tls.enabled();
+    let sections = |c: &Config| {
+        let mut c = c.clone();
+        if same_tls {
+            c.http.tls = crate::config::HttpTlsConfig::default();
+        }
+        match toml::Value::try_from(&c) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => toml::Table::new(),
+        }
     };
     let (a, b) = (sections(old), sections(new));
     let mut out: Vec<String> = b
@@ -263,6 +281,23 @@ mod tests {
         assert_eq!(count(&metrics, ReloadResult::Applied), 1);
         assert!(r.apply(config(&["b"])).expect("applied").restart_needed.contains(&"kafka".to_owned()));
         assert!(r.apply(config(&["d"])).expect("applied").restart_needed.is_empty(), "only tokens changed");
+    }
+
+    #[test]
+    fn the_tls_files_are_watched_and_a_new_pair_needs_no_restart_but_turning_tls_on_does() {
+        let mut on = config(&["a"]);
+        on.http.tls.cert_file = "/etc/tls/cert.pem".into();
+        on.http.tls.key_file = "/etc/tls/key.pem".into();
+        let files = secret_files(&on);
+        assert!(
+            files.contains(&PathBuf::from("/etc/tls/cert.pem")) && files.contains(&PathBuf::from("/etc/tls/key.pem"))
+        );
+        assert!(secret_files(&config(&["a"])).is_empty(), "no empty path is watched");
+        let mut moved = on.clone();
+        moved.http.tls.cert_file = "/etc/tls2/cert.pem".into();
+        assert!(restart_needed(&on, &moved).is_empty(), "a new pair is applied by the reload");
+        assert_eq!(restart_needed(&config(&["a"]), &on), ["http"]);
+        assert_eq!(restart_needed(&on, &config(&["a"])), ["http"]);
     }
 
     #[test]

@@ -3,10 +3,12 @@
 //!
 //! The public server is hyper driven by hand, so that it can bound what a hostile client can hold:
 //! a connection limit, a header (and idle keep-alive) timeout, a body timeout, a body size limit.
+//! With `[http.tls]` it speaks HTTPS ([`tls`]); the handshake is bounded by the header timeout.
 
 mod auth;
 mod budget;
 mod error;
+mod tls;
 mod webhook;
 
 use std::net::SocketAddr;
@@ -30,6 +32,8 @@ pub(crate) use auth::Auth;
 pub use auth::AuthTable;
 pub(crate) use budget::{BodyBudget, Reservation};
 pub(crate) use error::ApiError;
+pub use tls::{load_pair, Pair, TlsError};
+pub(crate) use tls::{Tls, TLS_CONNECTION_BYTES};
 
 use crate::config::Config;
 use crate::health::Health;
@@ -142,10 +146,12 @@ pub(crate) struct ServeLimits {
 /// `http.max_connections` × this. Request heads must fit in it too (Huggy's are well under 2 KiB).
 pub(crate) const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// Serves `router` on `listener` until `stop`, then lets in-flight requests finish within `drain`.
+/// Serves `router` on `listener` (over TLS with `tls`) until `stop`, then lets in-flight requests
+/// finish within `drain`.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<Arc<Tls>>,
     limits: ServeLimits,
     stop: CancellationToken,
     drain: Duration,
@@ -176,9 +182,18 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let svc = TowerToHyperService::new(router.clone());
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+        // Taken now, so that a shutdown waits for a connection still in its TLS handshake.
+        let watcher = graceful.watcher();
+        let (builder, tls) = (builder.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match tls {
+                None => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await,
+                Some(tls) => match tls.accept(stream).await {
+                    Some(stream) => watcher.watch(builder.serve_connection(TokioIo::new(stream), svc)).await,
+                    None => Ok(()),
+                },
+            };
+            if let Err(e) = served {
                 debug!(%peer, error = %e, "connection ended with an error");
             }
             drop(permit);

@@ -21,21 +21,24 @@ use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs
 // ---------------------------------------------------------------------------------------------
 // Certificates made by the test
 
-/// A certificate authority the test makes, and what it signed.
-struct TestCa {
+/// A date: year, month, day.
+pub(crate) type Ymd = (i32, u8, u8);
+
+/// A certificate authority the test makes, and what it signed (also used by the HTTPS tests).
+pub(crate) struct TestCa {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }
 
 /// A certificate with its key: DER for the proxy, PEM files for librdkafka.
-struct Leaf {
-    cert: CertificateDer<'static>,
+pub(crate) struct Leaf {
+    pub(crate) cert: CertificateDer<'static>,
     key: KeyPair,
-    cert_file: PathBuf,
-    key_file: PathBuf,
+    pub(crate) cert_file: PathBuf,
+    pub(crate) key_file: PathBuf,
 }
 
 impl TestCa {
-    fn new(name: &str) -> TestCa {
+    pub(crate) fn new(name: &str) -> TestCa {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         params.distinguished_name.push(DnType::CommonName, name);
@@ -49,14 +52,24 @@ impl TestCa {
         path
     }
 
-    fn der(&self) -> CertificateDer<'static> {
+    pub(crate) fn der(&self) -> CertificateDer<'static> {
         self.issuer.der().clone()
     }
 
     /// A certificate for `names` (DNS names or IP addresses), written to `dir/<file>.pem|.key`.
     fn sign(&self, names: &[&str], dir: &Path, file: &str) -> Leaf {
+        self.sign_valid(names, dir, file, None)
+    }
+
+    /// [`TestCa::sign`], valid from `validity.0` until `validity.1` (year, month, day, UTC) when given
+    /// (rcgen's default: from 1975 to 4096).
+    pub(crate) fn sign_valid(&self, names: &[&str], dir: &Path, file: &str, validity: Option<(Ymd, Ymd)>) -> Leaf {
         let mut params = CertificateParams::new(names.iter().map(|n| (*n).to_owned()).collect::<Vec<_>>()).unwrap();
         params.distinguished_name.push(DnType::CommonName, names[0]);
+        if let Some(((y0, m0, d0), (y1, m1, d1))) = validity {
+            params.not_before = rcgen::date_time_ymd(y0, m0, d0);
+            params.not_after = rcgen::date_time_ymd(y1, m1, d1);
+        }
         let key = KeyPair::generate().unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         let (cert_file, key_file) = (dir.join(format!("{file}.pem")), dir.join(format!("{file}.key")));

@@ -15,6 +15,7 @@ mod fidelity;
 mod files;
 mod files_pressure;
 mod hostile;
+mod https;
 mod kafka_security;
 mod operations;
 mod real_broker;
