@@ -135,7 +135,7 @@ async fn run_starts_with_kubelet_service_links_and_exports_process_metrics() {
         .unwrap();
     assert!(rss > 1e6, "resident memory of a running daemon: {rss}");
     let info = format!(
-        "huggy_bridge_build_info{{commit=\"{}\",spool_format=\"2\",version=\"{}\"}} 1",
+        "huggy_bridge_build_info{{commit=\"{}\",spool_format=\"3\",version=\"{}\"}} 1",
         huggy_bridge::build_info::COMMIT,
         env!("CARGO_PKG_VERSION")
     );
