@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
-use crate::files::{bridge_files_json, Completion, FileCapture, FileDone, FileJob, FileResult};
+use crate::files::{results_json, Completion, FileCapture, FileDone, FileJob, FileResult};
 use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
@@ -389,7 +389,7 @@ async fn feed_file_work(spool: Spool, fc: Option<Arc<FileCapture>>, stop: Cancel
                 None => {
                     let why = "file capture is disabled (files.enabled = false)";
                     let results: Vec<FileResult> = w.urls.iter().map(|u| FileResult::failed(u, why.into())).collect();
-                    spool.files_done(w.seq, bridge_files_json(&results)).await;
+                    spool.files_done(w.seq, results_json(&results)).await;
                 }
             }
         }

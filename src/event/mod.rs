@@ -268,6 +268,10 @@ pub struct Event {
     pub dead_letter: Option<String>,
     /// File URLs to capture before publishing (filled by the files stage, empty otherwise).
     pub(crate) files: Vec<String>,
+    /// The bridge's file results (a JSON array), published as header `huggy_bridge_files` once the
+    /// files are stored or definitively failed. Never part of the value: a sender cannot write it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file_results: Option<String>,
 }
 
 impl Event {
@@ -315,25 +319,6 @@ pub fn time_millis(time: i64) -> Option<i64> {
     } else {
         None
     }
-}
-
-/// `object` (a JSON object's bytes) with one member appended before its closing brace; everything
-/// else stays byte for byte.
-pub fn append_member(object: &[u8], name: &str, json: &[u8]) -> Vec<u8> {
-    let Some(close) = object.iter().rposition(|&b| b == b'}') else { return object.to_vec() };
-    let open = object.iter().position(|&b| b == b'{').unwrap_or(0);
-    let empty = object[open + 1..close].iter().all(u8::is_ascii_whitespace);
-    let mut out = Vec::with_capacity(object.len() + name.len() + json.len() + 4);
-    out.extend_from_slice(&object[..close]);
-    if !empty {
-        out.push(b',');
-    }
-    out.push(b'"');
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-    out.extend_from_slice(json);
-    out.extend_from_slice(&object[close..]);
-    out
 }
 
 /// Deterministic event id (SPEC §5), shown as 32 hex digits: the first 128 bits of SHA-256 over
@@ -482,6 +467,7 @@ fn dead_event(id: EventId, event_type: &EventType, raw: &RawValue, time: i64, re
         value: raw.get().as_bytes().to_vec(),
         dead_letter: Some(reason),
         files: Vec::new(),
+        file_results: None,
     }
 }
 
@@ -529,6 +515,7 @@ fn build_event(id: EventId, event_type: &EventType, original_type: Option<String
         value: raw.get().as_bytes().to_vec(),
         dead_letter: None,
         files: Vec::new(),
+        file_results: None,
     }
 }
 

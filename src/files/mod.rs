@@ -1,7 +1,7 @@
 //! File capture: Huggy's file URLs carry an access token that dies 10 minutes after the event, so
 //! every file an event points to is downloaded as soon as the event is durable, earliest deadline
-//! first, streamed into the store, and described in a `bridge_files` member appended to the event
-//! before it is published.
+//! first, streamed into the store, and described in the record's `huggy_bridge_files` header when
+//! the event is published (the value stays Huggy's bytes).
 //!
 //! How many downloads run at once follows the deadlines ([`schedule`]): `files.concurrency` is the
 //! floor; when the queue cannot finish before its tokens die, more connections open, up to
@@ -41,7 +41,7 @@ use fetch::{Guard, RedirectRefused, Refusal, ResolvedInternal};
 use schedule::{Controller, HostEstimate, Pending};
 use store::FileStore;
 
-/// One entry of `bridge_files`.
+/// One entry of header `huggy_bridge_files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct FileResult {
     url: String,
@@ -57,7 +57,7 @@ pub(crate) struct FileResult {
 impl FileResult {
     pub(crate) fn failed(url: &str, error: String) -> Self {
         FileResult {
-            url: url.to_owned(),
+            url: without_query(url).to_owned(),
             status: "failed",
             location: None,
             sha256: None,
@@ -69,17 +69,23 @@ impl FileResult {
     }
 }
 
-/// The JSON array that becomes the event's `bridge_files` member.
-pub(crate) fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
+/// `url` up to its query or fragment: a Huggy file URL's query is its access token, a credential
+/// that goes into no log line, header or error text.
+pub(crate) fn without_query(url: &str) -> &str {
+    url.find(['?', '#']).map_or(url, |end| &url[..end])
+}
+
+/// The JSON array that becomes the event's `huggy_bridge_files` header.
+pub(crate) fn results_json(results: &[FileResult]) -> Vec<u8> {
     serde_json::to_vec(results).expect("plain data serializes")
 }
 
-/// A spool-mode event's files are done: record `member` (its `bridge_files` array) for `seq`.
+/// A spool-mode event's files are done: record `member` (its `huggy_bridge_files` array) for `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDone {
     /// The event's spool sequence number.
     pub seq: u64,
-    /// The JSON array appended to the event as `bridge_files`.
+    /// The JSON array published as header `huggy_bridge_files`.
     pub member: Vec<u8>,
 }
 
@@ -136,7 +142,7 @@ impl Failure {
         }
     }
 
-    /// What `bridge_files[].error` says: the message and its causes.
+    /// What `huggy_bridge_files[].error` says: the message and its causes.
     fn report(&self) -> String {
         let mut msg = self.to_string();
         let mut src = std::error::Error::source(self);
@@ -161,7 +167,8 @@ fn classify_transport(e: reqwest::Error) -> Failure {
         }
         src = s.source();
     }
-    Failure::Http(e)
+    // reqwest's message names the URL, query (the access token) included.
+    Failure::Http(e.without_url())
 }
 
 /// Who is waiting for an event's files.
@@ -181,7 +188,7 @@ pub struct FileJob {
     /// When the event was received (unix seconds): with `files.token_ttl_secs`, the files' deadline,
     /// and the date in the object keys.
     pub received_at: i64,
-    /// The file URLs found in the event, in order; `bridge_files` lists them in the same order.
+    /// The file URLs found in the event, in order; `huggy_bridge_files` lists them in the same order.
     pub urls: Vec<String>,
     /// Where the result goes.
     pub completion: Completion,
@@ -544,13 +551,13 @@ impl FileCapture {
         }
         for (job, index, f) in ended {
             let url = self.lock().jobs.get(&job).map(|st| st.job.urls[index].clone()).unwrap_or_default();
-            warn!(error = %f, %url, "file given up before its download");
+            warn!(error = %f, url = without_query(&url), "file given up before its download");
             self.finish(job, index, FileResult::failed(&url, f.report()), f.metric()).await;
         }
     }
 
     /// Records a file's final result (counted once, under `label`); when it was the event's last,
-    /// hands the `bridge_files` member to whoever waits for it.
+    /// hands the `huggy_bridge_files` array to whoever waits for it.
     async fn finish(&self, job: usize, index: usize, result: FileResult, outcome: FileOutcome) {
         self.metrics.count_file(outcome);
         self.metrics.file_queue.dec();
@@ -567,7 +574,7 @@ impl FileCapture {
         };
         let Some(st) = done else { return };
         let results: Vec<FileResult> = st.results.into_iter().flatten().collect();
-        let member = bridge_files_json(&results);
+        let member = results_json(&results);
         match st.job.completion {
             Completion::Spool(seq) => {
                 if self.results.send(FileDone { seq, member }).await.is_err() {
@@ -735,7 +742,7 @@ impl FileCapture {
         let body_time = body_started.elapsed();
         writer.finish().await.map_err(Failure::Store)?;
         let result = FileResult {
-            url: raw_url.to_owned(),
+            url: without_query(raw_url).to_owned(),
             status: "stored",
             location: Some(location),
             sha256: Some(hex::encode(hasher.finalize())),
@@ -814,8 +821,9 @@ impl Governor {
     }
 }
 
-/// `<company>/<yyyy>/<mm>/<dd>/<event id>/<file name>`; a second file of the same event gets its
-/// index in front of the name so two files never overwrite each other.
+/// `<company>/<yyyy>/<mm>/<dd>/<event id>/<index>/<file name>`: the file's position among the
+/// event's files is a key segment of its own, so two files of one event never share an object
+/// whatever their names, and the name is kept as the file host gave it (sanitized).
 fn object_key(company: Option<&str>, received_at: i64, event_id: EventId, index: usize, name: &str) -> String {
     let date = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + Duration::from_secs(received_at.max(0).unsigned_abs()),
@@ -823,8 +831,7 @@ fn object_key(company: Option<&str>, received_at: i64, event_id: EventId, index:
     .to_string();
     let (y, m, d) = (&date[0..4], &date[5..7], &date[8..10]);
     let company = disposition::sanitize(company.unwrap_or("unknown"));
-    let name = if index == 0 { name.to_owned() } else { format!("{index}-{name}") };
-    format!("{company}/{y}/{m}/{d}/{event_id}/{name}")
+    format!("{company}/{y}/{m}/{d}/{event_id}/{index}/{name}")
 }
 
 #[cfg(test)]
@@ -861,6 +868,29 @@ mod tests {
         assert_eq!(Failure::from(Refusal::NotAllowed).report(), "refused: url is outside files.allowed_url_prefixes");
         assert!(Failure::Status(503).retryable() && Failure::Stalled(Duration::from_secs(1)).retryable());
         assert!(!Failure::Expired.retryable() && !Failure::AckTimeout.retryable() && !Failure::Status(404).retryable());
+    }
+
+    #[test]
+    fn two_files_of_one_event_never_share_an_object_whatever_their_names() {
+        let id = EventId([7; 16]);
+        let keys: Vec<String> = [(0, "1-x.pdf"), (1, "x.pdf"), (2, "x.pdf"), (10, "x.pdf"), (1, "0-x.pdf")]
+            .iter()
+            .map(|&(i, n)| object_key(Some("15693"), 1_763_700_000, id, i, n))
+            .collect();
+        let distinct: HashSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+        assert_eq!(keys[1], format!("15693/2025/11/21/{id}/1/x.pdf"));
+        assert_ne!(keys[0], keys[1], "file 0 named 1-x.pdf and file 1 named x.pdf");
+        assert_eq!(object_key(None, 0, id, 0, "a"), format!("unknown/1970/01/01/{id}/0/a"));
+    }
+
+    #[test]
+    fn a_file_url_is_reported_without_its_query() {
+        assert_eq!(without_query("https://files.huggy.app/a.pdf?token=s3cr3t&x=1"), "https://files.huggy.app/a.pdf");
+        assert_eq!(without_query("https://files.huggy.app/a.pdf#token=s3cr3t"), "https://files.huggy.app/a.pdf");
+        assert_eq!(without_query("https://files.huggy.app/a.pdf"), "https://files.huggy.app/a.pdf");
+        let r = FileResult::failed("https://h/x?token=s3cr3t", "expired".into());
+        assert!(!String::from_utf8(results_json(&[r])).unwrap().contains("s3cr3t"));
     }
 
     #[test]

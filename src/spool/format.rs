@@ -37,7 +37,7 @@ pub(crate) enum Record {
     Event { seq: u64, received_at: i64, event: Event },
     /// Sequence numbers Kafka acknowledged, as inclusive ranges.
     Acked(Vec<(u64, u64)>),
-    /// The `bridge_files` array of an event whose files are all stored or definitively failed.
+    /// The file results (`huggy_bridge_files` array) of an event whose files are all stored or definitively failed.
     Files { seq: u64, member: Vec<u8> },
     /// Written first in a segment opened after a write or sync failure: the failed segment
     /// (`first_seq`) is durable only up to `durable_len`; whatever follows there is the failed write.
@@ -309,7 +309,19 @@ fn decode_payload(payload: &[u8]) -> Result<Record, Undecodable> {
             for _ in 0..n {
                 files.push(c.string()?);
             }
-            let event = Event { id, event_type, original_type, key, company, time, value, dead_letter, files };
+            // File results are a record of their own (`Files`), attached when the event is released.
+            let event = Event {
+                id,
+                event_type,
+                original_type,
+                key,
+                company,
+                time,
+                value,
+                dead_letter,
+                files,
+                file_results: None,
+            };
             Record::Event { seq, received_at, event }
         }
         KIND_ACKED => {
