@@ -354,7 +354,8 @@ async fn start_file_capture(
         // Results flow back into the spool's writer through one bounded channel (awaiting room,
         // never a task per result).
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<FileDone>(1024);
-        let fc = FileCapture::new(&cfg.files, metrics, done_tx).context("setting up file capture")?;
+        let files_cfg = files_config(cfg, spool.is_some());
+        let fc = FileCapture::new(&files_cfg, metrics, done_tx).context("setting up file capture")?;
         if let Some(s) = spool.cloned() {
             tokio::spawn(async move {
                 while let Some(d) = done_rx.recv().await {
@@ -371,6 +372,27 @@ async fn start_file_capture(
         tokio::spawn(feed_file_work(s.clone(), fc.clone(), stop));
     }
     Ok(fc)
+}
+
+/// `[files]` with `min_free_bytes` worked out when unset: a `file://` store on the spool's
+/// filesystem leaves `spool.max_bytes` free, so that captures never take the room the spool may
+/// need; elsewhere (another volume, an object store, no spool) nothing is held back.
+fn files_config(cfg: &Config, spooled: bool) -> crate::config::FilesConfig {
+    let mut files = cfg.files.clone();
+    if files.min_free_bytes.is_none() {
+        let shared = match files.store.strip_prefix("file://") {
+            Some(dir) if spooled => crate::clock::same_filesystem(std::path::Path::new(dir), &cfg.spool.dir)
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot tell whether the file store shares the spool's disk; assuming it does");
+                    true
+                }),
+            _ => false,
+        };
+        let floor = if shared { cfg.spool.max_bytes } else { 0 };
+        info!(min_free_bytes = floor, shared_with_spool = shared, "file store free-space floor");
+        files.min_free_bytes = Some(floor);
+    }
+    files
 }
 
 /// Hands the spool's file work to the capture stage as it appears.

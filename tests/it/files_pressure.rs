@@ -520,3 +520,110 @@ async fn an_s3_multipart_upload_cut_off_by_shutdown_is_aborted() {
     let listing = http.get(format!("{endpoint}/cut?list-type=2")).send().await.unwrap().text().await.unwrap();
     assert!(!listing.contains("<Key>"), "no object left behind: {listing}");
 }
+
+/// [`content`], generated a block at a time: a fast host can serve large files without holding
+/// them in memory, so that the memory a test measures is the capture's.
+struct Stream(u64);
+
+impl Stream {
+    fn new(seed: u64) -> Stream {
+        Stream(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+    }
+
+    fn next_block(&mut self, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (self.0 >> 33) as u8
+            })
+            .collect()
+    }
+
+    fn sha256(seed: u64, size: usize) -> String {
+        let mut s = Stream::new(seed);
+        let mut h = Sha256::new();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(64 * 1024);
+            h.update(s.next_block(n));
+            left -= n;
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// A host with no throttle at all, streaming `size` bytes of [`Stream`] for `seed`.
+async fn start_fast_host() -> SocketAddr {
+    async fn serve_fast(Query(q): Query<HashMap<String, String>>) -> Response {
+        let size: usize = q["size"].parse().unwrap();
+        let mut gen = Stream::new(q["seed"].parse().unwrap());
+        let stream = futures::stream::unfold(0usize, move |sent| {
+            let block = (sent < size).then(|| gen.next_block((size - sent).min(64 * 1024)));
+            async move { block.map(|b| (Ok::<_, std::io::Error>(bytes::Bytes::from(b)), sent + 64 * 1024)) }
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, size.to_string().parse().unwrap());
+        (headers, axum::body::Body::from_stream(stream)).into_response()
+    }
+    let app = axum::Router::new().route("/f/{name}", axum::routing::get(serve_fast));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_files_from_a_fast_host_stays_within_the_capture_buffer_budget() {
+    const MIB: u64 = 1024 * 1024;
+    let addr = start_fast_host().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 8 * MIB;
+    // 128 downloads at once from the start: without a budget each holds up to a store part.
+    let cfg = FilesConfig { max_buffer_bytes: budget, ..files_config(dir.path(), addr, 120, 128, 256) };
+    let metrics = Arc::new(Metrics::new());
+    let (tx, mut rx) = mpsc::channel(256);
+    let fc = FileCapture::new(&cfg, metrics.clone(), tx).unwrap();
+    let stop = CancellationToken::new();
+    fc.spawn_workers(stop.clone());
+    let pid = std::process::id();
+    reset_peak_rss(pid);
+    let before = peak_rss(pid);
+
+    let (n, size) = (128usize, 3 * 1024 * 1024 + 4321);
+    let deadline = now_unix() + 120;
+    let files: Vec<File> = (0..n)
+        .map(|i| File {
+            url: format!("http://{addr}/f/big{i}?exp={deadline}&size={size}&seed={i}"),
+            seed: i as u64,
+            size,
+            deadline,
+        })
+        .collect();
+    let started = Instant::now();
+    submit(&fc, 0, &files, 120);
+    let done = collect(&mut rx, n, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    let peak = peak_rss(pid);
+    for (_, d) in &done {
+        let f = &files[d.seq as usize];
+        let e = entry(d);
+        assert_eq!(e["status"], "stored", "{e}");
+        assert_eq!(e["size"].as_u64(), Some(f.size as u64));
+        assert_eq!(e["sha256"].as_str(), Some(Stream::sha256(f.seed, f.size).as_str()), "{e}");
+    }
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "budget: {n} files of {:.1} MiB in {took:?}, buffer budget {} MiB, peak RSS {} MiB (+{} MiB over {} MiB before)",
+        size as f64 / MIB as f64,
+        budget / MIB,
+        peak / MIB,
+        grew / MIB,
+        before / MIB
+    );
+    // The budget, plus what is not a store buffer: 128 connections' buffers on both sides (the
+    // host runs in this process too), the chunks between reader and writer, allocator slack.
+    // Without the budget the same burst holds a part per download: well over 128 MiB more.
+    assert!(grew < budget + 80 * MIB, "RSS grew by {} MiB with a {} MiB budget", grew / MIB, budget / MIB);
+    stop.cancel();
+    fc.stopped().await;
+}
