@@ -482,3 +482,23 @@ async fn probe_kafka(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_store_on_the_spools_disk_leaves_the_spool_its_room_by_default() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut cfg = Config::default();
+        cfg.spool.dir = dir.path().join("spool");
+        cfg.spool.max_bytes = 123_456_789;
+        cfg.files.store = format!("file://{}", dir.path().join("files").display());
+        assert_eq!(files_config(&cfg, true).min_free_bytes, Some(123_456_789), "same filesystem");
+        assert_eq!(files_config(&cfg, false).min_free_bytes, Some(0), "no spool to protect");
+        cfg.files.store = "s3://bucket/prefix".into();
+        assert_eq!(files_config(&cfg, true).min_free_bytes, Some(0), "an object store takes no local disk");
+        cfg.files.min_free_bytes = Some(7);
+        assert_eq!(files_config(&cfg, true).min_free_bytes, Some(7), "an explicit floor is kept");
+    }
+}

@@ -1211,6 +1211,17 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("files.max_concurrency (8)"));
     }
 
+    #[test]
+    fn a_capture_buffer_budget_below_one_part_is_refused() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        cfg.files.max_buffer_bytes = 5 * 1024 * 1024 - 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("files.max_buffer_bytes") && err.contains("5242880"), "{err}");
+        cfg.files.max_buffer_bytes = 5 * 1024 * 1024;
+        cfg.validate().expect("one part is enough");
+    }
+
     fn with_token() -> Config {
         let mut cfg = Config::default();
         cfg.huggy.tokens = vec![Secret::new("t")];

@@ -463,13 +463,20 @@ impl FileCapture {
     /// Starts queued downloads while the limit allows; reports those that can no longer run.
     async fn launch(self: &Arc<Self>, stop: &CancellationToken) {
         // No download starts while the buffer budget is spent or others wait for a share: it
-        // could only hold a connection open, waiting too.
+        // could only hold a connection open, waiting too. (More in the loop.)
         while self.active.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire)
             && self.buffers.available_permits() > 0
             && self.buffer_waiters.load(Ordering::Acquire) == 0
         {
             let next = {
                 let mut q = self.lock();
+                // Not more downloads than the budget gives a share each, by the host's typical
+                // file: connections waiting for a share would cost memory of their own.
+                let Some(Reverse(top)) = q.heap.peek() else { return };
+                let share = (q.estimate(&top.host).size_bytes() as usize).clamp(1, self.store.part_bytes());
+                if self.active.load(Ordering::Acquire) >= (self.buffer_budget / share).max(1) {
+                    return;
+                }
                 let Some(Reverse(item)) = q.heap.pop() else { return };
                 let st = &q.jobs[&item.job];
                 let url = st.job.urls[item.index].clone();

@@ -178,6 +178,10 @@ pub(crate) struct Undecodable(pub(crate) String);
 
 /// The result of looking at the bytes at one position.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a transient value, one per frame read, moved straight into its consumer: boxing would cost an allocation per frame in recovery"
+)]
 pub(crate) enum Next {
     /// A whole, valid frame and the bytes it takes.
     Frame(Record, usize),

@@ -577,3 +577,25 @@ async fn no_access_token_in_logs_metrics_or_records_after_a_refused_connection_a
     }
     assert!(!log.contains("token="), "a query in the log:\n{log}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_at_its_free_space_floor_fails_the_file_and_still_publishes_the_event() {
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), addr);
+    // A floor above what any disk has free: captures must leave the spool its room.
+    cfg.files.min_free_bytes = Some(1 << 62);
+    let d = TestApp::start(cfg).await;
+    let url = signed(addr, "doc.pdf", 30, "&size=5000&seed=3");
+    let event = event_with_file(1, 51, &url);
+    let (status, _) = post(&d.url(), batch(std::slice::from_ref(&event))).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 1, Duration::from_secs(20)).await;
+    let recs = records(&d).await;
+    assert_eq!(recs[0].value, event.as_bytes());
+    let f = bridge_files(&recs[0]).pop().unwrap();
+    assert_eq!(f["status"], "failed", "{f}");
+    assert!(f["error"].as_str().unwrap().starts_with("file store full"), "{f}");
+    assert!(walk(&dir.path().join("files")).is_empty());
+    d.stop().await;
+}
