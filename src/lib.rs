@@ -37,6 +37,8 @@ mod ingest;
 mod json;
 pub mod metrics;
 pub mod publish;
+pub mod reload;
 pub mod shutdown;
 pub mod spool;
+pub mod systemd;
 pub mod telemetry;

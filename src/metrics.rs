@@ -59,6 +59,14 @@ labels! {
     }
 }
 
+labels! {
+    /// Result of a configuration reload, the `result` label of `huggy_bridge_config_reloads_total`.
+    ReloadResult {
+        Applied => "applied",
+        Rejected => "rejected",
+    }
+}
+
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
 pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
@@ -141,6 +149,8 @@ pub struct Metrics {
     /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
     pub(crate) ready: IntGauge,
+    /// `huggy_bridge_config_reloads_total`: reloads (SIGHUP) by `result`.
+    pub config_reloads: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -346,6 +356,11 @@ impl Metrics {
                 "Producers replaced after a fatal librdkafka error."
             )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
+            config_reloads: reg!(counter_vec(
+                "huggy_bridge_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result: applied, or rejected with the old configuration kept.",
+                "result"
+            )),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("huggy_bridge_build_info", "Build information."),
                 &["version"]
@@ -363,6 +378,9 @@ impl Metrics {
         }
         for r in FileOutcome::ALL {
             m.file_downloads.with_label_values(&[r.label()]);
+        }
+        for r in ReloadResult::ALL {
+            m.config_reloads.with_label_values(&[r.label()]);
         }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);
