@@ -27,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod build_info;
 pub mod clock;
 pub mod config;
 pub mod event;
@@ -35,6 +36,7 @@ mod health;
 mod http;
 mod ingest;
 mod json;
+pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod reload;

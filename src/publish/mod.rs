@@ -390,6 +390,11 @@ pub(crate) struct Stops {
     pub(crate) hard: CancellationToken,
 }
 
+/// Bytes of event values the spool publisher holds at most (plus one event), parked ones included,
+/// whatever `kafka.max_in_flight_records` allows: a window of large events cannot take the
+/// memory that many small ones would not (see `memory`).
+pub(crate) const WINDOW_BYTES: usize = 32 * 1024 * 1024;
+
 /// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, publishes
 /// a window of them, acknowledges what Kafka took, and retries the rest with exponential backoff
 /// (in order, before anything newer).
@@ -419,7 +424,9 @@ pub(crate) async fn run_spool_publisher(
         tokio::pin!(notified);
         notified.as_mut().enable();
         let room = window.saturating_sub(parked.len());
-        let fresh = match if room > 0 { reader.read_now(room) } else { Ok(Vec::new()) } {
+        let parked_bytes: usize = parked.iter().map(|s| s.event.value.len()).sum();
+        let room_bytes = WINDOW_BYTES.saturating_sub(parked_bytes);
+        let fresh = match if room > 0 && room_bytes > 0 { reader.read_now(room, room_bytes) } else { Ok(Vec::new()) } {
             Ok(b) => b,
             Err(e) => {
                 error!(error = %e, "spool read failed; retrying");
