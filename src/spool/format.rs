@@ -29,9 +29,15 @@ pub(crate) const FRAME_HEADER_LEN: usize = 12;
 /// Upper bound on one frame's payload, far above any event that fits `http.max_body_bytes`; a larger
 /// length can only be damage.
 pub(crate) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
+// The largest body accepted leaves room for an event as large as the body and its metadata.
+const _: () = assert!(crate::config::MAX_BODY_BYTES_CEILING * 2 <= MAX_PAYLOAD);
 
 /// What a frame records.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "records are mostly events, made and consumed one at a time: boxing the event would allocate per frame"
+)]
 pub(crate) enum Record {
     /// An event made durable, with its spool sequence number and receipt time (unix seconds).
     Event { seq: u64, received_at: i64, event: Event },
@@ -325,6 +331,7 @@ fn decode_payload(payload: &[u8]) -> Result<Record, Undecodable> {
                 dead_letter,
                 files,
                 file_results: None,
+                lineage: None,
             };
             Record::Event { seq, received_at, event }
         }
