@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config, ConfigError};
-use crate::files::{bridge_files_json, Completion, FileCapture, FileDone, FileJob, FileResult};
+use crate::files::{results_json, Completion, FileCapture, FileDone, FileJob, FileResult};
 use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
@@ -466,7 +466,8 @@ async fn start_file_capture(
         // Results flow back into the spool's writer through one bounded channel (awaiting room,
         // never a task per result).
         let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<FileDone>(1024);
-        let fc = FileCapture::new(&cfg.files, metrics, done_tx).context("setting up file capture")?;
+        let files_cfg = files_config(cfg, spool.is_some());
+        let fc = FileCapture::new(&files_cfg, metrics, done_tx).context("setting up file capture")?;
         if let Some(s) = spool.cloned() {
             tokio::spawn(async move {
                 while let Some(d) = done_rx.recv().await {
@@ -485,6 +486,27 @@ async fn start_file_capture(
     Ok(fc)
 }
 
+/// `[files]` with `min_free_bytes` worked out when unset: a `file://` store on the spool's
+/// filesystem leaves `spool.max_bytes` free, so that captures never take the room the spool may
+/// need; elsewhere (another volume, an object store, no spool) nothing is held back.
+fn files_config(cfg: &Config, spooled: bool) -> crate::config::FilesConfig {
+    let mut files = cfg.files.clone();
+    if files.min_free_bytes.is_none() {
+        let shared = match files.store.strip_prefix("file://") {
+            Some(dir) if spooled => crate::clock::same_filesystem(std::path::Path::new(dir), &cfg.spool.dir)
+                .unwrap_or_else(|e| {
+                    warn!(error = %e, "cannot tell whether the file store shares the spool's disk; assuming it does");
+                    true
+                }),
+            _ => false,
+        };
+        let floor = if shared { cfg.spool.max_bytes } else { 0 };
+        info!(min_free_bytes = floor, shared_with_spool = shared, "file store free-space floor");
+        files.min_free_bytes = Some(floor);
+    }
+    files
+}
+
 /// Hands the spool's file work to the capture stage as it appears.
 async fn feed_file_work(spool: Spool, fc: Option<Arc<FileCapture>>, stop: CancellationToken) {
     let notify = spool.file_work_notify();
@@ -501,7 +523,7 @@ async fn feed_file_work(spool: Spool, fc: Option<Arc<FileCapture>>, stop: Cancel
                 None => {
                     let why = "file capture is disabled (files.enabled = false)";
                     let results: Vec<FileResult> = w.urls.iter().map(|u| FileResult::failed(u, why.into())).collect();
-                    spool.files_done(w.seq, bridge_files_json(&results)).await;
+                    spool.files_done(w.seq, results_json(&results)).await;
                 }
             }
         }
@@ -570,5 +592,25 @@ async fn probe_kafka(
             () = tokio::time::sleep(Duration::from_secs(2)) => {}
             () = stop.cancelled() => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_store_on_the_spools_disk_leaves_the_spool_its_room_by_default() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let mut cfg = Config::default();
+        cfg.spool.dir = dir.path().join("spool");
+        cfg.spool.max_bytes = 123_456_789;
+        cfg.files.store = format!("file://{}", dir.path().join("files").display());
+        assert_eq!(files_config(&cfg, true).min_free_bytes, Some(123_456_789), "same filesystem");
+        assert_eq!(files_config(&cfg, false).min_free_bytes, Some(0), "no spool to protect");
+        cfg.files.store = "s3://bucket/prefix".into();
+        assert_eq!(files_config(&cfg, true).min_free_bytes, Some(0), "an object store takes no local disk");
+        cfg.files.min_free_bytes = Some(7);
+        assert_eq!(files_config(&cfg, true).min_free_bytes, Some(7), "an explicit floor is kept");
     }
 }

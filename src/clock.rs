@@ -35,6 +35,26 @@ pub(crate) fn free_bytes(path: &std::path::Path) -> std::io::Result<u64> {
     Ok(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
+/// Whether `a` and `b` are on one filesystem (the same device). A path that does not exist yet is
+/// judged by its nearest existing ancestor (where it will be created).
+///
+/// # Errors
+/// Neither the path nor any of its ancestors can be examined.
+pub(crate) fn same_filesystem(a: &std::path::Path, b: &std::path::Path) -> std::io::Result<bool> {
+    Ok(device(a)? == device(b)?)
+}
+
+fn device(path: &std::path::Path) -> std::io::Result<u64> {
+    let abs = std::path::absolute(path)?;
+    let mut at = abs.as_path();
+    loop {
+        match rustix::fs::stat(at) {
+            Ok(st) => return Ok(st.st_dev),
+            Err(e) => at = at.parent().ok_or(std::io::Error::from(e))?,
+        }
+    }
+}
+
 /// Lets a unit test step the clocks of its own thread: the wall clock jumps (as NTP or an operator
 /// steps it), the monotonic clock only moves forward. Nothing outside tests shifts anything.
 #[cfg(test)]

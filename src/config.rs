@@ -934,6 +934,15 @@ pub struct FilesConfig {
     pub connect_timeout_ms: u64,
     /// A transfer that receives nothing for this long is abandoned (and retried while the token lives).
     pub idle_timeout_ms: u64,
+    /// Bytes all downloads together may hold in memory (their upload buffers), whatever the
+    /// concurrency: a download reserves its share (its size, at most one store part) before reading
+    /// its body, and waits while the budget is spent. At least one S3 part (5 MiB).
+    pub max_buffer_bytes: u64,
+    /// `file://` stores: free space the captures leave on the store's filesystem. A file whose
+    /// download would take the free space below this is reported `failed` (the event is still
+    /// published). Unset: the spool's `spool.max_bytes` when the store is on the spool's
+    /// filesystem (captures never take the room the spool may need), else 0.
+    pub min_free_bytes: Option<u64>,
     /// `[files.s3]`: settings of an `s3://` store.
     pub s3: S3Config,
 }
@@ -953,6 +962,8 @@ impl Default for FilesConfig {
             max_concurrency: 256,
             connect_timeout_ms: 5_000,
             idle_timeout_ms: 20_000,
+            max_buffer_bytes: 64 * 1024 * 1024,
+            min_free_bytes: None,
             s3: S3Config::default(),
         }
     }
@@ -1275,6 +1286,13 @@ impl Config {
                     reason: "the floor cannot be above the ceiling",
                 });
             }
+            if self.files.max_buffer_bytes < crate::files::MIN_BUFFER_BYTES {
+                return Err(ConfigError::Malformed {
+                    key: "files.max_buffer_bytes",
+                    expected: "be at least 5242880 (one S3 multipart part)",
+                    value: self.files.max_buffer_bytes.to_string(),
+                });
+            }
             for p in &self.files.allowed_url_prefixes {
                 if let Err(source) = crate::files::prefix::Prefix::parse(p) {
                     return Err(ConfigError::UrlPrefix { prefix: p.clone(), source });
@@ -1590,6 +1608,17 @@ mod tests {
         cfg.validate().expect("a prefix ending in a slash is fine");
         cfg.files.max_concurrency = 8;
         assert!(cfg.validate().unwrap_err().to_string().contains("files.max_concurrency (8)"));
+    }
+
+    #[test]
+    fn a_capture_buffer_budget_below_one_part_is_refused() {
+        let mut cfg = Config::default();
+        cfg.huggy.tokens = vec![Secret::new("t")];
+        cfg.files.max_buffer_bytes = 5 * 1024 * 1024 - 1;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("files.max_buffer_bytes") && err.contains("5242880"), "{err}");
+        cfg.files.max_buffer_bytes = 5 * 1024 * 1024;
+        cfg.validate().expect("one part is enough");
     }
 
     fn with_token() -> Config {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 use tracing::{info, warn};
 
-use crate::event::{append_member, Event};
+use crate::event::Event;
 use crate::files::{Completion, FileCapture, FileJob};
 use crate::metrics::Metrics;
 use crate::publish::{Outcome, Publisher};
@@ -159,9 +159,9 @@ impl Ingest {
                 waits.push((i, rx));
             }
             for (i, rx) in waits {
-                let member = rx.await.map_err(|_| IngestError::KafkaUnavailable)?;
+                let results = rx.await.map_err(|_| IngestError::KafkaUnavailable)?;
                 let ev = &mut events[i];
-                ev.value = append_member(&ev.value, "bridge_files", &member);
+                ev.file_results = Some(String::from_utf8_lossy(&results).into_owned());
                 ev.files.clear();
             }
         }

@@ -19,7 +19,8 @@
 //! | undelivered index (spool mode) | not an entry per undelivered event: a [`SEGMENT_ENTRY_BYTES`] entry per segment (`spool.max_bytes` ÷ the segment size, + 2), at most 4,096 receipt-time runs of 16 bytes, and the ranges of acknowledged seqs, about one per record read and not yet acknowledged ([`DONE_RANGE_BYTES`] per record of `kafka.max_in_flight_records`) |
 //! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, at most `spool.dedup_max_ids`, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id; as many streams' last runs, ≤ 76 bytes each, × 3/2 while a table doubles |
 //! | recovery buffers (spool mode) | segments are read in 1 MiB chunks; a frame larger than that is read whole (≤ one batch) |
-//! | file capture | `files.max_concurrency` downloads, each streaming into the store through 5 MiB parts: one filling and two uploading |
+//! | file buffers | `files.max_buffer_bytes`: every download reserves its upload buffer (its size, at most one part) from this budget before reading its body |
+//! | file connections | `files.max_concurrency` downloads' own buffers, [`crate::files::CONNECTION_BYTES`] each (HTTP and TLS read buffers, the chunk between reader and writer) |
 //! | runtime | [`RUNTIME_BYTES`]: code, thread stacks, librdkafka's threads and broker buffers, metrics |
 //! | allocator slack | one eighth of everything above: jemalloc's size classes round small allocations up |
 //!
@@ -220,11 +221,16 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
         });
     }
     if cfg.files.enabled {
-        let part = crate::files::store::PART_BYTES as u64;
         terms.push(Term {
-            name: "file capture",
-            bytes: (cfg.files.max_concurrency as u64).saturating_mul(3 * part),
-            from: format!("files.max_concurrency × 3 parts of {} MiB", part / MIB),
+            name: "file buffers",
+            bytes: cfg.files.max_buffer_bytes,
+            from: "files.max_buffer_bytes (upload buffers of all downloads)".into(),
+        });
+        let per = crate::files::CONNECTION_BYTES;
+        terms.push(Term {
+            name: "file connections",
+            bytes: (cfg.files.max_concurrency as u64).saturating_mul(per),
+            from: format!("files.max_concurrency × {} KiB of connection buffers", per / 1024),
         });
     }
     terms.push(Term { name: "runtime", bytes: RUNTIME_BYTES, from: "code, threads, Kafka client, metrics".into() });
@@ -275,8 +281,9 @@ mod tests {
         // Above the peak rate × window, so that the window, not the ceiling, decides.
         more.spool.dedup_max_ids *= 4;
         more.files.max_concurrency *= 2;
+        more.files.max_buffer_bytes *= 2;
         let w2 = worst_case(&more, &a);
-        for name in ["request bodies", "connection buffers", "parsed events", "file capture"] {
+        for name in ["request bodies", "connection buffers", "parsed events", "file buffers", "file connections"] {
             assert_eq!(by_name(&w2, name).bytes, 2 * by_name(&w, name).bytes, "{name}");
         }
         // What the spool keeps of its undelivered events does not follow their number, nor the cap
@@ -306,7 +313,9 @@ mod tests {
         cfg.files.enabled = false;
         let w = worst_case(&cfg, &Assumptions::default());
         let names: Vec<&str> = w.terms.iter().map(|t| t.name).collect();
-        for absent in ["write group", "publisher window", "undelivered index", "dedup window", "file capture"] {
+        for absent in
+            ["write group", "publisher window", "undelivered index", "dedup window", "file buffers", "file connections"]
+        {
             assert!(!names.contains(&absent), "{names:?}");
         }
         assert_eq!(by_name(&w, "producer copies").bytes, cfg.http.max_inflight_bytes as u64);
@@ -342,6 +351,7 @@ mod tests {
         cfg.http.max_inflight_bytes = usize::MAX;
         cfg.http.max_connections = usize::MAX;
         cfg.files.max_concurrency = usize::MAX;
+        cfg.files.max_buffer_bytes = u64::MAX;
         cfg.spool.max_bytes = u64::MAX;
         let w = worst_case(&cfg, &Assumptions { peak_events_per_sec: u64::MAX, min_event_bytes: u64::MAX });
         assert_eq!(w.total(), u64::MAX);

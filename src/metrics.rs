@@ -152,6 +152,8 @@ pub struct Metrics {
     /// `huggy_bridge_files_at_risk`: queued files projected to miss their deadline.
     pub files_at_risk: IntGauge,
     pub(crate) file_store_free: IntGauge,
+    /// `huggy_bridge_file_buffer_bytes`: memory reserved by running downloads (≤ files.max_buffer_bytes).
+    pub file_buffer: IntGauge,
     pub(crate) kafka_connected: IntGauge,
     pub(crate) kafka_brokers_up: IntGauge,
     pub(crate) kafka_queue_messages: IntGauge,
@@ -341,6 +343,10 @@ impl Metrics {
             file_store_free: reg!(IntGauge::new(
                 "huggy_bridge_file_store_fs_free_bytes",
                 "Bytes available to the daemon on the filesystem of a file:// store (-1 for an s3:// store)."
+            )),
+            file_buffer: reg!(IntGauge::new(
+                "huggy_bridge_file_buffer_bytes",
+                "Upload buffer bytes reserved by running file downloads; at most files.max_buffer_bytes."
             )),
             kafka_connected: reg!(IntGauge::new(
                 "huggy_bridge_kafka_connected",

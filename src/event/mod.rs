@@ -4,8 +4,8 @@
 //! Event bytes are never re-serialized: splitting borrows each event as a [`RawValue`], so the value
 //! published to Kafka is exactly what Huggy sent (ids beyond 2^53, escapes, key order, whitespace).
 
-pub mod lineage;
 mod fields;
+pub mod lineage;
 pub(crate) mod types;
 
 use std::collections::HashMap;
@@ -16,8 +16,8 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
-pub use lineage::{Lineage, Sender, Source, StreamRuns};
 pub use fields::{Routing, ROUTING_HEADERS};
+pub use lineage::{Lineage, Sender, Source, StreamRuns};
 pub use types::{EventType, KnownType};
 
 use crate::json::string_end;
@@ -340,6 +340,10 @@ pub struct Event {
     pub dead_letter: Option<String>,
     /// File URLs to capture before publishing (filled by the files stage, empty otherwise).
     pub(crate) files: Vec<String>,
+    /// The bridge's file results (a JSON array), published as header `huggy_bridge_files` once the
+    /// files are stored or definitively failed. Never part of the value: a sender cannot write it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) file_results: Option<String>,
     /// What the spool's dedup needs besides the id (SPEC §5): the event's stream and that stream's
     /// run in its batch. In memory only, never in the spool's frames: `None` for events read back
     /// from disk and for events made outside a batch, which are then judged by their id alone.
@@ -395,25 +399,6 @@ pub fn time_millis(time: i64) -> Option<i64> {
     } else {
         None
     }
-}
-
-/// `object` (a JSON object's bytes) with one member appended before its closing brace; everything
-/// else stays byte for byte.
-pub fn append_member(object: &[u8], name: &str, json: &[u8]) -> Vec<u8> {
-    let Some(close) = object.iter().rposition(|&b| b == b'}') else { return object.to_vec() };
-    let open = object.iter().position(|&b| b == b'{').unwrap_or(0);
-    let empty = object[open + 1..close].iter().all(u8::is_ascii_whitespace);
-    let mut out = Vec::with_capacity(object.len() + name.len() + json.len() + 4);
-    out.extend_from_slice(&object[..close]);
-    if !empty {
-        out.push(b',');
-    }
-    out.push(b'"');
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"\":");
-    out.extend_from_slice(json);
-    out.extend_from_slice(&object[close..]);
-    out
 }
 
 /// Deterministic event id (SPEC §5), shown as 32 hex digits: the first 128 bits of SHA-256 over
@@ -586,6 +571,7 @@ fn dead_event(
         value: raw.get().as_bytes().to_vec(),
         dead_letter: Some(reason),
         files: Vec::new(),
+        file_results: None,
         lineage: None,
         routing: Routing::default(),
     }
@@ -630,6 +616,7 @@ fn build_event(
         value: raw.get().as_bytes().to_vec(),
         dead_letter: mismatch.then(|| COMPANY_MISMATCH.to_owned()),
         files: Vec::new(),
+        file_results: None,
         lineage: None,
         routing: fields.routing,
     }

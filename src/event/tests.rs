@@ -380,14 +380,6 @@ fn tokens_that_are_not_strings_are_absent() {
 }
 
 #[test]
-fn appending_a_member_keeps_the_rest_byte_for_byte() {
-    assert_eq!(append_member(br#"{"a": 1 }"#, "bridge_files", b"[]"), br#"{"a": 1 ,"bridge_files":[]}"#.to_vec());
-    assert_eq!(append_member(b"{ }", "x", b"1"), br#"{ "x":1}"#.to_vec());
-    let v = append_member(br#"{"id":123456789012345678901,"s":"\u00e9}"}"#, "bridge_files", br#"[{"url":"u"}]"#);
-    assert_eq!(v, br#"{"id":123456789012345678901,"s":"\u00e9}","bridge_files":[{"url":"u"}]}"#.to_vec());
-}
-
-#[test]
 fn lone_surrogates_are_dead_lettered_pairs_are_fine() {
     let body = br#"{"token":"t","messages":{"receivedMessage":[{"a":"\ud83d\ude00"},{"a":"\ud800"},{"a":"x\udc00"},{"a":"\\ud800"},{"a":"\ud800\u0041"}]}}"#;
     let events = split_as_sent(&batch(body), 0);

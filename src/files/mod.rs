@@ -1,7 +1,7 @@
 //! File capture: Huggy's file URLs carry an access token that dies 10 minutes after the event, so
 //! every file an event points to is downloaded as soon as the event is durable, earliest deadline
-//! first, streamed into the store, and described in a `bridge_files` member appended to the event
-//! before it is published.
+//! first, streamed into the store, and described in the record's `huggy_bridge_files` header when
+//! the event is published (the value stays Huggy's bytes).
 //!
 //! How many downloads run at once follows the deadlines ([`schedule`]): `files.concurrency` is the
 //! floor; when the queue cannot finish before its tokens die, more connections open, up to
@@ -28,7 +28,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::StreamExt;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot, Notify};
+use tokio::sync::{mpsc, oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -41,7 +41,7 @@ use fetch::{Guard, RedirectRefused, Refusal, ResolvedInternal};
 use schedule::{Controller, HostEstimate, Pending};
 use store::FileStore;
 
-/// One entry of `bridge_files`.
+/// One entry of header `huggy_bridge_files`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct FileResult {
     url: String,
@@ -57,7 +57,7 @@ pub(crate) struct FileResult {
 impl FileResult {
     pub(crate) fn failed(url: &str, error: String) -> Self {
         FileResult {
-            url: url.to_owned(),
+            url: without_query(url).to_owned(),
             status: "failed",
             location: None,
             sha256: None,
@@ -69,17 +69,23 @@ impl FileResult {
     }
 }
 
-/// The JSON array that becomes the event's `bridge_files` member.
-pub(crate) fn bridge_files_json(results: &[FileResult]) -> Vec<u8> {
+/// `url` up to its query or fragment: a Huggy file URL's query is its access token, a credential
+/// that goes into no log line, header or error text.
+pub(crate) fn without_query(url: &str) -> &str {
+    url.find(['?', '#']).map_or(url, |end| &url[..end])
+}
+
+/// The JSON array that becomes the event's `huggy_bridge_files` header.
+pub(crate) fn results_json(results: &[FileResult]) -> Vec<u8> {
     serde_json::to_vec(results).expect("plain data serializes")
 }
 
-/// A spool-mode event's files are done: record `member` (its `bridge_files` array) for `seq`.
+/// A spool-mode event's files are done: record `member` (its `huggy_bridge_files` array) for `seq`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FileDone {
     /// The event's spool sequence number.
     pub seq: u64,
-    /// The JSON array appended to the event as `bridge_files`.
+    /// The JSON array published as header `huggy_bridge_files`.
     pub member: Vec<u8>,
 }
 
@@ -104,6 +110,9 @@ enum Failure {
     Rejected(u16),
     #[error("file larger than files.max_file_bytes ({0} bytes)")]
     TooLarge(u64),
+    /// Storing the file would take the store's filesystem below `files.min_free_bytes`.
+    #[error("file store full: {free} bytes free, files.min_free_bytes keeps {floor} for the spool")]
+    StoreFloor { free: u64, floor: u64 },
     #[error("HTTP {0}")]
     Status(u16),
     #[error("no response within {0:?}")]
@@ -136,7 +145,7 @@ impl Failure {
         }
     }
 
-    /// What `bridge_files[].error` says: the message and its causes.
+    /// What `huggy_bridge_files[].error` says: the message and its causes.
     fn report(&self) -> String {
         let mut msg = self.to_string();
         let mut src = std::error::Error::source(self);
@@ -161,7 +170,8 @@ fn classify_transport(e: reqwest::Error) -> Failure {
         }
         src = s.source();
     }
-    Failure::Http(e)
+    // reqwest's message names the URL, query (the access token) included.
+    Failure::Http(e.without_url())
 }
 
 /// Who is waiting for an event's files.
@@ -178,10 +188,11 @@ pub struct FileJob {
     pub event_id: EventId,
     /// The event's company id, the first segment of the object keys (`unknown` when absent).
     pub company: Option<String>,
-    /// When the event was received (unix seconds): with `files.token_ttl_secs`, the files' deadline,
-    /// and the date in the object keys.
+    /// When the event was received (unix seconds, the wall clock: the token's age is Huggy's time):
+    /// with `files.token_ttl_secs`, the files' deadline (counted down on the monotonic clock from
+    /// submission), and the date in the object keys.
     pub received_at: i64,
-    /// The file URLs found in the event, in order; `bridge_files` lists them in the same order.
+    /// The file URLs found in the event, in order; `huggy_bridge_files` lists them in the same order.
     pub urls: Vec<String>,
     /// Where the result goes.
     pub completion: Completion,
@@ -189,7 +200,8 @@ pub struct FileJob {
 
 #[derive(Debug)]
 struct Queued {
-    deadline: i64,
+    /// When the file's token dies, on the monotonic clock.
+    deadline: Instant,
     order: u64,
     job: usize,
     index: usize,
@@ -260,6 +272,20 @@ pub enum SetupError {
     Client(#[source] reqwest::Error),
 }
 
+/// The wall clock, in unix seconds (injectable, so that tests can step it).
+pub type WallClock = Arc<dyn Fn() -> i64 + Send + Sync>;
+
+/// The smallest `files.max_buffer_bytes`: one S3 part, so that every download's share fits.
+pub const MIN_BUFFER_BYTES: u64 = store::S3_PART_BYTES as u64;
+
+/// Memory of one running download besides its share of the buffer budget: hyper's read buffer
+/// (it grows to about 400 KiB on a fast stream), TLS records, the chunk between reader and writer.
+/// Measured: a few hundred KiB per download with the file host in the same process.
+pub const CONNECTION_BYTES: u64 = 512 * 1024;
+
+/// A `file://` store's free space is looked at again each time a download has written this much.
+const FREE_CHECK_BYTES: u64 = 1024 * 1024;
+
 /// Interval at which the limit is revised and hopeless files are given up.
 const TICK: Duration = Duration::from_millis(250);
 /// Longest wait for a store to discard a partial upload.
@@ -274,7 +300,16 @@ pub struct FileCapture {
     guard: Arc<Guard>,
     store: FileStore,
     ttl_secs: i64,
+    /// Reads the wall clock once per job, to turn the token's age into a monotonic deadline.
+    wall: WallClock,
     max_bytes: u64,
+    /// The memory budget of all downloads' upload buffers, in bytes (`files.max_buffer_bytes`).
+    buffers: Arc<Semaphore>,
+    buffer_budget: usize,
+    /// Downloads whose response has arrived, waiting for their share of the budget.
+    buffer_waiters: AtomicUsize,
+    /// Free space a download leaves on a `file://` store's filesystem (`files.min_free_bytes`).
+    min_free: u64,
     idle_timeout: Duration,
     floor: usize,
     max_concurrency: usize,
@@ -301,6 +336,20 @@ impl FileCapture {
         metrics: Arc<Metrics>,
         results: mpsc::Sender<FileDone>,
     ) -> Result<Arc<FileCapture>, SetupError> {
+        Self::with_wall_clock(cfg, metrics, results, Arc::new(now_secs))
+    }
+
+    /// [`FileCapture::new`] reading the wall clock from `wall` (unix seconds): only to turn a job's
+    /// `received_at` into the token's remaining lifetime, once, when the job is submitted.
+    ///
+    /// # Errors
+    /// The store or the HTTP client cannot be set up.
+    pub fn with_wall_clock(
+        cfg: &FilesConfig,
+        metrics: Arc<Metrics>,
+        results: mpsc::Sender<FileDone>,
+        wall: WallClock,
+    ) -> Result<Arc<FileCapture>, SetupError> {
         let guard = Arc::new(Guard::new(&cfg.allowed_url_prefixes));
         let floor = cfg.concurrency.max(1);
         let store = FileStore::from_config(cfg).map_err(SetupError::Store)?;
@@ -308,6 +357,10 @@ impl FileCapture {
             metrics.file_store_free.set(-1);
         }
         metrics.file_concurrency_limit.set(floor as i64);
+        // One part at least (checked by the configuration), so that every reservation fits.
+        let buffer_budget = usize::try_from(cfg.max_buffer_bytes)
+            .unwrap_or(usize::MAX)
+            .clamp(store.part_bytes(), Semaphore::MAX_PERMITS);
         Ok(Arc::new(FileCapture {
             sched: Mutex::new(Sched::default()),
             wake: Notify::new(),
@@ -316,7 +369,12 @@ impl FileCapture {
             guard,
             store,
             ttl_secs: i64::try_from(cfg.token_ttl_secs).unwrap_or(600),
+            wall,
             max_bytes: cfg.max_file_bytes,
+            buffers: Arc::new(Semaphore::new(buffer_budget)),
+            buffer_budget,
+            buffer_waiters: AtomicUsize::new(0),
+            min_free: cfg.min_free_bytes.unwrap_or(0),
             idle_timeout: Duration::from_millis(cfg.idle_timeout_ms),
             floor,
             max_concurrency: cfg.max_concurrency.max(floor),
@@ -356,7 +414,10 @@ impl FileCapture {
     }
 
     fn enqueue(&self, job: FileJob, give_up: Option<Instant>) {
-        let deadline = job.received_at + self.ttl_secs;
+        // The token's age is Huggy's time (the wall clock), read once; from here on the remaining
+        // lifetime is counted down on the monotonic clock, which no clock step moves.
+        let left = job.received_at.saturating_add(self.ttl_secs).saturating_sub((self.wall)());
+        let deadline = deadline_in(Instant::now(), left);
         let n = job.urls.len();
         let mut q = self.lock();
         let id = q.next_job;
@@ -406,9 +467,21 @@ impl FileCapture {
 
     /// Starts queued downloads while the limit allows; reports those that can no longer run.
     async fn launch(self: &Arc<Self>, stop: &CancellationToken) {
-        while self.active.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire) {
+        // No download starts while the buffer budget is spent or others wait for a share: it
+        // could only hold a connection open, waiting too. (More in the loop.)
+        while self.active.load(Ordering::Acquire) < self.limit.load(Ordering::Acquire)
+            && self.buffers.available_permits() > 0
+            && self.buffer_waiters.load(Ordering::Acquire) == 0
+        {
             let next = {
                 let mut q = self.lock();
+                // Not more downloads than the budget gives a share each, by the host's typical
+                // file: connections waiting for a share would cost memory of their own.
+                let Some(Reverse(top)) = q.heap.peek() else { return };
+                let share = (q.estimate(&top.host).size_bytes() as usize).clamp(1, self.store.part_bytes());
+                if self.active.load(Ordering::Acquire) >= (self.buffer_budget / share).max(1) {
+                    return;
+                }
                 let Some(Reverse(item)) = q.heap.pop() else { return };
                 let st = &q.jobs[&item.job];
                 let url = st.job.urls[item.index].clone();
@@ -419,7 +492,7 @@ impl FileCapture {
                     expected: AtomicU64::new(0),
                     received: AtomicU64::new(0),
                 });
-                let slot = if cancel.is_cancelled() || now_secs() >= item.deadline {
+                let slot = if cancel.is_cancelled() || Instant::now() >= item.deadline {
                     None
                 } else {
                     let slot = q.next_running;
@@ -457,7 +530,6 @@ impl FileCapture {
     async fn govern(&self, g: &mut Governor) {
         let now = Instant::now();
         let rate = g.rate(now, self.received.load(Ordering::Relaxed));
-        let now_unix = unix_now_f64();
         let (pending, order, inflight_secs, timed_out) = {
             let q = self.lock();
             let mut items: Vec<&Queued> = q.heap.iter().map(|Reverse(i)| i).collect();
@@ -466,7 +538,11 @@ impl FileCapture {
                 .iter()
                 .map(|i| {
                     let e = q.estimate(&i.host);
-                    Pending { deadline: i.deadline as f64, service_secs: e.service_secs(), trusted: e.trusted() }
+                    Pending {
+                        deadline: secs_until(i.deadline, now),
+                        service_secs: e.service_secs(),
+                        trusted: e.trusted(),
+                    }
                 })
                 .collect();
             let order: Vec<u64> = items.iter().map(|i| i.order).collect();
@@ -489,7 +565,8 @@ impl FileCapture {
             (pending, order, inflight_secs, timed_out)
         };
         let limit = g.controller.limit();
-        let plan = schedule::plan(now_unix, &pending, inflight_secs, limit, g.controller.can_grow(now));
+        // Deadlines are seconds from `now` (0.0), on the monotonic clock.
+        let plan = schedule::plan(0.0, &pending, inflight_secs, limit, g.controller.can_grow(now));
         // Exactly the limit: after a shrink, the downloads above the new limit still running would
         // make the rate look like the new limit's own.
         let busy = self.active.load(Ordering::Acquire) == limit;
@@ -511,6 +588,7 @@ impl FileCapture {
             );
             self.wake.notify_one();
         }
+        self.note_buffer_use();
         g.ticks += 1;
         if g.ticks % 20 == 1 {
             if let Some(free) = self.store.free_bytes() {
@@ -544,13 +622,13 @@ impl FileCapture {
         }
         for (job, index, f) in ended {
             let url = self.lock().jobs.get(&job).map(|st| st.job.urls[index].clone()).unwrap_or_default();
-            warn!(error = %f, %url, "file given up before its download");
+            warn!(error = %f, url = without_query(&url), "file given up before its download");
             self.finish(job, index, FileResult::failed(&url, f.report()), f.metric()).await;
         }
     }
 
     /// Records a file's final result (counted once, under `label`); when it was the event's last,
-    /// hands the `bridge_files` member to whoever waits for it.
+    /// hands the `huggy_bridge_files` array to whoever waits for it.
     async fn finish(&self, job: usize, index: usize, result: FileResult, outcome: FileOutcome) {
         self.metrics.count_file(outcome);
         self.metrics.file_queue.dec();
@@ -567,7 +645,7 @@ impl FileCapture {
         };
         let Some(st) = done else { return };
         let results: Vec<FileResult> = st.results.into_iter().flatten().collect();
-        let member = bridge_files_json(&results);
+        let member = results_json(&results);
         match st.job.completion {
             Completion::Spool(seq) => {
                 if self.results.send(FileDone { seq, member }).await.is_err() {
@@ -577,6 +655,56 @@ impl FileCapture {
             Completion::Reply(tx) => {
                 let _ = tx.send(member);
             }
+        }
+    }
+
+    /// Reserves a download's share of the buffer budget before its body is read: its size, at most
+    /// one store part (what its writer can hold). Waits while the budget is spent, until the
+    /// deadline at most.
+    async fn reserve_buffer(
+        &self,
+        expected: Option<u64>,
+        deadline: Instant,
+        cancel: &CancellationToken,
+        stop: &CancellationToken,
+    ) -> Result<OwnedSemaphorePermit, Failure> {
+        let part = self.store.part_bytes();
+        let need = expected.map_or(part, |len| usize::try_from(len).unwrap_or(usize::MAX).min(part));
+        let need = u32::try_from(need.clamp(1, self.buffer_budget)).unwrap_or(u32::MAX);
+        let waiting = WaitCount::enter(&self.buffer_waiters);
+        let permit = tokio::select! {
+            p = self.buffers.clone().acquire_many_owned(need) => match p {
+                Ok(p) => p,
+                // The semaphore is never closed.
+                Err(_) => return Err(Failure::Shutdown),
+            },
+            () = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)) => return Err(Failure::Expired),
+            () = cancel.cancelled() => return Err(Failure::AckTimeout),
+            () = stop.cancelled() => return Err(Failure::Shutdown),
+        };
+        drop(waiting);
+        self.note_buffer_use();
+        Ok(permit)
+    }
+
+    fn note_buffer_use(&self) {
+        let used = self.buffer_budget.saturating_sub(self.buffers.available_permits());
+        self.metrics.file_buffer.set(i64::try_from(used).unwrap_or(i64::MAX));
+    }
+
+    /// Whether `incoming` more bytes leave a `file://` store's filesystem at least
+    /// `files.min_free_bytes` free (object stores have no such floor).
+    fn check_free_space(&self, incoming: u64) -> Result<(), Failure> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        match self.store.free_bytes() {
+            Some(Ok(free)) if free.saturating_sub(incoming) < self.min_free => {
+                Err(Failure::StoreFloor { free, floor: self.min_free })
+            }
+            // An unreadable free space is warned about by the scheduler's tick; it does not stop
+            // captures on its own (the write itself fails if the disk is really full).
+            _ => Ok(()),
         }
     }
 
@@ -599,15 +727,14 @@ impl FileCapture {
             .build();
         let ids = Ids { event_id, company: company.as_deref(), received_at, index: item.index };
         let result = loop {
-            if now_secs() >= deadline {
+            if Instant::now() >= deadline {
                 break Err(Failure::Expired);
             }
             match self.attempt(url, deadline, &ids, cancel, stop, progress).await {
                 Ok(r) => break Ok(r),
                 Err(f) if f.retryable() => {
                     let delay = backoff.next().unwrap_or(Duration::from_secs(20));
-                    let left = deadline - now_secs();
-                    if i64::try_from(delay.as_secs()).unwrap_or(i64::MAX) >= left {
+                    if delay >= deadline.saturating_duration_since(Instant::now()) {
                         break Err(f);
                     }
                     self.metrics.file_retries.inc();
@@ -623,7 +750,7 @@ impl FileCapture {
         };
         match result {
             Ok((r, timing)) => {
-                let headroom = (deadline - now_secs()).max(0);
+                let headroom = deadline.saturating_duration_since(Instant::now()).as_secs();
                 self.metrics.file_headroom.observe(headroom as f64);
                 if let Some(size) = r.size {
                     self.metrics.file_bytes.inc_by(size);
@@ -647,7 +774,7 @@ impl FileCapture {
     async fn attempt(
         &self,
         raw_url: &str,
-        deadline: i64,
+        deadline: Instant,
         ids: &Ids<'_>,
         cancel: &CancellationToken,
         stop: &CancellationToken,
@@ -656,7 +783,7 @@ impl FileCapture {
         let url = url::Url::parse(raw_url).map_err(Failure::InvalidUrl)?;
         self.guard.check(&url)?;
         let started = Instant::now();
-        let left = Duration::from_secs(u64::try_from(deadline - now_secs()).unwrap_or(0));
+        let left = deadline.saturating_duration_since(started);
         let head_timeout = left.min(self.idle_timeout);
         let resp = tokio::select! {
             r = tokio::time::timeout(head_timeout, self.client.get(url.clone()).send()) => r
@@ -679,6 +806,8 @@ impl FileCapture {
                 return Err(Failure::TooLarge(len));
             }
         }
+        self.check_free_space(expected.unwrap_or(0))?;
+        let _buffer = self.reserve_buffer(expected, deadline, cancel, stop).await?;
         progress.expected.store(expected.unwrap_or(0), Ordering::Relaxed);
         progress.received.store(0, Ordering::Relaxed);
         let content_type =
@@ -717,8 +846,15 @@ impl FileCapture {
                 if size > self.max_bytes {
                     return Err(Failure::TooLarge(size));
                 }
-                if now_secs() > deadline || cannot_finish(expected, size, body_started.elapsed(), deadline) {
+                let now = Instant::now();
+                if now > deadline
+                    || cannot_finish(expected, size, body_started.elapsed(), deadline.saturating_duration_since(now))
+                {
                     return Err(Failure::Expired);
+                }
+                // Every part's worth of bytes, the store's free space is looked at again.
+                if size / FREE_CHECK_BYTES != (size - chunk.len() as u64) / FREE_CHECK_BYTES {
+                    self.check_free_space(FREE_CHECK_BYTES)?;
                 }
                 hasher.update(&chunk);
                 writer.write(&chunk).await.map_err(Failure::Store)?;
@@ -735,7 +871,7 @@ impl FileCapture {
         let body_time = body_started.elapsed();
         writer.finish().await.map_err(Failure::Store)?;
         let result = FileResult {
-            url: raw_url.to_owned(),
+            url: without_query(raw_url).to_owned(),
             status: "stored",
             location: Some(location),
             sha256: Some(hex::encode(hasher.finalize())),
@@ -745,6 +881,22 @@ impl FileCapture {
             error: None,
         };
         Ok((result, Timing { ttfb, body: body_time }))
+    }
+}
+
+/// Counts a waiter for as long as it lives, however its wait ends.
+struct WaitCount<'a>(&'a AtomicUsize);
+
+impl<'a> WaitCount<'a> {
+    fn enter(count: &'a AtomicUsize) -> Self {
+        count.fetch_add(1, Ordering::AcqRel);
+        WaitCount(count)
+    }
+}
+
+impl Drop for WaitCount<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -762,20 +914,35 @@ struct Timing {
     body: Duration,
 }
 
-/// Whether a transfer, at the pace it has kept for at least a second, would end after `deadline`
+/// Whether a transfer, at the pace it has kept for at least a second, would need more than `left`
 /// even if it went 40 % faster from now on: then it is given up rather than kept taking bandwidth.
-fn cannot_finish(expected: Option<u64>, received: u64, elapsed: Duration, deadline: i64) -> bool {
+fn cannot_finish(expected: Option<u64>, received: u64, elapsed: Duration, left: Duration) -> bool {
     let Some(total) = expected else { return false };
     if elapsed < Duration::from_secs(1) || received == 0 {
         return false;
     }
     let rate = received as f64 / elapsed.as_secs_f64();
     let needed = total.saturating_sub(received) as f64 / (rate * 1.4);
-    unix_now_f64() + needed > deadline as f64
+    needed > left.as_secs_f64()
 }
 
-fn unix_now_f64() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+/// The instant `left_secs` from `now` (negative: already past, clamped to `now`).
+fn deadline_in(now: Instant, left_secs: i64) -> Instant {
+    let left = Duration::from_secs(left_secs.unsigned_abs());
+    if left_secs >= 0 {
+        now + left
+    } else {
+        now.checked_sub(left).unwrap_or(now)
+    }
+}
+
+/// Seconds from `now` to `deadline`, negative once it has passed.
+fn secs_until(deadline: Instant, now: Instant) -> f64 {
+    if deadline >= now {
+        deadline.duration_since(now).as_secs_f64()
+    } else {
+        -now.duration_since(deadline).as_secs_f64()
+    }
 }
 
 /// `host:port` of a URL, the unit whose throughput is measured.
@@ -814,8 +981,9 @@ impl Governor {
     }
 }
 
-/// `<company>/<yyyy>/<mm>/<dd>/<event id>/<file name>`; a second file of the same event gets its
-/// index in front of the name so two files never overwrite each other.
+/// `<company>/<yyyy>/<mm>/<dd>/<event id>/<index>/<file name>`: the file's position among the
+/// event's files is a key segment of its own, so two files of one event never share an object
+/// whatever their names, and the name is kept as the file host gave it (sanitized).
 fn object_key(company: Option<&str>, received_at: i64, event_id: EventId, index: usize, name: &str) -> String {
     let date = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + Duration::from_secs(received_at.max(0).unsigned_abs()),
@@ -823,26 +991,28 @@ fn object_key(company: Option<&str>, received_at: i64, event_id: EventId, index:
     .to_string();
     let (y, m, d) = (&date[0..4], &date[5..7], &date[8..10]);
     let company = disposition::sanitize(company.unwrap_or("unknown"));
-    let name = if index == 0 { name.to_owned() } else { format!("{index}-{name}") };
-    format!("{company}/{y}/{m}/{d}/{event_id}/{name}")
+    format!("{company}/{y}/{m}/{d}/{event_id}/{index}/{name}")
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn item(deadline: i64, order: u64) -> Reverse<Queued> {
+    fn item(base: Instant, deadline: i64, order: u64) -> Reverse<Queued> {
+        let deadline = deadline_in(base, deadline);
         Reverse(Queued { deadline, order, job: 0, index: 0, host: Arc::from("h:80") })
     }
 
     #[test]
     fn the_queue_serves_earliest_deadline_first_then_arrival() {
+        let base = Instant::now();
         let mut heap = BinaryHeap::new();
         for (d, o) in [(30, 0), (10, 1), (20, 2), (10, 3), (5, 4), (30, 5)] {
-            heap.push(item(d, o));
+            heap.push(item(base, d, o));
         }
-        let popped: Vec<(i64, u64)> =
-            std::iter::from_fn(|| heap.pop()).map(|Reverse(q)| (q.deadline, q.order)).collect();
+        let popped: Vec<(i64, u64)> = std::iter::from_fn(|| heap.pop())
+            .map(|Reverse(q)| (q.deadline.duration_since(base).as_secs() as i64, q.order))
+            .collect();
         assert_eq!(popped, vec![(5, 4), (10, 1), (10, 3), (20, 2), (30, 0), (30, 5)]);
     }
 
@@ -864,9 +1034,31 @@ mod tests {
     }
 
     #[test]
+    fn two_files_of_one_event_never_share_an_object_whatever_their_names() {
+        let id = EventId([7; 16]);
+        let keys: Vec<String> = [(0, "1-x.pdf"), (1, "x.pdf"), (2, "x.pdf"), (10, "x.pdf"), (1, "0-x.pdf")]
+            .iter()
+            .map(|&(i, n)| object_key(Some("15693"), 1_763_700_000, id, i, n))
+            .collect();
+        let distinct: HashSet<&String> = keys.iter().collect();
+        assert_eq!(distinct.len(), keys.len(), "{keys:?}");
+        assert_eq!(keys[1], format!("15693/2025/11/21/{id}/1/x.pdf"));
+        assert_ne!(keys[0], keys[1], "file 0 named 1-x.pdf and file 1 named x.pdf");
+        assert_eq!(object_key(None, 0, id, 0, "a"), format!("unknown/1970/01/01/{id}/0/a"));
+    }
+
+    #[test]
+    fn a_file_url_is_reported_without_its_query() {
+        assert_eq!(without_query("https://files.huggy.app/a.pdf?token=s3cr3t&x=1"), "https://files.huggy.app/a.pdf");
+        assert_eq!(without_query("https://files.huggy.app/a.pdf#token=s3cr3t"), "https://files.huggy.app/a.pdf");
+        assert_eq!(without_query("https://files.huggy.app/a.pdf"), "https://files.huggy.app/a.pdf");
+        let r = FileResult::failed("https://h/x?token=s3cr3t", "expired".into());
+        assert!(!String::from_utf8(results_json(&[r])).unwrap().contains("s3cr3t"));
+    }
+
+    #[test]
     fn a_transfer_is_given_up_only_when_its_own_pace_cannot_make_it() {
-        let now = unix_now_f64();
-        let deadline = now as i64 + 10;
+        let deadline = Duration::from_secs(10);
         let second = Duration::from_secs(1);
         // 1 MB/s so far, 5 MB left, 10 s left: fine.
         assert!(!cannot_finish(Some(6_000_000), 1_000_000, second, deadline));

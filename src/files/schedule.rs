@@ -53,6 +53,11 @@ impl HostEstimate {
         self.ttfb_secs + self.size_bytes / self.rate_bps.max(1.0)
     }
 
+    /// Bytes of a typical file of this host (a moving average; 1 MiB before any).
+    pub(crate) fn size_bytes(&self) -> f64 {
+        self.size_bytes
+    }
+
     /// Whether there is enough history to give a file up on these figures.
     pub(crate) fn trusted(&self) -> bool {
         self.samples >= TRUSTED_AFTER

@@ -1,6 +1,6 @@
 //! Where captured files go: an `object_store` (local filesystem or any S3-compatible endpoint),
-//! written as a multipart stream so no file is ever held whole in memory, and aborted (leaving
-//! nothing) when a download fails.
+//! written as a multipart stream so no file is ever held whole in memory (one part per download at
+//! most), and aborted (leaving nothing) when a download fails.
 
 use std::sync::Arc;
 
@@ -11,8 +11,11 @@ use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 
 use crate::config::FilesConfig;
 
-/// Part size of multipart writes (S3's minimum is 5 MiB); at most two parts are buffered at once.
-pub(crate) const PART_BYTES: usize = 5 * 1024 * 1024;
+/// Part size of multipart writes to S3 (its minimum for every part but the last).
+pub(crate) const S3_PART_BYTES: usize = 5 * 1024 * 1024;
+/// Part size of writes to a local disk, which has no minimum: smaller parts let the capture
+/// memory budget (`files.max_buffer_bytes`) run more downloads at once.
+const LOCAL_PART_BYTES: usize = 1024 * 1024;
 
 /// Why the file store could not be opened or written.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,8 @@ pub(crate) struct FileStore {
     location_base: String,
     /// Key prefix inside the store (the `prefix` of `s3://bucket/prefix`).
     prefix: String,
+    /// Bytes of one multipart part: the most a download's writer holds in memory.
+    part_bytes: usize,
 }
 
 impl FileStore {
@@ -53,6 +58,7 @@ impl FileStore {
                 local: Some(store),
                 location_base: String::new(),
                 prefix: String::new(),
+                part_bytes: LOCAL_PART_BYTES,
             });
         }
         let rest = cfg.store.strip_prefix("s3://").ok_or_else(|| bad("expected file:// or s3://"))?;
@@ -78,7 +84,13 @@ impl FileStore {
             local: None,
             location_base: format!("s3://{bucket}/"),
             prefix: prefix.trim_matches('/').to_owned(),
+            part_bytes: S3_PART_BYTES,
         })
+    }
+
+    /// The most memory one download's writer holds: one part, buffered or being uploaded.
+    pub(crate) fn part_bytes(&self) -> usize {
+        self.part_bytes
     }
 
     /// Starts a streamed write of `rel` (a `/`-separated relative key).
@@ -88,7 +100,7 @@ impl FileStore {
     pub(crate) async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
         let (path, location) = self.path_and_location(rel)?;
         let upload = self.store.put_multipart(&path).await?;
-        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), location))
+        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, self.part_bytes)), location))
     }
 
     /// The store path of a `/`-separated relative key, and the location reported for it.
@@ -168,7 +180,9 @@ impl Writer {
     /// # Errors
     /// A part upload failed.
     pub(crate) async fn write(&mut self, chunk: &[u8]) -> Result<(), StoreError> {
-        self.0.wait_for_capacity(2).await?;
+        // A full part is uploaded before more is buffered: one part per download in memory at
+        // most (plus the chunk being written), which is what the capture budget reserves.
+        self.0.wait_for_capacity(1).await?;
         self.0.write(chunk);
         Ok(())
     }

@@ -78,6 +78,10 @@ pub(crate) fn headers(ev: &Event) -> OwnedHeaders {
     if let Some(orig) = &ev.original_type {
         h = h.insert(Header { key: "huggy_original_type", value: Some(orig.as_str()) });
     }
+    // The bridge's file results travel beside Huggy's bytes, never inside them (SPEC §5, §6).
+    if let Some(files) = &ev.file_results {
+        h = h.insert(Header { key: "huggy_bridge_files", value: Some(files.as_str()) });
+    }
     routing_headers(h, ev)
 }
 
@@ -529,8 +533,8 @@ pub(crate) async fn run_spool_publisher(
     }
 }
 
-/// Splits events (in sequence order) into those ready to publish — with their `bridge_files`
-/// appended — and those that must wait: files not captured yet, or an earlier event of the same key
+/// Splits events (in sequence order) into those ready to publish — with their file results for
+/// header `huggy_bridge_files` — and those that must wait: files not captured yet, or an earlier event of the same key
 /// still waiting.
 fn release(
     events: impl Iterator<Item = Stored>,
@@ -545,8 +549,8 @@ fn release(
         }
         if !s.event.files.is_empty() {
             match files_result(s.seq) {
-                Some(member) => {
-                    s.event.value = crate::event::append_member(&s.event.value, "bridge_files", &member);
+                Some(results) => {
+                    s.event.file_results = Some(String::from_utf8_lossy(&results).into_owned());
                     s.event.files.clear();
                 }
                 None => {
@@ -607,6 +611,7 @@ mod tests {
                 value: br#"{"a":1}"#.to_vec(),
                 dead_letter: None,
                 files: if files { vec!["https://files.huggy.app/x".into()] } else { Vec::new() },
+                file_results: None,
                 lineage: None,
                 routing: Default::default(),
             },
@@ -626,15 +631,30 @@ mod tests {
     }
 
     #[test]
-    fn release_appends_bridge_files_once_the_result_is_in() {
+    fn release_attaches_the_file_results_beside_the_untouched_value() {
         let events = vec![stored(1, "chat-a", true), stored(2, "chat-a", false)];
         let (ready, parked) =
             release(events.into_iter(), |seq| (seq == 1).then(|| br#"[{"status":"stored"}]"#.to_vec()));
         assert!(parked.is_empty());
         assert_eq!(seqs(&ready), [1, 2]);
-        assert_eq!(ready[0].event.value, br#"{"a":1,"bridge_files":[{"status":"stored"}]}"#.to_vec());
+        assert_eq!(ready[0].event.value, br#"{"a":1}"#.to_vec(), "the value is Huggy's bytes");
+        assert_eq!(ready[0].event.file_results.as_deref(), Some(r#"[{"status":"stored"}]"#));
         assert!(ready[0].event.files.is_empty(), "files are not captured twice");
-        assert_eq!(ready[1].event.value, br#"{"a":1}"#.to_vec());
+        assert_eq!(ready[1].event.file_results, None);
+    }
+
+    #[test]
+    fn file_results_go_in_their_own_header_and_nowhere_else() {
+        use rdkafka::message::Headers as _;
+        let mut ev = stored(1, "chat-a", false).event;
+        ev.value = br#"{"a":1,"bridge_files":[{"status":"stored","location":"s3://forged"}]}"#.to_vec();
+        let names = |h: &OwnedHeaders| h.iter().map(|h| h.key.to_owned()).collect::<Vec<_>>();
+        assert!(!names(&headers(&ev)).contains(&"huggy_bridge_files".to_owned()), "no files, no header");
+        ev.file_results = Some(r#"[{"status":"failed"}]"#.into());
+        let h = headers(&ev);
+        let files: Vec<_> = h.iter().filter(|h| h.key == "huggy_bridge_files").collect();
+        assert_eq!(files.len(), 1);
+        assert_eq!(files[0].value, Some(&br#"[{"status":"failed"}]"#[..]));
     }
 
     #[test]

@@ -46,7 +46,7 @@ pub(crate) enum Record {
     Event { seq: u64, received_at: i64, event: Event },
     /// Sequence numbers Kafka acknowledged, as inclusive ranges.
     Acked(Vec<(u64, u64)>),
-    /// The `bridge_files` array of an event whose files are all stored or definitively failed.
+    /// The file results (`huggy_bridge_files` array) of an event whose files are all stored or definitively failed.
     Files { seq: u64, member: Vec<u8> },
     /// Written first in a segment opened after a write or sync failure: the failed segment
     /// (`first_seq`) is durable only up to `durable_len`; whatever follows there is the failed write.
@@ -337,6 +337,7 @@ fn decode_payload(payload: &[u8]) -> Result<Record, Undecodable> {
                 };
                 Routing { subject, chat_id, sender_type, channel, chat_situation, chat_department, internal }
             };
+            // File results are a record of their own (`Files`), attached when the event is released.
             let event = Event {
                 id,
                 event_type,
@@ -347,6 +348,7 @@ fn decode_payload(payload: &[u8]) -> Result<Record, Undecodable> {
                 value,
                 dead_letter,
                 files,
+                file_results: None,
                 lineage: None,
                 routing,
             };

@@ -11,7 +11,7 @@
 //! Layout of `spool.dir`:
 //! - `LOCK`: held (`flock`) by the one process using the spool ([`lock`]).
 //! - `segment-<first seq>.log`: a versioned header, then frames ([`format`]) of four kinds: `Event`,
-//!   `Acked`, `Files` (an event's `bridge_files`) and `Abandoned` (after a failed write). A segment
+//!   `Acked`, `Files` (an event's file results, header `huggy_bridge_files`) and `Abandoned` (after a failed write). A segment
 //!   rolls over at `segment_bytes`; it is deleted once every event in it and in every older segment
 //!   is acknowledged.
 //! - `dedup-<slice start>-<span>.ids`: the dedup journal, the ids of the window a file per slice,
@@ -285,7 +285,7 @@ pub(crate) struct State {
     pub(crate) refusing: bool,
     /// Bytes of the largest batch refused since refusing began: batches are refused until it fits.
     pub(crate) refused_need: u64,
-    /// `bridge_files` of unacknowledged events whose files are done.
+    /// File results (`huggy_bridge_files`) of unacknowledged events whose files are done.
     pub(crate) file_results: HashMap<u64, Vec<u8>>,
     /// Events whose files are wanted and not yet handed to the capture stage.
     pub(crate) file_work: VecDeque<FileWork>,
@@ -403,14 +403,14 @@ impl Spool {
         }
     }
 
-    /// Records the `bridge_files` of an event; synced with its group, then the publisher picks it up.
+    /// Records the file results of an event; synced with its group, then the publisher picks it up.
     pub(crate) async fn files_done(&self, seq: u64, member: Vec<u8>) {
         if !self.send(Command::FilesDone(seq, member)).await {
             warn!(seq, "spool closed before file results were recorded; they are captured again after the restart");
         }
     }
 
-    /// The `bridge_files` of an event, once its files are done.
+    /// The file results of an event, once its files are done.
     pub(crate) fn files_result(&self, seq: u64) -> Option<Vec<u8>> {
         self.shared.lock().file_results.get(&seq).cloned()
     }

@@ -42,6 +42,7 @@ fn ev(n: u32, key: &str) -> Event {
         value,
         dead_letter: None,
         files: Vec::new(),
+        file_results: None,
         lineage: None,
         routing,
     }

@@ -297,17 +297,6 @@ async fn an_accounts_token_cannot_publish_under_another_company() {
     assert!(!d.log_text().contains(ACCOUNT_TOKEN), "no token in the log");
 }
 
-/// Peak resident set of a process (`VmHWM`), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmHWM in /proc/<pid>/status");
-    kib * 1024
-}
-
 const MIB: u64 = 1024 * 1024;
 
 /// A 4 MiB batch (exactly `http.max_body_bytes`) whose token is not configured.

@@ -1,6 +1,6 @@
 //! File capture, end to end: a local file server that signs URLs expiring after a short TTL, the
 //! daemon in-process on the embedded broker (and as a process on a real broker for the crash test),
-//! and the records read back from Kafka with their `bridge_files`.
+//! and the records read back from Kafka with their `huggy_bridge_files` header.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -11,7 +11,7 @@ use crate::common::*;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use huggy_bridge::config::{Config, Secret};
+use huggy_bridge::config::{AckMode, Config, Secret};
 use huggy_bridge::metrics::counter_sum;
 use sha2::{Digest, Sha256};
 
@@ -132,9 +132,13 @@ async fn records(d: &TestApp) -> Vec<Rec> {
     d.records(&["huggy.receivedMessage"]).await
 }
 
+/// The bridge's file results of a record: header `huggy_bridge_files` (SPEC §6), never the value.
 fn bridge_files(r: &Rec) -> Vec<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
-    v["bridge_files"].as_array().cloned().unwrap_or_default()
+    assert!(v.get("bridge_files").is_none(), "the value is Huggy's bytes: {v}");
+    r.header("huggy_bridge_files")
+        .map(|h| serde_json::from_str::<Vec<serde_json::Value>>(h).expect("huggy_bridge_files is a JSON array"))
+        .unwrap_or_default()
 }
 
 async fn wait_published(d: &TestApp, n: u64, within: Duration) {
@@ -148,6 +152,7 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
     let d = TestApp::start(config(dir.path(), addr)).await;
     let n = 200;
     let mut expected = HashMap::new();
+    let mut signed_urls = HashMap::new();
     let mut events = Vec::new();
     for i in 0..n {
         let size = 10 * 1024 + (i * 10_453) % (2 * 1024 * 1024 - 10 * 1024);
@@ -161,8 +166,10 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
             (format!("arquivo%20{i}.bin"), format!("&size={size}&seed={i}"), format!("arquivo {i}.bin"))
         };
         let url = signed(addr, &name, 30, &extra);
-        expected
-            .insert(url.clone(), (hex::encode(Sha256::digest(content(i as u64, size))), size as u64, expected_name));
+        // Reported without its query: the access token stays out of the record.
+        let reported = url.split('?').next().unwrap().to_owned();
+        signed_urls.insert(reported.clone(), url.clone());
+        expected.insert(reported, (hex::encode(Sha256::digest(content(i as u64, size))), size as u64, expected_name));
         events.push(event_with_file(i, 500 + i % 20, &url));
     }
     let started = Instant::now();
@@ -187,13 +194,14 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
         assert_eq!(f["content_type"], "application/octet-stream");
         assert!(f["error"].is_null());
         let location = f["location"].as_str().unwrap().strip_prefix("file://").unwrap();
-        let parts: Vec<&str> = location.rsplitn(7, '/').collect();
-        // <company>/<yyyy>/<mm>/<dd>/<event id>/<file name>
+        let parts: Vec<&str> = location.rsplitn(8, '/').collect();
+        // <company>/<yyyy>/<mm>/<dd>/<event id>/<index>/<file name>
         // On a local disk object_store percent-encodes non-ASCII bytes of the name.
         assert_eq!(percent_encoding::percent_decode_str(parts[0]).decode_utf8_lossy(), name.as_str());
-        assert_eq!(parts[1].len(), 32, "{location}");
-        assert!(parts[2].len() == 2 && parts[3].len() == 2 && parts[4].len() == 4, "{location}");
-        assert_eq!(parts[5], "7", "{location}");
+        assert_eq!(parts[1], "0", "{location}");
+        assert_eq!(parts[2].len(), 32, "{location}");
+        assert!(parts[3].len() == 2 && parts[4].len() == 2 && parts[5].len() == 4, "{location}");
+        assert_eq!(parts[6], "7", "{location}");
         let meta = std::fs::metadata(location).unwrap_or_else(|e| {
             panic!(
                 "{location}: {e}; store has {:?}",
@@ -201,15 +209,14 @@ async fn a_burst_of_200_files_is_stored_before_the_tokens_expire() {
             )
         });
         assert_eq!(meta.len(), *size);
-        // The original bytes are untouched, with the member appended.
+        // The value is the original bytes, untouched.
         let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
         let original = event_with_file(
             v["id"].as_u64().unwrap() as usize,
             v["chat"]["id"].as_u64().unwrap() as usize,
-            f["url"].as_str().unwrap(),
+            &signed_urls[f["url"].as_str().unwrap()],
         );
-        assert!(r.value.starts_with(&original.as_bytes()[..original.len() - 1]));
-        assert!(r.value.ends_with(b"]}"));
+        assert_eq!(r.value, original.as_bytes());
     }
     assert_eq!(*server.expired.lock().unwrap(), 0, "no URL was used after its expiry");
     let headroom_count = d.metrics.file_headroom.get_sample_count();
@@ -369,6 +376,19 @@ async fn files_are_streamed_into_an_s3_compatible_store() {
     let body = http.get(format!("{endpoint}/captured/{key}")).send().await.unwrap().bytes().await.unwrap();
     assert_eq!(body.len(), size);
     assert_eq!(hex::encode(Sha256::digest(&body)), f["sha256"].as_str().unwrap());
+
+    // Files whose names collide are separate objects in a bucket too.
+    let (event, expected) = same_named_files(addr);
+    let (status, _) = post(&d.url(), batch(&[event])).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 2, Duration::from_secs(60)).await;
+    let recs = records(&d).await;
+    let rec = recs.iter().find(|r| r.key.as_deref() == Some("77")).expect("the record of chat 77");
+    assert_three_objects(&bridge_files(rec), &expected, async |location: &str| {
+        let key = location.strip_prefix("s3://captured/").expect("s3 location");
+        http.get(format!("{endpoint}/captured/{key}")).send().await.unwrap().bytes().await.unwrap().to_vec()
+    })
+    .await;
     d.stop().await;
 }
 
@@ -408,4 +428,177 @@ async fn sigkill_with_downloads_pending_then_restart_stores_the_files_and_publis
         assert_eq!(f["status"], "stored", "{f}");
     }
     assert!(server.hits("s0") >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_bridge_files_member_is_published_byte_identical_beside_the_bridges_own_results() {
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    for ack in [AckMode::Spool, AckMode::Kafka] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), addr);
+        cfg.delivery.ack = ack;
+        cfg.delivery.kafka_ack_timeout_ms = 10_000;
+        let d = TestApp::start(cfg).await;
+        let url = signed(addr, "real.pdf", 30, "&size=2048&seed=4");
+        // A sender claims a capture the bridge never made, with the member the bridge used to append.
+        let forged = r#"[{"url":"https://files.huggy.app/payroll.xlsx","status":"stored","location":"s3://evil/payroll.xlsx","sha256":"00","size":1}]"#;
+        let event = format!(
+            r#"{{"id":1,"body":"arquivo","file":"{url}","chat":{{"id":31}},"company":{{"id":"7"}},"bridge_files":{forged}}}"#
+        );
+        let (status, text) = post(&d.url(), batch(std::slice::from_ref(&event))).await;
+        assert_eq!(status, 200, "{ack:?}: {text}");
+        wait_published(&d, 1, Duration::from_secs(30)).await;
+        let recs = records(&d).await;
+        assert_eq!(recs.len(), 1, "{ack:?}");
+        assert_eq!(recs[0].value, event.as_bytes(), "{ack:?}: the value is the sender's bytes, byte for byte");
+        let header = recs[0].header("huggy_bridge_files").expect("the bridge's own results");
+        assert!(!header.contains("evil") && !header.contains("payroll"), "{ack:?}: {header}");
+        let files: Vec<serde_json::Value> = serde_json::from_str(header).unwrap();
+        assert_eq!(files.len(), 1, "{ack:?}: only the bridge's capture: {header}");
+        assert_eq!(files[0]["status"], "stored", "{ack:?}: {header}");
+        assert_eq!(files[0]["url"], format!("http://{addr}/files/real.pdf"), "{ack:?}: without its query");
+        assert_eq!(files[0]["sha256"].as_str(), Some(hex::encode(Sha256::digest(content(4, 2048))).as_str()));
+        d.stop().await;
+    }
+}
+
+/// Three files of one event whose names collide under any name-only scheme: `1-x.pdf` first, then
+/// two files called `x.pdf` (one by its path, one by Content-Disposition).
+fn same_named_files(addr: SocketAddr) -> (String, Vec<(String, Vec<u8>)>) {
+    let files = [
+        ("1-x.pdf", 11, "&size=3000&seed=11"),
+        ("x.pdf", 12, "&size=4000&seed=12"),
+        ("y", 13, "&size=5000&seed=13&cd=x.pdf"),
+    ];
+    let urls: Vec<String> = files.iter().map(|(name, _, extra)| signed(addr, name, 30, extra)).collect();
+    let event = format!(
+        r#"{{"id":7,"body":"três arquivos","file":"{}","attachments":["{}","{}"],"chat":{{"id":77}},"company":{{"id":"7"}}}}"#,
+        urls[0], urls[1], urls[2]
+    );
+    let sizes = [3000, 4000, 5000];
+    let expected =
+        files.iter().zip(sizes).map(|((name, seed, _), size)| ((*name).to_owned(), content(*seed, size))).collect();
+    (event, expected)
+}
+
+/// Checks the results of [`same_named_files`]: three objects, each with its own bytes; `read` gets an
+/// object's bytes by its `location`.
+async fn assert_three_objects(
+    files: &[serde_json::Value],
+    expected: &[(String, Vec<u8>)],
+    read: impl AsyncFn(&str) -> Vec<u8>,
+) {
+    assert_eq!(files.len(), 3, "{files:?}");
+    let mut locations = std::collections::HashSet::new();
+    for (f, (name, bytes)) in files.iter().zip(expected) {
+        assert_eq!(f["status"], "stored", "{f}");
+        assert!(f["url"].as_str().unwrap().ends_with(&format!("/files/{name}")), "results keep the event's order: {f}");
+        let location = f["location"].as_str().unwrap();
+        assert!(locations.insert(location.to_owned()), "two files share {location}");
+        let stored = read(location).await;
+        assert_eq!(stored.len(), bytes.len(), "{location}");
+        assert!(stored == *bytes, "{location} holds another file's bytes");
+        assert_eq!(f["sha256"].as_str(), Some(hex::encode(Sha256::digest(bytes)).as_str()));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_named_files_of_one_event_are_stored_as_separate_objects() {
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = TestApp::start(config(dir.path(), addr)).await;
+    let (event, expected) = same_named_files(addr);
+    let (status, _) = post(&d.url(), batch(&[event])).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 1, Duration::from_secs(30)).await;
+    let files = bridge_files(&records(&d).await[0]);
+    assert_three_objects(&files, &expected, async |location: &str| {
+        std::fs::read(location.strip_prefix("file://").unwrap()).unwrap()
+    })
+    .await;
+    assert_eq!(walk(&dir.path().join("files")).len(), 3);
+    d.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_access_token_in_logs_metrics_or_records_after_a_refused_connection_and_a_403() {
+    let Some(bin) = real_broker_or_skip("files_token_redaction") else { return };
+    let tansu = Tansu::start(&bin, None);
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &tansu.bootstrap(), 3);
+    let cfg = DaemonEnv::new()
+        .set("kafka.brokers", tansu.bootstrap())
+        .set("spool.dir", dir.path().join("spool").display())
+        .set("files.allowed_url_prefixes", format!("[\"http://{addr}/files/\",\"http://{closed}/files/\"]"))
+        .set("files.store", format!("file://{}", dir.path().join("files").display()))
+        // Connection refused is retried until the token's lifetime is over: keep it short.
+        .set("files.token_ttl_secs", 6);
+    let d = Daemon::start(dir.path(), &cfg).await;
+    let refused_secret = "tok3n-refused-5ecret";
+    let rejected_secret = "tok3n-rejected-5ecret";
+    let events = vec![
+        event_with_file(1, 41, &format!("http://{closed}/files/a.pdf?token={refused_secret}")),
+        event_with_file(2, 42, &format!("http://{addr}/files/b.pdf?exp=1&sig=bad&token={rejected_secret}")),
+    ];
+    let (status, _) = post(&d.url(), batch(&events)).await;
+    assert_eq!(status, 200);
+    wait_for("both published", Duration::from_secs(60), async || {
+        (d.metric("huggy_bridge_events_published_total{type=\"receivedMessage\"}").await == 2.0).then_some(())
+    })
+    .await;
+    let recs = read_topics_async(&tansu.bootstrap(), &["huggy.receivedMessage"]).await;
+    assert_eq!(recs.len(), 2);
+    let metrics = reqwest::get(format!("http://{}/metrics", d.admin)).await.unwrap().text().await.unwrap();
+    let log = d.log_text();
+    assert!(log.contains("file not captured"), "the failures were logged: {log}");
+    for r in &recs {
+        let f = bridge_files(r).pop().unwrap();
+        assert_eq!(f["status"], "failed", "{f}");
+        let headers = format!("{:?}", r.headers);
+        for secret in [refused_secret, rejected_secret] {
+            assert!(!headers.contains(secret), "token in the record's headers: {headers}");
+        }
+        assert!(!headers.contains("token="), "{headers}");
+    }
+    let by_chat = |c: &str| recs.iter().find(|r| r.key.as_deref() == Some(c)).unwrap();
+    let refused = bridge_files(by_chat("41")).pop().unwrap();
+    assert_eq!(refused["url"], format!("http://{closed}/files/a.pdf"));
+    // Retried until the token's lifetime is over: the last attempt's transport error, or `expired`
+    // when the deadline came first (a slow machine).
+    let error = refused["error"].as_str().unwrap();
+    assert!(error.contains("download failed") || error == "expired", "{refused}");
+    let rejected = bridge_files(by_chat("42")).pop().unwrap();
+    assert!(rejected["error"].as_str().unwrap().contains("403"), "{rejected}");
+    for secret in [refused_secret, rejected_secret] {
+        assert!(!log.contains(secret), "token in the log:\n{log}");
+        assert!(!metrics.contains(secret), "token in a metric");
+    }
+    assert!(!log.contains("token="), "a query in the log:\n{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_at_its_free_space_floor_fails_the_file_and_still_publishes_the_event() {
+    let (addr, _server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), addr);
+    // A floor above what any disk has free: captures must leave the spool its room.
+    cfg.files.min_free_bytes = Some(1 << 62);
+    let d = TestApp::start(cfg).await;
+    let url = signed(addr, "doc.pdf", 30, "&size=5000&seed=3");
+    let event = event_with_file(1, 51, &url);
+    let (status, _) = post(&d.url(), batch(std::slice::from_ref(&event))).await;
+    assert_eq!(status, 200);
+    wait_published(&d, 1, Duration::from_secs(20)).await;
+    let recs = records(&d).await;
+    assert_eq!(recs[0].value, event.as_bytes());
+    let f = bridge_files(&recs[0]).pop().unwrap();
+    assert_eq!(f["status"], "failed", "{f}");
+    assert!(f["error"].as_str().unwrap().starts_with("file store full"), "{f}");
+    assert!(walk(&dir.path().join("files")).is_empty());
+    d.stop().await;
 }

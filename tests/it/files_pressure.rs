@@ -423,7 +423,10 @@ async fn kafka_mode_a_slow_or_unreachable_file_host_costs_the_file_not_the_batch
         })
         .await;
         let v: serde_json::Value = serde_json::from_slice(&recs[round].value).unwrap();
-        let f = &v["bridge_files"][0];
+        assert!(v.get("bridge_files").is_none(), "the value is Huggy's bytes: {v}");
+        let files: serde_json::Value =
+            serde_json::from_str(recs[round].header("huggy_bridge_files").expect("file results header")).unwrap();
+        let f = &files[0];
         assert_eq!(f["status"], "failed", "{v}");
         assert_eq!(f["error"], "ack_timeout", "{v}");
         assert!(f["url"].as_str().unwrap().starts_with(&format!("http://{host}/")), "{f}");
@@ -516,4 +519,189 @@ async fn an_s3_multipart_upload_cut_off_by_shutdown_is_aborted() {
     assert_eq!(uploads().await, 0, "every multipart upload was aborted");
     let listing = http.get(format!("{endpoint}/cut?list-type=2")).send().await.unwrap().text().await.unwrap();
     assert!(!listing.contains("<Key>"), "no object left behind: {listing}");
+}
+
+/// [`content`], generated a block at a time: a fast host can serve large files without holding
+/// them in memory, so that the memory a test measures is the capture's.
+struct Stream(u64);
+
+impl Stream {
+    fn new(seed: u64) -> Stream {
+        Stream(seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407))
+    }
+
+    fn next_block(&mut self, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (self.0 >> 33) as u8
+            })
+            .collect()
+    }
+
+    fn sha256(seed: u64, size: usize) -> String {
+        let mut s = Stream::new(seed);
+        let mut h = Sha256::new();
+        let mut left = size;
+        while left > 0 {
+            let n = left.min(64 * 1024);
+            h.update(s.next_block(n));
+            left -= n;
+        }
+        hex::encode(h.finalize())
+    }
+}
+
+/// A host with no throttle at all, streaming `size` bytes of [`Stream`] for `seed`.
+async fn start_fast_host() -> SocketAddr {
+    async fn serve_fast(Query(q): Query<HashMap<String, String>>) -> Response {
+        let size: usize = q["size"].parse().unwrap();
+        let mut gen = Stream::new(q["seed"].parse().unwrap());
+        let stream = futures::stream::unfold(0usize, move |sent| {
+            let block = (sent < size).then(|| gen.next_block((size - sent).min(64 * 1024)));
+            async move { block.map(|b| (Ok::<_, std::io::Error>(bytes::Bytes::from(b)), sent + 64 * 1024)) }
+        });
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_LENGTH, size.to_string().parse().unwrap());
+        (headers, axum::body::Body::from_stream(stream)).into_response()
+    }
+    let app = axum::Router::new().route("/f/{name}", axum::routing::get(serve_fast));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_files_from_a_fast_host_stays_within_the_capture_buffer_budget() {
+    const MIB: u64 = 1024 * 1024;
+    let addr = start_fast_host().await;
+    let dir = tempfile::tempdir().unwrap();
+    let budget = 8 * MIB;
+    // 128 downloads at once from the start: without a budget each holds up to a store part.
+    let cfg = FilesConfig { max_buffer_bytes: budget, ..files_config(dir.path(), addr, 120, 128, 256) };
+    let metrics = Arc::new(Metrics::new());
+    let (tx, mut rx) = mpsc::channel(256);
+    let fc = FileCapture::new(&cfg, metrics.clone(), tx).unwrap();
+    let stop = CancellationToken::new();
+    fc.spawn_workers(stop.clone());
+    let pid = std::process::id();
+    reset_peak_rss(pid);
+    let before = peak_rss(pid);
+
+    let (n, size) = (128usize, 3 * 1024 * 1024 + 4321);
+    let deadline = now_unix() + 120;
+    let files: Vec<File> = (0..n)
+        .map(|i| File {
+            url: format!("http://{addr}/f/big{i}?exp={deadline}&size={size}&seed={i}"),
+            seed: i as u64,
+            size,
+            deadline,
+        })
+        .collect();
+    let started = Instant::now();
+    submit(&fc, 0, &files, 120);
+    let done = collect(&mut rx, n, Duration::from_secs(120)).await;
+    let took = started.elapsed();
+    let peak = peak_rss(pid);
+    for (_, d) in &done {
+        let f = &files[d.seq as usize];
+        let e = entry(d);
+        assert_eq!(e["status"], "stored", "{e}");
+        assert_eq!(e["size"].as_u64(), Some(f.size as u64));
+        assert_eq!(e["sha256"].as_str(), Some(Stream::sha256(f.seed, f.size).as_str()), "{e}");
+    }
+    let grew = peak.saturating_sub(before);
+    eprintln!(
+        "budget: {n} files of {:.1} MiB in {took:?}, buffer budget {} MiB, peak RSS {} MiB (+{} MiB over {} MiB before)",
+        size as f64 / MIB as f64,
+        budget / MIB,
+        peak / MIB,
+        grew / MIB,
+        before / MIB
+    );
+    // The budget, plus what is not a store buffer: the connections' buffers on both sides (the
+    // host runs in this process too), the chunks between reader and writer, allocator slack
+    // (measured: +18 MiB). Without the budget the same burst grew by 157 MiB.
+    assert!(grew < budget + 40 * MIB, "RSS grew by {} MiB with a {} MiB budget", grew / MIB, budget / MIB);
+    stop.cancel();
+    fc.stopped().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_jump_expires_no_capture() {
+    let host = Host::new(Duration::from_millis(1_500), 1024.0 * 1024.0, None);
+    let addr = start_host(host.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ttl = 30;
+    // The wall clock the capture reads, stepped by the test (an NTP correction, a VM resumed).
+    let step = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let wall: huggy_bridge::files::WallClock = {
+        let step = step.clone();
+        Arc::new(move || now_unix() as i64 + step.load(Ordering::SeqCst))
+    };
+    let metrics = Arc::new(Metrics::new());
+    let (tx, mut rx) = mpsc::channel(64);
+    // Two at a time: most files are still queued when the clock steps.
+    let cfg = files_config(dir.path(), addr, ttl, 2, 2);
+    let fc = FileCapture::with_wall_clock(&cfg, metrics.clone(), tx, wall).unwrap();
+    let stop = CancellationToken::new();
+    fc.spawn_workers(stop.clone());
+    let deadline = now_unix() + ttl;
+    let files: Vec<File> = (0..8)
+        .map(|i| File {
+            url: format!("http://{addr}/f/j{i}?exp={deadline}&size=20000&seed={i}"),
+            seed: i,
+            size: 20_000,
+            deadline,
+        })
+        .collect();
+    submit(&fc, 0, &files, ttl);
+    wait_for("the first downloads under way", Duration::from_secs(10), async || {
+        (!host.arrivals.lock().unwrap().is_empty()).then_some(())
+    })
+    .await;
+    // Ten minutes forward: every token would look dead by the wall clock.
+    step.store(600, Ordering::SeqCst);
+    let first = collect(&mut rx, 4, Duration::from_secs(20)).await;
+    // And back again, past the start: no deadline moves either way.
+    step.store(-600, Ordering::SeqCst);
+    let rest = collect(&mut rx, 4, Duration::from_secs(20)).await;
+    for (_, d) in first.iter().chain(&rest) {
+        let e = entry(d);
+        assert_eq!(e["status"], "stored", "a clock step expired a capture: {e}");
+        let f = &files[d.seq as usize];
+        assert_eq!(e["sha256"].as_str().unwrap(), hex::encode(Sha256::digest(content(f.seed, f.size))));
+    }
+    assert_eq!(metrics.file_downloads.with_label_values(&["expired"]).get(), 0);
+    stop.cancel();
+    fc.stopped().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_would_take_the_store_below_its_free_space_floor_is_reported_failed() {
+    let host = Host::new(Duration::ZERO, 64.0 * 1024.0 * 1024.0, None);
+    let addr = start_host(host.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let (tx, mut rx) = mpsc::channel(64);
+    // More than any disk has free: the store is "full" for the captures.
+    let cfg = FilesConfig { min_free_bytes: Some(1 << 62), ..files_config(dir.path(), addr, 30, 2, 2) };
+    let fc = FileCapture::new(&cfg, metrics.clone(), tx).unwrap();
+    let stop = CancellationToken::new();
+    fc.spawn_workers(stop.clone());
+    let deadline = now_unix() + 30;
+    let url = format!("http://{addr}/f/large?exp={deadline}&size=100000&seed=2");
+    submit(&fc, 0, &[File { url, seed: 2, size: 100_000, deadline }], 30);
+    let started = Instant::now();
+    let large = entry(&collect(&mut rx, 1, Duration::from_secs(20)).await[0].1);
+    assert_eq!(large["status"], "failed", "{large}");
+    let error = large["error"].as_str().unwrap();
+    assert!(error.starts_with("file store full") && error.contains("files.min_free_bytes"), "{error}");
+    assert!(started.elapsed() < Duration::from_secs(5), "reported at once, not retried until the token dies");
+    assert_eq!(host.arrivals.lock().unwrap().len(), 1, "not retried");
+    assert!(walk(&dir.path().join("store")).is_empty(), "nothing of the refused file is left");
+    assert_eq!(metrics.file_downloads.with_label_values(&["failed"]).get(), 1);
+    stop.cancel();
+    fc.stopped().await;
 }

@@ -1,5 +1,5 @@
 //! File-capture benchmark: a burst of files whose tokens expire, through the whole bridge (webhook →
-//! spool → capture → Kafka record with `bridge_files`), against a local file host that behaves like
+//! spool → capture → Kafka record with `huggy_bridge_files`), against a local file host that behaves like
 //! a real one under load: a first-byte delay and a per-connection rate limit (optionally an
 //! aggregate cap too). Runs the burst with deadline-driven concurrency and, with `--compare-fixed`,
 //! again with the concurrency fixed at the floor, in the same process.
@@ -9,8 +9,9 @@
 //!     --first-byte-ms 300 --conn-kib-per-sec 1000 --ttl-secs 90 --compare-fixed
 //! ```
 //!
-//! Reports files/s, MB/s, stored and expired files, the peak download concurrency and the minimum
-//! token headroom at completion (seconds left before the URL's token died, as the host saw it).
+//! Reports files/s, MB/s, stored and expired files, the peak download concurrency, the minimum
+//! token headroom at completion (seconds left before the URL's token died, as the host saw it) and
+//! the process's peak RSS during the burst (the host runs in the same process).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +60,9 @@ struct Args {
     /// Also run the burst with concurrency fixed at the floor.
     #[arg(long)]
     compare_fixed: bool,
+    /// files.max_buffer_bytes, in MiB (the capture's memory budget).
+    #[arg(long, default_value_t = 64)]
+    max_buffer_mib: u64,
     /// Log filter (e.g. `warn,huggy_bridge::files=info` shows every change of the limit).
     #[arg(long, default_value = "error")]
     log: String,
@@ -154,6 +158,20 @@ struct Run {
     peak_active: i64,
     host_peak: usize,
     min_headroom_ms: Option<i64>,
+    /// Peak resident set of this process during the run (Linux; 0 elsewhere).
+    peak_rss: u64,
+}
+
+/// This process's peak resident set (`VmHWM`) in bytes; 0 where `/proc` has none.
+fn peak_rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 async fn burst(args: &Args, max_concurrency: usize) -> anyhow::Result<Run> {
@@ -198,7 +216,10 @@ async fn burst(args: &Args, max_concurrency: usize) -> anyhow::Result<Run> {
     cfg.files.concurrency = args.concurrency;
     cfg.files.max_concurrency = max_concurrency;
     cfg.files.max_file_bytes = (args.max_kib as u64 + 1) * 1024;
+    cfg.files.max_buffer_bytes = args.max_buffer_mib * 1024 * 1024;
     let d = app::start(cfg, CancellationToken::new()).await?;
+    // Peak RSS from here (Linux `clear_refs` 5 resets VmHWM to the current RSS).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
     let http = reqwest::Client::new();
     let started = Instant::now();
     let ids: Vec<usize> = (0..args.files).collect();
@@ -234,6 +255,7 @@ async fn burst(args: &Args, max_concurrency: usize) -> anyhow::Result<Run> {
         peak_active,
         host_peak: host.peak.load(Ordering::SeqCst),
         min_headroom_ms: *host.min_headroom_ms.lock().unwrap_or_else(|p| p.into_inner()),
+        peak_rss: peak_rss(),
     };
     d.shutdown();
     d.wait().await?;
@@ -245,7 +267,7 @@ async fn burst(args: &Args, max_concurrency: usize) -> anyhow::Result<Run> {
 fn report(label: &str, args: &Args, mb: f64, r: &Run) {
     let secs = r.took.as_secs_f64();
     println!(
-        "{label:>16}: {secs:>7.1} s {:>7.1} files/s {:>6.1} MB/s  stored {}/{} expired {} failed {}  peak concurrency {} (limit {}, host saw {})  min headroom {}",
+        "{label:>16}: {secs:>7.1} s {:>7.1} files/s {:>6.1} MB/s  stored {}/{} expired {} failed {}  peak concurrency {} (limit {}, host saw {})  min headroom {}  peak RSS {} MiB (buffer budget {} MiB)",
         r.stored as f64 / secs,
         mb * r.stored as f64 / args.files as f64 / secs,
         r.stored,
@@ -256,6 +278,8 @@ fn report(label: &str, args: &Args, mb: f64, r: &Run) {
         r.peak_limit,
         r.host_peak,
         r.min_headroom_ms.map_or("-".to_owned(), |ms| format!("{:.1} s", ms as f64 / 1000.0)),
+        r.peak_rss / (1024 * 1024),
+        args.max_buffer_mib,
     );
 }
 
