@@ -17,3 +17,4 @@ mod hostile;
 mod kafka_security;
 mod operations;
 mod real_broker;
+mod self_healing;
