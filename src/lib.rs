@@ -22,6 +22,7 @@
 //! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
 //!   loop that drains the spool.
 //! - `health`: readiness, liveness and the gauges read from state.
+//! - [`supervise`]: the background stages run under a supervisor that restarts them after a panic.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
 
 #![warn(missing_docs)]
@@ -39,4 +40,5 @@ pub mod metrics;
 pub mod publish;
 pub mod shutdown;
 pub mod spool;
+pub mod supervise;
 pub mod telemetry;

@@ -59,6 +59,17 @@ labels! {
     }
 }
 
+labels! {
+    /// A supervised background stage, the `stage` label of `huggy_bridge_stage_restarts_total`.
+    Stage {
+        Publisher => "publisher",
+        KafkaProbe => "kafka_probe",
+        FileFeed => "file_feed",
+        FileResults => "file_results",
+        FileDispatch => "file_dispatch",
+    }
+}
+
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
 pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
@@ -139,6 +150,8 @@ pub struct Metrics {
     /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
     pub(crate) ready: IntGauge,
+    /// `huggy_bridge_stage_restarts_total`: background stages restarted after a panic, by stage.
+    pub stage_restarts: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -340,6 +353,11 @@ impl Metrics {
                 "Producers replaced after a fatal librdkafka error."
             )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
+            stage_restarts: reg!(counter_vec(
+                "huggy_bridge_stage_restarts_total",
+                "Background stages restarted after a panic, by stage (publisher, kafka_probe, file_feed, file_results, file_dispatch).",
+                "stage"
+            )),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("huggy_bridge_build_info", "Build information."),
                 &["version"]
@@ -357,6 +375,9 @@ impl Metrics {
         }
         for r in FileOutcome::ALL {
             m.file_downloads.with_label_values(&[r.label()]);
+        }
+        for s in Stage::ALL {
+            m.stage_restarts.with_label_values(&[s.label()]);
         }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);

@@ -1,6 +1,7 @@
 //! Publishing: events to Kafka records (topic, key, CloudEvents headers), delivery with retries,
 //! dead-lettering of what Kafka can never take, and the loop that drains the spool.
 
+mod guard;
 pub mod kafka;
 
 use std::collections::{BTreeMap, HashSet};
@@ -22,6 +23,7 @@ use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
 use kafka::ErrorClass;
+pub use guard::Poison;
 pub(crate) use kafka::{KafkaHealth, Producer};
 
 /// Topic routing from the configuration, worked out once: a record's topic is a lookup.
@@ -96,6 +98,8 @@ pub(crate) enum RetryReason {
     DeadLetter(#[source] KafkaError),
     #[error("the delivery report was lost: the producer was closed")]
     Closed,
+    #[error("publishing panicked, and so did dead-lettering the event: {0}")]
+    Panicked(String),
 }
 
 /// How one event ended up.
@@ -130,6 +134,7 @@ pub(crate) struct Publisher {
     recreation: tokio::sync::Mutex<Recreation>,
     routes: Routes,
     metrics: Arc<Metrics>,
+    poison: Option<Poison>,
 }
 
 impl Publisher {
@@ -140,6 +145,7 @@ impl Publisher {
             recreation: tokio::sync::Mutex::new(Recreation { not_before: None, delay: RECREATE_MIN_DELAY, last: None }),
             routes,
             metrics,
+            poison: None,
         }
     }
 
@@ -224,6 +230,7 @@ impl Publisher {
         };
         let mut pending = Vec::with_capacity(events.len());
         for ev in events {
+            self.check_poison(ev);
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
                 None => self
@@ -381,6 +388,7 @@ enum PublishError {
 }
 
 /// When the spool publisher stops: `soft` after its current window, `hard` at once.
+#[derive(Clone)]
 pub(crate) struct Stops {
     pub(crate) soft: CancellationToken,
     pub(crate) hard: CancellationToken,
@@ -442,7 +450,7 @@ pub(crate) async fn run_spool_publisher(
         while !todo.is_empty() {
             let refs: Vec<&Event> = todo.iter().map(|s| &s.event).collect();
             let outcomes = tokio::select! {
-                o = publisher.publish_all(&refs) => { pulse.beat(); o }
+                o = publisher.publish_guarded(&refs) => { pulse.beat(); o }
                 () = hard.cancelled() => {
                     info!(records = refs.len(), "shutdown while publishing; unacknowledged records stay in the spool");
                     return;
