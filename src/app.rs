@@ -21,10 +21,10 @@ use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
-use crate::publish::kafka::{self, EmbeddedBroker};
-use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
 use crate::metrics::Stage;
+use crate::publish::kafka::{self, EmbeddedBroker};
 use crate::publish::Poison;
+use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
 use crate::spool::{SegmentIo, Spool, SpoolSettings};
 use crate::supervise::{Faults, Supervisor};
 
@@ -232,7 +232,8 @@ impl Pipeline {
                 move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
             }),
         };
-        let mut publisher = Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate);
+        let mut publisher =
+            Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate);
         if let Some(p) = &overrides.poison {
             publisher = publisher.poisoned_by(p.clone());
         }
@@ -273,7 +274,8 @@ impl Pipeline {
                 .await;
             })
         });
-        let probe = (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)));
+        let probe =
+            (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)));
         tokio::spawn({
             let (sup, stop, publisher, health) =
                 (supervisor.clone(), background_stop.clone(), publisher.clone(), health.clone());

@@ -3,7 +3,7 @@
 //! keep nothing that the spool does not hold, so a fresh run picks up where the spool says (the
 //! publisher re-reads every unacknowledged event). Restarts are paced (exponential, reset after a
 //! run that lasted), and liveness fails only when a stage keeps failing: [`FAILING_RESTARTS`]
-//! restarts within [`FAILING_WINDOW`].
+//! restarts within [`FAILING_WINDOW`], the latest less than a minute ago.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -51,14 +51,17 @@ impl Stages {
     }
 
     /// Why a stage counts as failing: it was restarted [`FAILING_RESTARTS`] times or more within
-    /// [`FAILING_WINDOW`]. Empty when every stage is healthy.
+    /// [`FAILING_WINDOW`], and its latest run has not yet lasted [`HEALTHY_RUN`]. Empty when every
+    /// stage is healthy.
     pub(crate) fn failing(&self) -> Vec<String> {
         let now = Instant::now();
         let all = self.restarts.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         all.iter()
             .filter_map(|(stage, recent)| {
                 let n = recent.iter().filter(|t| now.duration_since(**t) <= FAILING_WINDOW).count();
-                (n >= FAILING_RESTARTS).then(|| {
+                // A run that has lasted since the last restart means the stage recovered.
+                let recovered = recent.back().is_none_or(|t| now.duration_since(*t) >= HEALTHY_RUN);
+                (n >= FAILING_RESTARTS && !recovered).then(|| {
                     format!(
                         "stage {} restarted {n} times within {}s and keeps failing",
                         stage.label(),
@@ -251,8 +254,9 @@ mod tests {
         assert!(failing[0].contains("kafka_probe"), "{failing:?}");
         stop.cancel();
         task.await.unwrap();
-        // Long after, the restarts have aged out of the window.
-        tokio::time::sleep(FAILING_WINDOW + Duration::from_secs(1)).await;
+        assert_eq!(sup.stages().failing().len(), 1, "still failing right after");
+        // A stage that stopped panicking counts as recovered once its run lasted.
+        tokio::time::sleep(HEALTHY_RUN).await;
         assert!(sup.stages().failing().is_empty());
     }
 

@@ -384,11 +384,16 @@ impl FileCapture {
 
     /// [`FileCapture::spawn_workers`] under `supervisor`: a dispatcher that panics is restarted
     /// (the queue lives in `self`, so the fresh one carries on with it).
-    pub(crate) fn spawn_supervised(self: &Arc<Self>, stop: CancellationToken, supervisor: &crate::supervise::Supervisor) {
+    pub(crate) fn spawn_supervised(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+        supervisor: &crate::supervise::Supervisor,
+    ) {
         let (me, sup) = (self.clone(), supervisor.clone());
         self.tasks.spawn(async move {
             let run_stop = stop.clone();
-            sup.supervise(crate::metrics::Stage::FileDispatch, stop, move || me.clone().dispatch(run_stop.clone())).await;
+            sup.supervise(crate::metrics::Stage::FileDispatch, stop, move || me.clone().dispatch(run_stop.clone()))
+                .await;
         });
     }
 

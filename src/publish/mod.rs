@@ -22,8 +22,8 @@ use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
-use kafka::ErrorClass;
 pub use guard::Poison;
+use kafka::ErrorClass;
 pub(crate) use kafka::{KafkaHealth, Producer};
 
 /// Topic routing from the configuration, worked out once: a record's topic is a lookup.

@@ -96,3 +96,128 @@ async fn odd_batch_times_are_published_and_never_stop_other_accounts_even_across
     assert_eq!(ce_time("after-restart-other").as_deref(), Some("2025-11-21T04:40:02Z"));
     assert!(!d.log_text().contains("panicked"), "no stage panicked; log:\n{}", d.log_text());
 }
+
+/// The restarts of one stage, as `/metrics` shows them.
+fn restarts(stage: &str) -> String {
+    format!("huggy_bridge_stage_restarts_total{{stage=\"{stage}\"}}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panic_in_each_background_stage_is_survived_counted_and_delivery_goes_on() {
+    use huggy_bridge::app::{self, Overrides};
+    use huggy_bridge::metrics::counter_sum;
+    use huggy_bridge::supervise::Faults;
+    use std::sync::Arc;
+    use tokio_util::sync::CancellationToken;
+
+    let files = axum::Router::new().route("/files/{name}", axum::routing::get(|| async { vec![7u8; 5000] }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let files_addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, files).await.unwrap() });
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.files.enabled = true;
+    cfg.files.allowed_url_prefixes = vec![format!("http://{files_addr}/files/")];
+    cfg.files.store = format!("file://{}", dir.path().join("files").display());
+    let faults = Arc::new(Faults::default());
+    let overrides = Overrides {
+        faults: Some(faults.clone()),
+        poison: Some(Arc::new(|v: &[u8]| v.windows(6).any(|w| w == b"POISON"))),
+        ..Overrides::default()
+    };
+    let d = app::start_with(cfg, CancellationToken::new(), overrides).await.expect("daemon starts");
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    let healthz = async || reqwest::get(format!("http://{}/healthz", d.admin_addr)).await.unwrap().status().as_u16();
+    let batch = |n: u64, with_file: bool, body: &str| {
+        let file = if with_file { format!(r#""http://{files_addr}/files/f{n}.pdf""#) } else { "null".into() };
+        let ev =
+            format!(r#"{{"id":{n},"body":"{body}","file":{file},"chat":{{"id":{}}},"company":{{"id":"7"}}}}"#, 700 + n);
+        format!(r#"{{"time":1763700000,"token":"{LOAD_TOKEN}","messages":{{"receivedMessage":[{ev}]}}}}"#)
+    };
+
+    let mut n = 0;
+    for stage in ["publisher", "kafka_probe", "file_feed", "file_results", "file_dispatch"] {
+        faults.panic_stage(stage, 1);
+        wait_for(&format!("{stage} restarted"), Duration::from_secs(20), async || {
+            (metric_value(&d.admin_addr, &restarts(stage)).await == 1.0).then_some(())
+        })
+        .await;
+        // Delivery goes on, files included, after the restart.
+        for with_file in [true, false] {
+            n += 1;
+            let (status, text) = post(&url, batch(n, with_file, &format!("after-{stage}-{with_file}"))).await;
+            assert_eq!(status, 200, "{text}");
+        }
+        wait_for(&format!("published after {stage} restarted"), Duration::from_secs(30), async || {
+            (counter_sum(&d.metrics.events_published) >= n).then_some(())
+        })
+        .await;
+        assert_eq!(healthz().await, 200, "one restart is no liveness failure");
+    }
+    let bootstrap = d.embedded_bootstrap.clone().unwrap();
+    let recs = read_topics_async(&bootstrap, &["huggy.receivedMessage"]).await;
+    let with_files: Vec<serde_json::Value> = recs
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.value).unwrap())
+        .filter(|v| v["body"].as_str().is_some_and(|b| b.ends_with("-true")))
+        .collect();
+    assert_eq!(with_files.len(), 5, "{with_files:?}");
+    for v in &with_files {
+        assert_eq!(v["bridge_files"][0]["status"], "stored", "{v}");
+    }
+
+    // A poisoned event (its publishing panics) is dead-lettered with the reason; the events around
+    // it, in the same window, are published; the publisher is not restarted for it.
+    let evs: Vec<String> = ["before-poison", "POISON", "after-poison"]
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            format!(
+                r#"{{"id":{},"body":"{b}","file":null,"chat":{{"id":{}}},"company":{{"id":"7"}}}}"#,
+                900 + i,
+                900 + i
+            )
+        })
+        .collect();
+    let body =
+        format!(r#"{{"time":1763700000,"token":"{LOAD_TOKEN}","messages":{{"receivedMessage":[{}]}}}}"#, evs.join(","));
+    assert_eq!(post(&url, body).await.0, 200);
+    wait_for("the poisoned event dead-lettered, the others published", Duration::from_secs(30), async || {
+        (counter_sum(&d.metrics.events_dead_lettered) == 1 && counter_sum(&d.metrics.events_published) >= n + 2)
+            .then_some(())
+    })
+    .await;
+    let dlq = read_topics_async(&bootstrap, &["huggy.dead-letter"]).await;
+    assert_eq!(dlq.len(), 1, "{dlq:?}");
+    let reason = dlq[0].header("huggy_dlq_reason").unwrap_or_default();
+    assert!(reason.contains("panicked") && reason.contains("injected fault"), "{reason}");
+    assert_eq!(dlq[0].header("huggy_dlq_topic"), Some("huggy.receivedMessage"));
+    assert!(String::from_utf8_lossy(&dlq[0].value).contains("POISON"), "the event's bytes are kept");
+    let published: Vec<String> = read_topics_async(&bootstrap, &["huggy.receivedMessage"])
+        .await
+        .iter()
+        .map(|r| serde_json::from_slice::<serde_json::Value>(&r.value).unwrap()["body"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(published.iter().any(|b| b == "before-poison") && published.iter().any(|b| b == "after-poison"));
+    assert!(!published.iter().any(|b| b == "POISON"));
+    assert_eq!(metric_value(&d.admin_addr, &restarts("publisher")).await, 1.0, "no restart for a poisoned event");
+
+    // A stage that keeps panicking fails liveness, and says which.
+    faults.panic_stage("kafka_probe", 6);
+    let why = wait_for("liveness fails", Duration::from_secs(30), async || {
+        let r = reqwest::get(format!("http://{}/healthz", d.admin_addr)).await.unwrap();
+        (r.status() == 503).then_some(r.text().await.unwrap())
+    })
+    .await;
+    assert!(why.contains("kafka_probe"), "{why}");
+    // Delivery is not what failed: it still goes on.
+    n += 1;
+    assert_eq!(post(&url, batch(n + 10, false, "while-failing")).await.0, 200);
+    wait_for("published while a stage is failing", Duration::from_secs(30), async || {
+        (counter_sum(&d.metrics.events_published) >= n + 2).then_some(())
+    })
+    .await;
+    d.shutdown();
+    d.wait().await.unwrap();
+}
