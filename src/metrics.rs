@@ -150,6 +150,8 @@ pub struct Metrics {
     /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
     pub(crate) ready: IntGauge,
+    /// `huggy_bridge_publish_stalled_keys`: keys whose last publish failed, waiting out a backoff.
+    pub publish_stalled_keys: IntGauge,
     /// `huggy_bridge_stage_restarts_total`: background stages restarted after a panic, by stage.
     pub stage_restarts: IntCounterVec,
     build_info: IntGaugeVec,
@@ -353,6 +355,10 @@ impl Metrics {
                 "Producers replaced after a fatal librdkafka error."
             )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
+            publish_stalled_keys: reg!(IntGauge::new(
+                "huggy_bridge_publish_stalled_keys",
+                "Keys (chats, companies) whose last publish failed and that wait out their own backoff; the other keys go on."
+            )),
             stage_restarts: reg!(counter_vec(
                 "huggy_bridge_stage_restarts_total",
                 "Background stages restarted after a panic, by stage (publisher, kafka_probe, file_feed, file_results, file_dispatch).",

@@ -3,14 +3,15 @@
 
 mod guard;
 pub mod kafka;
+mod lanes;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
@@ -394,12 +395,26 @@ pub(crate) struct Stops {
     pub(crate) hard: CancellationToken,
 }
 
-/// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, publishes
-/// a window of them, acknowledges what Kafka took, and retries the rest with exponential backoff
-/// (in order, before anything newer).
+/// Rounds of lanes being published at once: a round holding a record Kafka cannot take now waits
+/// for its delivery timeout, and the others go on meanwhile.
+const ROUNDS_IN_FLIGHT: usize = 4;
+/// Events held per publishing window (`kafka.max_in_flight_records`): room for the lanes of keys that
+/// wait out a backoff besides the window that flows.
+const HELD_PER_WINDOW: usize = 4;
+
+type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<Stored>, Vec<Outcome>)> + Send>>;
+
+/// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, holds
+/// them in one lane per key ([`lanes`]), publishes rounds of lanes (up to `window` events each,
+/// [`ROUNDS_IN_FLIGHT`] at once), acknowledges what Kafka took, and puts what it did not back at the
+/// front of its lane, which waits out its own exponential backoff: a key Kafka will not take stalls
+/// only itself, in order.
 ///
 /// An event whose files are still being captured is parked, and so is every later event with the
 /// same key (order per key); events of other keys go on. Parked events go first once ready.
+///
+/// The pulse beats when a round completes or nothing is in flight: a round that never completes
+/// (a producer that stopped reporting) silences it, and liveness says so.
 pub(crate) async fn run_spool_publisher(
     spool: Spool,
     publisher: Arc<Publisher>,
@@ -411,80 +426,113 @@ pub(crate) async fn run_spool_publisher(
     let Stops { soft: stop, hard } = stops;
     let mut reader = spool.reader();
     let committed = spool.committed();
-    let retry_policy = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
+    let mut lanes = lanes::Lanes::new();
+    let mut rounds: FuturesUnordered<Round> = FuturesUnordered::new();
     let mut parked: Vec<Stored> = Vec::new();
-    while !stop.is_cancelled() {
-        pulse.beat();
+    let mut read_again_at: Option<tokio::time::Instant> = None;
+    loop {
+        if rounds.is_empty() {
+            pulse.beat();
+            if stop.is_cancelled() {
+                break;
+            }
+        }
         let notified = committed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let room = window.saturating_sub(parked.len());
-        let fresh = match if room > 0 { reader.read_now(room) } else { Ok(Vec::new()) } {
-            Ok(b) => b,
-            Err(e) => {
-                error!(error = %e, "spool read failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    () = stop.cancelled() => break,
+        if !stop.is_cancelled() && read_again_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
+            read_again_at = None;
+            let room = (window * HELD_PER_WINDOW).saturating_sub(lanes.held() + parked.len());
+            match if room > 0 { reader.read_now(room) } else { Ok(Vec::new()) } {
+                Ok(fresh) => {
+                    let (ready, still_parked) =
+                        release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));
+                    parked = still_parked;
+                    for s in ready {
+                        lanes.push(s);
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "spool read failed; retrying");
+                    read_again_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
             }
-        };
-        let (ready, still_parked) =
-            release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));
-        parked = still_parked;
-        if ready.is_empty() {
-            tokio::select! {
-                () = &mut notified => continue,
-                // Parked events also wait on file results, which the spool announces the same way;
-                // the timer only bounds how long a missed wake-up could delay them.
-                () = tokio::time::sleep(Duration::from_secs(1)), if !parked.is_empty() => continue,
-                () = stop.cancelled() => break,
+            while rounds.len() < ROUNDS_IN_FLIGHT {
+                let round = lanes.take_ready(tokio::time::Instant::now(), window);
+                if round.is_empty() {
+                    break;
+                }
+                let publisher = publisher.clone();
+                rounds.push(Box::pin(async move {
+                    let refs: Vec<&Event> = round.iter().map(|s| &s.event).collect();
+                    let outcomes = publisher.publish_guarded(&refs).await;
+                    (round, outcomes)
+                }));
             }
         }
-        let mut todo = ready;
-        let mut backoff = retry_policy.build();
-        while !todo.is_empty() {
-            let refs: Vec<&Event> = todo.iter().map(|s| &s.event).collect();
-            let outcomes = tokio::select! {
-                o = publisher.publish_guarded(&refs) => { pulse.beat(); o }
-                () = hard.cancelled() => {
-                    info!(records = refs.len(), "shutdown while publishing; unacknowledged records stay in the spool");
-                    return;
-                }
-            };
-            let now = now_secs();
-            let mut done = Vec::new();
-            let mut again = Vec::new();
-            for (stored, outcome) in todo.into_iter().zip(outcomes) {
-                match outcome {
-                    Outcome::Published | Outcome::DeadLettered => {
-                        metrics.ack_latency.observe((now - stored.received_at).max(0) as f64);
-                        done.push(stored.seq);
-                    }
-                    Outcome::Retry(why) => {
-                        debug!(event_id = %stored.event.id, %why, "publish will be retried");
-                        again.push(stored);
-                    }
+        metrics.publish_stalled_keys.set(lanes.stalled() as i64);
+        // Wake for: a round done, new events, a lane's backoff over, parked events (their file
+        // results are announced like commits; the timer only bounds a missed wake-up), a read to retry.
+        let due = if rounds.len() < ROUNDS_IN_FLIGHT { lanes.next_due() } else { None };
+        let wake_at =
+            [due, read_again_at, (!parked.is_empty()).then(|| tokio::time::Instant::now() + Duration::from_secs(1))]
+                .into_iter()
+                .flatten()
+                .min();
+        tokio::select! {
+            Some((round, outcomes)) = rounds.next(), if !rounds.is_empty() => {
+                pulse.beat();
+                settle(&spool, &metrics, &mut lanes, round, outcomes).await;
+            }
+            () = &mut notified, if !stop.is_cancelled() => {}
+            () = tokio::time::sleep_until(wake_at.unwrap_or_else(tokio::time::Instant::now)), if wake_at.is_some() && !stop.is_cancelled() => {}
+            () = stop.cancelled(), if !stop.is_cancelled() => {
+                if !rounds.is_empty() || lanes.held() > 0 {
+                    info!(in_flight = rounds.len(), held = lanes.held(), "stopping: finishing the rounds in flight; the rest stays in the spool");
                 }
             }
-            spool.ack(done).await;
-            if !again.is_empty() {
-                metrics.publish_retries.inc_by(again.len() as u64);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                warn!(records = again.len(), delay_ms = delay.as_millis() as u64, "publishing failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => {
-                        info!(records = again.len(), "shutdown with records still to publish; they stay in the spool");
-                        return;
-                    }
-                }
+            () = hard.cancelled() => {
+                info!(rounds = rounds.len(), "shutdown while publishing; unacknowledged records stay in the spool");
+                return;
             }
-            todo = again;
+        }
+    }
+}
+
+/// Acknowledges what a round got into Kafka and returns the rest to its lanes.
+async fn settle(
+    spool: &Spool,
+    metrics: &Metrics,
+    lanes: &mut lanes::Lanes,
+    round: Vec<Stored>,
+    outcomes: Vec<Outcome>,
+) {
+    for (s, o) in round.iter().zip(&outcomes) {
+        if let Outcome::Retry(why) = o {
+            debug!(event_id = %s.event.id, %why, "publish will be retried");
+        }
+    }
+    let first_failure = round.iter().zip(&outcomes).find_map(|(s, o)| match o {
+        Outcome::Retry(why) => Some((s.event.id, why.to_string())),
+        _ => None,
+    });
+    let fin = lanes.finish(round, outcomes, tokio::time::Instant::now());
+    let now = now_secs();
+    for (_, received_at) in &fin.done {
+        metrics.ack_latency.observe((now - received_at).max(0) as f64);
+    }
+    spool.ack(fin.done.iter().map(|d| d.0).collect()).await;
+    if fin.retried > 0 {
+        metrics.publish_retries.inc_by(fin.retried as u64);
+        if let Some((event_id, why)) = first_failure {
+            warn!(
+                records = fin.retried,
+                %event_id,
+                reason = %why,
+                stalled_keys = lanes.stalled(),
+                newly_stalled = fin.newly_stalled,
+                "publishing failed; these keys back off and are retried, the others go on"
+            );
         }
     }
 }

@@ -221,3 +221,86 @@ async fn a_panic_in_each_background_stage_is_survived_counted_and_delivery_goes_
     d.shutdown();
     d.wait().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// No head-of-line blocking: librdkafka's mock cluster makes one partition or topic unwritable
+
+/// One event of `ty` (its own key: the chat or event id `id`) in a batch.
+fn one_event(ty: &str, id: u64, body: &str) -> String {
+    let ev = match ty {
+        "receivedMessage" => {
+            format!(r#"{{"id":{id},"body":"{body}","file":null,"chat":{{"id":{id}}},"company":{{"id":"7"}}}}"#)
+        }
+        _ => format!(r#"{{"id":{id},"body":"{body}","company":{{"id":"7"}}}}"#),
+    };
+    format!(r#"{{"time":1763700000,"token":"{LOAD_TOKEN}","messages":{{"{ty}":[{ev}]}}}}"#)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partition_without_a_leader_and_a_missing_topic_stall_only_their_own_keys() {
+    use huggy_bridge::metrics::counter_sum;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::RDKafkaRespErr;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.kafka.partitions = 1;
+    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).unwrap();
+    for t in huggy_bridge::publish::kafka::routable_topics(&cfg) {
+        cluster.create_topic(&t, 1, 1).unwrap();
+    }
+    cfg.kafka.brokers = cluster.bootstrap_servers();
+    // closedChat's only partition has no leader; agentEntered's topic is unknown to the cluster.
+    cluster.partition_leader("huggy.closedChat", 0, None).unwrap();
+    cluster.topic_error("huggy.agentEntered", RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART).unwrap();
+    let d = huggy_bridge::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    for (ty, id) in [("closedChat", 1), ("agentEntered", 2)] {
+        let (status, text) = post(&url, one_event(ty, id, &format!("stuck-{ty}"))).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    // Other chats, on other topics, sent after the stuck ones, over a while longer than one round.
+    let began = std::time::Instant::now();
+    for i in 0..20u64 {
+        let (status, text) = post(&url, one_event("receivedMessage", 100 + i, &format!("flowing-{i}"))).await;
+        assert_eq!(status, 200, "{text}");
+        wait_for("the flowing chat published", Duration::from_secs(20), async || {
+            (counter_sum(&d.metrics.events_published) > i).then_some(())
+        })
+        .await;
+    }
+    let flowed_in = began.elapsed();
+    assert_eq!(counter_sum(&d.metrics.events_published), 20, "the stuck keys are not published");
+    // The stuck records come back from librdkafka (message timeout) and wait in their own lanes.
+    wait_for("the stuck keys reported", Duration::from_secs(90), async || {
+        (metric_value(&d.admin_addr, "huggy_bridge_publish_stalled_keys").await >= 2.0).then_some(())
+    })
+    .await;
+    // Still flowing while they back off; liveness holds (an unwritable partition is not a stuck daemon).
+    let (status, _) = post(&url, one_event("receivedMessage", 200, "flowing-during-backoff")).await;
+    assert_eq!(status, 200);
+    wait_for("published during the backoff", Duration::from_secs(20), async || {
+        (counter_sum(&d.metrics.events_published) >= 21).then_some(())
+    })
+    .await;
+    let healthz = reqwest::get(format!("http://{}/healthz", d.admin_addr)).await.unwrap();
+    assert_eq!(healthz.status(), 200, "{}", healthz.text().await.unwrap());
+
+    // Kafka can take them again: they are published, nothing lost, nothing dead-lettered.
+    cluster.partition_leader("huggy.closedChat", 0, Some(1)).unwrap();
+    cluster.topic_error("huggy.agentEntered", RDKafkaRespErr::RD_KAFKA_RESP_ERR_NO_ERROR).unwrap();
+    wait_for("the stuck keys published once writable", Duration::from_secs(120), async || {
+        (counter_sum(&d.metrics.events_published) >= 23).then_some(())
+    })
+    .await;
+    assert_eq!(counter_sum(&d.metrics.events_dead_lettered), 0);
+    wait_for("no stalled key left", Duration::from_secs(10), async || {
+        (metric_value(&d.admin_addr, "huggy_bridge_publish_stalled_keys").await == 0.0).then_some(())
+    })
+    .await;
+    let recs = read_topics_async(&cfg.kafka.brokers, &["huggy.closedChat", "huggy.agentEntered"]).await;
+    assert_eq!(recs.len(), 2, "{recs:?}");
+    eprintln!("20 events of other keys published one after the other in {flowed_in:?} while two keys were unwritable");
+    d.shutdown();
+    d.wait().await.unwrap();
+}
