@@ -4,6 +4,7 @@
 mod guard;
 pub mod kafka;
 mod lanes;
+mod stale;
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -136,6 +137,7 @@ pub(crate) struct Publisher {
     routes: Routes,
     metrics: Arc<Metrics>,
     poison: Option<Poison>,
+    staleness: stale::Staleness,
 }
 
 impl Publisher {
@@ -147,6 +149,7 @@ impl Publisher {
             routes,
             metrics,
             poison: None,
+            staleness: stale::Staleness::default(),
         }
     }
 
@@ -177,7 +180,15 @@ impl Publisher {
     /// The producer is broken and may not (yet) or cannot be replaced.
     async fn usable_producer(&self) -> Result<Arc<Producer>, RetryReason> {
         let current = self.producer();
-        let Some((code, reason)) = current.client().fatal_error() else { return Ok(current) };
+        // A fatally broken producer cannot send at all; a stale one (the broker lost its state, see
+        // `stale`) is used until it may be replaced.
+        let (code, reason, fatal_now) = match current.client().fatal_error() {
+            Some((code, reason)) => (code, reason, true),
+            None => match self.recreate.as_ref().and_then(|r| self.staleness.stale(r.health.is_reachable())) {
+                Some((code, reason)) => (code, reason, false),
+                None => return Ok(current),
+            },
+        };
         let fatal = KafkaError::Global(code);
         let Some(recreate) = &self.recreate else { return Err(RetryReason::Fatal(fatal)) };
         let mut pace = self.recreation.lock().await;
@@ -186,7 +197,7 @@ impl Publisher {
             return Ok(now_current); // replaced while this call waited
         }
         if pace.not_before.is_some_and(|t| Instant::now() < t) {
-            return Err(RetryReason::Fatal(fatal));
+            return if fatal_now { Err(RetryReason::Fatal(fatal)) } else { Ok(current) };
         }
         // A producer that broke soon after the last replacement doubles the wait for the next one.
         pace.delay = match pace.last {
@@ -194,7 +205,11 @@ impl Publisher {
             _ => RECREATE_MIN_DELAY,
         };
         pace.not_before = Some(Instant::now() + pace.delay);
-        error!(code = ?code, reason, "kafka producer failed fatally; replacing it (unacknowledged events are sent again)");
+        if fatal_now {
+            error!(code = ?code, reason, "kafka producer failed fatally; replacing it (unacknowledged events are sent again)");
+        } else {
+            error!(code = ?code, reason, "kafka producer makes no progress; replacing it (unacknowledged events are sent again)");
+        }
         match (recreate.make)() {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
@@ -203,6 +218,7 @@ impl Publisher {
                     Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
                 }
                 pace.last = Some(Instant::now());
+                self.staleness.reset();
                 recreate.health.fatal.store(false, Ordering::Relaxed);
                 recreate.health.unrecoverable.store(false, Ordering::Relaxed);
                 self.metrics.kafka_fatal.set(0);
@@ -257,6 +273,7 @@ impl Publisher {
         for (ev, result) in events.iter().zip(waited) {
             let outcome = match result {
                 Ok(()) => {
+                    self.staleness.delivered();
                     self.metrics.events_published.with_label_values(&[ev.event_type.label()]).inc();
                     self.metrics.published_bytes.inc_by(ev.value.len() as u64);
                     Outcome::Published
@@ -264,6 +281,7 @@ impl Publisher {
                 Err(PublishError::Malformed(reason)) => self.dead_letter(&producer, ev, &reason).await,
                 Err(PublishError::Kafka(e)) => {
                     self.count_error(&e);
+                    self.staleness.failed(&e);
                     match kafka::classify(&e) {
                         ErrorClass::Permanent => self.dead_letter(&producer, ev, &e.to_string()).await,
                         ErrorClass::Authorization => {

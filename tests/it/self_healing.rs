@@ -304,3 +304,93 @@ async fn a_partition_without_a_leader_and_a_missing_topic_stall_only_their_own_k
     d.shutdown();
     d.wait().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------------
+// A broker that loses the producer's state
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_that_loses_producer_state_is_recovered_without_a_daemon_restart() {
+    use huggy_bridge::metrics::counter_sum;
+    let Some(bin) = real_broker_or_skip("broker_loses_producer_state") else { return };
+    let mut tansu = Tansu::start(&bin, None);
+    let dir = tempfile::tempdir().unwrap();
+    topics_create(dir.path(), &tansu.bootstrap(), 3);
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.kafka.brokers = tansu.bootstrap();
+    let d = huggy_bridge::app::start(cfg, tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    for b in 0..5 {
+        assert_eq!(post(&url, load_batch(1, b, 4).0).await.0, 200);
+    }
+    wait_for("published before the broker restart", Duration::from_secs(30), async || {
+        (counter_sum(&d.metrics.events_published) >= 20).then_some(())
+    })
+    .await;
+    // The broker comes back empty: no topics, no producer ids, sequence numbers unknown.
+    tansu.restart_losing_state(&bin);
+    topics_create(dir.path(), &tansu.bootstrap(), 3);
+    let mut load = LoadResult::default();
+    for b in 5..15 {
+        let (body, markers) = load_batch(1, b, 4);
+        assert_eq!(post(&url, body).await.0, 200);
+        load.acked.push(markers);
+    }
+    let began = std::time::Instant::now();
+    wait_for("everything accepted after the restart published", Duration::from_secs(180), async || {
+        (counter_sum(&d.metrics.events_published) >= 60).then_some(())
+    })
+    .await;
+    eprintln!(
+        "broker lost its state: published again after {:?}, producer replaced {} times",
+        began.elapsed(),
+        d.metrics.producer_recreated.get()
+    );
+    let recs = read_topics_async(&tansu.bootstrap(), &["huggy.receivedMessage"]).await;
+    let load = LoadResult { acked: vec![load.acked.concat()], ..Default::default() };
+    assert_nothing_acked_is_missing(&load, &recs);
+    let healthz = reqwest::get(format!("http://{}/healthz", d.admin_addr)).await.unwrap();
+    assert_eq!(healthz.status(), 200, "{}", healthz.text().await.unwrap());
+    d.shutdown();
+    d.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_unknown_producer_id_errors_lose_nothing_and_need_no_restart() {
+    use huggy_bridge::metrics::counter_sum;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.kafka.partitions = 1;
+    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).unwrap();
+    for t in huggy_bridge::publish::kafka::routable_topics(&cfg) {
+        cluster.create_topic(&t, 1, 1).unwrap();
+    }
+    cfg.kafka.brokers = cluster.bootstrap_servers();
+    let d = huggy_bridge::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new()).await.unwrap();
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    assert_eq!(post(&url, load_batch(1, 0, 5).0).await.0, 200);
+    wait_for("first batch published", Duration::from_secs(30), async || {
+        (counter_sum(&d.metrics.events_published) >= 5).then_some(())
+    })
+    .await;
+    let errors = [RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_PRODUCER_ID; 4];
+    cluster.request_errors(RDKafkaApiKey::Produce, &errors);
+    let mut load = LoadResult::default();
+    for b in 1..6 {
+        let (body, markers) = load_batch(1, b, 5);
+        assert_eq!(post(&url, body).await.0, 200);
+        load.acked.push(markers);
+    }
+    wait_for("published despite the lost producer ids", Duration::from_secs(120), async || {
+        (counter_sum(&d.metrics.events_published) >= 30).then_some(())
+    })
+    .await;
+    let recs = read_topics_async(&cfg.kafka.brokers, &["huggy.receivedMessage"]).await;
+    let load = LoadResult { acked: vec![load.acked.concat()], ..Default::default() };
+    let dups = assert_nothing_acked_is_missing(&load, &recs);
+    eprintln!("unknown producer id: {dups} duplicates, producer replaced {} times", d.metrics.producer_recreated.get());
+    d.shutdown();
+    d.wait().await.unwrap();
+}
