@@ -78,6 +78,7 @@ impl Stages {
 #[derive(Debug, Default)]
 pub struct Faults {
     armed: Mutex<Vec<(Stage, Arc<AtomicU32>)>>,
+    hung: Mutex<Vec<Stage>>,
     notify: tokio::sync::Notify,
 }
 
@@ -93,6 +94,21 @@ impl Faults {
         self.notify.notify_waiters();
     }
 
+    /// Makes the running `stage` stop making progress for good, without ending or panicking (as a
+    /// call that never returns would).
+    ///
+    /// # Panics
+    /// `stage` names no stage (a mistake in the test).
+    pub fn hang_stage(&self, stage: &str) {
+        let stage = Stage::ALL.iter().copied().find(|s| s.label() == stage).expect("a stage name");
+        self.hung.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(stage);
+        self.notify.notify_waiters();
+    }
+
+    fn is_hung(&self, stage: Stage) -> bool {
+        self.hung.lock().unwrap_or_else(std::sync::PoisonError::into_inner).contains(&stage)
+    }
+
     fn counter(&self, stage: Stage) -> Arc<AtomicU32> {
         let mut armed = self.armed.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((_, c)) = armed.iter().find(|(s, _)| *s == stage) {
@@ -103,8 +119,9 @@ impl Faults {
         c
     }
 
-    /// Resolves (by panicking) once a panic is armed for `stage`.
-    async fn strike(&self, stage: Stage) {
+    /// Panics once a panic is armed for `stage`; once the stage is hung, never resolves and never
+    /// lets the stage run again.
+    async fn strike(&self, stage: Stage) -> Strike {
         let counter = self.counter(stage);
         loop {
             let notified = self.notify.notified();
@@ -114,9 +131,16 @@ impl Faults {
             if took {
                 panic!("injected fault: stage {} panics", stage.label());
             }
+            if self.is_hung(stage) {
+                return Strike::Hang;
+            }
             notified.await;
         }
     }
+}
+
+enum Strike {
+    Hang,
 }
 
 /// Runs stages under supervision.
@@ -152,11 +176,14 @@ impl Supervisor {
             let faults = self.faults.clone();
             let handle = tokio::spawn(async move {
                 match faults {
-                    Some(f) => tokio::select! {
-                        biased;
-                        () = f.strike(stage) => {}
-                        () = run => {}
-                    },
+                    Some(f) => {
+                        tokio::pin!(run);
+                        tokio::select! {
+                            biased;
+                            Strike::Hang = f.strike(stage) => std::future::pending::<()>().await,
+                            () = &mut run => {}
+                        }
+                    }
                     None => run.await,
                 }
             });

@@ -6,7 +6,7 @@ pub mod kafka;
 mod lanes;
 mod stale;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -420,7 +420,11 @@ const ROUNDS_IN_FLIGHT: usize = 4;
 /// wait out a backoff besides the window that flows.
 const HELD_PER_WINDOW: usize = 4;
 
-type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<Stored>, Vec<Outcome>)> + Send>>;
+/// How long a round may take before it counts as hung (liveness): librdkafka reports every record
+/// within its message timeout, so a round past that and a margin is one that will not end.
+const ROUND_DEADLINE: Duration = Duration::from_millis(kafka::SPOOL_MESSAGE_TIMEOUT_MS + 30_000);
+
+type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<Stored>, Vec<Outcome>)> + Send>>;
 
 /// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, holds
 /// them in one lane per key ([`lanes`]), publishes rounds of lanes (up to `window` events each,
@@ -431,8 +435,9 @@ type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (Vec<Stored>, Ve
 /// An event whose files are still being captured is parked, and so is every later event with the
 /// same key (order per key); events of other keys go on. Parked events go first once ready.
 ///
-/// The pulse beats when a round completes or nothing is in flight: a round that never completes
-/// (a producer that stopped reporting) silences it, and liveness says so.
+/// The pulse beats while every round in flight is younger than [`ROUND_DEADLINE`] (a round waiting
+/// on an unwritable partition ends within the message timeout): a round that never ends (a
+/// producer that stopped reporting) silences it, and liveness says so.
 pub(crate) async fn run_spool_publisher(
     spool: Spool,
     publisher: Arc<Publisher>,
@@ -448,12 +453,14 @@ pub(crate) async fn run_spool_publisher(
     let mut rounds: FuturesUnordered<Round> = FuturesUnordered::new();
     let mut parked: Vec<Stored> = Vec::new();
     let mut read_again_at: Option<tokio::time::Instant> = None;
+    let mut started: HashMap<u64, tokio::time::Instant> = HashMap::new();
+    let mut next_round: u64 = 0;
     loop {
-        if rounds.is_empty() {
+        if started.values().all(|t| t.elapsed() < ROUND_DEADLINE) {
             pulse.beat();
-            if stop.is_cancelled() {
-                break;
-            }
+        }
+        if rounds.is_empty() && stop.is_cancelled() {
+            break;
         }
         let notified = committed.notified();
         tokio::pin!(notified);
@@ -481,10 +488,13 @@ pub(crate) async fn run_spool_publisher(
                     break;
                 }
                 let publisher = publisher.clone();
+                let id = next_round;
+                next_round += 1;
+                started.insert(id, tokio::time::Instant::now());
                 rounds.push(Box::pin(async move {
                     let refs: Vec<&Event> = round.iter().map(|s| &s.event).collect();
                     let outcomes = publisher.publish_guarded(&refs).await;
-                    (round, outcomes)
+                    (id, round, outcomes)
                 }));
             }
         }
@@ -492,14 +502,13 @@ pub(crate) async fn run_spool_publisher(
         // Wake for: a round done, new events, a lane's backoff over, parked events (their file
         // results are announced like commits; the timer only bounds a missed wake-up), a read to retry.
         let due = if rounds.len() < ROUNDS_IN_FLIGHT { lanes.next_due() } else { None };
-        let wake_at =
-            [due, read_again_at, (!parked.is_empty()).then(|| tokio::time::Instant::now() + Duration::from_secs(1))]
-                .into_iter()
-                .flatten()
-                .min();
+        // With rounds in flight, a tick keeps the pulse honest while they wait on librdkafka.
+        let tick =
+            (!parked.is_empty() || !rounds.is_empty()).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        let wake_at = [due, read_again_at, tick].into_iter().flatten().min();
         tokio::select! {
-            Some((round, outcomes)) = rounds.next(), if !rounds.is_empty() => {
-                pulse.beat();
+            Some((id, round, outcomes)) = rounds.next(), if !rounds.is_empty() => {
+                started.remove(&id);
                 settle(&spool, &metrics, &mut lanes, round, outcomes).await;
             }
             () = &mut notified, if !stop.is_cancelled() => {}

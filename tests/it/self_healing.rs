@@ -245,6 +245,8 @@ async fn a_partition_without_a_leader_and_a_missing_topic_stall_only_their_own_k
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
     cfg.kafka.partitions = 1;
+    // Liveness after 5 s without progress: far shorter than a stuck record's message timeout.
+    cfg.spool.stall_timeout_secs = 1;
     let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).unwrap();
     for t in huggy_bridge::publish::kafka::routable_topics(&cfg) {
         cluster.create_topic(&t, 1, 1).unwrap();
@@ -285,6 +287,7 @@ async fn a_partition_without_a_leader_and_a_missing_topic_stall_only_their_own_k
     .await;
     let healthz = reqwest::get(format!("http://{}/healthz", d.admin_addr)).await.unwrap();
     assert_eq!(healthz.status(), 200, "{}", healthz.text().await.unwrap());
+    assert_eq!(metric_value(&d.admin_addr, "huggy_bridge_live").await, 1.0, "never failed liveness meanwhile");
 
     // Kafka can take them again: they are published, nothing lost, nothing dead-lettered.
     cluster.partition_leader("huggy.closedChat", 0, Some(1)).unwrap();
@@ -393,4 +396,42 @@ async fn injected_unknown_producer_id_errors_lose_nothing_and_need_no_restart() 
     eprintln!("unknown producer id: {dups} duplicates, producer replaced {} times", d.metrics.producer_recreated.get());
     d.shutdown();
     d.wait().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_stops_making_progress_with_work_still_fails_liveness() {
+    use huggy_bridge::app::{self, Overrides};
+    use huggy_bridge::supervise::Faults;
+    use std::sync::Arc;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.spool.stall_timeout_secs = 1;
+    let faults = Arc::new(Faults::default());
+    let overrides = Overrides { faults: Some(faults.clone()), ..Overrides::default() };
+    let d = app::start_with(cfg, tokio_util::sync::CancellationToken::new(), overrides).await.unwrap();
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    assert_eq!(post(&url, load_batch(1, 0, 2).0).await.0, 200);
+    wait_for("published", Duration::from_secs(20), async || {
+        (huggy_bridge::metrics::counter_sum(&d.metrics.events_published) >= 2).then_some(())
+    })
+    .await;
+    let healthz = async || {
+        let r = reqwest::get(format!("http://{}/healthz", d.admin_addr)).await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    };
+    // Idle with nothing to publish: alive, however long.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    assert_eq!(healthz().await.0, 200, "an idle publisher is alive");
+    // The publisher hangs (as a call that never returns would), with work waiting and Kafka up.
+    faults.hang_stage("publisher");
+    assert_eq!(post(&url, load_batch(1, 1, 2).0).await.0, 200);
+    let why = wait_for("liveness fails", Duration::from_secs(30), async || {
+        let (code, body) = healthz().await;
+        (code == 503).then_some(body)
+    })
+    .await;
+    assert!(why.contains("publisher has made no progress"), "{why}");
+    d.shutdown();
+    let _ = d.wait().await;
 }
