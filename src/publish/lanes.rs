@@ -168,27 +168,14 @@ impl Lanes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Event, EventId, EventType, KnownType};
     use crate::publish::RetryReason;
     use rdkafka::error::KafkaError;
     use rdkafka::types::RDKafkaErrorCode;
 
     fn stored(seq: u64, key: Option<&str>) -> Stored {
-        Stored {
-            seq,
-            received_at: 0,
-            event: Event {
-                id: EventId([seq as u8; 16]),
-                event_type: EventType::Known(KnownType::ReceivedMessage),
-                original_type: None,
-                key: key.map(str::to_owned),
-                company: None,
-                time: 0,
-                value: b"{}".to_vec(),
-                dead_letter: None,
-                files: Vec::new(),
-            },
-        }
+        let mut s = crate::publish::tests::stored(seq, key.unwrap_or_default(), false);
+        s.event.key = key.map(str::to_owned);
+        s
     }
 
     fn retry() -> Outcome {

@@ -628,7 +628,7 @@ mod tests {
         assert_eq!(r.topic_for(&EventType::Known(KnownType::ReceivedMessage)), "chat.inbound");
     }
 
-    fn stored(seq: u64, key: &str, files: bool) -> Stored {
+    pub(super) fn stored(seq: u64, key: &str, files: bool) -> Stored {
         Stored {
             seq,
             received_at: 0,

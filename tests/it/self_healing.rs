@@ -236,10 +236,21 @@ fn one_event(ty: &str, id: u64, body: &str) -> String {
     format!(r#"{{"time":1763700000,"token":"{LOAD_TOKEN}","messages":{{"{ty}":[{ev}]}}}}"#)
 }
 
+/// A one-broker mock cluster with every routable topic (one partition each), `cfg` pointed at it.
+fn mock_cluster(
+    cfg: &mut huggy_bridge::config::Config,
+) -> rdkafka::mocking::MockCluster<'static, rdkafka::producer::DefaultProducerContext> {
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    for t in huggy_bridge::publish::kafka::routable_topics(cfg) {
+        cluster.create_topic(&t, 1, 1).unwrap();
+    }
+    cfg.kafka.brokers = cluster.bootstrap_servers();
+    cluster
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_without_a_leader_and_a_missing_topic_stall_only_their_own_keys() {
     use huggy_bridge::metrics::counter_sum;
-    use rdkafka::mocking::MockCluster;
     use rdkafka::types::RDKafkaRespErr;
 
     let dir = tempfile::tempdir().unwrap();
@@ -247,11 +258,7 @@ async fn a_partition_without_a_leader_and_a_missing_topic_stall_only_their_own_k
     cfg.kafka.partitions = 1;
     // Liveness after 5 s without progress: far shorter than a stuck record's message timeout.
     cfg.spool.stall_timeout_secs = 1;
-    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).unwrap();
-    for t in huggy_bridge::publish::kafka::routable_topics(&cfg) {
-        cluster.create_topic(&t, 1, 1).unwrap();
-    }
-    cfg.kafka.brokers = cluster.bootstrap_servers();
+    let cluster = mock_cluster(&mut cfg);
     // closedChat's only partition has no leader; agentEntered's topic is unknown to the cluster.
     cluster.partition_leader("huggy.closedChat", 0, None).unwrap();
     cluster.topic_error("huggy.agentEntered", RDKafkaRespErr::RD_KAFKA_RESP_ERR_UNKNOWN_TOPIC_OR_PART).unwrap();
@@ -360,17 +367,12 @@ async fn a_broker_restart_that_loses_producer_state_is_recovered_without_a_daemo
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_unknown_producer_id_errors_lose_nothing_and_need_no_restart() {
     use huggy_bridge::metrics::counter_sum;
-    use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
     cfg.kafka.partitions = 1;
-    let cluster: MockCluster<'static, rdkafka::producer::DefaultProducerContext> = MockCluster::new(1).unwrap();
-    for t in huggy_bridge::publish::kafka::routable_topics(&cfg) {
-        cluster.create_topic(&t, 1, 1).unwrap();
-    }
-    cfg.kafka.brokers = cluster.bootstrap_servers();
+    let cluster = mock_cluster(&mut cfg);
     let d = huggy_bridge::app::start(cfg.clone(), tokio_util::sync::CancellationToken::new()).await.unwrap();
     let url = format!("http://{}/webhooks/huggy", d.http_addr);
     assert_eq!(post(&url, load_batch(1, 0, 5).0).await.0, 200);
