@@ -12,8 +12,10 @@ missing() { if [ "$strict" = 1 ]; then echo "validator missing: $1" >&2; exit 1;
 
 echo "== systemd unit"
 unit=deploy/systemd/huggy-bridge.service
-# The daemon has no reload: an ExecReload that signals it would stop it on `systemctl reload`.
-if grep -q '^ExecReload=' "$unit"; then echo "$unit: ExecReload would stop the daemon" >&2; exit 1; fi
+# `systemctl reload` sends SIGHUP, which reloads the configuration; a configuration error (exit 78)
+# is not restarted in a loop.
+grep -q '^ExecReload=/bin/kill -HUP \$MAINPID$' "$unit" || { echo "$unit: ExecReload must send SIGHUP" >&2; exit 1; }
+grep -q '^RestartPreventExitStatus=78$' "$unit" || { echo "$unit: RestartPreventExitStatus=78 missing" >&2; exit 1; }
 grep -q '^SystemCallErrorNumber=EPERM$' "$unit" || { echo "$unit: SystemCallErrorNumber=EPERM missing" >&2; exit 1; }
 if command -v systemd-analyze >/dev/null; then
   tmp=$(mktemp -d)

@@ -25,8 +25,10 @@ use crate::metrics::Stage;
 use crate::publish::kafka::{self, EmbeddedBroker};
 use crate::publish::Poison;
 use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
+use crate::reload::Reloader;
 use crate::spool::{SegmentIo, Spool, SpoolSettings};
 use crate::supervise::{Faults, Supervisor};
+use crate::systemd::Notifier;
 
 /// How long a spool-mode shutdown waits on Kafka (publisher window, producer flush).
 const SPOOL_MODE_KAFKA_GRACE: Duration = Duration::from_secs(5);
@@ -41,11 +43,17 @@ pub struct Running {
     pub embedded_bootstrap: Option<String>,
     /// The daemon's metrics, for reading counters without scraping `/metrics`.
     pub metrics: Arc<Metrics>,
+    reloader: Reloader,
     stop: CancellationToken,
     task: JoinHandle<anyhow::Result<()>>,
 }
 
 impl Running {
+    /// What applies a new configuration to this daemon (SIGHUP, or any other trigger).
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
+    }
+
     /// Begins the shutdown drain.
     pub fn shutdown(&self) {
         self.stop.cancel();
@@ -70,7 +78,12 @@ pub struct Overrides {
     pub faults: Option<Arc<Faults>>,
     /// Events (by their value's bytes) whose publishing panics, as a bug in publishing would.
     pub poison: Option<Poison>,
+    /// Where systemd notifications go; unset: `$NOTIFY_SOCKET` and `$WATCHDOG_USEC`, if any.
+    pub notifier: Option<Notifier>,
 }
+
+/// How often a long spool recovery extends systemd's start timeout.
+const RECOVERY_EXTEND_PERIOD: Duration = Duration::from_secs(10);
 
 /// Runs the daemon until `stop` is cancelled, then drains.
 ///
@@ -95,7 +108,8 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
 /// A part could not be started (listener, spool, producer).
 pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrides) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
-    let pipeline = Pipeline::start(&cfg, metrics.clone(), &overrides).await?;
+    let notifier = overrides.notifier.clone().or_else(Notifier::from_env);
+    let pipeline = Pipeline::start(&cfg, metrics.clone(), &overrides, notifier.as_ref()).await?;
     let health = pipeline.health.clone();
     let mode = match &pipeline.spool {
         Some(s) => Mode::Spool(s.clone()),
@@ -106,6 +120,7 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
     };
     let ingest = Arc::new(Ingest { mode, files: pipeline.files.clone() });
     let state = Arc::new(AppState::new(&cfg, ingest, metrics.clone(), health.clone()));
+    let reloader = Reloader::new(cfg.clone(), state.auth(), metrics.clone());
 
     let public = http::bind(cfg.http.listen, "http.listen").await?;
     let admin = http::bind(cfg.admin.listen, "admin.listen").await?;
@@ -123,7 +138,13 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
     let admin_stop = CancellationToken::new();
     let admin_task = tokio::spawn(http::serve_admin(admin, http::admin_router(state.clone()), admin_stop.clone()));
     info!(%http_addr, %admin_addr, path = %cfg.http.path, ack = ?cfg.delivery.ack, "huggy-bridge listening");
-    crate::shutdown::notify_ready(stop.clone());
+    let watchdog_stop = CancellationToken::new();
+    if let Some(n) = &notifier {
+        n.send("READY=1");
+        if let Some(every) = n.watchdog() {
+            tokio::spawn(feed_watchdog(n.clone(), every, health.clone(), watchdog_stop.clone()));
+        }
+    }
 
     let embedded_bootstrap = pipeline.embedded_bootstrap.clone();
     let task = tokio::spawn({
@@ -132,18 +153,50 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
             stop.cancelled().await;
             let began = Instant::now();
             info!(deadline_secs = deadline.as_secs(), "shutdown: no new requests; draining");
-            crate::shutdown::notify_stopping();
+            if let Some(n) = &notifier {
+                n.send("STOPPING=1");
+            }
             health.start_draining();
             http_stop.cancel();
             let _ = public_task.await;
             pipeline.shutdown(deadline.saturating_sub(began.elapsed())).await;
             admin_stop.cancel();
             let _ = admin_task.await;
+            watchdog_stop.cancel();
             info!(elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
             Ok(())
         }
     });
-    Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, stop, task })
+    Ok(Running { http_addr, admin_addr, embedded_bootstrap, metrics, reloader, stop, task })
+}
+
+/// Sends `WATCHDOG=1` twice per `interval` while liveness (`/healthz`) passes, and withholds it
+/// while the daemon is stuck, so that systemd restarts it as Kubernetes would. Keeps going through
+/// the drain: a drain that hangs is stuck too.
+async fn feed_watchdog(notifier: Notifier, interval: Duration, health: Arc<Health>, stop: CancellationToken) {
+    let mut withheld = false;
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        let reasons = health.not_live_reasons();
+        if reasons.is_empty() {
+            if withheld {
+                info!("liveness passes again; feeding the systemd watchdog");
+                withheld = false;
+            }
+            notifier.send("WATCHDOG=1");
+        } else if !withheld {
+            tracing::error!(
+                reasons = reasons.join("; "),
+                "liveness fails; withholding WATCHDOG=1 so that systemd restarts the daemon"
+            );
+            withheld = true;
+        }
+    }
 }
 
 /// What `spool drain` did.
@@ -166,7 +219,8 @@ pub async fn drain_spool(mut cfg: Config, stop: CancellationToken) -> anyhow::Re
     cfg.delivery.ack = AckMode::Spool;
     let began = Instant::now();
     let metrics = Arc::new(Metrics::new());
-    let pipeline = Pipeline::start(&cfg, metrics, &Overrides::default()).await?;
+    let notifier = Notifier::from_env();
+    let pipeline = Pipeline::start(&cfg, metrics, &Overrides::default(), notifier.as_ref()).await?;
     let spool = pipeline.spool.clone().context("spool drain needs the spool")?;
     let total = spool.stats().events;
     info!(events = total, dir = %cfg.spool.dir.display(), "draining the spool");
@@ -215,7 +269,12 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    async fn start(cfg: &Config, metrics: Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Pipeline> {
+    async fn start(
+        cfg: &Config,
+        metrics: Arc<Metrics>,
+        overrides: &Overrides,
+        notifier: Option<&Notifier>,
+    ) -> anyhow::Result<Pipeline> {
         let kafka_health = Arc::new(KafkaHealth::new());
         let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(cfg)?) } else { None };
         let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
@@ -240,7 +299,11 @@ impl Pipeline {
         let publisher = Arc::new(publisher);
         let supervisor = Supervisor::new(metrics.clone(), overrides.faults.clone());
         let spool = match cfg.delivery.ack {
-            AckMode::Spool => Some(open_spool(cfg, &metrics, overrides)?),
+            AckMode::Spool => {
+                // A large spool may take longer to recover than systemd's start timeout.
+                let _extending = notifier.map(|n| n.extend_timeout_while(RECOVERY_EXTEND_PERIOD, "spool recovery"));
+                Some(open_spool(cfg, &metrics, overrides)?)
+            }
             AckMode::Kafka => None,
         };
         let files_stop = CancellationToken::new();

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
+
+mod env;
+mod secrets;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -21,12 +24,33 @@ const REDACTED: &str = "[redacted]";
 /// prefix's flaw) is the error's source, so print the whole chain.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    /// A source could not be read or parsed, a key is unknown, or a value has the wrong type.
-    #[error("cannot load configuration")]
-    Load(#[from] Box<figment::Error>),
+    /// A source could not be read or parsed, a key is unknown, or a value has the wrong type: each
+    /// problem with the key as the user wrote it (`kafka.brokers` in a file,
+    /// `HUGGY_BRIDGE_KAFKA__BROKERS` in the environment) and where it came from.
+    #[error("cannot load configuration: {}", describe_load_error(.0))]
+    Load(Box<figment::Error>),
     /// No webhook token: no batch could ever be accepted.
-    #[error("invalid configuration: huggy.tokens is empty: no batch could ever be accepted")]
+    #[error("invalid configuration: huggy.tokens is empty (and huggy.tokens_file, if set, holds none): no batch could ever be accepted")]
     NoTokens,
+    /// A `<key>_file` could not be read.
+    #[error("invalid configuration: {key}: cannot read {path:?}")]
+    SecretFile {
+        /// The `_file` setting.
+        key: &'static str,
+        /// The path configured.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A secret is given both directly and as a file.
+    #[error("invalid configuration: {key} and {file_key} are both set; set one")]
+    SecretTwice {
+        /// The secret's key.
+        key: &'static str,
+        /// Its `_file` form.
+        file_key: &'static str,
+    },
     /// A setting that must be given is empty.
     #[error("invalid configuration: {key} is empty")]
     Empty {
@@ -202,20 +226,18 @@ impl<'de> Deserialize<'de> for Secret {
 }
 
 /// Accepts either a list of strings or one comma-separated string (handy in an environment variable
-/// fed from a Kubernetes Secret: `HUGGY_BRIDGE_HUGGY__TOKENS=tok1,tok2`).
+/// fed from a Kubernetes Secret: `HUGGY_BRIDGE_HUGGY__TOKENS=tok1,tok2`). The environment's value
+/// arrives as the string given (see `secrets`); a bare TOML number is taken as its digits.
 fn secrets_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Secret>, D::Error> {
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum OneOrMany {
-        One(String),
-        // An all-digit token from the environment arrives as a number.
-        Number(u64),
-        Many(Vec<String>),
+        One(Scalar),
+        Many(Vec<Scalar>),
     }
-    let items = match OneOrMany::deserialize(d)? {
-        OneOrMany::One(s) => s.split(',').map(str::to_owned).collect(),
-        OneOrMany::Number(n) => vec![n.to_string()],
-        OneOrMany::Many(v) => v,
+    let items: Vec<String> = match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => s.into_string().split(',').map(str::to_owned).collect(),
+        OneOrMany::Many(v) => v.into_iter().map(Scalar::into_string).collect(),
     };
     Ok(items.into_iter().map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).map(Secret::new).collect())
 }
@@ -249,7 +271,8 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HttpConfig {
-    /// Public webhook listener.
+    /// Public webhook listener; `:8080` means every interface.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
     /// The webhook's path (POST only); any other path is 404.
     pub path: String,
@@ -288,7 +311,8 @@ impl Default for HttpConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
-    /// `/metrics`, `/healthz`, `/readyz`; keep it off the public address.
+    /// `/metrics`, `/healthz`, `/readyz`; keep it off the public address. `:9090`: every interface.
+    #[serde(deserialize_with = "listen_addr")]
     pub listen: SocketAddr,
 }
 
@@ -305,6 +329,10 @@ pub struct HuggyConfig {
     /// Accepted batch tokens, one per Huggy account (Configurações > Webhook).
     #[serde(deserialize_with = "secrets_list")]
     pub tokens: Vec<Secret>,
+    /// A file of accepted tokens, one per line (a Kubernetes Secret volume, systemd
+    /// `LoadCredential=`); read at start and on every reload. Not together with `tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
 }
 
 /// `[kafka]`: where events go and how the producer talks to the brokers.
@@ -358,6 +386,9 @@ pub struct KafkaTlsConfig {
     /// Password of an encrypted `key_file`.
     #[serde(deserialize_with = "scalar_secret")]
     pub key_password: Option<Secret>,
+    /// A file holding `key_password` (one trailing line break dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_password_file: Option<PathBuf>,
 }
 
 /// SASL mechanisms librdkafka can use without a system SASL library.
@@ -420,6 +451,9 @@ pub struct KafkaSaslConfig {
     /// The SASL password, redacted wherever the configuration is printed.
     #[serde(deserialize_with = "scalar_secret")]
     pub password: Option<Secret>,
+    /// A file holding `password` (one trailing line break dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
 }
 
 impl KafkaSaslConfig {
@@ -760,9 +794,17 @@ pub struct S3Config {
     /// The bucket's region.
     pub region: Option<String>,
     /// Access key id.
+    #[serde(deserialize_with = "scalar_secret")]
     pub access_key_id: Option<Secret>,
+    /// A file holding `access_key_id` (one trailing line break dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_key_id_file: Option<PathBuf>,
     /// Secret access key.
+    #[serde(deserialize_with = "scalar_secret")]
     pub secret_access_key: Option<Secret>,
+    /// A file holding `secret_access_key` (one trailing line break dropped).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret_access_key_file: Option<PathBuf>,
     /// Allows a plain `http://` endpoint (local test services).
     pub allow_http: bool,
 }
@@ -809,12 +851,17 @@ impl Default for LogConfig {
     }
 }
 
-/// The top-level sections (`http`, `kafka`, …), as the declared defaults serialize them.
-fn section_names() -> Vec<String> {
+/// The declared defaults as figment values, by section.
+fn default_values() -> figment::value::Dict {
     match figment::value::Value::serialize(Config::default()) {
-        Ok(figment::value::Value::Dict(_, sections)) => sections.into_keys().collect(),
+        Ok(figment::value::Value::Dict(_, sections)) => sections,
         other => unreachable!("the default configuration serializes to a table, got {other:?}"),
     }
+}
+
+/// The top-level sections (`http`, `kafka`, …), as the declared defaults serialize them.
+fn section_names() -> Vec<String> {
+    default_values().into_keys().collect()
 }
 
 /// Whether an environment key (prefix stripped) is configuration: its first `__`-separated segment
@@ -825,19 +872,42 @@ fn names_a_section(sections: &[String], key: &str) -> bool {
     sections.iter().any(|s| s.eq_ignore_ascii_case(first))
 }
 
-/// Kafka secrets set in the environment, taken as they are: figment reads environment values as
-/// TOML-like literals, which would turn a password such as `0123`, `true` or `[x]` into a number,
-/// a boolean or an array.
-const RAW_SECRET_KEYS: &[(&str, &str)] =
-    &[("KAFKA__SASL__PASSWORD", "kafka.sasl.password"), ("KAFKA__TLS__KEY_PASSWORD", "kafka.tls.key_password")];
-
-fn raw_secrets_from_env(mut figment: Figment) -> Figment {
-    for (var, key) in RAW_SECRET_KEYS {
-        if let Ok(value) = std::env::var(format!("{ENV_PREFIX}{var}")) {
-            figment = figment.merge(Serialized::default(key, value));
+/// figment's errors, one per line, each naming the key as the user wrote it — the dotted key and
+/// the file for a file, the variable for the environment — without figment's profile (`default.`).
+fn describe_load_error(e: &figment::Error) -> String {
+    let mut lines = Vec::new();
+    for err in e.clone() {
+        let key = err.path.join(".");
+        let from_env = err.metadata.as_ref().is_some_and(|m| m.name.contains("environment variable"));
+        let mut line = if key.is_empty() {
+            err.kind.to_string()
+        } else if from_env {
+            format!("{ENV_PREFIX}{}: {}", err.path.join("__").to_ascii_uppercase(), err.kind)
+        } else {
+            format!("{key}: {}", err.kind)
+        };
+        match err.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+            Some(figment::Source::File(path)) => line.push_str(&format!(" (in {})", path.display())),
+            Some(figment::Source::Custom(source)) if !from_env => line.push_str(&format!(" (in {source})")),
+            _ if from_env && !key.is_empty() => line.push_str(&format!(" (the environment; the key is {key})")),
+            _ => {}
         }
+        lines.push(line);
     }
-    figment
+    lines.join("; ")
+}
+
+/// A listen address: `host:port`, `[v6]:port`, or `:port` for every interface (IPv4).
+fn listen_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = scalar_string(d)?;
+    let s = s.trim();
+    let parsed = match s.strip_prefix(':') {
+        Some(port) => port.parse::<u16>().map(|p| SocketAddr::from(([0, 0, 0, 0], p))).map_err(|e| e.to_string()),
+        None => s.parse::<SocketAddr>().map_err(|e| e.to_string()),
+    };
+    parsed.map_err(|e| {
+        serde::de::Error::custom(format!("{s:?} is not a listen address ({e}): use host:port, [v6]:port or :port"))
+    })
 }
 
 impl Config {
@@ -846,7 +916,14 @@ impl Config {
     /// # Errors
     /// Unreadable or malformed TOML, unknown keys, wrong types, or a failed [`Config::validate`].
     pub fn load(path: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?.validated()
+        Self::extract(path)?.validated()
+    }
+
+    /// The sources merged and every `<key>_file` read, not validated.
+    fn extract(path: Option<&Path>) -> Result<Self, ConfigError> {
+        let mut cfg = Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        cfg.resolve_secret_files()?;
+        Ok(cfg)
     }
 
     pub(crate) fn figment(path: Option<&Path>) -> Figment {
@@ -857,11 +934,11 @@ impl Config {
             None => {}
         }
         let sections = section_names();
-        raw_secrets_from_env(
-            figment.merge(
-                Env::prefixed(ENV_PREFIX).filter(move |key| names_a_section(&sections, key.as_str())).split("__"),
-            ),
-        )
+        // String settings keep the value as given; secret keys are merged raw after the others.
+        let env = Env::prefixed(ENV_PREFIX)
+            .filter(move |key| names_a_section(&sections, key.as_str()) && !secrets::is_raw_env_key(key.as_str()))
+            .split("__");
+        secrets::merge_raw_env(figment.merge(env::TypedEnv::new(env, default_values())))
     }
 
     /// Names of the variables under [`ENV_PREFIX`] that configuration loading ignored because their
@@ -891,7 +968,7 @@ impl Config {
     /// # Errors
     /// As [`Config::load`], except for missing tokens.
     pub fn load_offline(path: Option<&Path>) -> Result<Self, ConfigError> {
-        let cfg = Self::figment(path).extract::<Config>().map_err(|e| ConfigError::Load(Box::new(e)))?;
+        let cfg = Self::extract(path)?;
         cfg.validate_offline()?;
         Ok(cfg)
     }
@@ -1077,7 +1154,78 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.create_file("c.toml", "[huggy]\ntokens=[\"t\"]\n[kafka]\nbrokerz = \"x\"\n")?;
             let err = message(&Config::load(Some(Path::new("c.toml"))).unwrap_err());
-            assert!(err.contains("brokerz"), "{err}");
+            assert!(err.contains("kafka.brokerz: unknown field") && err.contains("c.toml"), "{err}");
+            assert!(!err.contains("default."), "no figment profile: {err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn string_settings_from_the_environment_are_never_coerced() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__MECHANISM", "PLAIN");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__USERNAME", "0123");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__SASL__PASSWORD", "true");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__FALLBACK_TOPIC", "007");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__TOPICS__RECEIVEDMESSAGE", "1e3");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__CLIENT__RACK", "0042");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__SOCKET__KEEPALIVE__ENABLE", "true");
+            jail.set_env("HUGGY_BRIDGE_HTTP__PATH", "/0123");
+            jail.set_env("HUGGY_BRIDGE_LOG__LEVEL", "true");
+            // Numbers and booleans still parse for settings that are numbers and booleans.
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONS", "12");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__TLS__ENABLED", "false");
+            jail.set_env("HUGGY_BRIDGE_FILES__ALLOWED_URL_PREFIXES", "[\"https://a.example/\"]");
+            let cfg = Config::load(None).expect("loads");
+            assert_eq!(cfg.kafka.sasl.username, "0123");
+            assert_eq!(cfg.kafka.sasl.password.as_ref().map(Secret::expose), Some("true"));
+            assert_eq!(cfg.kafka.fallback_topic, "007");
+            assert_eq!(
+                cfg.kafka.topics.get("receivedMessage").or(cfg.kafka.topics.get("receivedmessage")).map(String::as_str),
+                Some("1e3")
+            );
+            assert_eq!(cfg.kafka.librdkafka.get("client.rack").map(String::as_str), Some("0042"));
+            assert_eq!(cfg.kafka.librdkafka.get("socket.keepalive.enable").map(String::as_str), Some("true"));
+            assert_eq!(cfg.http.path, "/0123");
+            assert_eq!(cfg.log.level, "true");
+            assert_eq!(cfg.kafka.partitions, 12);
+            assert!(!cfg.kafka.tls.enabled);
+            assert_eq!(cfg.files.allowed_url_prefixes, ["https://a.example/"]);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn errors_from_the_environment_name_the_variable() {
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONS", "six");
+            let err = message(&Config::load(None).unwrap_err());
+            assert!(err.contains("HUGGY_BRIDGE_KAFKA__PARTITIONS: invalid type"), "{err}");
+            assert!(err.contains("the key is kafka.partitions"), "{err}");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONS", "6");
+            jail.set_env("HUGGY_BRIDGE_SPOOL__MAX_BYTEZ", "1");
+            let err = message(&Config::load(None).unwrap_err());
+            assert!(err.contains("HUGGY_BRIDGE_SPOOL__MAX_BYTEZ: unknown field"), "{err}");
+            assert!(!err.contains("default."), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn a_listen_address_without_a_host_means_every_interface() {
+        Jail::expect_with(|jail| {
+            jail.create_file("c.toml", "[huggy]\ntokens=[\"t\"]\n[http]\nlisten = \":8080\"\n")?;
+            jail.set_env("HUGGY_BRIDGE_ADMIN__LISTEN", ":9090");
+            let cfg = Config::load(Some(Path::new("c.toml"))).expect("loads");
+            assert_eq!(cfg.http.listen, SocketAddr::from(([0, 0, 0, 0], 8080)));
+            assert_eq!(cfg.admin.listen, SocketAddr::from(([0, 0, 0, 0], 9090)));
+            jail.set_env("HUGGY_BRIDGE_ADMIN__LISTEN", "[::1]:9091");
+            assert_eq!(Config::load(Some(Path::new("c.toml"))).expect("loads").admin.listen.port(), 9091);
+            jail.set_env("HUGGY_BRIDGE_ADMIN__LISTEN", ":http");
+            let err = message(&Config::load(Some(Path::new("c.toml"))).unwrap_err());
+            assert!(err.contains("HUGGY_BRIDGE_ADMIN__LISTEN") && err.contains("\":http\""), "{err}");
             Ok(())
         });
     }

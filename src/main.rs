@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use huggy_bridge::config::Config;
+use huggy_bridge::config::{Config, ConfigError};
+use huggy_bridge::telemetry::error_chain;
 use huggy_bridge::{app, publish, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
 
@@ -15,6 +16,23 @@ use tokio_util::sync::CancellationToken;
 /// in spool mode and a third in kafka mode (BENCHMARKS.md).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// `EX_CONFIG` (sysexits.h): a configuration error, which a restart will not fix
+/// (`RestartPreventExitStatus=78` in the systemd unit).
+const EXIT_CONFIG: u8 = 78;
+
+/// How often the daemon checks its `<key>_file` secrets for a new content (a Kubernetes Secret
+/// volume takes a minute or so to show an update anyway).
+const SECRET_FILES_POLL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How a failure of a command is reported.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Report {
+    /// One line on stderr (commands run by hand).
+    Stderr,
+    /// One log line (the daemon: its stderr is a log).
+    Log,
+}
 
 #[derive(Parser)]
 #[command(name = "huggy-bridge", version, about = "Huggy webhooks in, one Kafka record per event out, durably")]
@@ -30,7 +48,7 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the configuration and print it, secrets redacted; exit 1 on any error.
+    /// Validate the configuration and print it, secrets redacted; exit 78 on any error.
     CheckConfig,
     /// Kafka topic management.
     Topics {
@@ -73,6 +91,8 @@ enum SpoolCommand {
     Drain,
 }
 
+/// Exit codes: 0 success, 78 a configuration error (every command), 1 another failure, 2 a usage
+/// error (clap), 143 a second SIGTERM/SIGINT during the drain.
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Commands that receive no webhooks need no webhook tokens.
@@ -83,12 +103,12 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("huggy-bridge: {}", error_chain(&e));
-            return ExitCode::FAILURE;
+            return ExitCode::from(EXIT_CONFIG);
         }
     };
     if let Err(e) = publish::kafka::check_properties(&cfg) {
         eprintln!("huggy-bridge: invalid configuration: kafka: {e}");
-        return ExitCode::FAILURE;
+        return ExitCode::from(EXIT_CONFIG);
     }
     match cli.command.unwrap_or(Command::Run) {
         Command::CheckConfig => {
@@ -103,7 +123,7 @@ fn main() -> ExitCode {
         }
         Command::Topics { command: TopicsCommand::Create } => {
             telemetry::init(&cfg.log);
-            block_on(async {
+            block_on(Report::Stderr, async {
                 if cfg.kafka.is_embedded() {
                     // Nothing to create: the embedded broker starts with every routable topic.
                     for topic in publish::kafka::routable_topics(&cfg) {
@@ -142,7 +162,7 @@ fn main() -> ExitCode {
         },
         Command::Spool { command: SpoolCommand::Drain } => {
             telemetry::init(&cfg.log);
-            block_on(async {
+            block_on(Report::Stderr, async {
                 let stop = CancellationToken::new();
                 shutdown::cancel_on_signals(stop.clone());
                 let drained = app::drain_spool(cfg, stop).await?;
@@ -156,7 +176,7 @@ fn main() -> ExitCode {
                 addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
             }
             let url = format!("http://{addr}/{}", if ready { "readyz" } else { "healthz" });
-            block_on(async move {
+            block_on(Report::Stderr, async move {
                 let resp = reqwest::Client::new().get(&url).timeout(std::time::Duration::from_secs(3)).send().await?;
                 let status = resp.status();
                 let body = resp.text().await.unwrap_or_default();
@@ -170,10 +190,16 @@ fn main() -> ExitCode {
             for name in Config::ignored_env_vars() {
                 tracing::debug!(variable = %name, "not a configuration section; environment variable ignored");
             }
-            block_on(async {
+            let path = cli.config.clone();
+            block_on(Report::Log, async move {
                 let stop = CancellationToken::new();
                 shutdown::cancel_on_signals(stop.clone());
-                app::run(cfg, stop).await
+                // From here on SIGHUP no longer terminates the process, even during a long recovery.
+                let hangups = shutdown::hangups();
+                let running = app::start(cfg, stop.clone()).await?;
+                running.reloader().watch_secret_files(path.clone(), SECRET_FILES_POLL, stop.clone());
+                shutdown::reload_on_hangup(hangups, running.reloader(), path, stop);
+                running.wait().await
             })
         }
     }
@@ -201,18 +227,9 @@ fn print_status(s: &spool::OfflineStatus) {
     }
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
-}
-
-fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+/// Runs `fut` on a multi-threaded runtime; a failure is reported once, as `report` says, and exits
+/// 78 when a configuration error caused it, else 1.
+fn block_on(report: Report, fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -223,9 +240,15 @@ fn block_on(fut: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitC
     match rt.block_on(fut) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "huggy-bridge failed");
-            eprintln!("huggy-bridge: {e:#}");
-            ExitCode::FAILURE
+            match report {
+                Report::Log => tracing::error!(error = format!("{e:#}"), "huggy-bridge failed"),
+                Report::Stderr => eprintln!("huggy-bridge: {e:#}"),
+            }
+            if e.chain().any(|c| c.is::<ConfigError>()) {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
         }
     }
 }

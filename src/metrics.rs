@@ -70,6 +70,14 @@ labels! {
     }
 }
 
+labels! {
+    /// Result of a configuration reload, the `result` label of `huggy_bridge_config_reloads_total`.
+    ReloadResult {
+        Applied => "applied",
+        Rejected => "rejected",
+    }
+}
+
 /// Kafka error codes pre-seeded in `huggy_bridge_publish_errors_total` (others appear when met; the
 /// label is always an `RDKafkaErrorCode` name, a closed set).
 pub(crate) const PUBLISH_ERROR_CODES: &[&str] = &[
@@ -154,6 +162,8 @@ pub struct Metrics {
     pub publish_stalled_keys: IntGauge,
     /// `huggy_bridge_stage_restarts_total`: background stages restarted after a panic, by stage.
     pub stage_restarts: IntCounterVec,
+    /// `huggy_bridge_config_reloads_total`: reloads (SIGHUP) by `result`.
+    pub config_reloads: IntCounterVec,
     build_info: IntGaugeVec,
 }
 
@@ -364,6 +374,11 @@ impl Metrics {
                 "Background stages restarted after a panic, by stage (publisher, kafka_probe, file_feed, file_results, file_dispatch).",
                 "stage"
             )),
+            config_reloads: reg!(counter_vec(
+                "huggy_bridge_config_reloads_total",
+                "Configuration reloads (SIGHUP) by result: applied, or rejected with the old configuration kept.",
+                "result"
+            )),
             build_info: reg!(IntGaugeVec::new(
                 Opts::new("huggy_bridge_build_info", "Build information."),
                 &["version"]
@@ -384,6 +399,9 @@ impl Metrics {
         }
         for s in Stage::ALL {
             m.stage_restarts.with_label_values(&[s.label()]);
+        }
+        for r in ReloadResult::ALL {
+            m.config_reloads.with_label_values(&[r.label()]);
         }
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);

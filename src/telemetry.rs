@@ -25,3 +25,16 @@ pub fn init(cfg: &LogConfig) {
         builder.try_init()
     };
 }
+
+/// An error and its causes on one line, `outer: cause: cause`, as log lines and the command line
+/// print them.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}

@@ -4,6 +4,7 @@
 //! The public server is hyper driven by hand, so that it can bound what a hostile client can hold:
 //! a connection limit, a header (and idle keep-alive) timeout, a body timeout, a body size limit.
 
+mod auth;
 mod budget;
 mod error;
 mod webhook;
@@ -25,17 +26,20 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+pub(crate) use auth::Auth;
+pub use auth::AuthTable;
 pub(crate) use budget::{BodyBudget, Reservation};
 pub(crate) use error::ApiError;
 
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use crate::health::Health;
 use crate::ingest::Durability;
 use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
 pub(crate) struct AppState {
-    tokens: Vec<Secret>,
+    /// Accepted credentials; replaced whole by a reload.
+    auth: Arc<AuthTable>,
     /// Where batches are made durable: the spool or Kafka in the daemon, a fake in tests.
     ingest: Arc<dyn Durability>,
     metrics: Arc<Metrics>,
@@ -51,7 +55,7 @@ pub(crate) struct AppState {
 impl AppState {
     pub(crate) fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
-            tokens: cfg.huggy.tokens.clone(),
+            auth: Arc::new(AuthTable::new(Auth::from_config(cfg))),
             ingest,
             body_budget: BodyBudget::new(cfg.http.max_inflight_bytes, metrics.http_inflight_body_bytes.clone()),
             metrics,
@@ -60,6 +64,11 @@ impl AppState {
             body_timeout: cfg.body_timeout(),
             retry_after_secs: cfg.http.retry_after_secs,
         }
+    }
+
+    /// The auth table requests are judged by, for a reload to replace.
+    pub(crate) fn auth(&self) -> Arc<AuthTable> {
+        self.auth.clone()
     }
 
     pub(crate) fn is_draining(&self) -> bool {

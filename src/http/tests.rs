@@ -9,6 +9,7 @@ use http_body_util::BodyExt;
 use tower::ServiceExt;
 
 use super::*;
+use crate::config::Secret;
 use crate::event::Event;
 use crate::health::Pulse;
 use crate::ingest::{Accepted, IngestError};

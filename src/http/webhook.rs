@@ -76,17 +76,19 @@ async fn process(st: &Arc<AppState>, req: Request) -> Result<(HttpOutcome, Respo
     if declared.is_some_and(|len| len > st.max_body_bytes as u64) {
         return Err(ApiError::TooLarge { limit: st.max_body_bytes });
     }
+    // The credentials in force when the request arrived judge it, even if a reload replaces them
+    // while its body is being read.
+    let auth = st.auth.current();
     // Held until the answer is ready, or until hyper drops this future because the client left.
     let (body, held) = read_body(st, req.into_body(), declared).await?;
     let received_at = now_secs();
     let (decoded, _held) = if body.len() <= DECODE_INLINE_BYTES {
-        (decode(&body, &st.tokens, received_at), held)
+        (decode(&body, &auth.tokens, received_at), held)
     } else {
         // Scanning megabytes of JSON takes long enough to hold up every other request on this
         // worker; the blocking pool keeps the workers free. The reservation goes along, so the
         // bytes stay counted until the decoding ends, even if the client leaves meanwhile.
-        let shared = Arc::clone(st);
-        let decoding = tokio::task::spawn_blocking(move || (decode(&body, &shared.tokens, received_at), held));
+        let decoding = tokio::task::spawn_blocking(move || (decode(&body, &auth.tokens, received_at), held));
         match decoding.await {
             Ok(done) => done,
             Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),

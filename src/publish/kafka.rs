@@ -291,6 +291,9 @@ pub enum TopicsError {
     /// The request as a whole failed (no broker answered, not authorized).
     #[error("the create-topics request failed")]
     Request(#[source] KafkaError),
+    /// No answer within `kafka.request_timeout_ms`.
+    #[error("no answer from the brokers within kafka.request_timeout_ms ({0} ms)")]
+    Timeout(u64),
     /// Topics the brokers refused, each with its error code.
     #[error("topics not created: {}", .0.iter().map(|(t, c)| format!("{t}: {c} ({c:?})")).collect::<Vec<_>>().join(", "))]
     Refused(Vec<(String, RDKafkaErrorCode)>),
@@ -317,8 +320,20 @@ pub async fn create_topics(cfg: &Config, bootstrap: &str) -> Result<Vec<(String,
             }
         })
         .collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_millis(cfg.kafka.request_timeout_ms)));
-    let results = admin.create_topics(&new, &opts).await.map_err(TopicsError::Request)?;
+    // The request timeout covers finding a broker too (librdkafka's default is socket.timeout.ms,
+    // 60 s); the operation timeout is how long the controller may take. The outer timeout is a
+    // backstop in case librdkafka does not answer at all.
+    let timeout = Duration::from_millis(cfg.kafka.request_timeout_ms);
+    let opts = AdminOptions::new().request_timeout(Some(timeout)).operation_timeout(Some(timeout));
+    let results = tokio::time::timeout(timeout + Duration::from_secs(1), admin.create_topics(&new, &opts))
+        .await
+        .map_err(|_| TopicsError::Timeout(cfg.kafka.request_timeout_ms))?
+        .map_err(|e| match e {
+            KafkaError::AdminOp(RDKafkaErrorCode::OperationTimedOut) => {
+                TopicsError::Timeout(cfg.kafka.request_timeout_ms)
+            }
+            other => TopicsError::Request(other),
+        })?;
     let mut out = Vec::new();
     let mut failures = Vec::new();
     for r in results {

@@ -84,7 +84,7 @@ fn inprocess(dir: &std::path::Path, bootstrap: &str) -> Config {
 
 async fn start_with(cfg: Config, disk: &Arc<Disk>) -> Running {
     let io: Arc<dyn SegmentIo> = disk.clone();
-    app::start_with(cfg, CancellationToken::new(), Overrides { spool_io: Some(io), ..Overrides::default() })
+    app::start_with(cfg, CancellationToken::new(), Overrides { spool_io: Some(io), ..Default::default() })
         .await
         .expect("daemon starts")
 }

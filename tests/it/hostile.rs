@@ -303,7 +303,8 @@ async fn tokens_never_reach_logs_error_bodies_or_metrics() {
 }
 
 #[test]
-fn check_config_exits_1_with_a_clear_message() {
+/// SPEC §2: a configuration error exits 78 (`EX_CONFIG`), so a supervisor does not restart-loop on it.
+fn check_config_exits_78_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
     std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
@@ -312,9 +313,9 @@ fn check_config_exits_1_with_a_clear_message() {
         .arg(&path)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("brokerz"), "{err}");
+    assert!(err.contains("kafka.brokerz") && !err.contains("default."), "{err}");
     std::fs::write(
         &path,
         "[huggy]\ntokens = [\"t\"]\n[http]\nlisten = \"127.0.0.1:1\"\n[admin]\nlisten = \"127.0.0.1:1\"\n",
@@ -325,6 +326,6 @@ fn check_config_exits_1_with_a_clear_message() {
         .arg(&path)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must differ"));
 }
