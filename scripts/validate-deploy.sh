@@ -40,13 +40,64 @@ fi
 if command -v kubectl >/dev/null && command -v kubernetes-validate >/dev/null; then
   rendered=$(mktemp -d)
   kubectl kustomize deploy/kubernetes >"$rendered/default.yaml"
-  kubectl kustomize deploy/kubernetes/jobs/drain-spool >"$rendered/drain-spool.yaml"
+  # The drain Job as scripts/drain-scaled-in.sh applies it (ORDINAL filled in), and as rendered: the
+  # placeholder must make it unappliable.
+  kubectl kustomize deploy/kubernetes/jobs/drain-spool >"$rendered/drain-raw.yaml"
+  sed 's/ORDINAL/2/g' "$rendered/drain-raw.yaml" >"$rendered/drain-spool.yaml"
+  kubectl kustomize deploy/kubernetes-example >"$rendered/example.yaml"
   python3 - "$rendered" <<'PY'
 import os, sys, yaml
 out = sys.argv[1]
 docs = {}
-for name in ("default", "drain-spool"):
+for name in ("default", "drain-spool", "example", "drain-raw"):
     docs[name] = [d for d in yaml.safe_load_all(open(os.path.join(out, name + ".yaml"))) if d]
+raw_job = [d for d in docs.pop("drain-raw") if d["kind"] == "Job"][0]
+assert raw_job["metadata"]["name"].endswith("-ORDINAL"), "the drain Job's ordinal is a placeholder, filled in at apply"
+
+def restricted(kind, name, pod):
+    """Pod Security Standards, `restricted` profile (baseline included), as the admission controller checks it."""
+    where = f"{kind}/{name}"
+    for k in ("hostNetwork", "hostPID", "hostIPC"):
+        assert not pod.get(k), f"{where}: {k}"
+    allowed_volumes = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret"}
+    for v in pod.get("volumes", []):
+        kinds = set(v) - {"name"}
+        assert kinds <= allowed_volumes, f"{where}: volume {v['name']} of type {kinds}"
+    psc = pod.get("securityContext", {})
+    for key in ("seLinuxOptions",):
+        assert key not in psc or psc[key].get("type", "") in ("", "container_t", "container_init_t", "container_kvm_t"), f"{where}: {key}"
+    assert psc.get("runAsUser", 1) != 0, f"{where}: runAsUser 0"
+    safe_sysctls = {"kernel.shm_rmid_forced", "net.ipv4.ip_local_port_range", "net.ipv4.ip_unprivileged_port_start",
+                    "net.ipv4.tcp_syncookies", "net.ipv4.ping_group_range", "net.ipv4.ip_local_reserved_ports",
+                    "net.ipv4.tcp_keepalive_time", "net.ipv4.tcp_fin_timeout", "net.ipv4.tcp_keepalive_intvl",
+                    "net.ipv4.tcp_keepalive_probes"}
+    for sc in psc.get("sysctls", []):
+        assert sc["name"] in safe_sysctls, f"{where}: sysctl {sc['name']}"
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        csc = c.get("securityContext", {})
+        cw = f"{where} container {c['name']}"
+        assert not csc.get("privileged"), f"{cw}: privileged"
+        assert csc.get("allowPrivilegeEscalation") is False, f"{cw}: allowPrivilegeEscalation must be false"
+        caps = csc.get("capabilities", {})
+        assert "ALL" in caps.get("drop", []), f"{cw}: capabilities.drop must hold ALL"
+        assert set(caps.get("add", [])) <= {"NET_BIND_SERVICE"}, f"{cw}: capabilities.add {caps.get('add')}"
+        assert csc.get("runAsNonRoot", psc.get("runAsNonRoot")) is True, f"{cw}: runAsNonRoot"
+        assert csc.get("runAsUser", psc.get("runAsUser", 1)) != 0, f"{cw}: runAsUser 0"
+        seccomp = csc.get("seccompProfile", psc.get("seccompProfile", {})).get("type")
+        assert seccomp in ("RuntimeDefault", "Localhost"), f"{cw}: seccompProfile {seccomp}"
+        assert csc.get("procMount", "Default") == "Default", f"{cw}: procMount"
+        for p in c.get("ports", []):
+            assert not p.get("hostPort"), f"{cw}: hostPort"
+
+pods = 0
+for name, ds in docs.items():
+    for d in ds:
+        spec = d.get("spec", {})
+        pod = spec.get("template", {}).get("spec") if d["kind"] in ("StatefulSet", "Job", "Deployment", "DaemonSet") else None
+        if pod:
+            restricted(d["kind"], d["metadata"]["name"], pod)
+            pods += 1
+print(f"Pod Security restricted: {pods} pod templates ok")
 default = {(d["kind"], d["metadata"]["name"]): d for d in docs["default"]}
 kinds = sorted(k for k, _ in default)
 assert "Secret" not in kinds, "the token Secret is created by the operator, never by apply -k"
@@ -67,11 +118,45 @@ mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
 assert "data" in claims and "files" in claims and mounts["data"] != mounts["files"], "files off the spool volume"
 np = default[("NetworkPolicy", "huggy-bridge")]
 assert any("namespaceSelector" in f for r in np["spec"]["ingress"] for f in r.get("from", [])), "monitoring namespace admitted"
+assert pod["serviceAccountName"] == "huggy-bridge" and pod["automountServiceAccountToken"] is False
+sa = default[("ServiceAccount", "huggy-bridge")]
+assert sa["automountServiceAccountToken"] is False, "the ServiceAccount mounts no token"
+assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch", "no chown of the whole files volume at every start"
+spread = {t["topologyKey"]: t for t in pod["topologySpreadConstraints"]}
+assert spread["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule", "replicas on different nodes"
+assert "topology.kubernetes.io/zone" in spread
+for t in spread.values():
+    assert t["labelSelector"]["matchLabels"] == sts["spec"]["selector"]["matchLabels"], "spread counts the StatefulSet's pods"
+for kind in ("ServiceMonitor", "PrometheusRule"):
+    assert default[(kind, "huggy-bridge")]["metadata"]["labels"].get("release"), f"{kind}: the label kube-prometheus-stack selects"
+assert all("namespace" not in d["metadata"] for d in docs["default"]), "the base names no namespace: it goes where it is applied"
+example = {(d["kind"], d["metadata"]["name"]): d for d in docs["example"]}
+ns = example[("Namespace", "huggy-bridge")]
+assert ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+assert all(d["metadata"].get("namespace") == "huggy-bridge" for d in docs["example"] if d["kind"] != "Namespace")
+assert example[("ServiceMonitor", "huggy-bridge")]["metadata"]["labels"]["release"] == example[("PrometheusRule", "huggy-bridge")]["metadata"]["labels"]["release"]
+# Per-account routing: every host goes to exactly one Service, and that Service to exactly one replica.
+ing = example[("Ingress", "huggy-bridge")]
+replicas = sts["spec"]["replicas"]
+http_path = [l.split("=", 1)[1].strip().strip('"') for l in open("deploy/kubernetes/config/config.toml") if l.startswith("path =")][0]
+hosts = {}
+for rule in ing["spec"]["rules"]:
+    backends = {p["backend"]["service"]["name"] for p in rule["http"]["paths"]}
+    assert len(backends) == 1, f"{rule['host']}: one account, one replica ({backends})"
+    assert all(p["path"] == http_path for p in rule["http"]["paths"]), f"{rule['host']}: the path stays http.path"
+    assert rule["host"] not in hosts, f"{rule['host']} routed twice"
+    hosts[rule["host"]] = backends.pop()
+for host, svc_name in hosts.items():
+    svc = example[("Service", svc_name)]
+    pod_name = svc["spec"]["selector"].get("statefulset.kubernetes.io/pod-name", "")
+    assert pod_name.startswith("huggy-bridge-") and int(pod_name.rsplit("-", 1)[1]) < replicas, f"{svc_name} selects one existing replica"
+print(f"example overlay: namespace, {len(hosts)} accounts each routed to one replica")
 job = [d for d in docs["drain-spool"] if d["kind"] == "Job"]
 assert len(job) == 1, "one drain Job"
 jpod = job[0]["spec"]["template"]["spec"]
 assert jpod["containers"][0]["args"][:2] == ["spool", "drain"]
 assert [v["configMap"]["name"] for v in jpod["volumes"] if "configMap" in v] == cms, "the Job reads the same config"
+assert jpod["serviceAccountName"] == "huggy-bridge" and jpod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
 assert any(v.get("persistentVolumeClaim", {}).get("claimName", "").startswith("data-huggy-bridge-") for v in jpod["volumes"])
 core, n = os.path.join(out, "core"), 0
 os.makedirs(core)
@@ -89,7 +174,7 @@ for name, ds in docs.items():
             continue
         n += 1
         yaml.safe_dump(d, open(os.path.join(core, f"{n:02}-{d['kind']}-{d['metadata']['name']}.yaml"), "w"))
-print(f"kustomize: {len(docs['default'])} resources, drain Job: {len(docs['drain-spool'])}; structure ok")
+print(f"kustomize: {len(docs['default'])} resources, drain Job: {len(docs['drain-spool'])}, example: {len(docs['example'])}; structure ok")
 PY
   for f in "$rendered"/core/*.yaml; do
     kubernetes-validate --strict --quiet "$f" || { echo "invalid: $(basename "$f")" >&2; exit 1; }
@@ -105,6 +190,42 @@ PY
   else missing promtool; fi
   rm -rf "$rendered"
 else missing "kubectl (kustomize) or kubernetes-validate"; fi
+
+echo "== scale-in drain (scripts/drain-scaled-in.sh against a stand-in kubectl)"
+# A StatefulSet at 2 replicas whose claims 0..3 exist: the script must start the drain Job for 2 and
+# 3 only, each on its own claims, without any file edited.
+if command -v kubectl >/dev/null; then
+  stub=$(mktemp -d)
+  real_kubectl=$(command -v kubectl)
+  cat >"$stub/kubectl" <<STUB
+#!/usr/bin/env bash
+[ "\$1" = -n ] && { echo "\$2" >>"$stub/namespaces"; shift 2; }
+case "\$1 \$2" in
+  "get statefulset") echo 2 ;;
+  "get pvc") printf 'persistentvolumeclaim/%s\n' data-huggy-bridge-0 files-huggy-bridge-0 data-huggy-bridge-1 \
+      data-huggy-bridge-3 data-huggy-bridge-2 files-huggy-bridge-2 files-huggy-bridge-3 data-huggy-bridge-10-old ;;
+  "kustomize "*) exec "$real_kubectl" "\$@" ;;
+  "apply --dry-run=server") cat >>"$stub/applied"; echo "---" >>"$stub/applied" ;;
+  *) echo "unexpected kubectl \$*" >&2; exit 1 ;;
+esac
+STUB
+  chmod +x "$stub/kubectl"
+  PATH="$stub:$PATH" bash scripts/drain-scaled-in.sh -n bridges --dry-run
+  python3 - "$stub" <<'PY'
+import os, sys, yaml
+stub = sys.argv[1]
+jobs = [d for d in yaml.safe_load_all(open(os.path.join(stub, "applied"))) if d and d["kind"] == "Job"]
+names = [j["metadata"]["name"] for j in jobs]
+assert names == ["huggy-bridge-drain-2", "huggy-bridge-drain-3"], names
+for j in jobs:
+    n = j["metadata"]["name"].rsplit("-", 1)[1]
+    claims = sorted(v["persistentVolumeClaim"]["claimName"] for v in j["spec"]["template"]["spec"]["volumes"] if "persistentVolumeClaim" in v)
+    assert claims == [f"data-huggy-bridge-{n}", f"files-huggy-bridge-{n}"], claims
+assert set(open(os.path.join(stub, "namespaces")).read().split()) == {"bridges"}, "every call in the namespace given"
+print("drain-scaled-in: Jobs for replicas 2 and 3 only, each on its own claims")
+PY
+  rm -rf "$stub"
+else missing kubectl; fi
 
 echo "== Grafana dashboard"
 python3 - <<'PY'

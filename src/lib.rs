@@ -28,6 +28,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod build_info;
 pub mod clock;
 pub mod config;
 pub mod event;
@@ -36,6 +37,7 @@ mod health;
 mod http;
 mod ingest;
 mod json;
+pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod reload;

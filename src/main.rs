@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use huggy_bridge::config::{Config, ConfigError};
 use huggy_bridge::telemetry::error_chain;
 use huggy_bridge::{app, publish, shutdown, spool, telemetry};
@@ -48,8 +48,16 @@ struct Cli {
 enum Command {
     /// Run the daemon (the default).
     Run,
-    /// Validate the configuration and print it, secrets redacted; exit 78 on any error.
-    CheckConfig,
+    /// Validate the configuration and print it, secrets redacted, then its worst-case memory (TOML
+    /// comments: the output stays a configuration file); exit 78 on any error.
+    CheckConfig {
+        /// Events stored per second at the peak, for the dedup window's share of the memory figure.
+        #[arg(long, default_value_t = huggy_bridge::memory::DEFAULT_PEAK_EVENTS_PER_SEC)]
+        peak_events_per_sec: u64,
+        /// The smallest event the batches carry, in bytes: small events cost more memory per byte.
+        #[arg(long, default_value_t = huggy_bridge::memory::DEFAULT_MIN_EVENT_BYTES)]
+        min_event_bytes: u64,
+    },
     /// Kafka topic management.
     Topics {
         #[command(subcommand)]
@@ -91,10 +99,14 @@ enum SpoolCommand {
     Drain,
 }
 
+/// `--version`: the version, the commit and the spool format (clap wants a `'static` string).
+static VERSION_LINE: std::sync::LazyLock<String> = std::sync::LazyLock::new(huggy_bridge::build_info::version_line);
+
 /// Exit codes: 0 success, 78 a configuration error (every command), 1 another failure, 2 a usage
 /// error (clap), 143 a second SIGTERM/SIGINT during the drain.
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().version(VERSION_LINE.as_str()).get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Commands that receive no webhooks need no webhook tokens.
     let offline = matches!(cli.command, Some(Command::Topics { .. } | Command::Spool { .. } | Command::Probe { .. }));
     let loaded =
@@ -111,8 +123,10 @@ fn main() -> ExitCode {
         return ExitCode::from(EXIT_CONFIG);
     }
     match cli.command.unwrap_or(Command::Run) {
-        Command::CheckConfig => {
+        Command::CheckConfig { peak_events_per_sec, min_event_bytes } => {
             print!("{}", cfg.to_redacted_toml());
+            let assumptions = huggy_bridge::memory::Assumptions { peak_events_per_sec, min_event_bytes };
+            print!("\n{}", huggy_bridge::memory::worst_case(&cfg, &assumptions));
             ExitCode::SUCCESS
         }
         Command::Topics { command: TopicsCommand::List } => {

@@ -380,8 +380,11 @@ impl Metrics {
                 "result"
             )),
             build_info: reg!(IntGaugeVec::new(
-                Opts::new("huggy_bridge_build_info", "Build information."),
-                &["version"]
+                Opts::new(
+                    "huggy_bridge_build_info",
+                    "1, labelled with the running build: version, commit and the spool format it writes."
+                ),
+                &["version", "commit", "spool_format"]
             )),
             registry: registry.clone(),
         };
@@ -406,7 +409,13 @@ impl Metrics {
         for c in PUBLISH_ERROR_CODES {
             m.publish_errors.with_label_values(&[c]);
         }
-        m.build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        m.build_info
+            .with_label_values(&[
+                crate::build_info::VERSION,
+                crate::build_info::COMMIT,
+                &crate::build_info::SPOOL_FORMAT.to_string(),
+            ])
+            .set(1);
         // process_cpu_seconds_total, process_resident_memory_bytes, process_open_fds, … (from /proc).
         #[cfg(target_os = "linux")]
         registry

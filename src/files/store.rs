@@ -12,7 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 use crate::config::FilesConfig;
 
 /// Part size of multipart writes (S3's minimum is 5 MiB); at most two parts are buffered at once.
-const PART_BYTES: usize = 5 * 1024 * 1024;
+pub(crate) const PART_BYTES: usize = 5 * 1024 * 1024;
 
 /// Why the file store could not be opened or written.
 #[derive(Debug, thiserror::Error)]

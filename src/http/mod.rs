@@ -137,7 +137,7 @@ pub(crate) struct ServeLimits {
 /// Largest read buffer of one connection (hyper's default is about 400 KiB). With bodies bounded by
 /// `http.max_inflight_bytes`, what connections hold is the other half of the memory bound:
 /// `http.max_connections` × this. Request heads must fit in it too (Huggy's are well under 2 KiB).
-const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
+pub(crate) const CONNECTION_READ_BUFFER_BYTES: usize = 64 * 1024;
 
 /// Serves `router` on `listener` until `stop`, then lets in-flight requests finish within `drain`.
 pub(crate) async fn serve(

@@ -53,6 +53,7 @@ pub(crate) struct Finished {
 pub(crate) struct Lanes {
     lanes: HashMap<LaneKey, Lane>,
     held: usize,
+    held_bytes: usize,
     policy: ExponentialBuilder,
 }
 
@@ -61,6 +62,7 @@ impl Lanes {
         Lanes {
             lanes: HashMap::new(),
             held: 0,
+            held_bytes: 0,
             policy: ExponentialBuilder::default()
                 .with_min_delay(Duration::from_millis(200))
                 .with_max_delay(Duration::from_secs(30))
@@ -74,6 +76,11 @@ impl Lanes {
         self.held
     }
 
+    /// Bytes of the values of the events held.
+    pub(crate) fn held_bytes(&self) -> usize {
+        self.held_bytes
+    }
+
     /// Appends an event (in sequence order) to its key's lane.
     pub(crate) fn push(&mut self, s: Stored) {
         let lane = self.lanes.entry(key_of(&s)).or_insert_with(|| Lane {
@@ -83,8 +90,9 @@ impl Lanes {
             backoff: None,
             failures: 0,
         });
-        lane.queue.push_back(s);
         self.held += 1;
+        self.held_bytes += s.event.value.len();
+        lane.queue.push_back(s);
     }
 
     /// Takes the queued events of lanes that may be sent now (none in flight, no backoff pending)
@@ -118,6 +126,7 @@ impl Lanes {
                 keys.push(k.clone());
             }
             self.held -= 1;
+            self.held_bytes -= s.event.value.len();
             match o {
                 Outcome::Published | Outcome::DeadLettered => fin.done.push((s.seq, s.received_at)),
                 Outcome::Retry(_) => failed.entry(k).or_default().push(s),
@@ -130,6 +139,7 @@ impl Lanes {
                 Some(back) => {
                     fin.retried += back.len();
                     self.held += back.len();
+                    self.held_bytes += back.iter().map(|s| s.event.value.len()).sum::<usize>();
                     for s in back.into_iter().rev() {
                         lane.queue.push_front(s);
                     }
@@ -240,10 +250,10 @@ mod tests {
         assert_eq!(round.len(), 4);
         let n = round.len();
         lanes.finish(round, (0..n).map(|_| Outcome::Published).collect(), t0);
-        assert_eq!(lanes.held(), 6);
+        assert_eq!((lanes.held(), lanes.held_bytes()), (6, 6 * br#"{"a":1}"#.len()));
         let rest = lanes.take_ready(t0, 100);
         let n = rest.len();
         lanes.finish(rest, (0..n).map(|_| Outcome::Published).collect(), t0);
-        assert_eq!((lanes.held(), lanes.stalled(), lanes.lanes.len()), (0, 0, 0));
+        assert_eq!((lanes.held(), lanes.held_bytes(), lanes.stalled(), lanes.lanes.len()), (0, 0, 0, 0));
     }
 }

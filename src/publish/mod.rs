@@ -413,12 +413,17 @@ pub(crate) struct Stops {
     pub(crate) hard: CancellationToken,
 }
 
+/// Bytes of event values the spool publisher holds at most (plus one event), parked ones included,
+/// whatever `kafka.max_in_flight_records` allows: a window of large events cannot take the
+/// memory that many small ones would not (see `memory`).
+pub(crate) const WINDOW_BYTES: usize = 32 * 1024 * 1024;
+
 /// Rounds of lanes being published at once: a round holding a record Kafka cannot take now waits
 /// for its delivery timeout, and the others go on meanwhile.
 const ROUNDS_IN_FLIGHT: usize = 4;
 /// Events held per publishing window (`kafka.max_in_flight_records`): room for the lanes of keys that
-/// wait out a backoff besides the window that flows.
-const HELD_PER_WINDOW: usize = 4;
+/// wait out a backoff besides the window that flows. Their bytes stay within [`WINDOW_BYTES`].
+pub(crate) const HELD_PER_WINDOW: usize = 4;
 
 /// How long a round may take before it counts as hung (liveness): librdkafka reports every record
 /// within its message timeout, so a round past that and a margin is one that will not end.
@@ -468,7 +473,9 @@ pub(crate) async fn run_spool_publisher(
         if !stop.is_cancelled() && read_again_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
             read_again_at = None;
             let room = (window * HELD_PER_WINDOW).saturating_sub(lanes.held() + parked.len());
-            match if room > 0 { reader.read_now(room) } else { Ok(Vec::new()) } {
+            let parked_bytes: usize = parked.iter().map(|s| s.event.value.len()).sum();
+            let room_bytes = WINDOW_BYTES.saturating_sub(parked_bytes + lanes.held_bytes());
+            match if room > 0 && room_bytes > 0 { reader.read_now(room, room_bytes) } else { Ok(Vec::new()) } {
                 Ok(fresh) => {
                     let (ready, still_parked) =
                         release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::format::{self, BadFrame, Next};
 
 /// Bytes read from a segment at a time.
-const CHUNK: usize = 1024 * 1024;
+pub(crate) const CHUNK: usize = 1024 * 1024;
 
 /// A segment file read in bounded chunks.
 pub(crate) struct Chunks {

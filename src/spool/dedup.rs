@@ -33,6 +33,18 @@ use crate::event::EventId;
 /// Slices of the window, each a hash set dropped whole when it expires.
 pub(crate) const GENERATIONS: i64 = 8;
 
+/// Most bytes an id takes in the window's tables: a table just rebuilt at twice its size, at the
+/// lowest load factor (the `bytes_per_id` test holds the tables to it).
+pub(crate) const MAX_BYTES_PER_ID: u64 = 40;
+
+/// Most bytes the window takes when `ids` ids are stored per `dedup_window_secs`: the window and the
+/// slice that has not yet expired whole, plus one table of a slice held twice while it is rebuilt.
+pub(crate) fn max_memory_bytes(ids: u64) -> u64 {
+    let slice = ids / GENERATIONS.unsigned_abs() + 1;
+    let rebuilding = slice / SHARDS as u64 + 1;
+    ids.saturating_add(slice).saturating_add(rebuilding).saturating_mul(MAX_BYTES_PER_ID)
+}
+
 /// Ids are SHA-256 output: their first eight bytes are already a uniform hash.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Key([u8; 16]);
@@ -757,6 +769,6 @@ mod tests {
         }
         assert_eq!(d.len(), n as usize);
         let per_id = d.heap_bytes() as f64 / n as f64;
-        assert!((17.0..=40.0).contains(&per_id), "{per_id} bytes per id");
+        assert!((17.0..=MAX_BYTES_PER_ID as f64).contains(&per_id), "{per_id} bytes per id");
     }
 }

@@ -49,6 +49,14 @@ pub use lock::LockError;
 pub(crate) use reader::Reader;
 pub use recovery::RecoveryReport;
 
+pub(crate) use dedup::{max_memory_bytes as dedup_max_bytes, MAX_BYTES_PER_ID as DEDUP_MAX_BYTES_PER_ID};
+
+/// Segments are read (by recovery and the publisher) in chunks of this many bytes.
+pub(crate) const READ_CHUNK_BYTES: usize = chunks::CHUNK;
+
+/// The on-disk format of the segments this build writes, and the only one it reads.
+pub const FORMAT_VERSION: u32 = format::VERSION;
+
 /// Largest segment; smaller spools get smaller segments (see [`SpoolSettings::segment_bytes_for`]).
 pub(crate) const MAX_SEGMENT_BYTES: u64 = 64 * 1024 * 1024;
 /// Commands queued for the writer at most. The bytes they hold are bounded upstream: every event in

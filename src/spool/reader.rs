@@ -36,7 +36,7 @@ impl Reader {
             let notified = committed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let got = self.read_now(max)?;
+            let got = self.read_now(max, usize::MAX)?;
             if !got.is_empty() {
                 return Ok(got);
             }
@@ -50,13 +50,16 @@ impl Reader {
         self.chunks = None;
     }
 
-    /// Up to `max` undelivered events after the last one returned, without waiting.
+    /// Up to `max` undelivered events after the last one returned, without waiting, and no more
+    /// once their values hold `max_bytes` (the first event is returned whatever its size): what the
+    /// caller holds stays below `max_bytes` plus one event.
     ///
     /// # Errors
     /// A segment cannot be read.
-    pub(crate) fn read_now(&mut self, max: usize) -> Result<Vec<Stored>, SpoolError> {
+    pub(crate) fn read_now(&mut self, max: usize, max_bytes: usize) -> Result<Vec<Stored>, SpoolError> {
         let mut out = Vec::new();
-        while out.len() < max {
+        let mut bytes = 0usize;
+        while out.len() < max && bytes < max_bytes {
             let (path, limit, is_active, next_segment) = {
                 let mut st = self.shared.lock();
                 let Some(idx) = st.segments.iter().position(|s| s.first_seq == self.segment) else {
@@ -92,12 +95,13 @@ impl Reader {
                 chunks.len = std::fs::metadata(&path).map_or(chunks.len, |m| m.len());
             }
             let end = chunks.len;
-            while self.offset < end && out.len() < max {
+            while self.offset < end && out.len() < max && bytes < max_bytes {
                 match chunks.frame_at(self.offset)? {
                     Next::Frame(rec, used) => {
                         self.offset += used as u64;
                         if let Record::Event { seq, received_at, event } = rec {
                             if self.shared.lock().unacked.contains_key(&seq) {
+                                bytes = bytes.saturating_add(event.value.len());
                                 out.push(Stored { seq, received_at, event });
                             }
                         }
@@ -110,7 +114,7 @@ impl Reader {
                     },
                 }
             }
-            if out.len() >= max || is_active {
+            if out.len() >= max || bytes >= max_bytes || is_active {
                 break;
             }
             match next_segment {

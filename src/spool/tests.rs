@@ -630,3 +630,24 @@ async fn a_disk_that_keeps_failing_refuses_every_batch_and_recovers_nothing_it_r
     spool.append(vec![ev(2, "1")], 1).await.unwrap();
     spool.close().await;
 }
+
+#[tokio::test]
+async fn a_read_stops_at_its_byte_budget_and_the_next_one_goes_on_from_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let events: Vec<Event> = (10..40).map(|n| ev(n, "1")).collect();
+    let each = events[0].value.len();
+    spool.append(events, 1).await.unwrap();
+    let mut r = spool.reader();
+    // Three values' worth and a byte: the fourth event is the one that crosses the budget.
+    let first = r.read_now(1000, 3 * each + 1).unwrap();
+    assert_eq!(first.len(), 4, "stops after the event that reaches the budget");
+    // A budget smaller than one event still returns one: a large event is never stuck.
+    let one = r.read_now(1000, 1).unwrap();
+    assert_eq!(one.len(), 1);
+    let rest = r.read_now(1000, usize::MAX).unwrap();
+    let seqs: Vec<u64> = first.iter().chain(&one).chain(&rest).map(|s| s.seq).collect();
+    assert_eq!(seqs.len(), 30, "nothing skipped or repeated across reads");
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    spool.close().await;
+}

@@ -1,7 +1,12 @@
 //! The deploy artifacts agree with the daemon: every metric the Grafana dashboard and the alert rules
-//! query is one the daemon exports.
+//! query is one the daemon exports; the Kubernetes memory limits cover the worst case of the shipped
+//! configuration.
 
 use std::collections::BTreeSet;
+use std::path::Path;
+
+use huggy_bridge::config::Config;
+use huggy_bridge::memory::{parse_quantity, worst_case, Assumptions};
 
 use crate::common::{inprocess_config, TestApp};
 
@@ -62,4 +67,36 @@ async fn every_metric_the_dashboard_and_alerts_query_is_exported() {
         assert!(line.split_whitespace().count() > 3, "help text on every family: {line}");
     }
     d.stop().await;
+}
+
+/// `resources.limits.memory` of the one container in a manifest.
+fn memory_limit(manifest: &str) -> u64 {
+    let lines: Vec<&str> = manifest.lines().collect();
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    let at = lines.iter().position(|l| l.trim() == "limits:").expect("a resources.limits block");
+    let value = lines[at + 1..]
+        .iter()
+        .take_while(|l| indent(l) > indent(lines[at]))
+        .find_map(|l| l.trim().strip_prefix("memory:"))
+        .expect("limits.memory");
+    parse_quantity(value.trim().trim_matches('"')).unwrap_or_else(|| panic!("a quantity: {value}"))
+}
+
+#[test]
+fn the_shipped_memory_limits_cover_the_worst_case_of_the_shipped_configuration() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let config = Path::new(root).join("deploy/kubernetes/config/config.toml");
+    let cfg = Config::load_offline(Some(&config)).expect("the shipped configuration loads");
+    let need = worst_case(&cfg, &Assumptions::default());
+    // The figure must not be trivially small: every term of spool mode with capture is in it.
+    assert!(need.terms.len() >= 11 && need.total() > 512 << 20, "{need}");
+    for manifest in ["statefulset.yaml", "jobs/drain-spool/job.yaml"] {
+        let text = std::fs::read_to_string(Path::new(root).join("deploy/kubernetes").join(manifest)).unwrap();
+        let limit = memory_limit(&text);
+        assert!(
+            limit >= need.total(),
+            "{manifest}: limits.memory is {} MiB, below the worst case of the shipped configuration:\n{need}",
+            limit >> 20
+        );
+    }
 }

@@ -78,6 +78,33 @@ fn check_config_accepts_kubelet_service_links() {
     assert!(out.status.success(), "check-config failed: {stderr}");
     assert!(stdout.contains(&format!("listen = \"{admin}\"")), "the file's admin.listen stands:\n{stdout}");
     assert!(!stdout.contains("10.96.0"), "no service-link value became configuration:\n{stdout}");
+    // Then the worst-case memory of that configuration, as comments: the output stays a config file.
+    let cfg = huggy_bridge::config::Config::load_offline(Some(&config)).unwrap();
+    let worst = huggy_bridge::memory::worst_case(&cfg, &huggy_bridge::memory::Assumptions::default());
+    let figure = format!("# Worst-case memory: {} MiB", worst.total().div_ceil(1 << 20));
+    assert!(stdout.contains(&figure), "{figure} expected in:\n{stdout}");
+    assert!(stdout.parse::<toml::Table>().is_ok(), "check-config's output is TOML:\n{stdout}");
+    let tiny = bridge(&["check-config", "--min-event-bytes", "16", "--peak-events-per-sec", "5000"], &config, &[])
+        .output()
+        .unwrap();
+    let tiny = String::from_utf8_lossy(&tiny.stdout);
+    assert!(tiny.contains("at most 5000 events/s stored, no event under 16 bytes"), "{tiny}");
+}
+
+#[test]
+fn version_names_the_version_the_commit_and_the_spool_format() {
+    let out = Command::new(env!("CARGO_BIN_EXE_huggy-bridge")).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    let line = String::from_utf8(out.stdout).unwrap();
+    let commit = huggy_bridge::build_info::COMMIT;
+    assert_eq!(line.trim(), format!("huggy-bridge {} (commit {commit}, spool format 2)", env!("CARGO_PKG_VERSION")));
+    // Built from a checkout, the commit is its HEAD (with -dirty when tracked files differ).
+    let root = env!("CARGO_MANIFEST_DIR");
+    if Path::new(root).join(".git").exists() {
+        let head = Command::new("git").args(["-C", root, "rev-parse", "HEAD"]).output().unwrap();
+        let head = String::from_utf8(head.stdout).unwrap();
+        assert_eq!(commit.trim_end_matches("-dirty"), head.trim(), "the commit is the checkout's HEAD");
+    }
 }
 
 #[test]
@@ -107,6 +134,12 @@ async fn run_starts_with_kubelet_service_links_and_exports_process_metrics() {
         .parse()
         .unwrap();
     assert!(rss > 1e6, "resident memory of a running daemon: {rss}");
+    let info = format!(
+        "huggy_bridge_build_info{{commit=\"{}\",spool_format=\"2\",version=\"{}\"}} 1",
+        huggy_bridge::build_info::COMMIT,
+        env!("CARGO_PKG_VERSION")
+    );
+    assert!(metrics.lines().any(|l| l == info), "{info} not exported:\n{metrics}");
     for family in ["process_cpu_seconds_total", "process_open_fds", "process_start_time_seconds"] {
         assert!(metrics.contains(&format!("# TYPE {family} ")), "{family} not exported");
     }

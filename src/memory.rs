@@ -1,0 +1,316 @@
+//! The worst-case memory of a configuration: what `check-config` prints and what a container's
+//! memory limit must cover (the shipped Kubernetes limit is checked against it by a test).
+//!
+//! Each [`Term`] bounds one consumer from the configuration and the constants of the module that
+//! owns it. Two things no configuration bounds are [`Assumptions`], printed with the figure: the
+//! peak event rate (the dedup window holds the ids of every event stored within
+//! `spool.dedup_window_secs`) and the smallest event (an event costs memory for itself, not only
+//! for its bytes, so a body of tiny events holds more than its size). The terms:
+//!
+//! | term | bound |
+//! |---|---|
+//! | request bodies | `http.max_inflight_bytes` (past it, 503 before a body is read) |
+//! | connection buffers | `http.max_connections` × 64 KiB read buffer each |
+//! | parsed events | the events split out of the bodies in flight: a copy of their bytes (≤ the bodies) and [`EVENT_STRUCT_BYTES`] each, at most one per `min_event_bytes` of body |
+//! | write group (spool mode) | the group the spool writer encodes: 8 MiB, or one larger batch alone (`http.max_body_bytes` of events and their frames) |
+//! | publisher window (spool mode) | event values read for Kafka: 32 MiB plus one event, with librdkafka's copy of each; [`EVENT_STRUCT_BYTES`] per record of `kafka.max_in_flight_records` |
+//! | producer copies (kafka mode) | librdkafka's copy of the events of the requests in flight (≤ `http.max_inflight_bytes`) |
+//! | undelivered index (spool mode) | one entry per undelivered event, built by recovery and kept until Kafka acknowledges it: at most `spool.max_bytes` ÷ the smallest event frame entries of [`INDEX_ENTRY_BYTES`] |
+//! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id |
+//! | recovery buffers (spool mode) | segments are read in 1 MiB chunks; a frame larger than that is read whole (≤ one batch) |
+//! | file capture | `files.max_concurrency` downloads, each streaming into the store through 5 MiB parts: one filling and two uploading |
+//! | runtime | [`RUNTIME_BYTES`]: code, thread stacks, librdkafka's threads and broker buffers, metrics |
+//! | allocator slack | one eighth of everything above: jemalloc's size classes round small allocations up |
+//!
+//! Not counted: the Kafka client's queue beyond the records the bridge hands it (it holds only
+//! those), and per-file URL lists of events waiting for their files (a few hundred bytes each).
+
+use std::fmt;
+
+use crate::config::{AckMode, Config};
+use crate::event::Event;
+
+/// What no configuration key bounds; `check-config --peak-events-per-sec … --min-event-bytes …`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Assumptions {
+    /// Events stored per second at the peak: the dedup window's size.
+    pub peak_events_per_sec: u64,
+    /// The smallest event a batch carries, in bytes of JSON. The smallest in Huggy's published
+    /// payloads is 146 bytes (`closedChat`); a sender with a token could send smaller ones.
+    pub min_event_bytes: u64,
+}
+
+impl Default for Assumptions {
+    fn default() -> Self {
+        Self { peak_events_per_sec: DEFAULT_PEAK_EVENTS_PER_SEC, min_event_bytes: DEFAULT_MIN_EVENT_BYTES }
+    }
+}
+
+/// Default of [`Assumptions::peak_events_per_sec`]: five times the rate the README's sizing uses.
+pub const DEFAULT_PEAK_EVENTS_PER_SEC: u64 = 500;
+/// Default of [`Assumptions::min_event_bytes`]: below the smallest event Huggy documents.
+pub const DEFAULT_MIN_EVENT_BYTES: u64 = 128;
+
+/// Memory of one parsed event besides its bytes: the struct and the small strings it owns (type,
+/// key, company), each rounded up to an allocator size class.
+pub const EVENT_STRUCT_BYTES: u64 = std::mem::size_of::<Event>() as u64 + 3 * 32 + 16;
+/// Bytes of an event's frame in a segment besides its value: frame header (12), kind, sequence,
+/// receipt time, id, time, lengths and option tags (62), type, key and company (up to 64 together
+/// for Huggy's types and numeric ids); see `spool::format`.
+pub const FRAME_OVERHEAD_BYTES: u64 = 12 + 62 + 64;
+/// One undelivered event in the spool's index (a `BTreeMap<u64, Pending>` entry, 24 bytes in leaves
+/// that ascending inserts leave a little over half full, plus the inner nodes).
+pub const INDEX_ENTRY_BYTES: u64 = 64;
+/// What the process takes before any traffic (22 MB resident measured idle, a debug build), with room
+/// for what grows with load: code, tokio's and librdkafka's threads, the broker
+/// connections' buffers, the metrics registry.
+pub const RUNTIME_BYTES: u64 = 96 * MIB;
+/// Largest bytes per id of the dedup window's tables (the `bytes_per_id` test of `spool::dedup`).
+pub const DEDUP_BYTES_PER_ID: u64 = crate::spool::DEDUP_MAX_BYTES_PER_ID;
+
+const MIB: u64 = 1024 * 1024;
+
+/// One consumer of memory and its bound.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Term {
+    /// What holds the memory.
+    pub name: &'static str,
+    /// Its bound, in bytes.
+    pub bytes: u64,
+    /// Where the bound comes from: the settings and constants it is computed from.
+    pub from: String,
+}
+
+/// The bound and its terms.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorstCase {
+    /// The terms, in the order of the table above; the sum is [`WorstCase::total`].
+    pub terms: Vec<Term>,
+    /// The assumptions the figure rests on.
+    pub assumptions: Assumptions,
+}
+
+impl WorstCase {
+    /// Bytes of all terms together.
+    pub fn total(&self) -> u64 {
+        self.terms.iter().map(|t| t.bytes).fold(0, u64::saturating_add)
+    }
+}
+
+/// Rounds up to MiB for display.
+fn mib(bytes: u64) -> u64 {
+    bytes.div_ceil(MIB)
+}
+
+impl fmt::Display for WorstCase {
+    /// TOML comments, so that `check-config`'s output stays a valid configuration file.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "# Worst-case memory: {} MiB (at most {} events/s stored, no event under {} bytes; a container \
+             limit must be at least this)",
+            mib(self.total()),
+            self.assumptions.peak_events_per_sec,
+            self.assumptions.min_event_bytes
+        )?;
+        for t in &self.terms {
+            writeln!(f, "#   {:>6} MiB  {:<24} {}", mib(t.bytes), t.name, t.from)?;
+        }
+        Ok(())
+    }
+}
+
+/// The worst-case memory of `cfg` under `a`.
+pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
+    let min_event = a.min_event_bytes.max(2); // `{}` is the smallest JSON object
+    let inflight = cfg.http.max_inflight_bytes as u64;
+    let max_body = cfg.http.max_body_bytes as u64;
+    let spool_mode = cfg.delivery.ack == AckMode::Spool;
+    let mut terms = vec![
+        Term { name: "request bodies", bytes: inflight, from: "http.max_inflight_bytes".into() },
+        Term {
+            name: "connection buffers",
+            bytes: (cfg.http.max_connections as u64).saturating_mul(crate::http::CONNECTION_READ_BUFFER_BYTES as u64),
+            from: format!(
+                "http.max_connections × {} KiB",
+                crate::http::CONNECTION_READ_BUFFER_BYTES / 1024
+            ),
+        },
+        Term {
+            name: "parsed events",
+            bytes: inflight.saturating_add((inflight / min_event).saturating_mul(EVENT_STRUCT_BYTES)),
+            from: format!(
+                "their bytes (≤ http.max_inflight_bytes) + {EVENT_STRUCT_BYTES} bytes per event, one per {min_event} bytes"
+            ),
+        },
+    ];
+    if spool_mode {
+        let group = (crate::spool::GROUP_MAX_BYTES as u64).max(max_body);
+        terms.push(Term {
+            name: "write group",
+            bytes: group.saturating_add((group / min_event).saturating_mul(FRAME_OVERHEAD_BYTES)),
+            from: format!(
+                "max({} MiB, http.max_body_bytes) of events + {FRAME_OVERHEAD_BYTES} bytes of frame each",
+                crate::spool::GROUP_MAX_BYTES as u64 / MIB
+            ),
+        });
+        let window = (crate::publish::WINDOW_BYTES as u64).saturating_add(max_body);
+        let held = cfg.kafka.max_in_flight_records.saturating_mul(crate::publish::HELD_PER_WINDOW) as u64;
+        let records = held.min(window / min_event + 1);
+        terms.push(Term {
+            name: "publisher window",
+            bytes: window.saturating_mul(2).saturating_add(records.saturating_mul(EVENT_STRUCT_BYTES)),
+            from: format!(
+                "2 × ({} MiB + http.max_body_bytes): read and librdkafka's copy; {EVENT_STRUCT_BYTES} bytes per \
+                 record held (4 × kafka.max_in_flight_records: the flowing window and the lanes backing off)",
+                crate::publish::WINDOW_BYTES as u64 / MIB
+            ),
+        });
+        let events = cfg.spool.max_bytes / min_event.saturating_add(FRAME_OVERHEAD_BYTES);
+        terms.push(Term {
+            name: "undelivered index",
+            bytes: events.saturating_mul(INDEX_ENTRY_BYTES),
+            from: format!(
+                "spool.max_bytes ÷ {} bytes per smallest event frame × {INDEX_ENTRY_BYTES} bytes",
+                min_event.saturating_add(FRAME_OVERHEAD_BYTES)
+            ),
+        });
+        let ids = a.peak_events_per_sec.saturating_mul(cfg.spool.dedup_window_secs);
+        terms.push(Term {
+            name: "dedup window",
+            bytes: crate::spool::dedup_max_bytes(ids),
+            from: format!("{ids} ids (events/s × spool.dedup_window_secs) × ≤ {DEDUP_BYTES_PER_ID} bytes, + a slice"),
+        });
+        terms.push(Term {
+            name: "recovery buffers",
+            bytes: (crate::spool::READ_CHUNK_BYTES as u64)
+                .saturating_add(max_body)
+                .saturating_add(FRAME_OVERHEAD_BYTES),
+            from: format!(
+                "{} MiB chunks; a larger frame whole (http.max_body_bytes)",
+                crate::spool::READ_CHUNK_BYTES / (1024 * 1024)
+            ),
+        });
+    } else {
+        terms.push(Term {
+            name: "producer copies",
+            bytes: inflight,
+            from: "librdkafka's copy of the events in flight (≤ http.max_inflight_bytes)".into(),
+        });
+    }
+    if cfg.files.enabled {
+        let part = crate::files::store::PART_BYTES as u64;
+        terms.push(Term {
+            name: "file capture",
+            bytes: (cfg.files.max_concurrency as u64).saturating_mul(3 * part),
+            from: format!("files.max_concurrency × 3 parts of {} MiB", part / MIB),
+        });
+    }
+    terms.push(Term { name: "runtime", bytes: RUNTIME_BYTES, from: "code, threads, Kafka client, metrics".into() });
+    let sum: u64 = terms.iter().map(|t| t.bytes).fold(0, u64::saturating_add);
+    terms.push(Term { name: "allocator slack", bytes: sum / 8, from: "one eighth of the above".into() });
+    WorstCase { terms, assumptions: *a }
+}
+
+/// Parses a Kubernetes memory quantity (`512Mi`, `2Gi`, `1G`, `1500M`, `1048576`) into bytes.
+pub fn parse_quantity(q: &str) -> Option<u64> {
+    let q = q.trim();
+    let digits = q.find(|c: char| !c.is_ascii_digit()).unwrap_or(q.len());
+    let (n, unit) = q.split_at(digits);
+    let n: u64 = n.parse().ok()?;
+    let factor: u64 = match unit {
+        "" => 1,
+        "Ki" => 1 << 10,
+        "Mi" => 1 << 20,
+        "Gi" => 1 << 30,
+        "Ti" => 1 << 40,
+        "k" => 1_000,
+        "M" => 1_000_000,
+        "G" => 1_000_000_000,
+        "T" => 1_000_000_000_000,
+        _ => return None,
+    };
+    n.checked_mul(factor)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn by_name<'a>(w: &'a WorstCase, name: &str) -> &'a Term {
+        w.terms.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("no term {name}: {w}"))
+    }
+
+    #[test]
+    fn every_term_follows_its_setting() {
+        let a = Assumptions::default();
+        let base = Config::default();
+        let w = worst_case(&base, &a);
+        let mut more = base.clone();
+        more.http.max_inflight_bytes *= 2;
+        more.http.max_connections *= 2;
+        more.spool.max_bytes *= 2;
+        more.spool.dedup_window_secs *= 2;
+        more.files.max_concurrency *= 2;
+        let w2 = worst_case(&more, &a);
+        for name in ["request bodies", "connection buffers", "parsed events", "undelivered index", "file capture"] {
+            assert_eq!(by_name(&w2, name).bytes, 2 * by_name(&w, name).bytes, "{name}");
+        }
+        assert!(by_name(&w2, "dedup window").bytes > by_name(&w, "dedup window").bytes);
+        assert!(w2.total() > w.total());
+        // Smaller events cost more memory per byte of body.
+        let tiny = worst_case(&base, &Assumptions { min_event_bytes: 16, ..a });
+        assert!(by_name(&tiny, "parsed events").bytes > by_name(&w, "parsed events").bytes);
+        // The total is the sum, slack included (one eighth of the rest).
+        let sum: u64 = w.terms.iter().map(|t| t.bytes).sum();
+        assert_eq!(w.total(), sum);
+        let slack = by_name(&w, "allocator slack").bytes;
+        assert_eq!(slack, (sum - slack) / 8);
+    }
+
+    #[test]
+    fn kafka_mode_has_no_spool_terms_and_capture_off_has_no_capture_term() {
+        let mut cfg = Config::default();
+        cfg.delivery.ack = AckMode::Kafka;
+        cfg.files.enabled = false;
+        let w = worst_case(&cfg, &Assumptions::default());
+        let names: Vec<&str> = w.terms.iter().map(|t| t.name).collect();
+        for absent in ["write group", "publisher window", "undelivered index", "dedup window", "file capture"] {
+            assert!(!names.contains(&absent), "{names:?}");
+        }
+        assert_eq!(by_name(&w, "producer copies").bytes, cfg.http.max_inflight_bytes as u64);
+    }
+
+    #[test]
+    fn the_printed_figure_is_toml_comments_naming_every_term() {
+        let w = worst_case(&Config::default(), &Assumptions::default());
+        let text = w.to_string();
+        assert!(text.lines().all(|l| l.starts_with('#')), "{text}");
+        assert!(text.contains(&format!("{} MiB", w.total().div_ceil(MIB))), "{text}");
+        for t in &w.terms {
+            assert!(text.contains(t.name), "{text}");
+        }
+        assert!(toml::from_str::<toml::Table>(&text).is_ok());
+    }
+
+    #[test]
+    fn absurd_settings_saturate_instead_of_overflowing() {
+        let mut cfg = Config::default();
+        cfg.http.max_inflight_bytes = usize::MAX;
+        cfg.http.max_connections = usize::MAX;
+        cfg.files.max_concurrency = usize::MAX;
+        cfg.spool.max_bytes = u64::MAX;
+        let w = worst_case(&cfg, &Assumptions { peak_events_per_sec: u64::MAX, min_event_bytes: u64::MAX });
+        assert_eq!(w.total(), u64::MAX);
+    }
+
+    #[test]
+    fn quantities_parse_as_kubernetes_reads_them() {
+        assert_eq!(parse_quantity("512Mi"), Some(512 << 20));
+        assert_eq!(parse_quantity("2Gi"), Some(2 << 30));
+        assert_eq!(parse_quantity("1G"), Some(1_000_000_000));
+        assert_eq!(parse_quantity("1048576"), Some(1 << 20));
+        assert_eq!(parse_quantity("1.5Gi"), None);
+        assert_eq!(parse_quantity("Mi"), None);
+    }
+}
