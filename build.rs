@@ -3,7 +3,8 @@
 //! From git when the source is a checkout (`git rev-parse HEAD`, `-dirty` when tracked files differ
 //! from it); otherwise from `HUGGY_BRIDGE_COMMIT` (the Docker build passes it as a build argument,
 //! because the build context carries no `.git`); otherwise `unknown`. The result reaches the crate as
-//! `HUGGY_BRIDGE_BUILD_COMMIT`.
+//! `BRIDGE_BUILD_COMMIT` — outside the `HUGGY_BRIDGE_` prefix on purpose: cargo also sets it when it
+//! runs the tests, and the configuration loader reads every `HUGGY_BRIDGE_*` variable.
 
 use std::path::Path;
 use std::process::Command;
@@ -16,7 +17,7 @@ fn main() {
         Some(commit) => commit,
         None => from_env().unwrap_or_else(|| "unknown".to_owned()),
     };
-    println!("cargo:rustc-env=HUGGY_BRIDGE_BUILD_COMMIT={commit}");
+    println!("cargo:rustc-env=BRIDGE_BUILD_COMMIT={commit}");
 }
 
 /// HEAD of the checkout at `root`, only when `root` itself is one: a copy of the sources inside

@@ -12,6 +12,14 @@
 //! `--recover <dir>`: that fresh process opens the spool (recovery: reading every frame, rebuilding
 //! the undelivered index and the dedup window) and reports the time `Spool::open` took, its peak RSS
 //! (`VmHWM`) before and after, and what recovery found. One line of figures at the end.
+//!
+//! `--small` builds the backlog that costs recovery the most memory per byte of disk: one tiny
+//! event per batch (`{"id":N,"chat":{"id":…}}`), millions of them; `--dedup-window-secs 0` leaves the
+//! dedup window out of the figure, so that what remains is what the spool itself keeps:
+//!
+//! ```text
+//! cargo run --release --example spool_recovery -- --gib 0.35 --small --acked-every 0 --dedup-window-secs 0
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,6 +49,12 @@ struct Args {
     /// Acknowledge one event in this many (0: none).
     #[arg(long, default_value_t = 2)]
     acked_every: u64,
+    /// Tiny events (about 30 bytes each) instead of the published examples.
+    #[arg(long)]
+    small: bool,
+    /// `spool.dedup_window_secs` for building and recovering (0: no dedup window).
+    #[arg(long, default_value_t = SpoolConfig::default().dedup_window_secs)]
+    dedup_window_secs: u64,
     /// Directory to build the spool in (default: a new temporary directory, removed at the end).
     #[arg(long)]
     dir: Option<PathBuf>,
@@ -65,6 +79,12 @@ fn vm_hwm_kib() -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmHWM in /proc/self/status")
+}
+
+/// A batch of one tiny receivedMessage, split around the place its unique id goes.
+fn small_template() -> Vec<String> {
+    let batch = r#"{"time":1700000000,"token":"bench","messages":{"receivedMessage":[{"id":@N@,"chat":{"id":1}}]}}"#;
+    batch.split("@N@").map(str::to_owned).collect()
 }
 
 /// The batch as one JSON text split around the places each event's unique `bench_n` goes.
@@ -99,13 +119,10 @@ fn batch_events(template: &[String], n: u64, received_at: i64) -> anyhow::Result
     Ok(split(&batch, received_at))
 }
 
-async fn build(dir: &Path, target: u64, acked_every: u64) -> anyhow::Result<(u64, u64, f64)> {
-    let template = batch_template()?;
-    let spool = Spool::open(SpoolSettings::new(
-        dir.to_path_buf(),
-        max_bytes_for(target),
-        SpoolConfig::default().dedup_window_secs,
-    ))?;
+async fn build(dir: &Path, target: u64, args: &Args) -> anyhow::Result<(u64, u64, f64)> {
+    let acked_every = args.acked_every;
+    let template = if args.small { small_template() } else { batch_template()? };
+    let spool = Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes_for(target), args.dedup_window_secs))?;
     let started = Instant::now();
     let (mut batches, mut appended, mut acked) = (0u64, 0u64, 0u64);
     while spool.stats().disk_bytes < target {
@@ -129,11 +146,10 @@ async fn build(dir: &Path, target: u64, acked_every: u64) -> anyhow::Result<(u64
 }
 
 /// The child: open the spool, report as one JSON object on stdout.
-async fn recover(dir: &Path, max_bytes: u64) -> anyhow::Result<()> {
+async fn recover(dir: &Path, max_bytes: u64, dedup_window_secs: u64) -> anyhow::Result<()> {
     let before_kib = vm_hwm_kib()?;
     let started = Instant::now();
-    let spool =
-        Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes, SpoolConfig::default().dedup_window_secs))?;
+    let spool = Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes, dedup_window_secs))?;
     let open_ms = started.elapsed().as_secs_f64() * 1000.0;
     let after_kib = vm_hwm_kib()?;
     let stats = spool.stats();
@@ -166,17 +182,19 @@ fn main() -> anyhow::Result<()> {
         bail!("--gib must be positive");
     }
     if let Some(dir) = &args.recover {
-        return rt.block_on(recover(dir, max_bytes_for(target_bytes(args.gib))));
+        return rt.block_on(recover(dir, max_bytes_for(target_bytes(args.gib)), args.dedup_window_secs));
     }
     let target = target_bytes(args.gib);
     let temp = tempfile::TempDir::new()?;
     let dir = args.dir.clone().unwrap_or_else(|| temp.path().to_path_buf());
-    let (appended, acked, build_secs) = rt.block_on(build(&dir, target, args.acked_every))?;
+    let (appended, acked, build_secs) = rt.block_on(build(&dir, target, &args))?;
     let out = Command::new(std::env::current_exe()?)
         .arg("--recover")
         .arg(&dir)
         .arg("--gib")
         .arg(args.gib.to_string())
+        .arg("--dedup-window-secs")
+        .arg(args.dedup_window_secs.to_string())
         .output()?;
     if !out.status.success() {
         bail!("recovery run failed ({}): {}", out.status, String::from_utf8_lossy(&out.stderr));

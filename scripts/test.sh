@@ -41,6 +41,8 @@ bash scripts/validate-deploy.sh
 export HUGGY_TEST_REQUIRE_BROKER=1
 # moto comes from PyPI: on a machine without Python the S3 test skips (and says so), unless STRICT=1.
 if [ -n "$MOTO_SERVER" ] || [ "${STRICT:-0}" = 1 ]; then export HUGGY_TEST_REQUIRE_S3=1; fi
+# The full-disk test mounts a small tmpfs: root can (CI); elsewhere it skips and says so, unless STRICT=1.
+if [ "$(id -u)" = 0 ] || [ "${STRICT:-0}" = 1 ]; then export HUGGY_TEST_REQUIRE_TMPFS=1; fi
 # One test at a time: the fault and file-pressure tests measure timing (deadlines, saturation,
 # readiness through an outage) with real processes on a 2-core machine; two of them at once would
 # measure each other. RUST_TEST_THREADS in the environment overrides it.

@@ -5,7 +5,7 @@
 /// The crate's version (semver; the CHANGELOG says what each one changed).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The commit the binary was built from; `-dirty` when tracked files differed from it.
-pub const COMMIT: &str = env!("HUGGY_BRIDGE_BUILD_COMMIT");
+pub const COMMIT: &str = env!("BRIDGE_BUILD_COMMIT");
 /// The on-disk spool format this build writes, and the only one it reads.
 pub const SPOOL_FORMAT: u32 = crate::spool::FORMAT_VERSION;
 

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use tracing::warn;
 
-use crate::clock::{free_bytes, now_millis, now_secs};
+use crate::clock::{free_bytes, monotonic_millis, now_secs};
 use crate::config::{AckMode, Config};
 use crate::metrics::Metrics;
 use crate::publish::KafkaHealth;
@@ -40,12 +40,12 @@ impl Pulse {
 
     /// The stage made progress (or is waiting with nothing it could do).
     pub(crate) fn beat(&self) {
-        self.last_ms.store(now_millis(), Ordering::Relaxed);
+        self.last_ms.store(monotonic_millis(), Ordering::Relaxed);
     }
 
     /// Time since the last beat.
     pub(crate) fn silent_for(&self) -> Duration {
-        Duration::from_millis((now_millis() - self.last_ms.load(Ordering::Relaxed)).max(0).unsigned_abs())
+        Duration::from_millis((monotonic_millis() - self.last_ms.load(Ordering::Relaxed)).max(0).unsigned_abs())
     }
 }
 
@@ -118,6 +118,9 @@ impl Health {
                 let s = spool.stats();
                 if !s.writable {
                     reasons.push("spool not writable".to_owned());
+                }
+                if s.disk_full {
+                    reasons.push("no room on the spool's filesystem".to_owned());
                 }
                 if s.full {
                     reasons.push(format!("spool full ({} of {} bytes on disk)", s.disk_bytes, s.max_bytes));

@@ -123,7 +123,8 @@ impl Ingest {
         // Captures start from the durable event (the spool hands it to the capture stage), so
         // nothing here depends on this request still being there once the append is done.
         let r = spool.append(events, received_at).await.map_err(|e| match e {
-            SpoolError::Full { .. } => IngestError::SpoolFull,
+            SpoolError::Full { .. } | SpoolError::NoRoom { .. } => IngestError::SpoolFull,
+            SpoolError::WriteFailed(e) if crate::spool::is_no_room(&e) => IngestError::SpoolFull,
             other => IngestError::SpoolFailed(other),
         })?;
         if r.duplicates > 0 {

@@ -15,7 +15,7 @@
 //! | write group (spool mode) | the group the spool writer encodes: 8 MiB, or one larger batch alone (`http.max_body_bytes` of events and their frames) |
 //! | publisher window (spool mode) | event values read for Kafka: 32 MiB plus one event, with librdkafka's copy of each; [`EVENT_STRUCT_BYTES`] per record of `kafka.max_in_flight_records` |
 //! | producer copies (kafka mode) | librdkafka's copy of the events of the requests in flight (≤ `http.max_inflight_bytes`) |
-//! | undelivered index (spool mode) | one entry per undelivered event, built by recovery and kept until Kafka acknowledges it: at most `spool.max_bytes` ÷ the smallest event frame entries of [`INDEX_ENTRY_BYTES`] |
+//! | undelivered index (spool mode) | not an entry per undelivered event: a [`SEGMENT_ENTRY_BYTES`] entry per segment (`spool.max_bytes` ÷ the segment size, + 2), at most 4,096 receipt-time runs of 16 bytes, and the ranges of acknowledged seqs, about one per record read and not yet acknowledged ([`DONE_RANGE_BYTES`] per record of `kafka.max_in_flight_records`) |
 //! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id |
 //! | recovery buffers (spool mode) | segments are read in 1 MiB chunks; a frame larger than that is read whole (≤ one batch) |
 //! | file capture | `files.max_concurrency` downloads, each streaming into the store through 5 MiB parts: one filling and two uploading |
@@ -58,9 +58,12 @@ pub const EVENT_STRUCT_BYTES: u64 = std::mem::size_of::<Event>() as u64 + 3 * 32
 /// receipt time, id, time, lengths and option tags (62), type, key and company (up to 64 together
 /// for Huggy's types and numeric ids); see `spool::format`.
 pub const FRAME_OVERHEAD_BYTES: u64 = 12 + 62 + 64;
-/// One undelivered event in the spool's index (a `BTreeMap<u64, Pending>` entry, 24 bytes in leaves
-/// that ascending inserts leave a little over half full, plus the inner nodes).
-pub const INDEX_ENTRY_BYTES: u64 = 64;
+/// One segment in the spool's list: its path (a `PathBuf` of about 80 bytes in a size class) and
+/// counters.
+pub const SEGMENT_ENTRY_BYTES: u64 = 192;
+/// One range of acknowledged seqs in the undelivered index (a `BTreeMap<u64, u64>` entry, 16 bytes
+/// in leaves about half full, plus the inner nodes).
+pub const DONE_RANGE_BYTES: u64 = 48;
 /// What the process takes before any traffic (22 MB resident measured idle, a debug build), with room
 /// for what grows with load: code, tokio's and librdkafka's threads, the broker
 /// connections' buffers, the metrics registry.
@@ -166,13 +169,18 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
                 crate::publish::WINDOW_BYTES as u64 / MIB
             ),
         });
-        let events = cfg.spool.max_bytes / min_event.saturating_add(FRAME_OVERHEAD_BYTES);
+        let segment_bytes = crate::spool::SpoolSettings::segment_bytes_for(cfg.spool.max_bytes);
+        let segments = (cfg.spool.max_bytes / segment_bytes).saturating_add(2);
+        let runs = crate::spool::UNDELIVERED_AGE_RUNS as u64;
         terms.push(Term {
             name: "undelivered index",
-            bytes: events.saturating_mul(INDEX_ENTRY_BYTES),
+            bytes: segments
+                .saturating_mul(SEGMENT_ENTRY_BYTES)
+                .saturating_add(runs * 16)
+                .saturating_add((cfg.kafka.max_in_flight_records as u64).saturating_mul(DONE_RANGE_BYTES)),
             from: format!(
-                "spool.max_bytes ÷ {} bytes per smallest event frame × {INDEX_ENTRY_BYTES} bytes",
-                min_event.saturating_add(FRAME_OVERHEAD_BYTES)
+                "{segments} segments × {SEGMENT_ENTRY_BYTES} + {runs} time runs × 16 + {DONE_RANGE_BYTES} bytes per \
+                 record (kafka.max_in_flight_records); not per undelivered event"
             ),
         });
         let ids = a.peak_events_per_sec.saturating_mul(cfg.spool.dedup_window_secs);
@@ -253,9 +261,12 @@ mod tests {
         more.spool.dedup_window_secs *= 2;
         more.files.max_concurrency *= 2;
         let w2 = worst_case(&more, &a);
-        for name in ["request bodies", "connection buffers", "parsed events", "undelivered index", "file capture"] {
+        for name in ["request bodies", "connection buffers", "parsed events", "file capture"] {
             assert_eq!(by_name(&w2, name).bytes, 2 * by_name(&w, name).bytes, "{name}");
         }
+        // What the spool keeps of its undelivered events does not follow their number, nor the cap
+        // much (one entry per segment).
+        assert!(by_name(&w2, "undelivered index").bytes < MIB, "{w2}");
         assert!(by_name(&w2, "dedup window").bytes > by_name(&w, "dedup window").bytes);
         assert!(w2.total() > w.total());
         // Smaller events cost more memory per byte of body.

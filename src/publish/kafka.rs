@@ -15,7 +15,7 @@ use rdkafka::statistics::Statistics;
 use rdkafka::ClientContext;
 use tracing::{error, info, warn};
 
-use crate::clock::now_secs;
+use crate::clock::monotonic_millis;
 use crate::config::{AckMode, Config, KafkaConfig, SaslMechanism};
 use crate::metrics::Metrics;
 
@@ -39,7 +39,7 @@ pub(crate) struct KafkaHealth {
     pub(crate) unrecoverable: AtomicBool,
     /// Brokers whose connection was UP at the last statistics report; -1 before the first.
     brokers_up: AtomicI64,
-    /// When that report came (unix seconds).
+    /// When that report came ([`monotonic_millis`]; 0 before the first).
     stats_at: AtomicI64,
     last_error: Mutex<Option<String>>,
 }
@@ -74,9 +74,11 @@ impl KafkaHealth {
             None => "kafka unreachable".into(),
         })
     }
-    /// Brokers up according to statistics no older than three intervals; `None` when there are none.
+    /// Brokers up according to statistics no older than three intervals (on the monotonic clock: a
+    /// wall-clock step must not make Kafka look away); `None` when there are none.
     fn brokers_up_recently(&self) -> Option<i64> {
-        let fresh = now_secs() - self.stats_at.load(Ordering::Relaxed) <= 3 * (STATISTICS_INTERVAL_MS / 1000) as i64;
+        let at = self.stats_at.load(Ordering::Relaxed);
+        let fresh = at > 0 && monotonic_millis() - at <= 3 * STATISTICS_INTERVAL_MS as i64;
         let up = self.brokers_up.load(Ordering::Relaxed);
         (fresh && up >= 0).then_some(up)
     }
@@ -100,7 +102,7 @@ impl ClientContext for BridgeContext {
         self.metrics.kafka_queue_messages.set(stats.msg_cnt as i64);
         self.metrics.kafka_queue_bytes.set(stats.msg_size as i64);
         self.health.brokers_up.store(up as i64, Ordering::Relaxed);
-        self.health.stats_at.store(now_secs(), Ordering::Relaxed);
+        self.health.stats_at.store(monotonic_millis(), Ordering::Relaxed);
         if up > 0 {
             self.health.set_last_error(None);
         }
@@ -488,6 +490,20 @@ mod tests {
 
     fn err(code: RDKafkaErrorCode) -> KafkaError {
         KafkaError::MessageProduction(code)
+    }
+
+    #[test]
+    fn a_wall_clock_jump_does_not_make_kafka_look_away_or_fresh() {
+        use crate::clock::seam::{advance_monotonic, jump_wall};
+        let h = KafkaHealth::default();
+        assert_eq!(h.brokers_up_recently(), None, "no statistics yet");
+        h.brokers_up.store(1, Ordering::Relaxed);
+        h.stats_at.store(monotonic_millis(), Ordering::Relaxed);
+        jump_wall(600_000);
+        assert_eq!(h.brokers_up_recently(), Some(1), "a forward step makes fresh statistics stale");
+        jump_wall(-1_200_000);
+        advance_monotonic(u32::try_from(3 * STATISTICS_INTERVAL_MS + 1).unwrap());
+        assert_eq!(h.brokers_up_recently(), None, "a backward step keeps stale statistics fresh");
     }
 
     #[test]

@@ -1,8 +1,10 @@
-//! The two system calls durability depends on, behind a trait so that tests can make them fail the
-//! way disks do (`EIO` on `fdatasync`, `ENOSPC` on `write`, unsynced pages dropped) or hang.
+//! The system calls durability depends on, behind a trait so that tests can make them fail the
+//! way disks do (`EIO` on `fdatasync`, `ENOSPC` on `write`, unsynced pages dropped) or hang, and
+//! the free space the writer waits for after `ENOSPC`.
 
 use std::fs::File;
 use std::io::{self, Write};
+use std::path::Path;
 
 /// How the writer writes and syncs segment files.
 pub trait SegmentIo: Send + Sync + 'static {
@@ -22,6 +24,19 @@ pub trait SegmentIo: Send + Sync + 'static {
     fn sync_data(&self, file: &File) -> io::Result<()> {
         file.sync_data()
     }
+
+    /// Bytes free for the spool on the filesystem holding `dir` (`statvfs`).
+    ///
+    /// # Errors
+    /// As `statvfs(2)`.
+    fn free_bytes(&self, dir: &Path) -> io::Result<u64> {
+        crate::clock::free_bytes(dir)
+    }
+}
+
+/// Whether `e` says the filesystem has no room (`ENOSPC`, or `EDQUOT` for a quota).
+pub fn is_no_room(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
 }
 
 /// The real thing.

@@ -29,22 +29,25 @@ pub(crate) mod io;
 mod lock;
 mod reader;
 mod recovery;
+mod undelivered;
 mod writer;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Duration;
+use undelivered::Undelivered;
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{info, warn};
 
-use crate::clock::{now_millis, now_secs};
+use crate::clock::{monotonic_millis, now_secs};
 use crate::event::{Event, EventId};
-pub use io::{OsIo, SegmentIo};
+pub use io::{is_no_room, OsIo, SegmentIo};
 pub use lock::LockError;
 pub(crate) use reader::Reader;
 pub use recovery::RecoveryReport;
@@ -53,6 +56,8 @@ pub(crate) use dedup::{max_memory_bytes as dedup_max_bytes, MAX_BYTES_PER_ID as 
 
 /// Segments are read (by recovery and the publisher) in chunks of this many bytes.
 pub(crate) const READ_CHUNK_BYTES: usize = chunks::CHUNK;
+/// Receipt-time runs the undelivered index keeps at most (16 bytes each).
+pub(crate) const UNDELIVERED_AGE_RUNS: usize = undelivered::AGE_RUNS;
 
 /// The on-disk format of the segments this build writes, and the only one it reads.
 pub const FORMAT_VERSION: u32 = format::VERSION;
@@ -76,6 +81,15 @@ pub enum SpoolError {
         used: u64,
         /// `spool.max_bytes`.
         max: u64,
+    },
+    /// The spool's filesystem has no room (`ENOSPC`): refused until delivery (or the operator) frees
+    /// some; the writer keeps taking acknowledgements and deleting delivered segments meanwhile.
+    #[error("no room on the spool's filesystem ({free} bytes free, {want} wanted)")]
+    NoRoom {
+        /// Bytes free when last looked.
+        free: u64,
+        /// Bytes the writer waits for before it takes batches again.
+        want: u64,
     },
     /// A write or fsync of the batch failed, so it was not acknowledged.
     #[error("spool write failed; the batch is not durable")]
@@ -185,7 +199,7 @@ pub(crate) struct Stored {
 pub struct SpoolStats {
     /// Undelivered events.
     pub events: u64,
-    /// Bytes of undelivered events.
+    /// Bytes of undelivered events (in proportion to the events left in a partly delivered segment).
     pub bytes: u64,
     /// Bytes on disk: segments (delivered events included until their segment is deleted) and the
     /// dedup journal. This is what `max_bytes` caps.
@@ -200,6 +214,8 @@ pub struct SpoolStats {
     /// Refusing batches: a batch was refused for lack of room and usage has not fallen below the
     /// low-water mark since.
     pub(crate) full: bool,
+    /// Refusing batches because the filesystem had no room (`ENOSPC`), until it has again.
+    pub(crate) disk_full: bool,
     /// Event ids held by the dedup window.
     pub dedup_ids: usize,
 }
@@ -228,11 +244,20 @@ pub(crate) struct Segment {
     pub(crate) limit: Option<u64>,
     /// Bytes on disk.
     pub(crate) size: u64,
+    /// Events stored in it, and their bytes (for the undelivered bytes' estimate).
+    pub(crate) events: u64,
+    pub(crate) event_bytes: u64,
+}
+
+impl Segment {
+    pub(crate) fn new(first_seq: u64, path: PathBuf, limit: Option<u64>, size: u64) -> Segment {
+        Segment { first_seq, path, limit, size, events: 0, event_bytes: 0 }
+    }
 }
 
 pub(crate) struct State {
-    pub(crate) unacked: BTreeMap<u64, Pending>,
-    pub(crate) unacked_bytes: u64,
+    /// Stored events not yet delivered.
+    pub(crate) undelivered: Undelivered,
     pub(crate) segments: VecDeque<Segment>,
     /// Committed end of the active segment: the reader never reads past it.
     pub(crate) committed_len: u64,
@@ -240,6 +265,8 @@ pub(crate) struct State {
     pub(crate) reader_segment: u64,
     pub(crate) disk_bytes: u64,
     pub(crate) write_error: bool,
+    /// The filesystem had no room (`ENOSPC`) and has not enough yet.
+    pub(crate) disk_full: bool,
     pub(crate) refusing: bool,
     /// Bytes of the largest batch refused since refusing began: batches are refused until it fits.
     pub(crate) refused_need: u64,
@@ -426,17 +453,33 @@ fn stats_of(shared: &Shared) -> SpoolStats {
     let st = shared.lock();
     let max_bytes = shared.settings.max_bytes;
     SpoolStats {
-        events: st.unacked.len() as u64,
-        bytes: st.unacked_bytes,
+        events: st.undelivered.len(),
+        bytes: undelivered_bytes(&st.undelivered, &st.segments),
         disk_bytes: st.disk_bytes,
         max_bytes,
         segments: st.segments.len(),
-        oldest_received_at: st.unacked.values().next().map(|p| p.received_at),
+        oldest_received_at: st.undelivered.oldest_received_at(),
         pending_files: st.files_pending,
         writable: !st.write_error,
         full: st.refusing || st.disk_bytes >= max_bytes,
+        disk_full: st.disk_full,
         dedup_ids: st.dedup_ids,
     }
+}
+
+/// Bytes of undelivered events: exact for segments wholly undelivered or delivered, in proportion
+/// to the events left for one partly delivered (events are not indexed one by one).
+fn undelivered_bytes(undelivered: &Undelivered, segments: &VecDeque<Segment>) -> u64 {
+    let ends = segments.iter().skip(1).map(|s| s.first_seq).chain(std::iter::once(u64::MAX));
+    segments
+        .iter()
+        .zip(ends)
+        .filter(|(s, _)| s.events > 0)
+        .map(|(s, end)| {
+            let left = undelivered.count_in(s.first_seq, end).min(s.events);
+            u64::try_from(u128::from(s.event_bytes) * u128::from(left) / u128::from(s.events)).unwrap_or(u64::MAX)
+        })
+        .sum()
 }
 
 /// What `huggy-bridge spool status` shows: read without changing anything, under the lock.
@@ -479,12 +522,13 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
     let now = now_secs();
     let mut dedup = dedup::Dedup::new(dir, 0);
     let r = recovery::recover(dir, recovery::Mode::ReadOnly, &mut dedup, now)?;
-    let oldest = r.unacked.values().next().map(|p| p.received_at);
+    let tally = recovery::tally(&r)?;
+    let oldest = tally.oldest_received_at;
     Ok(OfflineStatus {
         dir: dir.to_owned(),
-        undelivered_events: r.unacked.len() as u64,
-        undelivered_bytes: r.unacked.values().map(|p| p.bytes).sum(),
-        by_type: r.unacked_by_type,
+        undelivered_events: r.undelivered.len(),
+        undelivered_bytes: tally.bytes,
+        by_type: tally.by_type,
         oldest_received_at: oldest,
         oldest_age_secs: oldest.map(|at| (now - at).max(0)),
         pending_file_captures: r.file_work.len(),
@@ -496,12 +540,17 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
 
 /// Sorted, merged inclusive ranges.
 fn to_ranges(seqs: &mut [u64]) -> Vec<(u64, u64)> {
-    seqs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::new();
-    for &s in seqs.iter() {
+    merge_ranges(seqs.iter().map(|&s| (s, s)).collect())
+}
+
+/// Inclusive ranges sorted and merged where they overlap or touch.
+fn merge_ranges(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (a, b) in ranges {
         match out.last_mut() {
-            Some((_, end)) if *end + 1 >= s => *end = (*end).max(s),
-            _ => out.push((s, s)),
+            Some((_, end)) if end.saturating_add(1) >= a => *end = (*end).max(b),
+            _ => out.push((a, b)),
         }
     }
     out
@@ -533,7 +582,7 @@ impl Heartbeat {
     /// How long the writer has been stuck with work, if it has: in one group for longer than
     /// `after`, or with queued commands and no group finished for longer than `after`.
     pub(crate) fn stalled_for(&self, after: Duration) -> Option<Duration> {
-        let now = now_millis();
+        let now = monotonic_millis();
         let limit = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let busy = self.busy_since_ms.load(Ordering::Relaxed);
         if busy > 0 && now - busy > limit {

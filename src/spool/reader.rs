@@ -64,7 +64,12 @@ impl Reader {
                 let mut st = self.shared.lock();
                 let Some(idx) = st.segments.iter().position(|s| s.first_seq == self.segment) else {
                     // Our segment was deleted (all acknowledged): start at the oldest that is left.
-                    let Some(first) = st.segments.front().map(|s| s.first_seq) else { return Ok(out) };
+                    let Some(first) = st.segments.front().map(|s| s.first_seq) else {
+                        // Not even an active one (a spool that cannot write deleted its last):
+                        // let go of the deleted file.
+                        self.chunks = None;
+                        return Ok(out);
+                    };
                     drop(st);
                     self.move_to(first);
                     continue;
@@ -100,7 +105,7 @@ impl Reader {
                     Next::Frame(rec, used) => {
                         self.offset += used as u64;
                         if let Record::Event { seq, received_at, event } = rec {
-                            if self.shared.lock().unacked.contains_key(&seq) {
+                            if self.shared.lock().undelivered.contains(seq) {
                                 bytes = bytes.saturating_add(event.value.len());
                                 out.push(Stored { seq, received_at, event });
                             }

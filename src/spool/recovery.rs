@@ -26,7 +26,8 @@ use tracing::{error, info, warn};
 use super::chunks::Chunks;
 use super::dedup::Dedup;
 use super::format::{self, Next, Record};
-use super::{list_segments, FileWork, Pending, Segment, SpoolError};
+use super::undelivered::Undelivered;
+use super::{list_segments, FileWork, Segment, SpoolError};
 use crate::clock::now_secs;
 
 /// Whether recovery may change files (the daemon) or only read them (`spool status`).
@@ -59,9 +60,8 @@ pub struct RecoveryReport {
 }
 
 pub(crate) struct Recovered {
-    pub(crate) unacked: BTreeMap<u64, Pending>,
-    /// Undelivered events by type label (read-only mode only).
-    pub(crate) unacked_by_type: BTreeMap<String, u64>,
+    /// Stored events not delivered: an index that does not grow with their number.
+    pub(crate) undelivered: Undelivered,
     pub(crate) segments: VecDeque<Segment>,
     pub(crate) next_seq: u64,
     pub(crate) file_results: HashMap<u64, Vec<u8>>,
@@ -81,11 +81,11 @@ pub(crate) struct Recovered {
 pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Result<Recovered, SpoolError> {
     let started = Instant::now();
     let files = list_segments(dir)?;
+    let first_seq = files.first().map_or(1, |(n, _)| *n).max(1);
     let mut r = Recovered {
-        unacked: BTreeMap::new(),
-        unacked_by_type: BTreeMap::new(),
+        undelivered: Undelivered::new(first_seq),
         segments: VecDeque::new(),
-        next_seq: files.first().map_or(1, |(n, _)| *n).max(1),
+        next_seq: first_seq,
         file_results: HashMap::new(),
         file_work: Vec::new(),
         disk_bytes: 0,
@@ -94,7 +94,6 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
     };
     let abandoned = abandoned_limits(&files)?;
     let mut wanted: BTreeMap<u64, FileWork> = BTreeMap::new();
-    let mut types: HashMap<u64, &'static str> = HashMap::new();
     let last = files.len().saturating_sub(1);
     for (i, (first_seq, path)) in files.iter().enumerate() {
         let newest = i == last;
@@ -125,6 +124,7 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
         let mut pos = format::SEGMENT_HEADER_LEN as u64;
         let mut last_event_seq: Option<u64> = None;
         let mut damaged = false;
+        let (mut events, mut event_bytes) = (0u64, 0u64);
         loop {
             match chunks.frame_at(pos)? {
                 Next::End => break,
@@ -137,10 +137,12 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
                 }
                 Next::Frame(rec, used) => {
                     r.report.frames += 1;
-                    if let Record::Event { seq, .. } = &rec {
+                    if let Record::Event { seq, event, .. } = &rec {
                         last_event_seq = Some(*seq);
+                        events += 1;
+                        event_bytes += event.value.len() as u64;
                     }
-                    apply(&mut r, &mut wanted, &mut types, dedup, mode, rec, used, now);
+                    apply(&mut r, &mut wanted, dedup, mode, rec, now);
                     pos += used as u64;
                 }
                 Next::Undecodable(e) => {
@@ -201,7 +203,11 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
             }
         }
         if damaged && mode == Mode::Repair {
-            keep_aside(dir, path, &mut r.report)?;
+            // A copy for inspection is no reason not to start (the disk may be full): the segment
+            // itself stays until its events are delivered.
+            if let Err(e) = keep_aside(dir, path, &mut r.report) {
+                error!(segment = %path.display(), error = %e, "spool: could not keep a copy of a damaged segment aside");
+            }
         }
         if mode == Mode::Repair {
             // What was read may be a group written but never synced before the last run ended (a
@@ -212,31 +218,25 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
         r.report.bytes_read += chunks.len;
         r.disk_bytes += chunks.len;
         r.next_seq = r.next_seq.max(*first_seq);
-        r.segments.push_back(Segment { first_seq: *first_seq, path: path.clone(), limit, size: chunks.len });
+        let mut segment = Segment::new(*first_seq, path.clone(), limit, chunks.len);
+        (segment.events, segment.event_bytes) = (events, event_bytes);
+        r.segments.push_back(segment);
     }
-    r.file_results.retain(|seq, _| r.unacked.contains_key(seq));
+    r.file_results.retain(|seq, _| r.undelivered.contains(*seq));
     r.file_work = wanted
         .into_values()
-        .filter(|w| r.unacked.contains_key(&w.seq) && !r.file_results.contains_key(&w.seq))
+        .filter(|w| r.undelivered.contains(w.seq) && !r.file_results.contains_key(&w.seq))
         .collect();
-    if mode == Mode::ReadOnly {
-        for seq in r.unacked.keys() {
-            *r.unacked_by_type.entry(types.get(seq).copied().unwrap_or("unknown").to_owned()).or_default() += 1;
-        }
-    }
     r.report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(r)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn apply(
     r: &mut Recovered,
     wanted: &mut BTreeMap<u64, FileWork>,
-    types: &mut HashMap<u64, &'static str>,
     dedup: &mut Dedup,
     mode: Mode,
     rec: Record,
-    _used: usize,
     now: i64,
 ) {
     match rec {
@@ -248,9 +248,6 @@ fn apply(
                 r.ids.push((event.id, received_at));
             }
             dedup.insert(event.id, received_at, now);
-            if mode == Mode::ReadOnly {
-                types.insert(seq, event.event_type.label());
-            }
             if !event.files.is_empty() {
                 wanted.insert(
                     seq,
@@ -263,25 +260,68 @@ fn apply(
                     },
                 );
             }
-            r.unacked.insert(seq, Pending { bytes: event.value.len() as u64, received_at });
+            r.undelivered.stored(seq, received_at);
         }
         Record::Acked(ranges) => {
             for (a, b) in ranges {
-                let seqs: Vec<u64> = r.unacked.range(a..=b).map(|(s, _)| *s).collect();
-                for s in seqs {
-                    r.unacked.remove(&s);
+                r.undelivered.ack(a, b);
+                let done: Vec<u64> = wanted.range(a..=b).map(|(s, _)| *s).collect();
+                for s in done {
                     wanted.remove(&s);
-                    types.remove(&s);
                 }
             }
         }
         Record::Files { seq, member } => {
-            if r.unacked.contains_key(&seq) {
+            if r.undelivered.contains(seq) {
                 r.file_results.insert(seq, member);
             }
         }
         Record::Abandoned { .. } => {}
     }
+}
+
+/// What `spool status` shows of the undelivered events beyond their number, counted by reading the
+/// segments once more (recovery keeps nothing per event).
+pub(crate) struct Tally {
+    pub(crate) by_type: BTreeMap<String, u64>,
+    pub(crate) bytes: u64,
+    pub(crate) oldest_received_at: Option<i64>,
+}
+
+/// Reads the segments `r` found again and counts the undelivered events by type, their bytes and
+/// the earliest receipt time. Damage is skipped as recovery skipped it.
+///
+/// # Errors
+/// A segment cannot be read.
+pub(crate) fn tally(r: &Recovered) -> Result<Tally, SpoolError> {
+    let mut t = Tally { by_type: BTreeMap::new(), bytes: 0, oldest_received_at: None };
+    for segment in &r.segments {
+        let mut chunks = Chunks::open(&segment.path)?;
+        let end = segment.limit.unwrap_or(chunks.len).min(chunks.len);
+        let mut pos = format::SEGMENT_HEADER_LEN as u64;
+        while pos < end {
+            match chunks.frame_at(pos)? {
+                Next::Frame(_, used) if pos + used as u64 > end => break,
+                Next::Frame(rec, used) => {
+                    if let Record::Event { seq, received_at, event } = rec {
+                        if r.undelivered.contains(seq) {
+                            *t.by_type.entry(event.event_type.label().to_owned()).or_default() += 1;
+                            t.bytes += event.value.len() as u64;
+                            t.oldest_received_at =
+                                Some(t.oldest_received_at.map_or(received_at, |o| o.min(received_at)));
+                        }
+                    }
+                    pos += used as u64;
+                }
+                Next::End | Next::Undecodable(_) => break,
+                Next::Bad(_) => match chunks.resync(pos + 1)? {
+                    Some(next) => pos = next,
+                    None => break,
+                },
+            }
+        }
+    }
+    Ok(t)
 }
 
 /// Durable lengths of abandoned segments, from the `Abandoned` frame that opens the segment after.

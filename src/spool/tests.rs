@@ -301,6 +301,8 @@ fn remove_journal(dir: &Path) {
 #[test]
 fn ranges_merge() {
     assert_eq!(to_ranges(&mut [5, 1, 2, 3, 9, 8]), vec![(1, 3), (5, 5), (8, 9)]);
+    // Acknowledgements kept over many groups fold into few ranges.
+    assert_eq!(merge_ranges(vec![(10, 20), (1, 3), (4, 9), (30, 31), (15, 25)]), vec![(1, 25), (30, 31)]);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -628,6 +630,198 @@ async fn a_disk_that_keeps_failing_refuses_every_batch_and_recovers_nothing_it_r
     let spool = Spool::open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1, "only the acknowledged-to-Huggy event");
     spool.append(vec![ev(2, "1")], 1).await.unwrap();
+    spool.close().await;
+}
+
+/// A filesystem of `capacity` bytes holding only the spool's directory: a write that does not fit
+/// writes what fits and fails with `ENOSPC`, as a real one does.
+struct SmallDisk {
+    dir: std::path::PathBuf,
+    capacity: std::sync::atomic::AtomicU64,
+}
+
+impl SmallDisk {
+    fn new(dir: &Path, capacity: u64) -> Arc<SmallDisk> {
+        Arc::new(SmallDisk { dir: dir.to_owned(), capacity: capacity.into() })
+    }
+
+    fn used(&self) -> u64 {
+        std::fs::read_dir(&self.dir)
+            .unwrap()
+            .filter_map(|e| e.ok()?.metadata().ok())
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+impl SegmentIo for SmallDisk {
+    fn write_all(&self, file: &mut std::fs::File, buf: &[u8]) -> std::io::Result<()> {
+        let room = self.capacity.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(self.used());
+        if buf.len() as u64 > room {
+            file.write_all(&buf[..room as usize])?;
+            return Err(std::io::Error::from_raw_os_error(28));
+        }
+        file.write_all(buf)
+    }
+
+    fn free_bytes(&self, _dir: &Path) -> std::io::Result<u64> {
+        Ok(self.capacity.load(std::sync::atomic::Ordering::SeqCst).saturating_sub(self.used()))
+    }
+}
+
+/// Waits (bounded) until the spool takes batches again by itself.
+async fn wait_until_writable(spool: &Spool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let s = spool.stats();
+        if s.writable && !s.disk_full {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "still refusing: {s:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_refuses_keeps_delivering_and_deleting_and_takes_batches_again_by_itself() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.segment_bytes = 4096;
+    let disk = SmallDisk::new(dir.path(), 64 * 1024 + 2 * writer::ROOM_MARGIN);
+    s.io = disk.clone();
+    let spool = Spool::open(s).unwrap();
+    let mut stored = 0;
+    let mut i = 0;
+    let first_refusal = loop {
+        match spool.append((0..20).map(|k| ev(i * 20 + k, "1")).collect(), now_secs()).await {
+            Ok(r) => stored += r.stored,
+            Err(e) => break e,
+        }
+        i += 1;
+        assert!(i < 10_000, "the disk never filled");
+    };
+    assert!(
+        matches!(&first_refusal, SpoolError::WriteFailed(e) if is_no_room(e)),
+        "the group that hit ENOSPC is refused: {first_refusal}"
+    );
+    let again = spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap_err();
+    assert!(matches!(again, SpoolError::NoRoom { .. }), "then every batch is refused: {again}");
+    let st = spool.stats();
+    assert!(st.disk_full && st.events == stored as u64, "{st:?} after {stored} stored");
+    // Delivery goes on: everything acknowledged to Huggy is read, and the acknowledgements free the
+    // room without any batch arriving (a replica that is not ready receives none).
+    let got = read_all(&spool).await;
+    assert_eq!(got.len(), stored, "every event answered 2xx is delivered");
+    let segments_full = list_segments(dir.path()).unwrap().len();
+    spool.ack(got.iter().map(|s| s.seq).collect()).await;
+    wait_until_writable(&spool).await;
+    assert!(
+        list_segments(dir.path()).unwrap().len() < segments_full,
+        "delivered segments were deleted, the broken one too"
+    );
+    let r = spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap();
+    assert_eq!(r.stored, 1, "the refused batch is stored once there is room");
+    // What the spool counts on disk is what is on disk (the janitor's journal writes land a little
+    // later: bounded wait).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.stats().disk_bytes != disk.used() {
+        assert!(std::time::Instant::now() < deadline, "counted {} on disk {}", spool.stats().disk_bytes, disk.used());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spool.close().await;
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(spool.stats().events, 1, "only the batch taken after the disk healed is undelivered");
+    assert_eq!(spool.recovery_report().damaged_regions, 0, "the failed write is no damage");
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn a_spool_opened_on_a_full_disk_delivers_what_it_holds_and_then_takes_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = settings(dir.path());
+    s.segment_bytes = 4096;
+    let spool = Spool::open(s.clone()).unwrap();
+    // More than `MIN_ROOM` of segments: what delivery frees is all the room there will be.
+    for i in 0..100 {
+        spool.append((0..20).map(|k| ev(i * 20 + k, "1")).collect(), now_secs()).await.unwrap();
+    }
+    spool.close().await;
+    let disk = SmallDisk::new(dir.path(), 0);
+    disk.capacity.store(disk.used(), std::sync::atomic::Ordering::SeqCst);
+    s.io = disk.clone();
+    let spool = Spool::open(s).expect("a full disk is no reason not to start");
+    let st = spool.stats();
+    assert!(st.disk_full && st.events == 2000, "{st:?}");
+    let refused = spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap_err();
+    assert!(matches!(refused, SpoolError::NoRoom { .. }), "{refused}");
+    let got = read_all(&spool).await;
+    assert_eq!(got.len(), 2000, "everything it holds is delivered");
+    spool.ack(got.iter().map(|s| s.seq).collect()).await;
+    wait_until_writable(&spool).await;
+    assert_eq!(spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap().stored, 1);
+    spool.close().await;
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(spool.stats().events, 1);
+    spool.close().await;
+}
+
+#[test]
+fn a_wall_clock_jump_moves_no_heartbeat_and_no_stall_check() {
+    use crate::clock::seam::{advance_monotonic, jump_wall};
+    use crate::health::Pulse;
+    let after = Duration::from_secs(5);
+    // The writer finished a group just now and has work queued.
+    let hb = Heartbeat::default();
+    hb.last_commit_ms.store(monotonic_millis(), Ordering::Relaxed);
+    hb.queued.store(1, Ordering::Relaxed);
+    let pulse = Pulse::new();
+    // Forward by ten minutes: nothing looks stuck.
+    jump_wall(600_000);
+    assert_eq!(hb.stalled_for(after), None, "a forward jump makes the writer look stuck");
+    assert!(pulse.silent_for() < after, "a forward jump makes the publisher look silent: {:?}", pulse.silent_for());
+    // Back by twenty minutes, and the writer really is stuck for ten seconds: it is seen.
+    jump_wall(-1_200_000);
+    hb.busy_since_ms.store(monotonic_millis(), Ordering::Relaxed);
+    advance_monotonic(10_000);
+    let stalled = hb.stalled_for(after).expect("a backward jump hides a stuck writer");
+    assert!(stalled >= Duration::from_secs(10) && stalled < Duration::from_secs(11), "{stalled:?}");
+    assert!(pulse.silent_for() >= Duration::from_secs(10), "a backward jump hides a silent publisher");
+    // The wall clock did jump, for what it is for (when things happened).
+    let wall = now_secs();
+    jump_wall(600_000);
+    assert!(now_secs() - wall >= 599, "the seam moves the wall clock");
+}
+
+#[tokio::test]
+async fn undelivered_gauges_follow_acknowledgements_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    spool.append((1..=4).map(|i| ev(i, "1")).collect(), 100).await.unwrap();
+    spool.append((5..=6).map(|i| ev(i, "1")).collect(), 200).await.unwrap();
+    let total: u64 = (1..=6).map(|i| ev(i, "1").value.len() as u64).sum();
+    let st = spool.stats();
+    assert_eq!((st.events, st.bytes, st.oldest_received_at), (6, total, Some(100)));
+    let got = read_all(&spool).await;
+    spool.ack(got.iter().take(4).map(|s| s.seq).collect()).await;
+    spool.ack(vec![got[0].seq]).await;
+    let left = |s: &Spool| {
+        let st = s.stats();
+        (st.events, st.oldest_received_at)
+    };
+    // Acknowledgements are applied after their group: wait for them, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while left(&spool) != (2, Some(200)) {
+        assert!(std::time::Instant::now() < deadline, "{:?}", spool.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let bytes = spool.stats().bytes;
+    assert!(bytes > 0 && bytes < total, "in proportion within a partly delivered segment: {bytes} of {total}");
+    spool.close().await;
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    assert_eq!(left(&spool), (2, Some(200)), "the same after a restart");
+    let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
+    assert_eq!(seqs, got[4..].iter().map(|s| s.seq).collect::<Vec<_>>(), "only the unacknowledged are read again");
     spool.close().await;
 }
 

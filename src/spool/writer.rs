@@ -21,7 +21,17 @@
 //! starts a fresh segment whose first frame records how much of the failed one is durable, rewrites
 //! there every acknowledgement and file result not known to be durable (those of the failed group
 //! included), syncs it, and goes on. If even that fails, every append is refused (readiness turns
-//! false) and the next group tries a fresh segment again.
+//! false) and the next group tries a fresh segment again, or the writer itself every
+//! [`RETRY_BROKEN_EVERY`] (a replica that is not ready receives no batches).
+//!
+//! A full disk (`ENOSPC`) heals by itself: the group that hit it is refused like any failed write,
+//! and from then on every batch is refused (`SpoolError::NoRoom`, readiness false) while the writer
+//! goes on taking acknowledgements (kept in memory and written once it can write) and deleting
+//! delivered segments — the broken one too, once all its events are delivered. Every
+//! [`HEAL_EVERY`], and after every deletion, it looks at the free space; once the refused group fits
+//! with [`ROOM_MARGIN`] to spare, it starts a fresh segment and takes batches again. A spool opened on
+//! a full disk starts in the same state, without an active segment: it drains what it holds and
+//! becomes ready when there is room.
 
 use std::collections::HashSet;
 use std::fs::{self, File, OpenOptions};
@@ -30,25 +40,41 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::{error, info, warn};
 
 use super::dedup::{self, Dedup};
 use super::format::{self, Record};
+use super::io::is_no_room;
 use super::lock::DirLock;
 use super::recovery::Recovered;
 use super::{
-    segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared, SpoolError,
-    SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
+    merge_ranges, segment_path, sync_dir, to_ranges, Appended, Command, FileWork, Heartbeat, Pending, Segment, Shared,
+    SpoolError, SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
 };
-use crate::clock::{now_millis, now_secs};
+use crate::clock::{monotonic_millis, now_secs};
 use crate::event::EventId;
+
+/// How often a writer that cannot write (a failed segment, a full disk) tries again on its own,
+/// without waiting for a batch: a replica that is not ready receives none.
+const HEAL_EVERY: Duration = Duration::from_millis(250);
+/// How often a writer whose disk failed otherwise than for room tries a fresh segment on its own
+/// (each failure is logged).
+const RETRY_BROKEN_EVERY: Duration = Duration::from_secs(5);
+/// Free bytes wanted beyond the refused group before batches are taken again after `ENOSPC`, so
+/// that the spool does not flap between refusing and failing writes on an almost full disk.
+pub(crate) const ROOM_MARGIN: u64 = 256 * 1024;
+/// Free bytes wanted after `ENOSPC` when everything is delivered (nothing more will be freed).
+pub(crate) const MIN_ROOM: u64 = 64 * 1024;
 
 pub(crate) struct Writer {
     shared: Arc<Shared>,
-    active: File,
+    /// The segment written to; `None` when the spool was opened on a full disk, or its broken one
+    /// was deleted, until a fresh one can be started.
+    active: Option<File>,
+    /// The active segment's first seq (the newest recovered one while there is none).
     active_first_seq: u64,
     active_len: u64,
     /// Bytes of the active segment known to be durable.
@@ -59,6 +85,9 @@ pub(crate) struct Writer {
     carry: Vec<Record>,
     /// The active segment failed a write or sync: the next group starts a fresh one.
     broken: bool,
+    /// The filesystem said `ENOSPC`: the bytes of the refused group. Batches are refused until
+    /// they fit with [`ROOM_MARGIN`] to spare.
+    no_room: Option<u64>,
     janitor: Janitor,
     /// Dropped last: nothing is written after the directory is released.
     _lock: DirLock,
@@ -216,18 +245,17 @@ impl Writer {
         lock: DirLock,
         wake: mpsc::WeakSender<Command>,
     ) -> Result<(Writer, Arc<Shared>), SpoolError> {
-        let unacked_bytes = recovered.unacked.values().map(|p| p.bytes).sum();
         let journal_bytes = journal.bytes();
         let files_pending = recovered.file_work.len();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
-                unacked: recovered.unacked,
-                unacked_bytes,
+                undelivered: recovered.undelivered,
                 segments: recovered.segments,
                 committed_len: 0,
                 reader_segment: 0,
                 disk_bytes: recovered.disk_bytes + journal_bytes,
                 write_error: false,
+                disk_full: false,
                 refusing: false,
                 refused_need: 0,
                 file_results: recovered.file_results,
@@ -240,20 +268,35 @@ impl Writer {
             heartbeat: Heartbeat::default(),
             settings,
         });
-        shared.heartbeat.last_commit_ms.store(now_millis(), Ordering::Relaxed);
+        shared.heartbeat.last_commit_ms.store(monotonic_millis(), Ordering::Relaxed);
         let mut next_seq = recovered.next_seq;
-        let (active, first_seq, len) = fresh_segment(&shared, &mut next_seq, &[])?;
+        let (active, first_seq, len, no_room) = match fresh_segment(&shared, &mut next_seq, &[]) {
+            Ok((file, first_seq, len)) => {
+                let mut st = shared.lock();
+                st.segments.push_back(Segment::new(
+                    first_seq,
+                    segment_path(&shared.settings.dir, first_seq),
+                    None,
+                    len,
+                ));
+                st.disk_bytes += len;
+                (Some(file), first_seq, len, None)
+            }
+            // Started on a full disk: deliver what is there, take batches once there is room.
+            Err(e) if is_no_room(&e) => {
+                error!(dir = %shared.settings.dir.display(), error = %e,
+                    "spool: no room on its filesystem for a fresh segment; delivering what it holds and refusing batches until there is room");
+                let st = shared.lock();
+                let newest = st.segments.back().map_or((next_seq, 0), |s| (s.first_seq, s.size));
+                (None, newest.0, newest.1, Some(0))
+            }
+            Err(e) => return Err(e.into()),
+        };
         {
             let mut st = shared.lock();
-            st.segments.push_back(Segment {
-                first_seq,
-                path: segment_path(&shared.settings.dir, first_seq),
-                limit: None,
-                size: len,
-            });
             st.committed_len = len;
-            st.disk_bytes += len;
             st.reader_segment = st.segments.front().map_or(first_seq, |s| s.first_seq);
+            st.disk_full = no_room.is_some();
         }
         let janitor = Janitor::start(shared.clone(), journal, wake)?;
         // Their appends in the last run may not have been synced before it ended.
@@ -267,7 +310,8 @@ impl Writer {
             next_seq,
             dedup,
             carry: Vec::new(),
-            broken: false,
+            broken: no_room.is_some(),
+            no_room,
             janitor,
             _lock: lock,
         };
@@ -277,7 +321,7 @@ impl Writer {
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut close_reply = None;
         while close_reply.is_none() {
-            let Some(first) = rx.blocking_recv() else { break };
+            let Some(first) = self.next_command(&mut rx) else { break };
             let mut bytes = command_bytes(&first);
             let mut group = vec![first];
             while group.len() < QUEUE && bytes < GROUP_MAX_BYTES {
@@ -291,15 +335,15 @@ impl Writer {
             }
             let shared = self.shared.clone();
             let hb = &shared.heartbeat;
-            hb.busy_since_ms.store(now_millis(), Ordering::Relaxed);
+            hb.busy_since_ms.store(monotonic_millis(), Ordering::Relaxed);
             let n = group.len() as u64;
             close_reply = self.commit(group);
             hb.queued.fetch_sub(n, Ordering::Relaxed);
-            hb.last_commit_ms.store(now_millis(), Ordering::Relaxed);
+            hb.last_commit_ms.store(monotonic_millis(), Ordering::Relaxed);
             hb.busy_since_ms.store(0, Ordering::Relaxed);
         }
-        if !self.broken {
-            if let Err(e) = self.shared.settings.io.sync_data(&self.active) {
+        if let (false, Some(active)) = (self.broken, &self.active) {
+            if let Err(e) = self.shared.settings.io.sync_data(active) {
                 error!(error = %e, "spool: final sync failed; unsynced acknowledgements will be published again");
             }
         }
@@ -309,18 +353,69 @@ impl Writer {
         }
     }
 
+    /// The next command; `None` once every sender is gone. While the writer cannot write it does
+    /// not only wait: every [`HEAL_EVERY`] it deletes what became deletable and tries to write again.
+    fn next_command(&mut self, rx: &mut mpsc::Receiver<Command>) -> Option<Command> {
+        let every = |no_room: Option<u64>| if no_room.is_some() { HEAL_EVERY } else { RETRY_BROKEN_EVERY };
+        let mut next_try = Instant::now() + every(self.no_room);
+        while self.broken {
+            match rx.try_recv() {
+                Ok(c) => return Some(c),
+                Err(mpsc::error::TryRecvError::Disconnected) => return None,
+                Err(mpsc::error::TryRecvError::Empty) => {}
+            }
+            if Instant::now() >= next_try {
+                self.compact();
+                self.heal();
+                self.shared.committed.notify_waiters();
+                next_try = Instant::now() + every(self.no_room);
+            } else {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        rx.blocking_recv()
+    }
+
+    /// After a failed write: once the disk has room again (when it was full), a fresh segment.
+    fn heal(&mut self) {
+        if let Some(want) = self.no_room {
+            let (all_delivered, free) = (self.shared.lock().undelivered.is_empty(), self.free_bytes());
+            // With nothing left to deliver the spool frees no more room: the refused group is no
+            // reason to wait any longer, room for a few small groups is.
+            let needed = if all_delivered { MIN_ROOM } else { want.saturating_add(ROOM_MARGIN) };
+            if free < needed {
+                return;
+            }
+            info!(free_bytes = free, "spool: its filesystem has room again");
+            self.no_room = None;
+            self.shared.lock().disk_full = false;
+        }
+        if self.broken {
+            self.replace_segment();
+        }
+    }
+
+    /// Free bytes on the spool's filesystem (0 when they cannot be read: keep waiting).
+    fn free_bytes(&self) -> u64 {
+        let settings = &self.shared.settings;
+        settings.io.free_bytes(&settings.dir).unwrap_or_else(|e| {
+            warn!(dir = %settings.dir.display(), error = %e, "spool: cannot read the free space of its filesystem");
+            0
+        })
+    }
+
     /// Commits one group with a single write and at most one sync.
     fn commit(&mut self, group: Vec<Command>) -> Option<oneshot::Sender<()>> {
         let now = now_secs();
         self.dedup.expire(now);
         if self.broken {
-            self.replace_segment();
+            self.heal();
         }
         let settings = &self.shared.settings;
         let (max_bytes, low_water) = (settings.max_bytes, settings.low_water());
         let (usage, mut refusing, mut refused_need, unacked_empty) = {
             let st = self.shared.lock();
-            (st.disk_bytes, st.refusing, st.refused_need, st.unacked.is_empty())
+            (st.disk_bytes, st.refusing, st.refused_need, st.undelivered.is_empty())
         };
         let mut buf = Vec::new();
         let mut replies: Vec<Reply> = Vec::new();
@@ -334,6 +429,11 @@ impl Writer {
         for cmd in group {
             match cmd {
                 Command::Append { events, received_at, reply } => {
+                    if let Some(want) = self.no_room {
+                        let free = self.free_bytes();
+                        replies.push((reply, Err(SpoolError::NoRoom { free, want: want.saturating_add(ROOM_MARGIN) })));
+                        continue;
+                    }
                     if self.broken {
                         replies.push((reply, Err(SpoolError::WriteFailed(unusable()))));
                         continue;
@@ -410,21 +510,30 @@ impl Writer {
             format::encode(r, &mut buf);
         }
         let must_sync = !new_pending.is_empty() || !files_done.is_empty();
-        let written = if buf.is_empty() || self.broken { Ok(false) } else { self.write(&buf, must_sync) };
+        let written = if buf.is_empty() { Ok(false) } else { self.write(&buf, must_sync) };
         let ok = match written {
             Ok(synced) => {
                 if synced {
                     self.carry.clear();
                 } else if let Some(r) = &ack_record {
-                    self.carry.push(r.clone());
+                    self.carry_acked(r);
                 }
+                true
+            }
+            // Nothing was written (nor is on disk): what the group carried waits for the fresh segment.
+            Err(_) if self.broken => {
+                self.carry_over(ack_record.as_ref(), &files_done);
+                buf.clear();
                 true
             }
             Err(e) => {
                 error!(error = %e, segment = self.active_first_seq, "spool: write failed; this group is refused and the segment abandoned");
-                self.carry.extend(ack_record.clone());
-                self.carry.extend(files_done.iter().map(|(seq, m)| Record::Files { seq: *seq, member: m.clone() }));
+                self.carry_over(ack_record.as_ref(), &files_done);
                 self.broken = true;
+                if is_no_room(&e) {
+                    error!(dir = %self.shared.settings.dir.display(), "spool: its filesystem is full; refusing batches, delivering and deleting what was delivered until there is room");
+                    self.no_room = Some(buf.len() as u64);
+                }
                 for (_, r) in &mut replies {
                     if r.is_ok() {
                         *r = Err(SpoolError::WriteFailed(std::io::Error::new(e.kind(), e.to_string())));
@@ -443,9 +552,13 @@ impl Writer {
             let mut st = self.shared.lock();
             if ok {
                 st.disk_bytes += buf.len() as u64;
+                let (events, bytes) = (new_pending.len() as u64, new_pending.iter().map(|(_, p)| p.bytes).sum::<u64>());
                 for (seq, p) in new_pending {
-                    st.unacked_bytes += p.bytes;
-                    st.unacked.insert(seq, p);
+                    st.undelivered.stored(seq, p.received_at);
+                }
+                if let Some(active) = st.segments.iter_mut().rev().find(|s| s.first_seq == self.active_first_seq) {
+                    active.events += events;
+                    active.event_bytes += bytes;
                 }
                 st.files_pending += new_work.len();
                 st.file_work.extend(new_work.iter().cloned());
@@ -454,19 +567,22 @@ impl Writer {
             // Acknowledgements and file results are facts whether or not their frames were written:
             // the failure path keeps them for the fresh segment.
             for (seq, member) in files_done {
-                if st.unacked.contains_key(&seq) && st.file_results.insert(seq, member).is_none() {
+                if st.undelivered.contains(seq) && st.file_results.insert(seq, member).is_none() {
                     st.files_pending = st.files_pending.saturating_sub(1);
                 }
             }
-            for seq in &acked {
-                if let Some(p) = st.unacked.remove(seq) {
-                    st.unacked_bytes -= p.bytes;
+            if let Some(Record::Acked(ranges)) = &ack_record {
+                for &(a, b) in ranges {
+                    st.undelivered.ack(a, b);
                 }
+            }
+            for seq in &acked {
                 st.file_results.remove(seq);
             }
             st.refusing = refusing;
             st.refused_need = refused_need;
-            st.write_error = self.broken;
+            st.write_error = self.broken && self.no_room.is_none();
+            st.disk_full = self.no_room.is_some();
             st.dedup_ids = self.dedup.len();
         }
         if ok && !new_work.is_empty() {
@@ -477,9 +593,12 @@ impl Writer {
             let _ = tx.send(r);
         }
         if self.broken {
-            self.replace_segment();
-        } else {
-            self.compact();
+            self.heal();
+        }
+        // Delivered segments go even while the writer cannot write: on a full disk that is what
+        // makes room.
+        self.compact();
+        if !self.broken {
             self.maybe_roll();
         }
         // Room freed by delivery ends a refusal without waiting for the next batch: a replica that
@@ -494,14 +613,43 @@ impl Writer {
         close
     }
 
+    /// Keeps an acknowledgement and file results that were not written for the fresh segment.
+    fn carry_over(&mut self, acked: Option<&Record>, files_done: &[(u64, Vec<u8>)]) {
+        if let Some(r) = acked {
+            self.carry_acked(r);
+        }
+        self.carry.extend(files_done.iter().map(|(seq, m)| Record::Files { seq: *seq, member: m.clone() }));
+    }
+
+    /// Keeps an acknowledgement not known to be durable, merged into the one already kept: while
+    /// nothing is synced (a drain with no batches coming in, a full disk) they would otherwise pile
+    /// up a record per group.
+    fn carry_acked(&mut self, record: &Record) {
+        let Record::Acked(ranges) = record else { return };
+        match self.carry.iter_mut().find_map(|r| if let Record::Acked(kept) = r { Some(kept) } else { None }) {
+            Some(kept) => {
+                kept.extend_from_slice(ranges);
+                *kept = merge_ranges(std::mem::take(kept));
+            }
+            None => self.carry.push(record.clone()),
+        }
+    }
+
     /// Writes `buf` at the end of the active segment, synced when `sync`. Returns whether it synced.
+    ///
+    /// # Errors
+    /// The write or the sync failed, or the writer cannot write (broken: nothing was written).
     fn write(&mut self, buf: &[u8], sync: bool) -> std::io::Result<bool> {
         let io = &self.shared.settings.io;
-        io.write_all(&mut self.active, buf)?;
+        let active = match &mut self.active {
+            Some(file) if !self.broken => file,
+            _ => return Err(unusable()),
+        };
+        io.write_all(active, buf)?;
         self.active_len += buf.len() as u64;
         if sync {
             let started = Instant::now();
-            io.sync_data(&self.active)?;
+            io.sync_data(active)?;
             self.synced_len = self.active_len;
             if let Some(observe) = &self.shared.settings.sync_observer {
                 observe(started.elapsed().as_secs_f64());
@@ -515,7 +663,11 @@ impl Writer {
     fn replace_segment(&mut self) {
         let durable_len = self.synced_len;
         let mut head = Vec::new();
-        format::encode(&Record::Abandoned { first_seq: self.active_first_seq, durable_len }, &mut head);
+        // No segment was abandoned when there is none (opened on a full disk, or the broken one
+        // was delivered and deleted).
+        if self.active.is_some() {
+            format::encode(&Record::Abandoned { first_seq: self.active_first_seq, durable_len }, &mut head);
+        }
         for r in &self.carry {
             format::encode(r, &mut head);
         }
@@ -533,6 +685,10 @@ impl Writer {
             }
             Err(e) => {
                 error!(error = %e, "spool: cannot start a fresh segment; refusing batches until the disk takes writes again");
+                if is_no_room(&e) {
+                    self.no_room = Some(self.no_room.unwrap_or(0));
+                    self.shared.lock().disk_full = true;
+                }
             }
         }
     }
@@ -541,20 +697,17 @@ impl Writer {
     /// was abandoned, the length known to be durable.
     fn install(&mut self, file: File, first_seq: u64, len: u64, previous_limit: Option<u64>) {
         let mut st = self.shared.lock();
-        if let Some(old) = st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq) {
+        if let Some(old) =
+            st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq).filter(|_| self.active.is_some())
+        {
             old.size = self.active_len;
             old.limit = previous_limit;
         }
-        st.segments.push_back(Segment {
-            first_seq,
-            path: segment_path(&self.shared.settings.dir, first_seq),
-            limit: None,
-            size: len,
-        });
+        st.segments.push_back(Segment::new(first_seq, segment_path(&self.shared.settings.dir, first_seq), None, len));
         st.committed_len = len;
         st.disk_bytes += len;
         drop(st);
-        self.active = file;
+        self.active = Some(file);
         self.active_first_seq = first_seq;
         self.active_len = len;
         self.synced_len = len;
@@ -566,7 +719,8 @@ impl Writer {
         {
             return;
         }
-        if let Err(e) = self.shared.settings.io.sync_data(&self.active) {
+        let Some(active) = &self.active else { return };
+        if let Err(e) = self.shared.settings.io.sync_data(active) {
             error!(error = %e, "spool: sync before roll-over failed; abandoning the segment");
             self.broken = true;
             self.shared.lock().write_error = true;
@@ -612,10 +766,10 @@ impl Writer {
 
     /// Takes off the shared list the oldest segments, in order, whose events are all acknowledged
     /// and that neither the reader nor the writer is in.
-    fn take_deletable(&self) -> Vec<Segment> {
+    fn take_deletable(&mut self) -> Vec<Segment> {
         let mut st = self.shared.lock();
-        let oldest_unacked = st.unacked.keys().next().copied().unwrap_or(u64::MAX);
-        let n = st
+        let oldest_unacked = st.undelivered.oldest().unwrap_or(u64::MAX);
+        let mut n = st
             .segments
             .iter()
             .zip(st.segments.iter().skip(1))
@@ -625,6 +779,14 @@ impl Writer {
                     && seg.first_seq != self.active_first_seq
             })
             .count();
+        // A writer that cannot write keeps no segment for itself: once everything is delivered the
+        // newest goes too (the broken active one, or the newest recovered one of a spool opened on
+        // a full disk), so that a full disk gets all its room back. The reader has nothing left in
+        // it, and every seq ever given out is below `next_seq`.
+        if self.broken && n + 1 == st.segments.len() && oldest_unacked >= self.next_seq {
+            n += 1;
+            self.active = None;
+        }
         st.segments.drain(..n).collect()
     }
 }
@@ -658,6 +820,10 @@ fn delete_segments(shared: &Shared, victims: Vec<Segment>) -> bool {
         }
         let mut st = shared.lock();
         st.disk_bytes = st.disk_bytes.saturating_sub(victim.size);
+        // Its seqs are gone for good: the index forgets them (not those of a victim still to go,
+        // which may yet be put back).
+        let floor = victims.as_slice().first().or(st.segments.front()).map_or(u64::MAX, |s| s.first_seq);
+        st.undelivered.raise_floor(floor);
     }
     true
 }
@@ -683,12 +849,13 @@ pub(crate) fn remove_leftovers(dir: &std::path::Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Cuts `path` down a few MiB at a time, then unlinks it (best effort: it is no segment any more).
+/// Cuts `path` down a few MiB at a time to nothing, then unlinks it (best effort: it is no segment
+/// any more). Cut to nothing, its room is free even while a reader still has it open.
 fn shrink_and_remove(path: &std::path::Path) {
     if let Ok(file) = OpenOptions::new().write(true).open(path) {
         let mut len = file.metadata().map_or(0, |m| m.len());
-        while len > SHRINK_STEP {
-            len -= SHRINK_STEP;
+        while len > 0 {
+            len = len.saturating_sub(SHRINK_STEP);
             if file.set_len(len).is_err() {
                 break;
             }

@@ -234,3 +234,62 @@ pub async fn drained(d: &Daemon, within: Duration) {
     wait_for("spool drained", within, async || (d.metric("huggy_bridge_spool_events").await == 0.0).then_some(()))
         .await;
 }
+
+/// A real, small filesystem (tmpfs) mounted for one test and unmounted when dropped: what a full
+/// disk does (`ENOSPC`, partial writes, free space coming back) without touching the machine's.
+pub struct SmallFs {
+    pub path: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    /// Mounts a tmpfs of `bytes`; `None` (said on stderr) where mounting is not permitted, unless
+    /// `HUGGY_TEST_REQUIRE_TMPFS=1` (CI as root, or `STRICT=1`), where that fails the test.
+    pub fn mount(test: &str, bytes: u64) -> Option<SmallFs> {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(SmallFs { path: dir.path().to_owned(), _dir: dir }),
+            other => {
+                let why = match other {
+                    Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    std::env::var("HUGGY_TEST_REQUIRE_TMPFS").as_deref() != Ok("1"),
+                    "{test}: cannot mount a tmpfs and HUGGY_TEST_REQUIRE_TMPFS=1: {why}"
+                );
+                eprintln!("SKIPPED {test}: cannot mount a tmpfs (needs root or CAP_SYS_ADMIN): {why}");
+                None
+            }
+        }
+    }
+
+    /// Fills what is left of it with a file; returns the bytes written.
+    pub fn fill(&self) -> u64 {
+        use std::io::Write as _;
+        let mut f = std::fs::File::create(self.path.join("filler")).unwrap();
+        let chunk = vec![0u8; 4096];
+        let mut written = 0;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling the tmpfs: {e}"),
+            }
+        }
+        let _ = f.sync_all();
+        written
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        // Lazy: a daemon killed with the test may still hold a file open for a moment.
+        let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}

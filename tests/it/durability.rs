@@ -420,3 +420,96 @@ async fn an_unknown_spool_format_refuses_to_start_with_a_clear_message() {
     assert!(err.contains("spool format 7") && err.contains("cannot read"), "{err}");
     assert_eq!(std::fs::read(spool.join("segment-00000000000000000001.log")).unwrap(), header, "left as it was");
 }
+
+/// Posts batches of 50 events of chat 1 from `*n` on, until one is refused; returns the markers of
+/// the batches answered 200. The refused one's number is left in `*n`.
+async fn fill_until_refused(d: &Daemon, n: &mut usize) -> Vec<String> {
+    let mut acked = Vec::new();
+    loop {
+        let (body, markers) = load_batch(1, *n, 50);
+        let (code, text) = post(&d.url(), body).await;
+        match code {
+            200 => acked.extend(markers),
+            503 => {
+                assert!(text.contains("spool_full"), "a full disk is answered spool_full: {text}");
+                return acked;
+            }
+            other => panic!("unexpected {other}: {text}"),
+        }
+        *n += 1;
+        assert!(*n < 10_000, "the disk never filled");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_then_heals_by_itself_and_a_start_on_a_full_disk_drains() {
+    let Some(bin) = real_broker_or_skip("full_disk") else { return };
+    let Some(fs) = SmallFs::mount("full_disk", 4 * 1024 * 1024) else { return };
+    let CuttableBroker { _tansu, proxy, via_proxy, dir } = cuttable_broker(&bin);
+    let spool = fs.path.join("spool");
+    // The cap is far above the filesystem: ENOSPC comes first, and one segment (4 MiB) is larger
+    // than the disk, so the segment that failed must be deleted to make room.
+    let env = spool_config(&via_proxy, &spool).set("spool.max_bytes", 64 * 1024 * 1024);
+    proxy.cut();
+    let mut d = Daemon::start(dir.path(), &env).await;
+    let mut n = 0;
+    let mut acked = fill_until_refused(&d, &mut n).await;
+    assert!(!acked.is_empty());
+    let (code, why) = status_of(&d.admin, "readyz").await;
+    assert_eq!(code, 503, "not ready while the disk is full: {why}");
+    assert!(why.contains("no room"), "{why}");
+    let (small, small_markers) = load_batch(1, n + 1, 1);
+    assert_eq!(post(&d.url(), small.clone()).await.0, 503, "every batch is refused until there is room");
+    // Kafka returns: the spool delivers, deletes what was delivered and takes batches again by
+    // itself, without a restart and without a batch to try with.
+    proxy.restore();
+    let restored = std::time::Instant::now();
+    drained(&d, Duration::from_secs(120)).await;
+    wait_for("ready again", Duration::from_secs(30), async || {
+        (status_of(&d.admin, "readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    eprintln!("full_disk: healed {:?} after Kafka returned", restored.elapsed());
+    let (refused, refused_markers) = load_batch(1, n, 50);
+    assert_eq!(post(&d.url(), refused).await.0, 200, "the refused batch is taken once there is room");
+    acked.extend(refused_markers);
+    assert_eq!(post(&d.url(), small).await.0, 200);
+    acked.extend(small_markers);
+    drained(&d, Duration::from_secs(60)).await;
+
+    // Filled again, stopped, and the last free bytes taken by something else: the daemon still
+    // starts, is not ready, drains what the spool holds and becomes ready when that made room.
+    proxy.cut();
+    n += 2;
+    acked.extend(fill_until_refused(&d, &mut n).await);
+    assert!(d.terminate(Duration::from_secs(30)).success());
+    let filler = fs.fill();
+    eprintln!("full_disk: {filler} bytes of filler took the rest of the disk");
+    let d = Daemon::start(dir.path(), &env).await;
+    let (code, why) = status_of(&d.admin, "readyz").await;
+    assert_eq!(code, 503, "started on a full disk, not ready: {why}");
+    assert!(why.contains("no room"), "{why}");
+    assert!(d.metric("huggy_bridge_spool_events").await > 0.0, "it holds undelivered events");
+    proxy.restore();
+    let restored = std::time::Instant::now();
+    drained(&d, Duration::from_secs(120)).await;
+    wait_for("ready after a start on a full disk", Duration::from_secs(30), async || {
+        (status_of(&d.admin, "readyz").await.0 == 200).then_some(())
+    })
+    .await;
+    eprintln!("full_disk: a start on a full disk drained and was ready {:?} after Kafka returned", restored.elapsed());
+    let (last, last_markers) = load_batch(1, n, 50);
+    assert_eq!(post(&d.url(), last).await.0, 200);
+    acked.extend(last_markers);
+    drained(&d, Duration::from_secs(60)).await;
+
+    let got = bodies(&read_topics_async(&via_proxy, &["huggy.receivedMessage"]).await);
+    let missing: Vec<&String> = acked.iter().filter(|m| !got.contains(m)).collect();
+    eprintln!("full_disk: {} events acknowledged to Huggy, {} records in Kafka", acked.len(), got.len());
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged events never reached Kafka: {:?}",
+        missing.len(),
+        &missing[..missing.len().min(5)]
+    );
+}
