@@ -29,7 +29,7 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use huggy_bridge::clock::now_secs;
 use huggy_bridge::config::SpoolConfig;
-use huggy_bridge::event::{parse_body, split, Body, Event};
+use huggy_bridge::event::{parse_body, split, Body, Event, Sender};
 use huggy_bridge::spool::{Spool, SpoolSettings};
 
 const FIXTURES: &[&str] = &[
@@ -116,7 +116,8 @@ fn batch_events(template: &[String], n: u64, received_at: i64) -> anyhow::Result
     let n = n.to_string();
     let body = template.join(&n);
     let Body::Batch(batch) = parse_body(body.as_bytes())? else { bail!("the benchmark body is not a batch") };
-    Ok(split(&batch, received_at))
+    // The webhook's sender for a token not bound to an account.
+    Ok(split(&batch, &Sender::token("benchmark"), received_at))
 }
 
 async fn build(dir: &Path, target: u64, args: &Args) -> anyhow::Result<(u64, u64, f64)> {

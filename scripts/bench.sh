@@ -3,6 +3,8 @@
 #  1. webhook load with wrk, on one yardstick: nginx answering 200 (the HTTP limit of the box), the
 #     hyper reference (`loadgen --serve-reference`), and the daemon (release build) in spool and in
 #     kafka ack mode on a real broker (tansu), all posting the same 3-event batch (~2.3 KB);
+#     Each mode runs once per codec in CODECS (`lz4` was the default before zstd): CPU per request
+#     and bytes on the wire (librdkafka's transmitted bytes) per request, side by side;
 #  2. file capture: a burst of files through the bridge versus a plain sequential download.
 # Knobs: THREADS (1), CONNECTIONS (64), DURATION (10 s per measured run), WARMUP (2 s before each),
 # DRAIN_SECS (60: how long to wait for the publisher to catch up after a run), FILES (200; 0 skips
@@ -15,6 +17,7 @@ DURATION="${DURATION:-10}"
 WARMUP="${WARMUP:-2}"
 DRAIN_SECS="${DRAIN_SECS:-60}"
 FILES="${FILES:-200}"
+CODECS="${CODECS:-lz4 zstd}"
 
 # nginx-light and wrk from Debian, installed when missing.
 NGINX="${NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
@@ -131,7 +134,10 @@ metric_sum() { # admin port, metric names...: the sum of their samples
      { name = $1; sub(/\{.*/, "", name) } name in want { s += $NF } END { printf "%d\n", s }'
 }
 
+for codec in $CODECS; do
 for mode in spool kafka; do
+  name="$mode"
+  [ "$codec" = zstd ] || name="$mode-$codec"
   hport=$(free_port); aport=$(free_port)
   cat >"$work/$mode.toml" <<TOML
 [http]
@@ -147,7 +153,9 @@ partitions = 6
 [delivery]
 ack = "$mode"
 [spool]
-dir = "$work/spool-$mode"
+dir = "$work/spool-$name"
+[kafka.librdkafka]
+"compression.type" = "$codec"
 [files]
 store = "file://$work/files"
 [log]
@@ -159,7 +167,7 @@ TOML
   pids+=("$dpid")
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null && break; sleep 0.1; done
   curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null || { echo "$mode: daemon not ready" >&2; cat "$work/$mode.log" >&2; exit 1; }
-  measure "$mode" "http://127.0.0.1:$hport/webhooks/huggy" "$dpid"
+  measure "$name" "http://127.0.0.1:$hport/webhooks/huggy" "$dpid"
   rss=$(peak_rss_kib "$dpid")
   # Everything answered 2xx must reach Kafka (published, or dead-lettered) once the spool drains.
   # The CPU from the start of the measured run until then counts what the publisher still had to do.
@@ -174,8 +182,12 @@ TOML
   drain_ms=$((($(date +%s%N) - drain_start) / 1000000))
   cpu_drained_us=$((($(cpu_ticks "$dpid") - cpu_t0) * 1000000 / clk_tck))
   duplicates=$(metric_sum "$aport" huggy_bridge_events_duplicate_total)
-  sed -i "\$s/\$/\t$rss\t$want\t$published\t$duplicates\t$drain_ms\t$cpu_drained_us/" "$results"
+  # librdkafka's statistics come every 2 s: wait for a report after the drain.
+  sleep 2.5
+  wire=$(metric_sum "$aport" huggy_bridge_kafka_transmitted_bytes)
+  sed -i "\$s/\$/\t$rss\t$want\t$published\t$duplicates\t$drain_ms\t$cpu_drained_us\t$wire/" "$results"
   kill -TERM "$dpid"; wait "$dpid" || true
+done
 done
 
 echo
@@ -189,7 +201,7 @@ for line in open(path):
     keys = ["req", "non2xx", "dur_us", "p50", "p99", "p999", "cpu_us", "sock", "tmo", "broker_us", "wrk_us"]
     r = dict(zip(keys, map(int, f[1:12])))
     if len(f) > 12:
-        r.update(zip(["rss_kib", "acked", "published", "dups", "drain_ms", "cpu_drained_us"], map(int, f[12:18])))
+        r.update(zip(["rss_kib", "acked", "published", "dups", "drain_ms", "cpu_drained_us", "wire"], map(int, f[12:19])))
     rows[f[0]] = r
 ng = rows["nginx"]
 def rps(r): return (r["req"] - r["non2xx"]) / (r["dur_us"] / 1e6)
@@ -212,6 +224,13 @@ for mode in ("spool", "kafka"):
           f" dead-lettered {r['published']}, {r['drain_ms'] / 1e3:.1f} s after the run"
           f"{'' if r['published'] >= r['acked'] else f' (gave up after {drain} s)'}; duplicates {r['dups']};"
           f" CPU until caught up {r['cpu_drained_us'] / ok:.1f} us/req, {r['cpu_drained_us'] / ok / per_batch:.1f} us/event")
+print()
+print("compression: bytes on the wire to the broker and CPU until caught up, per request acknowledged (warm-up included)")
+for name, r in rows.items():
+    if "wire" in r and r["acked"]:
+        reqs = r["acked"] / per_batch
+        ok = r["req"] - r["non2xx"]
+        print(f"{name:>11}: {r['wire'] / reqs:8.0f} B/req on the wire, {r['cpu_drained_us'] / ok:7.1f} us CPU/req")
 print("(published can exceed acknowledged by up to 2 x connections x events per batch: requests in flight when wrk stops"
       " its runs are stored and published, but not counted)")
 print()

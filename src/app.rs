@@ -291,8 +291,20 @@ impl Pipeline {
                 move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
             }),
         };
-        let mut publisher =
-            Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone()).recreating_with(recreate);
+        // The topics' limits are read in the background: an unreachable Kafka must not delay the start.
+        let limits = Arc::new(publish::claim::TopicLimits::unread(
+            cfg,
+            &bootstrap,
+            kafka::routable_topics(cfg).into_iter().collect(),
+        ));
+        tokio::spawn({
+            let limits = limits.clone();
+            async move { limits.refresh().await }
+        });
+        let claims = publish::claim::ClaimChecks::new(cfg, limits, metrics.clone());
+        let mut publisher = Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
+            .recreating_with(recreate)
+            .with_claim_checks(claims);
         if let Some(p) = &overrides.poison {
             publisher = publisher.poisoned_by(p.clone());
         }
@@ -410,7 +422,8 @@ impl Pipeline {
 
 /// Opens the spool, reporting what recovery found as metrics.
 fn open_spool(cfg: &Config, metrics: &Arc<Metrics>, overrides: &Overrides) -> anyhow::Result<Spool> {
-    let mut settings = SpoolSettings::new(cfg.spool.dir.clone(), cfg.spool.max_bytes, cfg.spool.dedup_window_secs);
+    let mut settings = SpoolSettings::new(cfg.spool.dir.clone(), cfg.spool.max_bytes, cfg.spool.dedup_window_secs)
+        .with_dedup_max_ids(cfg.spool.dedup_max_ids);
     if let Some(io) = &overrides.spool_io {
         settings.io = io.clone();
     }

@@ -20,6 +20,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 pub const ENV_PREFIX: &str = "HUGGY_BRIDGE_";
 const REDACTED: &str = "[redacted]";
 
+/// The largest `http.max_body_bytes` accepted: half the spool's frame limit, so that an event as
+/// large as a whole body, with its key, type, company and a dead-letter reason, always fits a frame.
+pub const MAX_BODY_BYTES_CEILING: usize = 128 * 1024 * 1024;
+
 /// Why the configuration was refused. The message names the key; a cause (figment's parse error, a
 /// prefix's flaw) is the error's source, so print the whole chain.
 #[derive(Debug, thiserror::Error)]
@@ -30,7 +34,7 @@ pub enum ConfigError {
     #[error("cannot load configuration: {}", describe_load_error(.0))]
     Load(Box<figment::Error>),
     /// No webhook token: no batch could ever be accepted.
-    #[error("invalid configuration: huggy.tokens is empty (and huggy.tokens_file, if set, holds none): no batch could ever be accepted")]
+    #[error("invalid configuration: huggy.tokens is empty (and huggy.tokens_file, if set, holds none, and no huggy.accounts token): no batch could ever be accepted")]
     NoTokens,
     /// A `<key>_file` could not be read.
     #[error("invalid configuration: {key}: cannot read {path:?}")]
@@ -84,6 +88,37 @@ pub enum ConfigError {
         bound_key: &'static str,
         /// That setting's value.
         bound: u64,
+        /// What would go wrong otherwise.
+        reason: &'static str,
+    },
+    /// A `tokens_file` could not be read.
+    #[error("invalid configuration: {key} {path:?} cannot be read")]
+    TokensFile {
+        /// The setting, e.g. `huggy.accounts[0].tokens_file`.
+        key: String,
+        /// The file.
+        path: PathBuf,
+        /// What the operating system said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A `[[huggy.accounts]]` entry that cannot work.
+    #[error("invalid configuration: huggy.accounts[{index}]: {problem}")]
+    Account {
+        /// Its position in the list.
+        index: usize,
+        /// What is wrong (never a token).
+        problem: &'static str,
+    },
+    /// A size above what the bridge can handle at all.
+    #[error("invalid configuration: {key} ({value}) must be at most {ceiling}: {reason}")]
+    AboveCeiling {
+        /// The setting.
+        key: &'static str,
+        /// Its value.
+        value: u64,
+        /// The largest value allowed.
+        ceiling: u64,
         /// What would go wrong otherwise.
         reason: &'static str,
     },
@@ -326,13 +361,55 @@ impl Default for AdminConfig {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HuggyConfig {
-    /// Accepted batch tokens, one per Huggy account (Configurações > Webhook).
+    /// Accepted batch tokens, one per Huggy account (Configurações > Webhook). Their events name
+    /// their company themselves.
     #[serde(deserialize_with = "secrets_list")]
     pub tokens: Vec<Secret>,
     /// A file of accepted tokens, one per line (a Kubernetes Secret volume, systemd
     /// `LoadCredential=`); read at start and on every reload. Not together with `tokens`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_file: Option<PathBuf>,
+    /// `[[huggy.accounts]]`: tokens bound to one company id each. An event of such a token that
+    /// names another company is dead-lettered (`company_mismatch`); `ce_source` and a company key
+    /// are the account's.
+    pub accounts: Vec<AccountConfig>,
+}
+
+impl HuggyConfig {
+    /// Whether any token is configured, bound to an account or not.
+    pub(crate) fn has_tokens(&self) -> bool {
+        !self.tokens.is_empty() || self.accounts.iter().any(|a| !a.tokens.is_empty())
+    }
+}
+
+/// One `[[huggy.accounts]]` entry.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccountConfig {
+    /// The Huggy company id of the account, as in its events' `company.id`.
+    #[serde(deserialize_with = "company_id")]
+    pub company_id: String,
+    /// The account's tokens.
+    #[serde(deserialize_with = "secrets_list")]
+    pub tokens: Vec<Secret>,
+    /// A file of the account's tokens, one a line (a Kubernetes Secret volume, systemd
+    /// `LoadCredential=`); read at start and on every reload. Not together with `tokens`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_file: Option<PathBuf>,
+}
+
+/// A company id as TOML or the environment give it: a number, or a string of digits.
+fn company_id<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum NumberOrString {
+        Number(u64),
+        String(String),
+    }
+    Ok(match NumberOrString::deserialize(d)? {
+        NumberOrString::Number(n) => n.to_string(),
+        NumberOrString::String(s) => s.trim().to_owned(),
+    })
 }
 
 /// `[kafka]`: where events go and how the producer talks to the brokers.
@@ -712,8 +789,13 @@ pub struct SpoolConfig {
     /// segment is deleted, and the dedup journal); past it the webhook answers 503, never drops.
     pub max_bytes: u64,
     /// An event id durably stored within this window is acknowledged but not stored again (a batch
-    /// Huggy sends twice). 19–39 bytes of memory per id.
+    /// Huggy sends twice), unless another batch of its stream came in between. 19–39 bytes of memory
+    /// per id, and 38–76 per stream remembered.
     pub dedup_window_secs: u64,
+    /// Ids the dedup window holds at most, and streams (token, type, key) it remembers at most: the
+    /// ceiling of its memory. At the ceiling the oldest are forgotten early, which costs at most a
+    /// duplicate record of a late re-send, never an event.
+    pub dedup_max_ids: usize,
     /// A warning is logged while the oldest undelivered event is older than this (readiness does not
     /// depend on it: riding out a Kafka outage is what the spool is for; alert on
     /// `huggy_bridge_spool_oldest_age_seconds`). Above `files.token_ttl_secs`: an event may wait that
@@ -732,6 +814,8 @@ impl Default for SpoolConfig {
             // Huggy sends a batch again when it did not get our answer, within minutes; an hour covers
             // that with room to spare at 14 MB per 100 events/s. Consumers deduplicate by ce_id anyway.
             dedup_window_secs: 3600,
+            // 39 MB of ids and 76 MB of streams at most: an hour at 270 events/s.
+            dedup_max_ids: crate::spool::DEFAULT_DEDUP_MAX_IDS,
             max_undelivered_age_secs: 900,
             stall_timeout_secs: 60,
         }
@@ -978,10 +1062,32 @@ impl Config {
     /// # Errors
     /// The first setting found wrong (every `[kafka]` problem at once).
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        if self.huggy.tokens.is_empty() {
+        if !self.huggy.has_tokens() {
             return Err(ConfigError::NoTokens);
         }
         self.validate_offline()
+    }
+
+    /// Every account has a company id of digits and at least one token, and no token is configured
+    /// twice (in two accounts, or in an account and `huggy.tokens`): which company it speaks for
+    /// must be clear.
+    fn validate_accounts(&self) -> Result<(), ConfigError> {
+        let mut seen: std::collections::HashSet<&str> = self.huggy.tokens.iter().map(Secret::expose).collect();
+        for (index, a) in self.huggy.accounts.iter().enumerate() {
+            let problem = |problem| Err(ConfigError::Account { index, problem });
+            if a.company_id.is_empty() || a.company_id.len() > 40 || !a.company_id.bytes().all(|b| b.is_ascii_digit()) {
+                return problem("company_id must be a company id (digits)");
+            }
+            if a.tokens.is_empty() {
+                return problem("no tokens (tokens or tokens_file)");
+            }
+            for t in &a.tokens {
+                if !seen.insert(t.expose()) {
+                    return problem("a token is configured twice (in two accounts, or also in huggy.tokens)");
+                }
+            }
+        }
+        Ok(())
     }
 
     /// [`Config::validate`] without the webhook's tokens.
@@ -997,7 +1103,17 @@ impl Config {
                 value: self.http.path.clone(),
             });
         }
+        self.validate_accounts()?;
         positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
+        if self.http.max_body_bytes > MAX_BODY_BYTES_CEILING {
+            return Err(ConfigError::AboveCeiling {
+                key: "http.max_body_bytes",
+                value: self.http.max_body_bytes as u64,
+                ceiling: MAX_BODY_BYTES_CEILING as u64,
+                reason: "an event that large would not fit one spool frame (256 MiB with the event's metadata), \
+                         and a frame over the limit reads back as damage",
+            });
+        }
         if self.http.max_inflight_bytes < self.http.max_body_bytes {
             return Err(ConfigError::BelowBound {
                 key: "http.max_inflight_bytes",
@@ -1027,6 +1143,7 @@ impl Config {
         positive("kafka.replication_factor", self.kafka.replication_factor >= 1)?;
         positive("kafka.max_in_flight_records", self.kafka.max_in_flight_records > 0)?;
         positive("spool.max_bytes", self.spool.max_bytes > 0)?;
+        positive("spool.dedup_max_ids", self.spool.dedup_max_ids > 0)?;
         if self.delivery.ack == AckMode::Spool && self.spool.max_bytes < self.http.max_body_bytes as u64 {
             return Err(ConfigError::BelowBound {
                 key: "spool.max_bytes",
@@ -1318,6 +1435,17 @@ mod tests {
         assert_eq!(cfg.http.max_inflight_bytes, 256 * 1024 * 1024);
         cfg.http.max_inflight_bytes = cfg.http.max_body_bytes - 1;
         assert!(cfg.validate().unwrap_err().to_string().contains("http.max_inflight_bytes"));
+        let body = cfg.http.max_body_bytes;
+        cfg.http.max_body_bytes = MAX_BODY_BYTES_CEILING + 1;
+        cfg.http.max_inflight_bytes = usize::MAX;
+        let err = cfg.validate().unwrap_err().to_string();
+        assert!(err.contains("http.max_body_bytes") && err.contains("must be at most 134217728"), "{err}");
+        assert!(err.contains("spool frame"), "the reason is given: {err}");
+        cfg.http.max_body_bytes = MAX_BODY_BYTES_CEILING;
+        cfg.spool.max_bytes = u64::MAX;
+        assert!(cfg.validate().is_ok(), "the ceiling itself is accepted");
+        cfg.spool.max_bytes = 1024 * 1024 * 1024;
+        cfg.http.max_body_bytes = body;
         cfg.http.max_inflight_bytes = cfg.http.max_body_bytes;
         cfg.validate().expect("one body at a time is a valid budget");
         cfg.spool.max_bytes = cfg.http.max_body_bytes as u64 - 1;
@@ -1514,6 +1642,50 @@ mod tests {
             assert_eq!(cfg.kafka.brokers, "k1:9092");
             jail.set_env("HUGGY_BRIDGE_KAFKA__LIBRDKAFKA__ACKS", "1");
             assert!(Config::load_offline(None).unwrap_err().to_string().contains("acks"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn accounts_bind_tokens_to_a_company_from_the_file_or_the_list() {
+        Jail::expect_with(|jail| {
+            jail.create_file("account-b.tokens", "b-1\n\n  b-2  \n")?;
+            jail.create_file(
+                "c.toml",
+                r#"
+                [huggy]
+                tokens = ["plain"]
+                [[huggy.accounts]]
+                company_id = 15693
+                tokens = ["a-1"]
+                [[huggy.accounts]]
+                company_id = "20001"
+                tokens_file = "account-b.tokens"
+                "#,
+            )?;
+            let cfg = Config::load(Some(Path::new("c.toml"))).expect("valid");
+            let accounts = &cfg.huggy.accounts;
+            assert_eq!((accounts[0].company_id.as_str(), accounts[1].company_id.as_str()), ("15693", "20001"));
+            let b: Vec<&str> = accounts[1].tokens.iter().map(Secret::expose).collect();
+            assert_eq!(b, ["b-1", "b-2"], "one token a line, exactly");
+            let shown = toml::to_string(&cfg).unwrap_or_default() + &format!("{cfg:?}");
+            assert!(!shown.contains("a-1") && !shown.contains("b-2"), "tokens never printed");
+
+            jail.create_file("only-accounts.toml", "[[huggy.accounts]]\ncompany_id = 1\ntokens = [\"x\"]\n")?;
+            assert!(Config::load(Some(Path::new("only-accounts.toml"))).is_ok(), "accounts alone are tokens enough");
+            for (toml, expected) in [
+                ("[huggy]\ntokens = [\"y\"]\n[[huggy.accounts]]\ncompany_id = 1\n", "no tokens"),
+                ("[[huggy.accounts]]\ncompany_id = \"x1\"\ntokens = [\"x\"]\n", "company_id must be"),
+                (
+                    "[huggy]\ntokens = [\"x\"]\n[[huggy.accounts]]\ncompany_id = 1\ntokens = [\"x\"]\n",
+                    "configured twice",
+                ),
+                ("[[huggy.accounts]]\ncompany_id = 1\ntokens_file = \"missing.tokens\"\n", "tokens_file"),
+            ] {
+                jail.create_file("bad.toml", toml)?;
+                let err = message(&Config::load(Some(Path::new("bad.toml"))).unwrap_err());
+                assert!(err.contains(expected) && !err.contains("\"x\""), "{toml}: {err}");
+            }
             Ok(())
         });
     }

@@ -21,6 +21,8 @@
 //!   client, earliest-deadline-first scheduling, streaming into an object store).
 //! - [`publish`]: the Kafka producer, routing, headers, retry classification, dead-lettering, and the
 //!   loop that drains the spool.
+//! - [`replay`]: `dead-letter replay` and `claim-check get`, the ways back out of the dead-letter
+//!   topic and the file store.
 //! - `health`: readiness, liveness and the gauges read from state.
 //! - [`supervise`]: the background stages run under a supervisor that restarts them after a panic.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
@@ -41,6 +43,7 @@ pub mod memory;
 pub mod metrics;
 pub mod publish;
 pub mod reload;
+pub mod replay;
 pub mod shutdown;
 pub mod spool;
 pub mod supervise;

@@ -1,13 +1,14 @@
 //! The `huggy-bridge` binary: parse the command line, load the configuration, and hand over to the
 //! library.
 
+use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use huggy_bridge::config::{Config, ConfigError};
 use huggy_bridge::telemetry::error_chain;
-use huggy_bridge::{app, publish, shutdown, spool, telemetry};
+use huggy_bridge::{app, publish, replay, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Each request allocates a few dozen small buffers on one thread that the spool writer or the
@@ -69,6 +70,16 @@ enum Command {
         #[command(subcommand)]
         command: SpoolCommand,
     },
+    /// The dead-letter topic.
+    DeadLetter {
+        #[command(subcommand)]
+        command: DeadLetterCommand,
+    },
+    /// Claim checks: events too large for their topic, kept in the file store.
+    ClaimCheck {
+        #[command(subcommand)]
+        command: ClaimCheckCommand,
+    },
     /// Ask a running daemon's admin listener whether it is alive (or, with --ready, ready); exit 0
     /// when it is, 1 otherwise. For container health checks where no HTTP client is installed.
     Probe {
@@ -83,6 +94,35 @@ enum TopicsCommand {
     Create,
     /// List the topics the configuration can route to.
     List,
+}
+
+#[derive(Subcommand)]
+enum DeadLetterCommand {
+    /// Republish every dead-lettered record that can now be published to the topic its type routes
+    /// to today (key, value, headers and ce_id kept; huggy_dlq_* dropped); print what was replayed,
+    /// skipped and left. Running it again replays nothing twice.
+    Replay {
+        /// Only records of this event type.
+        #[arg(long = "type")]
+        event_type: Option<String>,
+        /// Only records whose huggy_dlq_reason contains this text.
+        #[arg(long)]
+        reason: Option<String>,
+        /// Report what would be replayed; publish and record nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClaimCheckCommand {
+    /// Write the event a claim check points to (its `location`) to stdout, byte for byte.
+    Get {
+        location: String,
+        /// Fail unless the bytes have this SHA-256 (hex, the claim check's `sha256`).
+        #[arg(long)]
+        sha256: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,7 +148,16 @@ fn main() -> ExitCode {
     let matches = Cli::command().version(VERSION_LINE.as_str()).get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Commands that receive no webhooks need no webhook tokens.
-    let offline = matches!(cli.command, Some(Command::Topics { .. } | Command::Spool { .. } | Command::Probe { .. }));
+    let offline = matches!(
+        cli.command,
+        Some(
+            Command::Topics { .. }
+                | Command::Spool { .. }
+                | Command::Probe { .. }
+                | Command::DeadLetter { .. }
+                | Command::ClaimCheck { .. }
+        )
+    );
     let loaded =
         if offline { Config::load_offline(cli.config.as_deref()) } else { Config::load(cli.config.as_deref()) };
     let cfg = match loaded {
@@ -181,6 +230,21 @@ fn main() -> ExitCode {
                 shutdown::cancel_on_signals(stop.clone());
                 let drained = app::drain_spool(cfg, stop).await?;
                 println!("drained {} events in {:.1}s", drained.events, drained.elapsed.as_secs_f64());
+                Ok(())
+            })
+        }
+        Command::DeadLetter { command: DeadLetterCommand::Replay { event_type, reason, dry_run } } => {
+            telemetry::init(&cfg.log);
+            block_on(Report::Stderr, async {
+                let report = replay::replay(&cfg, &replay::ReplayOptions { event_type, reason, dry_run }).await?;
+                write!(std::io::stdout().lock(), "{report}")?;
+                Ok(())
+            })
+        }
+        Command::ClaimCheck { command: ClaimCheckCommand::Get { location, sha256 } } => {
+            block_on(Report::Stderr, async {
+                let bytes = replay::claim_check_get(&cfg, &location, sha256.as_deref()).await?;
+                std::io::stdout().lock().write_all(&bytes)?;
                 Ok(())
             })
         }

@@ -16,7 +16,7 @@
 //! | publisher window (spool mode) | event values read for Kafka: 32 MiB plus one event, with librdkafka's copy of each; [`EVENT_STRUCT_BYTES`] per record of `kafka.max_in_flight_records` |
 //! | producer copies (kafka mode) | librdkafka's copy of the events of the requests in flight (≤ `http.max_inflight_bytes`) |
 //! | undelivered index (spool mode) | not an entry per undelivered event: a [`SEGMENT_ENTRY_BYTES`] entry per segment (`spool.max_bytes` ÷ the segment size, + 2), at most 4,096 receipt-time runs of 16 bytes, and the ranges of acknowledged seqs, about one per record read and not yet acknowledged ([`DONE_RANGE_BYTES`] per record of `kafka.max_in_flight_records`) |
-//! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id |
+//! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, at most `spool.dedup_max_ids`, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id; as many streams' last runs, ≤ 76 bytes each, × 3/2 while a table doubles |
 //! | recovery buffers (spool mode) | segments are read in 1 MiB chunks; a frame larger than that is read whole (≤ one batch) |
 //! | file capture | `files.max_concurrency` downloads, each streaming into the store through 5 MiB parts: one filling and two uploading |
 //! | runtime | [`RUNTIME_BYTES`]: code, thread stacks, librdkafka's threads and broker buffers, metrics |
@@ -28,6 +28,7 @@
 use std::fmt;
 
 use crate::config::{AckMode, Config};
+use crate::event::lineage::STREAM_MAX_BYTES;
 use crate::event::Event;
 
 /// What no configuration key bounds; `check-config --peak-events-per-sec … --min-event-bytes …`.
@@ -183,11 +184,19 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
                  record (kafka.max_in_flight_records); not per undelivered event"
             ),
         });
-        let ids = a.peak_events_per_sec.saturating_mul(cfg.spool.dedup_window_secs);
+        let ids = a
+            .peak_events_per_sec
+            .saturating_mul(cfg.spool.dedup_window_secs)
+            .min(u64::try_from(cfg.spool.dedup_max_ids).unwrap_or(u64::MAX));
+        // At most one stream per id stored, each while its table may be doubling (× 3/2).
+        let streams = ids.saturating_mul(STREAM_MAX_BYTES).saturating_mul(3) / 2;
         terms.push(Term {
             name: "dedup window",
-            bytes: crate::spool::dedup_max_bytes(ids),
-            from: format!("{ids} ids (events/s × spool.dedup_window_secs) × ≤ {DEDUP_BYTES_PER_ID} bytes, + a slice"),
+            bytes: crate::spool::dedup_max_bytes(ids).saturating_add(streams),
+            from: format!(
+                "{ids} ids (events/s × spool.dedup_window_secs, at most spool.dedup_max_ids) × ≤ {DEDUP_BYTES_PER_ID} bytes, + a slice; \
+                 as many streams × ≤ {STREAM_MAX_BYTES} bytes, × 3/2 while a table doubles"
+            ),
         });
         terms.push(Term {
             name: "recovery buffers",
@@ -259,6 +268,8 @@ mod tests {
         more.http.max_connections *= 2;
         more.spool.max_bytes *= 2;
         more.spool.dedup_window_secs *= 2;
+        // Above the peak rate × window, so that the window, not the ceiling, decides.
+        more.spool.dedup_max_ids *= 4;
         more.files.max_concurrency *= 2;
         let w2 = worst_case(&more, &a);
         for name in ["request bodies", "connection buffers", "parsed events", "file capture"] {
@@ -268,6 +279,11 @@ mod tests {
         // much (one entry per segment).
         assert!(by_name(&w2, "undelivered index").bytes < MIB, "{w2}");
         assert!(by_name(&w2, "dedup window").bytes > by_name(&w, "dedup window").bytes);
+        // `spool.dedup_max_ids` caps the dedup window whatever the rate and the window.
+        let mut capped = more.clone();
+        capped.spool.dedup_max_ids = 1000;
+        let small = by_name(&worst_case(&capped, &a), "dedup window").bytes;
+        assert!(small < by_name(&w, "dedup window").bytes && small < 1000 * 200, "{small}");
         assert!(w2.total() > w.total());
         // Smaller events cost more memory per byte of body.
         let tiny = worst_case(&base, &Assumptions { min_event_bytes: 16, ..a });

@@ -46,6 +46,14 @@ labels! {
 }
 
 labels! {
+    /// Where a claim check went, the `topic` label of `huggy_bridge_claim_checks_total`.
+    ClaimTopic {
+        Event => "event",
+        DeadLetter => "dead_letter",
+    }
+}
+
+labels! {
     /// Final result of a file, the `result` label of `huggy_bridge_file_downloads_total`: each file is
     /// counted once, under one of these (retries are counted apart, in
     /// `huggy_bridge_file_download_retries_total`).
@@ -149,6 +157,9 @@ pub struct Metrics {
     pub(crate) kafka_brokers_up: IntGauge,
     pub(crate) kafka_queue_messages: IntGauge,
     pub(crate) kafka_queue_bytes: IntGauge,
+    /// `huggy_bridge_kafka_transmitted_bytes`: bytes the current producer sent to brokers (requests
+    /// on the wire, compressed), from librdkafka's statistics.
+    pub kafka_transmitted_bytes: IntGauge,
     /// `huggy_bridge_kafka_fatal_error`: 1 after librdkafka raised a fatal error.
     pub kafka_fatal: IntGauge,
     pub(crate) produce_latency: Histogram,
@@ -157,6 +168,14 @@ pub struct Metrics {
     pub(crate) published_bytes: IntCounter,
     /// `huggy_bridge_kafka_producer_recreated_total`: producers replaced after a fatal error.
     pub producer_recreated: IntCounter,
+    /// `huggy_bridge_claim_checks_total`: events too large for their topic, stored in the file store
+    /// and published as a claim check, by `topic` (`event` or `dead_letter`).
+    pub claim_checks: IntCounterVec,
+    /// `huggy_bridge_claim_check_bytes_total`: bytes of the events stored as claim checks.
+    pub claim_check_bytes: IntCounter,
+    /// `huggy_bridge_dead_letters_replayed_total`: dead-lettered records republished by
+    /// `dead-letter replay`.
+    pub dead_letters_replayed: IntCounter,
     pub(crate) ready: IntGauge,
     /// `huggy_bridge_publish_stalled_keys`: keys whose last publish failed, waiting out a backoff.
     pub publish_stalled_keys: IntGauge,
@@ -219,7 +238,7 @@ impl Metrics {
             )),
             events_duplicate: reg!(IntCounter::new(
                 "huggy_bridge_events_duplicate_total",
-                "Events acknowledged but not published again: their id was seen within the dedup window."
+                "Events acknowledged but not published again: a re-send (their id was stored within the dedup window, and their stream's last batch carried them too)."
             )),
             events_published: reg!(counter_vec(
                 "huggy_bridge_events_published_total",
@@ -338,6 +357,10 @@ impl Metrics {
                 "huggy_bridge_kafka_producer_queue_bytes",
                 "Bytes in the librdkafka producer queue (statistics msg_size)."
             )),
+            kafka_transmitted_bytes: reg!(IntGauge::new(
+                "huggy_bridge_kafka_transmitted_bytes",
+                "Bytes the current Kafka producer sent to brokers (requests as on the wire, records compressed), from librdkafka statistics; starts over when the producer is replaced."
+            )),
             kafka_fatal: reg!(IntGauge::new(
                 "huggy_bridge_kafka_fatal_error",
                 "1 after librdkafka raised a fatal error (the producer must be restarted)."
@@ -363,6 +386,19 @@ impl Metrics {
             producer_recreated: reg!(IntCounter::new(
                 "huggy_bridge_kafka_producer_recreated_total",
                 "Producers replaced after a fatal librdkafka error."
+            )),
+            claim_checks: reg!(counter_vec(
+                "huggy_bridge_claim_checks_total",
+                "Events too large for their topic, stored in the file store and published as a claim check, by topic kind (event, dead_letter).",
+                "topic"
+            )),
+            claim_check_bytes: reg!(IntCounter::new(
+                "huggy_bridge_claim_check_bytes_total",
+                "Bytes of the events stored in the file store as claim checks."
+            )),
+            dead_letters_replayed: reg!(IntCounter::new(
+                "huggy_bridge_dead_letters_replayed_total",
+                "Dead-lettered records republished to their topic by `dead-letter replay`."
             )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
             publish_stalled_keys: reg!(IntGauge::new(
@@ -402,6 +438,9 @@ impl Metrics {
         }
         for s in Stage::ALL {
             m.stage_restarts.with_label_values(&[s.label()]);
+        }
+        for k in ClaimTopic::ALL {
+            m.claim_checks.with_label_values(&[k.label()]);
         }
         for r in ReloadResult::ALL {
             m.config_reloads.with_label_values(&[r.label()]);

@@ -151,8 +151,9 @@ impl Reloader {
         for (part, hook) in self.0.hooks.lock().unwrap_or_else(PoisonError::into_inner).iter() {
             hook(&cfg).map_err(|source| ReloadError::Part { part, source })?;
         }
-        self.0.auth.replace(Auth::from_config(&cfg));
-        let applied = Applied { tokens: cfg.huggy.tokens.len(), restart_needed: restart_needed(&current, &cfg) };
+        let auth = Auth::from_config(&cfg);
+        let applied = Applied { tokens: auth.len(), restart_needed: restart_needed(&current, &cfg) };
+        self.0.auth.replace(auth);
         *current = cfg;
         Ok(applied)
     }
@@ -189,6 +190,7 @@ fn secret_files(cfg: &Config) -> Vec<PathBuf> {
     ]
     .into_iter()
     .flatten()
+    .chain(cfg.huggy.accounts.iter().filter_map(|a| a.tokens_file.as_ref()))
     .cloned()
     .collect()
 }
@@ -230,8 +232,10 @@ mod tests {
         cfg
     }
 
-    fn tokens(table: &AuthTable) -> Vec<String> {
-        table.current().tokens.iter().map(|t| t.expose().to_owned()).collect()
+    /// Which of the tokens these tests use the table accepts (it keeps digests, not the tokens).
+    fn tokens(table: &AuthTable) -> Vec<&'static str> {
+        let auth = table.current();
+        ["a", "b", "c", "d", "fine", "refused"].into_iter().filter(|t| auth.accepts(t)).collect()
     }
 
     fn reloader(cfg: &Config) -> (Reloader, Arc<AuthTable>, Arc<Metrics>) {
@@ -255,7 +259,7 @@ mod tests {
         let applied = r.apply(next).expect("applied");
         assert_eq!(applied, Applied { tokens: 2, restart_needed: vec!["files".into(), "kafka".into()] });
         assert_eq!(tokens(&auth), ["b", "c"]);
-        assert_eq!(before.tokens.len(), 1, "a snapshot taken before the reload keeps its tokens");
+        assert!(before.len() == 1 && before.accepts("a"), "a snapshot taken before the reload keeps its tokens");
         assert_eq!(count(&metrics, ReloadResult::Applied), 1);
         assert!(r.apply(config(&["b"])).expect("applied").restart_needed.contains(&"kafka".to_owned()));
         assert!(r.apply(config(&["d"])).expect("applied").restart_needed.is_empty(), "only tokens changed");
@@ -278,5 +282,20 @@ mod tests {
         assert_eq!(count(&metrics, ReloadResult::Rejected), 2);
         r.apply(config(&["fine"])).expect("the part takes it");
         assert_eq!(tokens(&auth), ["fine"]);
+    }
+
+    #[test]
+    fn an_accounts_tokens_file_is_watched_and_its_tokens_counted() {
+        let mut cfg = config(&["a"]);
+        cfg.huggy.accounts = vec![crate::config::AccountConfig {
+            company_id: "15693".into(),
+            tokens: vec![Secret::new("b"), Secret::new("c")],
+            tokens_file: Some("/run/secrets/account-15693".into()),
+        }];
+        assert!(secret_files(&cfg).contains(&PathBuf::from("/run/secrets/account-15693")));
+        let (r, auth, _) = reloader(&config(&["d"]));
+        assert_eq!(r.apply(cfg).expect("applied").tokens, 3, "plain and account tokens");
+        assert_eq!(tokens(&auth), ["a", "b", "c"]);
+        assert_eq!(auth.current().check("b").and_then(|s| s.account).as_deref(), Some("15693"));
     }
 }

@@ -96,6 +96,18 @@ impl Config {
             }
             self.huggy.tokens = read_tokens_file(path)?;
         }
+        for (index, account) in self.huggy.accounts.iter_mut().enumerate() {
+            let Some(path) = &account.tokens_file else { continue };
+            if !account.tokens.is_empty() {
+                return Err(ConfigError::Account { index, problem: "tokens and tokens_file are both set" });
+            }
+            account.tokens = read_tokens_file(path).map_err(|e| match e {
+                ConfigError::SecretFile { path, source, .. } => {
+                    ConfigError::TokensFile { key: format!("huggy.accounts[{index}].tokens_file"), path, source }
+                }
+                other => other,
+            })?;
+        }
         let sasl = &mut self.kafka.sasl;
         resolve_one(
             "kafka.sasl.password",

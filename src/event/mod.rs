@@ -4,6 +4,7 @@
 //! Event bytes are never re-serialized: splitting borrows each event as a [`RawValue`], so the value
 //! published to Kafka is exactly what Huggy sent (ids beyond 2^53, escapes, key order, whitespace).
 
+pub mod lineage;
 pub(crate) mod types;
 
 use std::collections::HashMap;
@@ -14,6 +15,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
+pub use lineage::{Lineage, Sender, Source, StreamRuns};
 pub use types::{EventType, KnownType};
 
 use crate::json::string_end;
@@ -213,6 +215,74 @@ fn nesting_exceeds(body: &[u8], limit: usize) -> bool {
     false
 }
 
+/// The top-level `token` member of a body, found without parsing it: one pass over the bytes that
+/// jumps over strings and nested values, no allocation. `None` when the body is not an object, has
+/// no top-level `token`, or its value is not a plain string (the full parse then decides). Lets the
+/// webhook refuse a body with a wrong token before it spends a full parse on it; the first `token`
+/// member counts (a body with two is refused by the full parse anyway).
+pub fn top_level_token(body: &[u8]) -> Option<&str> {
+    let skip_ws = |mut i: usize| {
+        while body.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        i
+    };
+    let mut i = skip_ws(0);
+    if body.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        i = skip_ws(i);
+        if body.get(i) != Some(&b'"') {
+            return None;
+        }
+        let key_end = string_end(body, i + 1);
+        let key = body.get(i + 1..key_end)?;
+        i = skip_ws(key_end + 1);
+        if body.get(i) != Some(&b':') {
+            return None;
+        }
+        i = skip_ws(i + 1);
+        let value_start = i;
+        i = value_end(body, i)?;
+        if key == b"token" {
+            let raw = std::str::from_utf8(&body[value_start..i]).ok()?;
+            let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+            return (!inner.contains('\\')).then_some(inner);
+        }
+        i = skip_ws(i);
+        match body.get(i) {
+            Some(b',') => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// The index just past the JSON value starting at `from`, skipping nested arrays and objects by
+/// counting brackets outside strings (no recursion); `None` when the body ends first.
+fn value_end(body: &[u8], from: usize) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut i = from;
+    loop {
+        match *body.get(i)? {
+            b'"' => {
+                i = string_end(body, i + 1);
+                body.get(i)?;
+            }
+            b'[' | b'{' => depth += 1,
+            b']' | b'}' if depth > 0 => depth -= 1,
+            b',' | b']' | b'}' if depth == 0 => return Some(i),
+            c if depth == 0 && c.is_ascii_whitespace() => return Some(i),
+            _ => {}
+        }
+        i += 1;
+        if depth == 0 && matches!(body.get(i - 1), Some(b'"' | b']' | b'}')) {
+            return Some(i);
+        }
+    }
+}
+
 /// A JSON string value without escapes, borrowed; `None` for anything else (numbers, objects,
 /// escaped strings). Tokens and ids Huggy sends never need escapes.
 fn raw_plain_str(raw: &RawValue) -> Option<&str> {
@@ -268,6 +338,11 @@ pub struct Event {
     pub dead_letter: Option<String>,
     /// File URLs to capture before publishing (filled by the files stage, empty otherwise).
     pub(crate) files: Vec<String>,
+    /// What the spool's dedup needs besides the id (SPEC §5): the event's stream and that stream's
+    /// run in its batch. In memory only, never in the spool's frames: `None` for events read back
+    /// from disk and for events made outside a batch, which are then judged by their id alone.
+    #[serde(skip)]
+    pub(crate) lineage: Option<Box<Lineage>>,
 }
 
 impl Event {
@@ -340,24 +415,28 @@ pub fn append_member(object: &[u8], name: &str, json: &[u8]) -> Vec<u8> {
 ///
 /// | part | encoding |
 /// |---|---|
+/// | source | 16 bytes: [`Source`], a digest of the batch token (never the token itself) |
 /// | normalized event type | u32 big-endian length, then the UTF-8 bytes |
 /// | batch stamp | `0x01` + `time` as i64 big-endian, or `0x00` + SHA-256 of `messages` (no `time`) |
 /// | event bytes, as received | u64 big-endian length, then the bytes |
 /// | occurrence number | u32 big-endian: 0 for the first event of this type with these bytes in the batch, 1 for the next… |
 ///
 /// The same batch delivered again yields the same ids; a state that returns in a later batch, or an
-/// event repeated within one batch, gets a new one.
+/// event repeated within one batch, gets a new one; the same event sent with two tokens is two
+/// events. A state that returns within the same second (same batch `time`) has the id of its first
+/// occurrence: the spool's dedup tells it from a re-send by its [`Lineage`].
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct EventId(pub [u8; 16]);
 
 impl EventId {
-    pub(crate) fn new(event_type: &str, stamp: &BatchStamp, value: &[u8], occurrence: u32) -> Self {
-        Self::finish(Self::prefix(event_type, stamp, value), occurrence)
+    pub(crate) fn new(source: &Source, event_type: &str, stamp: &BatchStamp, value: &[u8], occurrence: u32) -> Self {
+        Self::finish(Self::prefix(source, event_type, stamp, value), occurrence)
     }
 
     /// The digest over everything but the occurrence number, to finish once per occurrence.
-    fn prefix(event_type: &str, stamp: &BatchStamp, value: &[u8]) -> Sha256 {
+    fn prefix(source: &Source, event_type: &str, stamp: &BatchStamp, value: &[u8]) -> Sha256 {
         let mut h = Sha256::new();
+        h.update(source.0);
         h.update(u32::try_from(event_type.len()).unwrap_or(u32::MAX).to_be_bytes());
         h.update(event_type.as_bytes());
         match stamp {
@@ -383,10 +462,10 @@ impl EventId {
         EventId(id)
     }
 
-    /// The id of a lone event in a batch stamped `time` 0: for tests and tools that need an id for
-    /// bytes outside any batch. Webhook events get theirs from [`split`].
+    /// The id of a lone event in a batch stamped `time` 0 from [`Source::NONE`]: for tests and
+    /// tools that need an id for bytes outside any batch. Webhook events get theirs from [`split`].
     pub fn derive(event_type: &str, value: &[u8]) -> Self {
-        Self::new(event_type, &BatchStamp::Time(0), value, 0)
+        Self::new(&Source::NONE, event_type, &BatchStamp::Time(0), value, 0)
     }
 }
 
@@ -409,17 +488,22 @@ impl fmt::Debug for EventId {
 /// use huggy_bridge::event::{parse_body, split, Body};
 ///
 /// let body = br#"{"time":1700000000,"token":"t","messages":{"receivedMessage":[{"id":1, "chat":{"id":42}}, 7]}}"#;
+/// use huggy_bridge::event::Sender;
+///
 /// let Ok(Body::Batch(batch)) = parse_body(body) else { panic!("a batch") };
-/// let events = split(&batch, 0);
+/// let events = split(&batch, &Sender::token("t"), 0);
 /// assert_eq!(events[0].key.as_deref(), Some("42"));
 /// assert_eq!(events[0].value, br#"{"id":1, "chat":{"id":42}}"#, "byte for byte");
 /// assert_eq!(events[0].ce_time().as_deref(), Some("2023-11-14T22:13:20Z"));
 /// assert_eq!(events[1].dead_letter.as_deref(), Some("event is not an object"));
 /// ```
-pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
+pub fn split(batch: &Batch<'_>, sender: &Sender, received_at: i64) -> Vec<Event> {
     let time = batch.time.unwrap_or(received_at);
-    let mut seen = Occurrences::default();
+    let account = sender.account.as_deref();
+    let mut seen = Occurrences { source: sender.source, counts: HashMap::new() };
     let mut out = Vec::new();
+    // The type each event's stream is named by (the id's type name), in the order of `out`.
+    let mut stream_types: Vec<String> = Vec::new();
     for (raw_type, list) in &batch.groups {
         let parsed = EventType::parse(raw_type);
         let (event_type, original_type, type_problem) = match parsed {
@@ -436,33 +520,36 @@ pub fn split(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
             Group::Events(items) => items,
             Group::NotAnArray(raw) => {
                 let id = seen.id(id_type, &batch.stamp, raw.get().as_bytes());
-                out.push(dead_event(id, &event_type, raw, time, "event list is not an array".into()));
+                out.push(dead_event(id, &event_type, raw, time, account, "event list is not an array".into()));
+                stream_types.push(id_type.to_owned());
                 continue;
             }
         };
         for item in items.iter().copied() {
             let id = seen.id(id_type, &batch.stamp, item.get().as_bytes());
-            let mut ev = build_event(id, &event_type, original_type.clone(), item, time);
+            let mut ev = build_event(id, &event_type, original_type.clone(), item, time, account);
             if let Some(reason) = &type_problem {
                 ev.dead_letter = Some(reason.clone());
             }
             out.push(ev);
+            stream_types.push(id_type.to_owned());
         }
     }
+    lineage::assign(&mut out, &stream_types, &sender.source);
     out
 }
 
 /// How many times each (type, bytes) pair has come up so far in one batch, for the occurrence number
 /// of [`EventId`]. Pairs are told apart by the id of their first occurrence, which is computed
 /// anyway, rather than by hashing the event's bytes a second time.
-#[derive(Default)]
 struct Occurrences {
+    source: Source,
     counts: HashMap<EventId, u32>,
 }
 
 impl Occurrences {
     fn id(&mut self, event_type: &str, stamp: &BatchStamp, value: &[u8]) -> EventId {
-        let prefix = EventId::prefix(event_type, stamp, value);
+        let prefix = EventId::prefix(&self.source, event_type, stamp, value);
         let first = EventId::finish(prefix.clone(), 0);
         let n = self.counts.entry(first).or_insert(0);
         let id = if *n == 0 { first } else { EventId::finish(prefix, *n) };
@@ -471,17 +558,30 @@ impl Occurrences {
     }
 }
 
-fn dead_event(id: EventId, event_type: &EventType, raw: &RawValue, time: i64, reason: String) -> Event {
+/// The dead-letter reason of an event whose token's account is not the company it names.
+pub const COMPANY_MISMATCH: &str = "company_mismatch";
+
+/// An event that cannot go to its topic. Its company is its token's account's, if any: nothing the
+/// event says about itself is trusted.
+fn dead_event(
+    id: EventId,
+    event_type: &EventType,
+    raw: &RawValue,
+    time: i64,
+    account: Option<&str>,
+    reason: String,
+) -> Event {
     Event {
         id,
         event_type: event_type.clone(),
         original_type: None,
-        key: None,
-        company: None,
+        key: account.map(str::to_owned),
+        company: account.map(str::to_owned),
         time,
         value: raw.get().as_bytes().to_vec(),
         dead_letter: Some(reason),
         files: Vec::new(),
+        lineage: None,
     }
 }
 
@@ -506,18 +606,34 @@ struct IdOnly<'a> {
     id: Option<&'a RawValue>,
 }
 
-fn build_event(id: EventId, event_type: &EventType, original_type: Option<String>, raw: &RawValue, time: i64) -> Event {
+/// Builds one event. With a token bound to an account (`account`), the company is the account's
+/// whatever the event says; an event that names another company is dead-lettered
+/// ([`COMPANY_MISMATCH`]), so no account's token can publish under another's name.
+fn build_event(
+    id: EventId,
+    event_type: &EventType,
+    original_type: Option<String>,
+    raw: &RawValue,
+    time: i64,
+    account: Option<&str>,
+) -> Event {
     if !raw.get().starts_with('{') {
-        return dead_event(id, event_type, raw, time, "event is not an object".into());
+        return dead_event(id, event_type, raw, time, account, "event is not an object".into());
     }
     if has_lone_surrogate(raw.get()) {
-        return dead_event(id, event_type, raw, time, "event has a \\u escape of a lone UTF-16 surrogate".into());
+        let reason = "event has a \\u escape of a lone UTF-16 surrogate".into();
+        return dead_event(id, event_type, raw, time, account, reason);
     }
     let fields = match serde_json::from_str::<KeyFields<'_>>(raw.get()) {
         Ok(f) => f,
-        Err(e) => return dead_event(id, event_type, raw, time, format!("event cannot be read: {e}")),
+        Err(e) => return dead_event(id, event_type, raw, time, account, format!("event cannot be read: {e}")),
     };
-    let company = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
+    let claimed = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
+    let mismatch = match (account, &claimed) {
+        (Some(a), Some(c)) => a.trim_start_matches('0') != c.trim_start_matches('0'),
+        _ => false,
+    };
+    let company = account.map(str::to_owned).or(claimed);
     let key = key_for(event_type, &fields).or_else(|| company.clone());
     Event {
         id,
@@ -527,8 +643,9 @@ fn build_event(id: EventId, event_type: &EventType, original_type: Option<String
         company,
         time,
         value: raw.get().as_bytes().to_vec(),
-        dead_letter: None,
+        dead_letter: mismatch.then(|| COMPANY_MISMATCH.to_owned()),
         files: Vec::new(),
+        lineage: None,
     }
 }
 

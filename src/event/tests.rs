@@ -11,6 +11,16 @@ fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// Splits `batch` as the webhook does: its source is its own token's.
+fn split_as_sent(batch: &Batch<'_>, received_at: i64) -> Vec<Event> {
+    split(batch, &Sender::token(batch.token.expect("a token")), received_at)
+}
+
+/// The source of token `"t"`.
+fn t() -> Source {
+    Source::of_token("t")
+}
+
 fn batch(body: &[u8]) -> Batch<'_> {
     match parse_body(body).expect("parses") {
         Body::Batch(b) => b,
@@ -63,7 +73,7 @@ fn every_fixture_splits_into_the_expected_records() {
     for (name, expected) in EXPECTED {
         let body = fixture(name);
         let b = batch(&body);
-        let events = split(&b, 0);
+        let events = split_as_sent(&b, 0);
         assert_eq!(events.len(), expected.len(), "{name}");
         for (ev, (ty, key)) in events.iter().zip(expected.iter()) {
             assert_eq!(ev.event_type.as_str(), *ty, "{name}");
@@ -73,7 +83,7 @@ fn every_fixture_splits_into_the_expected_records() {
             assert!(find(&body, &ev.value).is_some(), "{name}: value is not a byte-exact slice of the body");
             let parsed: serde_json::Value = serde_json::from_slice(&ev.value).expect("value is JSON");
             assert!(parsed.is_object(), "{name}");
-            assert_eq!(ev.id, EventId::new(ty, &b.stamp, &ev.value, 0), "{name}");
+            assert_eq!(ev.id, EventId::new(&Source::of_token(b.token.unwrap()), ty, &b.stamp, &ev.value, 0), "{name}");
             assert!(ev.time > 0, "{name}: batch time used");
             ids.insert((ev.id, ev.value.clone()));
             count += 1;
@@ -101,11 +111,11 @@ fn handshake_is_recognised() {
 #[test]
 fn old_spelling_is_renamed_and_remembered() {
     let body = fixture("sendedAllMessage.older-docs.json");
-    let events = split(&batch(&body), 0);
+    let events = split_as_sent(&batch(&body), 0);
     assert_eq!(events[0].event_type, EventType::Known(KnownType::SentAllMessage));
     assert_eq!(events[0].original_type.as_deref(), Some("sendedAllMessage"));
     let body = fixture("sentAllMessage.json");
-    assert_eq!(split(&batch(&body), 0)[0].original_type, None);
+    assert_eq!(split_as_sent(&batch(&body), 0)[0].original_type, None);
 }
 
 #[test]
@@ -113,7 +123,7 @@ fn bytes_survive_exactly_big_ids_escapes_emoji_whitespace() {
     let body = "{ \"token\" : \"t\" ,\"time\":1700000000,\n \"messages\" : {\"receivedMessage\" : [ \
         {\"id\" :  123456789012345678901234567890 , \"body\":\"ol\\u00e1 \u{1F600} \\\"q\\\" \\ud83d\\ude00\",\r\n\t\"chat\" : {\"id\": 9007199254740993}, \
         \"company\":{\"id\":\"77\"}, \"id2\": 1.0e+2 }\n , {\"chat\":{\"id\":\"18446744073709551617\"}} ] } }";
-    let events = split(&batch(body.as_bytes()), 5);
+    let events = split_as_sent(&batch(body.as_bytes()), 5);
     assert_eq!(events.len(), 2);
     let first = &events[0];
     let start = body.find("{\"id\" :").unwrap();
@@ -133,20 +143,26 @@ fn same_event_same_id_different_event_different_id() {
     let b = br#"{"token":"other", "time":99, "messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
     let c = br#"{"token":"t","time":99,"messages":{"receivedMessage":[{"id":2,"chat":{"id":5}}]}}"#;
     let d = br#"{"token":"t","time":99,"messages":{"receivedAllMessage":[{"id":1,"chat":{"id":5}}]}}"#;
-    let id = |body: &[u8]| split(&batch(body), 0)[0].id;
+    let id = |body: &[u8]| split_as_sent(&batch(body), 0)[0].id;
     assert_eq!(id(a), id(a), "a verbatim re-send keeps the id");
-    assert_eq!(id(a), id(b), "only type, batch time, event bytes and occurrence count");
+    assert_ne!(id(a), id(b), "two tokens' identical events are two events");
+    let spaced = br#"{"token":"t", "time":99, "messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
+    assert_eq!(id(a), id(spaced), "only token, type, batch time, event bytes and occurrence count");
     assert_ne!(id(a), id(c));
     assert_ne!(id(a), id(d), "the type is part of the id");
     // Pinned: ids must not change between releases, consumers deduplicate on them.
     assert_eq!(id(a).to_string(), PINNED_ID);
 }
 
-const PINNED_ID: &str = "297fb1f2d8caf748e5031671ab4493e9";
+/// Changed once, deliberately, when the token's source joined the id (see CHANGELOG).
+const PINNED_ID: &str = "838309afee9e14149304c7537181da01";
 
-/// SPEC §5 restated independently of the implementation: SHA-256 over length-prefixed parts.
-fn spec_id(ty: &str, time: Option<i64>, messages: &[u8], value: &[u8], occurrence: u32) -> String {
+/// SPEC §5 restated independently of the implementation: SHA-256 over the token's source digest and
+/// length-prefixed parts.
+fn spec_id(token: &str, ty: &str, time: Option<i64>, messages: &[u8], value: &[u8], occurrence: u32) -> String {
     let mut h = Sha256::new();
+    let source = Sha256::digest([&b"huggy-bridge source v1\0"[..], token.as_bytes()].concat());
+    h.update(&source[..16]);
     h.update((ty.len() as u32).to_be_bytes());
     h.update(ty);
     match time {
@@ -169,16 +185,19 @@ fn spec_id(ty: &str, time: Option<i64>, messages: &[u8], value: &[u8], occurrenc
 fn the_id_is_the_documented_digest() {
     let ev = br#"{"id":1,"chat":{"id":5}}"#;
     let body = br#"{"token":"t","time":99,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}]}}"#;
-    assert_eq!(split(&batch(body), 0)[0].id.to_string(), spec_id("receivedMessage", Some(99), b"", ev, 0));
+    assert_eq!(split_as_sent(&batch(body), 0)[0].id.to_string(), spec_id("t", "receivedMessage", Some(99), b"", ev, 0));
     let messages = br#"{"sendedAllMessage":[{"id":1,"chat":{"id":5}}]}"#;
     let body = [&br#"{"token":"t","messages":"#[..], messages, b"}"].concat();
     assert_eq!(
-        split(&batch(&body), 0)[0].id.to_string(),
-        spec_id("sentAllMessage", None, messages, ev, 0),
+        split_as_sent(&batch(&body), 0)[0].id.to_string(),
+        spec_id("t", "sentAllMessage", None, messages, ev, 0),
         "without time; the normalized type"
     );
     // Length prefixes: moving bytes between the type and the value changes the id.
-    assert_ne!(EventId::new("ab", &BatchStamp::Time(1), b"c", 0), EventId::new("a", &BatchStamp::Time(1), b"bc", 0));
+    assert_ne!(
+        EventId::new(&Source::NONE, "ab", &BatchStamp::Time(1), b"c", 0),
+        EventId::new(&Source::NONE, "a", &BatchStamp::Time(1), b"bc", 0)
+    );
 }
 
 /// `fixture` with its `time` replaced and, when given, `from` replaced by `to` in the events.
@@ -200,12 +219,12 @@ fn a_state_that_returns_in_a_later_batch_is_a_new_event() {
             variant(name, 1_700_000_060, a, b),
             variant(name, 1_700_000_120, a, a),
         ];
-        let events: Vec<Event> = bodies.iter().map(|body| split(&batch(body), 0).remove(0)).collect();
+        let events: Vec<Event> = bodies.iter().map(|body| split_as_sent(&batch(body), 0).remove(0)).collect();
         assert_eq!(events[0].value, events[2].value, "{name}: first and third are byte-identical");
         assert_ne!(events[0].value, events[1].value, "{name}");
         let ids: HashSet<EventId> = events.iter().map(|e| e.id).collect();
         assert_eq!(ids.len(), 3, "{name}: three states, three ids");
-        let again = split(&batch(&bodies[2]), 0);
+        let again = split_as_sent(&batch(&bodies[2]), 0);
         assert_eq!(again[0].id, events[2].id, "{name}: the third batch re-sent keeps its id");
     }
 }
@@ -218,15 +237,15 @@ fn identical_events_in_one_batch_are_distinct_and_stable() {
         "sentAllMessage":[{"id":1}],
         "receivedMessage":[{"id":7,"isOnline":true}]
     }}"#;
-    let events = split(&batch(body), 0);
+    let events = split_as_sent(&batch(body), 0);
     let ids: HashSet<EventId> = events.iter().map(|e| e.id).collect();
     assert_eq!(ids.len(), events.len(), "every event of the batch has its own id");
     let ev = br#"{"id":7,"isOnline":true}"#;
-    assert_eq!(events[0].id, EventId::new("agentChangedStatus", &BatchStamp::Time(5), ev, 0));
-    assert_eq!(events[2].id, EventId::new("agentChangedStatus", &BatchStamp::Time(5), ev, 1));
-    assert_eq!(events[4].id, EventId::new("sentAllMessage", &BatchStamp::Time(5), br#"{"id":1}"#, 1), "one type");
-    assert_eq!(events[5].id, EventId::new("receivedMessage", &BatchStamp::Time(5), ev, 0), "counted per type");
-    let again: Vec<EventId> = split(&batch(body), 99).iter().map(|e| e.id).collect();
+    assert_eq!(events[0].id, EventId::new(&t(), "agentChangedStatus", &BatchStamp::Time(5), ev, 0));
+    assert_eq!(events[2].id, EventId::new(&t(), "agentChangedStatus", &BatchStamp::Time(5), ev, 1));
+    assert_eq!(events[4].id, EventId::new(&t(), "sentAllMessage", &BatchStamp::Time(5), br#"{"id":1}"#, 1), "one type");
+    assert_eq!(events[5].id, EventId::new(&t(), "receivedMessage", &BatchStamp::Time(5), ev, 0), "counted per type");
+    let again: Vec<EventId> = split_as_sent(&batch(body), 99).iter().map(|e| e.id).collect();
     assert_eq!(again, events.iter().map(|e| e.id).collect::<Vec<_>>(), "a re-send keeps every id, in order");
 }
 
@@ -234,7 +253,7 @@ fn identical_events_in_one_batch_are_distinct_and_stable() {
 fn a_batch_without_time_keeps_its_ids_on_a_resend_and_differs_from_other_batches() {
     let one = br#"{"token":"t","messages":{"updatedCustomer":[{"id":3,"name":"a"}]}}"#;
     let two = br#"{"token":"t","messages":{"updatedCustomer":[{"id":3,"name":"a"}],"closedChat":[{"id":1}]}}"#;
-    let id = |body: &[u8], received_at| split(&batch(body), received_at)[0].id;
+    let id = |body: &[u8], received_at| split_as_sent(&batch(body), received_at)[0].id;
     assert_eq!(id(one, 1), id(one, 2), "not the receipt time: a re-send a second later keeps the id");
     assert_ne!(id(one, 1), id(two, 1), "the same event in a different batch is a new event");
     let timed = br#"{"token":"t","time":1,"messages":{"updatedCustomer":[{"id":3,"name":"a"}]}}"#;
@@ -250,7 +269,7 @@ fn malformed_events_are_dead_lettered_and_siblings_kept() {
         "closedChat": {"id": 7},
         "someNewType":[{"chatID": 12, "company": {"id": 3}}]
     }}"#;
-    let events = split(&batch(body), 0);
+    let events = split_as_sent(&batch(body), 0);
     let summary: Vec<(String, Option<&str>, bool)> =
         events.iter().map(|e| (e.event_type.to_string(), e.key.as_deref(), e.dead_letter.is_some())).collect();
     assert_eq!(
@@ -280,8 +299,8 @@ fn a_timed_batch_reads_the_same_whichever_path_reads_it() {
     // the same events, byte for byte and id for id.
     let usual = br#"{"token":"t","time":5,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}, 42],"closedChat":[{"id":2,"chat":{"id":6}}]}}"#;
     let unusual = br#"{"token":"t","time":5,"messages":{"receivedMessage":[{"id":1,"chat":{"id":5}}, 42],"weird":1e999,"closedChat":[{"id":2,"chat":{"id":6}}]}}"#;
-    let a = split(&batch(usual), 0);
-    let b = split(&batch(unusual), 0);
+    let a = split_as_sent(&batch(usual), 0);
+    let b = split_as_sent(&batch(unusual), 0);
     assert_eq!((a.len(), b.len()), (3, 4));
     assert_eq!(b[2].dead_letter.as_deref(), Some("event list is not an array"));
     assert_eq!(b[2].value, b"1e999");
@@ -336,19 +355,19 @@ fn deep_nesting_is_refused_without_overflowing_the_stack() {
 fn an_id_out_of_f64_range_is_kept_and_not_used_as_a_key() {
     let body =
         br#"{"token":"t","messages":{"newInternalMessage":[{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}]}}"#;
-    let events = split(&batch(body), 0);
+    let events = split_as_sent(&batch(body), 0);
     assert!(events[0].dead_letter.is_none());
     assert_eq!(events[0].value, br#"{"id": 128e613,"chat":{"id":214420},"company":{"id":1}}"#.to_vec());
     assert_eq!(events[0].key.as_deref(), Some("214420"));
     let body = br#"{"token":"t","messages":{"closedChat":[{"id": 128e613,"company":{"id":9}}]}}"#;
-    assert_eq!(split(&batch(body), 0)[0].key.as_deref(), Some("9"), "no chat id: the company orders it");
+    assert_eq!(split_as_sent(&batch(body), 0)[0].key.as_deref(), Some("9"), "no chat id: the company orders it");
 }
 
 #[test]
 fn huge_numbers_pass_through_untouched() {
     let body =
         br#"{"token":"t","time":1e400,"messages":{"receivedMessage":[{"chat":{"id":1},"n":1e400,"m":-0.0e-999}]}}"#;
-    let events = split(&batch(body), 7);
+    let events = split_as_sent(&batch(body), 7);
     assert_eq!(events[0].value, br#"{"chat":{"id":1},"n":1e400,"m":-0.0e-999}"#.to_vec());
     assert_eq!(events[0].time, 7, "a time that is not an integer falls back to receipt time");
 }
@@ -371,7 +390,7 @@ fn appending_a_member_keeps_the_rest_byte_for_byte() {
 #[test]
 fn lone_surrogates_are_dead_lettered_pairs_are_fine() {
     let body = br#"{"token":"t","messages":{"receivedMessage":[{"a":"\ud83d\ude00"},{"a":"\ud800"},{"a":"x\udc00"},{"a":"\\ud800"},{"a":"\ud800\u0041"}]}}"#;
-    let events = split(&batch(body), 0);
+    let events = split_as_sent(&batch(body), 0);
     let dead: Vec<bool> = events.iter().map(|e| e.dead_letter.is_some()).collect();
     assert_eq!(dead, vec![false, true, true, false, true]);
 }
@@ -380,7 +399,7 @@ fn lone_surrogates_are_dead_lettered_pairs_are_fine() {
 fn a_batch_time_in_seconds_or_milliseconds_is_read_as_such_and_nonsense_is_left_out() {
     let at = |time: i64| {
         let body = format!(r#"{{"time":{time},"token":"t","messages":{{"agentChangedStatus":[{{"id":1}}]}}}}"#);
-        let events = split(&batch(body.as_bytes()), 7);
+        let events = split_as_sent(&batch(body.as_bytes()), 7);
         (events[0].time_millis(), events[0].ce_time())
     };
     assert_eq!(at(1_700_000_000), (Some(1_700_000_000_000), Some("2023-11-14T22:13:20Z".into())));
@@ -391,4 +410,105 @@ fn a_batch_time_in_seconds_or_milliseconds_is_read_as_such_and_nonsense_is_left_
     for nonsense in [253_402_300_800, 1_700_000_000_000_000, 0, -1, i64::MIN, i64::MAX] {
         assert_eq!(at(nonsense), (None, None), "time {nonsense}");
     }
+}
+
+/// Lineage of every event of `body`, as split with its own token.
+fn lineages(body: &[u8]) -> Vec<Lineage> {
+    split_as_sent(&batch(body), 0).iter().map(|e| *e.lineage.clone().expect("every split event has one")).collect()
+}
+
+#[test]
+fn a_stream_is_token_type_and_key_and_its_run_is_the_whole_batch_of_it() {
+    let body = br#"{"token":"t","time":5,"messages":{
+        "updatedChatDepartment":[{"chat":{"id":1},"department":2},{"chat":{"id":1},"department":3},{"chat":{"id":9},"department":2}],
+        "closedChat":[{"id":1}]
+    }}"#;
+    let l = lineages(body);
+    assert_eq!(l[0], l[1], "one chat's events in one batch share stream and run");
+    assert_ne!(l[0].stream, l[2].stream, "another key, another stream");
+    assert_ne!(l[0].stream, l[3].stream, "another type, another stream");
+    let other_token = String::from_utf8(body.to_vec()).unwrap().replacen(r#""token":"t""#, r#""token":"u""#, 1);
+    let m = lineages(other_token.as_bytes());
+    assert!(l.iter().zip(&m).all(|(a, b)| a.stream != b.stream), "another token, other streams");
+    // The same last event after a different earlier one: a different run.
+    let shorter = br#"{"token":"t","time":5,"messages":{"updatedChatDepartment":[{"chat":{"id":1},"department":3}]}}"#;
+    assert_eq!(lineages(shorter)[0].stream, l[1].stream);
+    assert_ne!(lineages(shorter)[0].run, l[1].run, "a run is every event of the stream in the batch, in order");
+}
+
+#[test]
+fn online_offline_online_in_one_second_is_three_events_and_a_resend_is_one() {
+    let online = br#"{"token":"t","time":1700000000,"messages":{"agentChangedStatus":[{"id":7,"isOnline":true}]}}"#;
+    let offline = br#"{"token":"t","time":1700000000,"messages":{"agentChangedStatus":[{"id":7,"isOnline":false}]}}"#;
+    let mut runs = StreamRuns::new(3600, 1000);
+    let mut stored: HashSet<EventId> = HashSet::new();
+    let none = std::collections::HashMap::new();
+    // The spool's rule: a duplicate when the id was stored and the stream's last run is its own.
+    let mut accept = |body: &[u8]| -> bool {
+        let ev = split_as_sent(&batch(body), 0).remove(0);
+        let l = *ev.lineage.unwrap();
+        let duplicate = stored.contains(&ev.id) && runs.is_resend(Some(&l), &none);
+        stored.insert(ev.id);
+        runs.record(l.stream, l.run, 1_700_000_000);
+        !duplicate
+    };
+    assert!(accept(online));
+    assert!(accept(offline));
+    assert!(accept(online), "the state returned: a new event although its id is the first's");
+    assert!(!accept(online), "a verbatim re-send of the last batch is a duplicate");
+}
+
+#[test]
+fn the_top_level_token_is_found_without_a_parse_wherever_it_sits() {
+    for name in
+        ["receivedMessage.json", "agentChangedStatus.json", "handshake.json", "startedChat+receivedMessage.json"]
+    {
+        let body = fixture(name);
+        let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(top_level_token(&body), parsed["token"].as_str(), "{name}");
+    }
+    let cases: &[(&str, Option<&str>)] = &[
+        (r#"{"token":"a"}"#, Some("a")),
+        (r#" { "time" : 1 , "token" : "b" , "messages":{}}"#, Some("b")),
+        (r#"{"messages":{"x":[{"token":"inner"}]},"token":"outer"}"#, Some("outer")),
+        (r#"{"a":"he said \"token\":\"x\"","token":"c"}"#, Some("c")),
+        (r#"{"a":[1,{"b":"}"}],"token":"d"}"#, Some("d")),
+        (r#"{"token":"a\"b"}"#, None),
+        (r#"{"token":5}"#, None),
+        (r#"{"messages":{"x":[{"token":"inner"}]}}"#, None),
+        (r#"["token","x"]"#, None),
+        (r#"{"a":1 "token":"x"}"#, None),
+        (r#"{"a":"#, None),
+        ("", None),
+        (r#"{"token":"first","token":"second"}"#, Some("first")),
+    ];
+    for (body, want) in cases {
+        assert_eq!(top_level_token(body.as_bytes()), *want, "{body}");
+    }
+}
+
+#[test]
+fn an_accounts_events_are_its_company_and_one_naming_another_is_dead_lettered() {
+    let body = br#"{"token":"t","time":5,"messages":{"agentChangedStatus":[
+        {"id":7,"company":{"id":15693}},
+        {"id":8,"company":{"id":99}},
+        {"id":9},
+        {"id":10,"companyID":"015693"}
+    ],"closedChat":[{"company":{"id":99}}], "updatedChatDepartment":[3]}}"#;
+    let account = Sender { source: Source::of_token("t"), account: Some("15693".into()) };
+    let events = split(&batch(body), &account, 0);
+    let companies: Vec<Option<&str>> = events.iter().map(|e| e.company.as_deref()).collect();
+    assert_eq!(companies, [Some("15693"); 6], "ce_source is the account's, whatever the event says");
+    let dead: Vec<Option<&str>> = events.iter().map(|e| e.dead_letter.as_deref()).collect();
+    assert_eq!(
+        dead,
+        [None, Some(COMPANY_MISMATCH), None, None, Some(COMPANY_MISMATCH), Some("event is not an object")],
+        "another company: dead-lettered; none: the account's; leading zeros are the same id"
+    );
+    assert_eq!(events[4].key.as_deref(), Some("15693"), "a company key is the account's, not the claimed one");
+    // Without an account the event names its company, as before.
+    let plain = split_as_sent(&batch(body), 0);
+    assert_eq!(plain[1].company.as_deref(), Some("99"));
+    assert!(plain.iter().take(5).all(|e| e.dead_letter.is_none()));
+    assert_eq!(plain.iter().map(|e| e.id).collect::<Vec<_>>(), events.iter().map(|e| e.id).collect::<Vec<_>>());
 }

@@ -86,14 +86,68 @@ impl FileStore {
     /// # Errors
     /// The store refused to start the upload.
     pub(crate) async fn writer(&self, rel: &str) -> Result<(Writer, String), StoreError> {
+        let (path, location) = self.path_and_location(rel)?;
+        let upload = self.store.put_multipart(&path).await?;
+        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), location))
+    }
+
+    /// The store path of a `/`-separated relative key, and the location reported for it.
+    fn path_and_location(&self, rel: &str) -> Result<(StorePath, String), StoreError> {
         let key = if self.prefix.is_empty() { rel.to_owned() } else { format!("{}/{rel}", self.prefix) };
         let path = StorePath::from_iter(key.split('/'));
         let location = match &self.local {
             Some(fs) => format!("file://{}", fs.path_to_filesystem(&path)?.display()),
             None => format!("{}{}", self.location_base, path.as_ref()),
         };
-        let upload = self.store.put_multipart(&path).await?;
-        Ok((Writer(WriteMultipart::new_with_chunk_size(upload, PART_BYTES)), location))
+        Ok((path, location))
+    }
+
+    /// Stores `bytes` whole under `rel`, replacing what was there, and returns its location. On a
+    /// `file://` store the file and its directory are synced before this returns, so the object
+    /// outlives a crash of the machine as the spool's events do.
+    ///
+    /// # Errors
+    /// The store refused the write, or the sync failed.
+    pub(crate) async fn put(&self, rel: &str, bytes: &[u8]) -> Result<String, StoreError> {
+        let (path, location) = self.path_and_location(rel)?;
+        self.store.put(&path, bytes.to_vec().into()).await?;
+        if let Some(fs) = &self.local {
+            let file = fs.path_to_filesystem(&path)?;
+            let shown = file.display().to_string();
+            tokio::task::spawn_blocking(move || {
+                std::fs::File::open(&file)?.sync_all()?;
+                match file.parent() {
+                    Some(dir) => std::fs::File::open(dir)?.sync_all(),
+                    None => Ok(()),
+                }
+            })
+            .await
+            .map_err(|e| StoreError::Io(shown.clone(), std::io::Error::other(e)))?
+            .map_err(|e| StoreError::Io(shown, e))?;
+        }
+        Ok(location)
+    }
+
+    /// Reads the whole object at `location` (as [`FileStore::put`] or a file capture reported it).
+    /// Only locations inside this store are read.
+    ///
+    /// # Errors
+    /// The location is not in this store, or the store could not read it.
+    pub(crate) async fn get(&self, location: &str) -> Result<Vec<u8>, StoreError> {
+        let outside = || StoreError::Config(location.to_owned(), "not a location in the configured files.store".into());
+        if let Some(fs) = &self.local {
+            let file = std::path::Path::new(location.strip_prefix("file://").ok_or_else(outside)?);
+            let probe = fs.path_to_filesystem(&StorePath::from("x"))?;
+            let root = probe.parent().ok_or_else(outside)?;
+            let rel = file.strip_prefix(root).map_err(|_| outside())?;
+            if rel.as_os_str().is_empty() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                return Err(outside());
+            }
+            return tokio::fs::read(file).await.map_err(|e| StoreError::Io(location.to_owned(), e));
+        }
+        let key = location.strip_prefix(&self.location_base).ok_or_else(outside)?;
+        let path = StorePath::parse(key).map_err(|_| outside())?;
+        Ok(self.store.get(&path).await?.bytes().await?.to_vec())
     }
 
     /// Bytes available to this process on a `file://` store's filesystem; `None` for object stores.

@@ -1,6 +1,7 @@
 //! The in-flight body budget (`http.max_inflight_bytes`): request bodies being read or handled hold
-//! their bytes here, so what the daemon buffers is bounded by configuration, not by how many clients
-//! upload at once. A request that finds the budget spent is refused (503) before its body is read.
+//! their buffers here, so what the daemon buffers is bounded by configuration, not by how many clients
+//! upload at once. Bytes are taken as they arrive, never on a client's word (`Content-Length`): a
+//! request that finds the budget spent, or whose next chunk does not fit, is refused (503).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -27,7 +28,8 @@ impl BodyBudget {
     }
 
     /// Takes `bytes` from the budget, or `None` when they do not fit. A request that takes nothing up
-    /// front (a body without `Content-Length`) still needs the budget not to be spent.
+    /// front (every request: bodies take their bytes as they arrive) still needs the budget not to be
+    /// spent.
     pub(crate) fn try_reserve(self: &Arc<Self>, bytes: usize) -> Option<Reservation> {
         self.try_take(bytes, bytes == 0)?;
         Some(Reservation { budget: Arc::clone(self), bytes })

@@ -49,6 +49,8 @@ pub(crate) struct AppState {
     /// Request bodies held at once (`http.max_inflight_bytes`).
     body_budget: Arc<BodyBudget>,
     body_timeout: Duration,
+    /// Longest wait for a body to start, or for its next bytes (`http.header_timeout_ms`).
+    body_idle_timeout: Duration,
     retry_after_secs: u64,
 }
 
@@ -62,6 +64,7 @@ impl AppState {
             health,
             max_body_bytes: cfg.http.max_body_bytes,
             body_timeout: cfg.body_timeout(),
+            body_idle_timeout: cfg.header_timeout(),
             retry_after_secs: cfg.http.retry_after_secs,
         }
     }

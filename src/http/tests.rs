@@ -108,3 +108,48 @@ async fn malformed_bodies_are_400_and_a_draining_daemon_is_503_before_anything_i
     assert!(headers.contains_key("retry-after") && body.contains("shutting_down"), "{body}");
     assert!(fake.seen.lock().unwrap().is_empty());
 }
+
+#[tokio::test]
+async fn a_wrong_token_is_refused_before_the_body_is_parsed() {
+    let (router, fake, _) = app(false);
+    // Nested far past the parser's limit after the token: a full parse would answer 400 `too_deep`.
+    let body = format!(r#"{{"token":"not-a-configured-token","messages":{}}}"#, "[".repeat(10_000));
+    let (status, _, text) = post(router.clone(), body).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{text}");
+    // A configured token in front of the same garbage still gets the parser's verdict.
+    let body = format!(r#"{{"token":"{}","messages":{}}}"#, token(), "[".repeat(10_000));
+    let (status, _, text) = post(router, body).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{text}");
+    assert!(fake.seen.lock().unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_declared_length_holds_nothing_until_its_bytes_arrive() {
+    let (router, fake, state) = app(false);
+    // A head that declares 4 MiB and a body that never comes.
+    let (tx, rx) = futures::channel::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(1);
+    let stuck = Request::post("/webhooks/huggy")
+        .header("content-length", (4 * 1024 * 1024).to_string())
+        .body(Body::from_stream(rx))
+        .unwrap();
+    let waiting = tokio::spawn(router.clone().oneshot(stuck));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(state.body_budget.held(), 0, "nothing received, nothing held");
+    // Meanwhile a normal batch is served, and only its own bytes were counted.
+    let (status, _, text) = post(router, FIXTURE).await;
+    assert_eq!(status, StatusCode::OK, "{text}");
+    assert_eq!(fake.seen.lock().unwrap().len(), 2);
+    assert_eq!(state.body_budget.held(), 0, "given back");
+    drop(tx);
+    let resp = waiting.await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST, "the cut-short body is refused");
+}
+
+#[test]
+fn a_body_buffer_grows_by_doubling_up_to_what_was_declared_and_the_limit() {
+    assert_eq!(webhook::grown_capacity(0, 10, Some(100), 1000), 10);
+    assert_eq!(webhook::grown_capacity(10, 11, Some(100), 1000), 20, "doubling");
+    assert_eq!(webhook::grown_capacity(80, 90, Some(100), 1000), 100, "not past the declared length");
+    assert_eq!(webhook::grown_capacity(100, 150, Some(100), 1000), 150, "a body longer than declared still fits");
+    assert_eq!(webhook::grown_capacity(600, 700, None, 1000), 1000, "not past the limit");
+}

@@ -1,6 +1,7 @@
 //! Publishing: events to Kafka records (topic, key, CloudEvents headers), delivery with retries,
 //! dead-lettering of what Kafka can never take, and the loop that drains the spool.
 
+pub mod claim;
 mod guard;
 pub mod kafka;
 mod lanes;
@@ -102,6 +103,9 @@ pub(crate) enum RetryReason {
     Closed,
     #[error("publishing panicked, and so did dead-lettering the event: {0}")]
     Panicked(String),
+    /// Too large for its topic, and its claim check could not be stored (the file store failed).
+    #[error("too large for its topic and not stored as a claim check: {0}")]
+    ClaimCheck(String),
 }
 
 /// How one event ended up.
@@ -135,6 +139,7 @@ pub(crate) struct Publisher {
     recreate: Option<Recreate>,
     recreation: tokio::sync::Mutex<Recreation>,
     routes: Routes,
+    claims: claim::ClaimChecks,
     metrics: Arc<Metrics>,
     poison: Option<Poison>,
     staleness: stale::Staleness,
@@ -147,10 +152,22 @@ impl Publisher {
             recreate: None,
             recreation: tokio::sync::Mutex::new(Recreation { not_before: None, delay: RECREATE_MIN_DELAY, last: None }),
             routes,
+            claims: claim::ClaimChecks::new(
+                &crate::config::Config::default(),
+                Arc::new(claim::TopicLimits::fixed(claim::DEFAULT_MAX_MESSAGE_BYTES)),
+                metrics.clone(),
+            ),
             metrics,
             poison: None,
             staleness: stale::Staleness::default(),
         }
+    }
+
+    /// Decides record sizes and stores claim checks with `claims` (else: Kafka's default limit,
+    /// claim checks in the default file store).
+    pub(crate) fn with_claim_checks(mut self, claims: claim::ClaimChecks) -> Self {
+        self.claims = claims;
+        self
     }
 
     /// Lets the publisher replace its producer after a fatal error (else such an error is final).
@@ -251,10 +268,10 @@ impl Publisher {
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
                 None => self
-                    .enqueue(&producer, self.routes.topic_for(&ev.event_type), ev, headers(ev), &ev.value)
+                    .enqueue_fitting(&producer, self.routes.topic_for(&ev.event_type), ev)
                     .await
                     .map(|f| (Instant::now(), f))
-                    .map_err(PublishError::Kafka),
+                    .map_err(PublishError::from),
             });
         }
         let waited = join_all(pending.into_iter().map(|p| async move {
@@ -279,6 +296,22 @@ impl Publisher {
                     Outcome::Published
                 }
                 Err(PublishError::Malformed(reason)) => self.dead_letter(&producer, ev, &reason).await,
+                Err(PublishError::Claim(why)) => Outcome::Retry(RetryReason::ClaimCheck(why)),
+                Err(PublishError::Kafka(e)) if claim::is_too_large(&e) => {
+                    // The broker's limit is below what was read: read it again and send a claim check.
+                    self.count_error(&e);
+                    let topic = self.routes.topic_for(&ev.event_type);
+                    match self.deliver_claim_check(&producer, topic, ev, headers(ev)).await {
+                        Ok(()) => {
+                            self.metrics.events_published.with_label_values(&[ev.event_type.label()]).inc();
+                            Outcome::Published
+                        }
+                        Err(claim::SendError::Kafka(e)) if kafka::is_permanent(&e) => {
+                            self.dead_letter(&producer, ev, &e.to_string()).await
+                        }
+                        Err(other) => other.retry(),
+                    }
+                }
                 Err(PublishError::Kafka(e)) => {
                     self.count_error(&e);
                     self.staleness.failed(&e);
@@ -307,36 +340,20 @@ impl Publisher {
         self.metrics.publish_errors.with_label_values(&[&kafka::error_code_label(e)]).inc();
     }
 
-    /// Sends to the dead-letter topic, with the reason and intended topic as headers. When even that
-    /// is refused for good (a record too large for any topic), a stub carrying the event id and the
-    /// reason is sent instead, and the loss of the body is logged.
+    /// Sends to the dead-letter topic, with the reason and intended topic as headers. An event too
+    /// large for that topic goes as a claim check, like on any topic: never without its bytes.
     async fn dead_letter(&self, producer: &Producer, ev: &Event, reason: &str) -> Outcome {
         let intended = self.routes.topic_for(&ev.event_type);
-        let with_reason = |h: OwnedHeaders| {
-            h.insert(Header { key: "huggy_dlq_reason", value: Some(reason) })
-                .insert(Header { key: "huggy_dlq_topic", value: Some(intended) })
-        };
-        let first = self.deliver(producer, &self.routes.dead_letter, ev, with_reason(headers(ev)), &ev.value).await;
-        let result = match first {
-            Err(e) if kafka::is_permanent(&e) => {
-                error!(event_id = %ev.id, error = %e, bytes = ev.value.len(), "dead-letter topic refused the event; sending a stub without its body");
-                let stub = serde_json::json!({"bridge_error": reason, "dlq_error": e.to_string(), "event_id": ev.id.to_string(), "size": ev.value.len()});
-                let stub = stub.to_string();
-                self.deliver(producer, &self.routes.dead_letter, ev, with_reason(headers(ev)), stub.as_bytes()).await
-            }
-            other => other,
-        };
-        match result {
+        let h = headers(ev)
+            .insert(Header { key: "huggy_dlq_reason", value: Some(reason) })
+            .insert(Header { key: "huggy_dlq_topic", value: Some(intended) });
+        match self.deliver_fitting(producer, &self.routes.dead_letter, ev, h).await {
             Ok(()) => {
                 warn!(event_id = %ev.id, event_type = %ev.event_type, reason, "event dead-lettered");
                 self.metrics.events_dead_lettered.with_label_values(&[ev.event_type.label()]).inc();
                 Outcome::DeadLettered
             }
-            Err(e) => Outcome::Retry(match kafka::classify(&e) {
-                ErrorClass::Authorization => RetryReason::Authorization(e),
-                ErrorClass::Fatal => RetryReason::Fatal(e),
-                ErrorClass::Permanent | ErrorClass::Transient => RetryReason::DeadLetter(e),
-            }),
+            Err(e) => e.retry(),
         }
     }
 
@@ -398,11 +415,22 @@ impl Publisher {
     }
 }
 
+impl From<claim::SendError> for PublishError {
+    fn from(e: claim::SendError) -> Self {
+        match e {
+            claim::SendError::Kafka(e) => PublishError::Kafka(e),
+            claim::SendError::Claim(why) => PublishError::Claim(why),
+        }
+    }
+}
+
 #[derive(Debug)]
 enum PublishError {
     /// The bridge itself found the event unpublishable (`Event::dead_letter`).
     Malformed(String),
     Kafka(KafkaError),
+    /// Too large for its topic, and the claim check could not be stored.
+    Claim(String),
     Closed,
 }
 
@@ -649,6 +677,7 @@ mod tests {
                 value: br#"{"a":1}"#.to_vec(),
                 dead_letter: None,
                 files: if files { vec!["https://files.huggy.app/x".into()] } else { Vec::new() },
+                lineage: None,
             },
         }
     }

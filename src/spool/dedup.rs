@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::event::EventId;
+use crate::event::{EventId, StreamRuns};
 
 /// Slices of the window, each a hash set dropped whole when it expires.
 pub(crate) const GENERATIONS: i64 = 8;
@@ -106,8 +106,9 @@ impl Generation {
         &self.ids[shard_of(k)]
     }
 
-    fn insert(&mut self, k: Key) {
-        self.ids[shard_of(&k)].insert(k);
+    /// Whether `k` was new.
+    fn insert(&mut self, k: Key) -> bool {
+        self.ids[shard_of(&k)].insert(k)
     }
 
     fn len(&self) -> usize {
@@ -122,13 +123,25 @@ pub(crate) struct Dedup {
     span: i64,
     /// Oldest first; `start`s are multiples of `span`.
     gens: VecDeque<Generation>,
+    /// Ids held at most (`spool.dedup_max_ids`): at the ceiling the oldest slice is dropped early, so
+    /// a re-send of its batches is published again (a duplicate), never an event lost.
+    max_ids: usize,
+    /// Ids held now.
+    count: usize,
 }
 
 impl Dedup {
-    /// An empty window of `window_secs` (0 disables deduplication).
-    pub(crate) fn new(dir: &Path, window_secs: u64) -> Dedup {
+    /// An empty window of `window_secs` (0 disables deduplication) holding at most `max_ids` ids.
+    pub(crate) fn new(dir: &Path, window_secs: u64, max_ids: usize) -> Dedup {
         let window = i64::try_from(window_secs).unwrap_or(i64::MAX / 4);
-        Dedup { dir: dir.to_owned(), window, span: (window / GENERATIONS).max(1), gens: VecDeque::new() }
+        Dedup {
+            dir: dir.to_owned(),
+            window,
+            span: (window / GENERATIONS).max(1),
+            gens: VecDeque::new(),
+            max_ids: max_ids.max(1),
+            count: 0,
+        }
     }
 
     pub(crate) fn enabled(&self) -> bool {
@@ -162,19 +175,34 @@ impl Dedup {
                 0
             }
         };
-        self.gens[idx].insert(Key(id.0));
+        if self.gens[idx].insert(Key(id.0)) {
+            self.count += 1;
+        }
+        // At the ceiling the oldest slice goes (the newest, when it is the only one): its ids are
+        // forgotten early, which costs at most a duplicate record of a late re-send.
+        while self.count > self.max_ids {
+            let Some(oldest) = self.gens.pop_front() else { break };
+            self.count -= oldest.len();
+            warn!(
+                max_ids = self.max_ids,
+                forgotten = oldest.len(),
+                "dedup window at its ceiling (spool.dedup_max_ids): its oldest ids are forgotten early; a late re-send of their batches will be published again"
+            );
+        }
     }
 
     /// Forgets the slices that fell out of the window.
     pub(crate) fn expire(&mut self, now: i64) {
         let horizon = now - self.window;
         while self.gens.front().is_some_and(|g| g.start + self.span <= horizon) {
-            self.gens.pop_front();
+            if let Some(g) = self.gens.pop_front() {
+                self.count -= g.len();
+            }
         }
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.gens.iter().map(Generation::len).sum()
+        self.count
     }
 
     #[cfg(test)]
@@ -197,6 +225,105 @@ impl Dedup {
     pub(crate) fn window(&self) -> i64 {
         self.window
     }
+}
+
+/// The streams' last runs ([`StreamRuns`]) saved by a clean shutdown, for the next start: without
+/// them every stream is unknown after a restart, and a batch re-sent across it is published again.
+/// Read once and deleted (durably) before anything is accepted, so a later crash can never bring
+/// back runs that newer batches have replaced — that could answer a returning state as a re-send.
+const RUNS_SNAPSHOT: &str = "dedup-runs.snapshot";
+const RUNS_MAGIC: &[u8; 8] = b"HUGGYRUN";
+const RUNS_VERSION: u32 = 1;
+/// Magic, version, time saved (i64), count (u64).
+const RUNS_HEADER: usize = 28;
+
+/// Saves `runs` at `now` (a clean shutdown): written aside, synced, renamed into place.
+///
+/// # Errors
+/// The file could not be written or synced; the next start then knows no stream (re-sends across
+/// the restart become duplicates).
+pub(crate) fn save_runs(dir: &Path, runs: &StreamRuns, now: i64) -> io::Result<()> {
+    let entries: Vec<([u8; 16], [u8; 16])> = runs.entries().collect();
+    let mut buf = Vec::with_capacity(RUNS_HEADER + entries.len() * 32 + 4);
+    buf.extend_from_slice(RUNS_MAGIC);
+    buf.extend_from_slice(&RUNS_VERSION.to_le_bytes());
+    buf.extend_from_slice(&now.to_le_bytes());
+    buf.extend_from_slice(&(entries.len() as u64).to_le_bytes());
+    for (stream, run) in &entries {
+        buf.extend_from_slice(stream);
+        buf.extend_from_slice(run);
+    }
+    let crc = crc32fast::hash(&buf);
+    buf.extend_from_slice(&crc.to_le_bytes());
+    let tmp = dir.join(format!("{RUNS_SNAPSHOT}.tmp"));
+    let mut f = File::create(&tmp)?;
+    f.write_all(&buf)?;
+    f.sync_data()?;
+    fs::rename(&tmp, dir.join(RUNS_SNAPSHOT))?;
+    File::open(dir)?.sync_all()
+}
+
+/// Loads the runs a clean shutdown saved into `runs` (nothing when there is no snapshot, it is
+/// damaged, or older than the window), then deletes the snapshot durably. If it cannot be deleted
+/// durably, nothing is loaded.
+pub(crate) fn take_runs(dir: &Path, runs: &mut StreamRuns, window: i64, now: i64) {
+    let path = dir.join(RUNS_SNAPSHOT);
+    let _ = fs::remove_file(dir.join(format!("{RUNS_SNAPSHOT}.tmp")));
+    let bytes = match fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+        Err(e) => {
+            warn!(path = %path.display(), error = %e, "dedup runs snapshot unreadable; ignored (a batch re-sent across the restart may be published twice)");
+            Vec::new()
+        }
+    };
+    let removed = fs::remove_file(&path).and_then(|()| File::open(dir)?.sync_all());
+    if let Err(e) = removed {
+        warn!(path = %path.display(), error = %e, "dedup runs snapshot cannot be deleted; ignored (a batch re-sent across the restart may be published twice)");
+        return;
+    }
+    match parse_runs(&bytes) {
+        Some((saved_at, entries)) if now.saturating_sub(saved_at) < window => {
+            for (stream, run) in entries {
+                runs.record(stream, run, now);
+            }
+            info!(streams = runs.len(), "dedup runs of the last clean shutdown loaded");
+        }
+        Some(_) => {}
+        None if bytes.is_empty() => {}
+        None => {
+            warn!(path = %path.display(), "dedup runs snapshot damaged; ignored (a batch re-sent across the restart may be published twice)")
+        }
+    }
+}
+
+type RunEntries = Vec<([u8; 16], [u8; 16])>;
+
+fn parse_runs(bytes: &[u8]) -> Option<(i64, RunEntries)> {
+    let body = bytes.get(..bytes.len().checked_sub(4)?)?;
+    let crc = u32::from_le_bytes(bytes[body.len()..].try_into().ok()?);
+    if crc32fast::hash(body) != crc || body.get(..8)? != RUNS_MAGIC {
+        return None;
+    }
+    if u32::from_le_bytes(body.get(8..12)?.try_into().ok()?) != RUNS_VERSION {
+        return None;
+    }
+    let saved_at = i64::from_le_bytes(body.get(12..20)?.try_into().ok()?);
+    let count = usize::try_from(u64::from_le_bytes(body.get(20..28)?.try_into().ok()?)).ok()?;
+    let rest = body.get(RUNS_HEADER..)?;
+    if rest.len() != count.checked_mul(32)? {
+        return None;
+    }
+    let entries = rest
+        .chunks_exact(32)
+        .map(|c| {
+            let (mut stream, mut run) = ([0u8; 16], [0u8; 16]);
+            stream.copy_from_slice(&c[..16]);
+            run.copy_from_slice(&c[16..]);
+            (stream, run)
+        })
+        .collect();
+    Some((saved_at, entries))
 }
 
 /// The journal's files: `dedup-<slice start>-<span>-<generation>.ids`, per slice of the window.
@@ -635,7 +762,7 @@ mod tests {
 
     /// A window of 800 s (slices of 100 s) with its journal opened at `now`.
     fn opened(dir: &Path, now: i64) -> (Dedup, Journal) {
-        let mut d = Dedup::new(dir, 800);
+        let mut d = Dedup::new(dir, 800, usize::MAX);
         let j = Journal::open(&mut d, now);
         (d, j)
     }
@@ -753,7 +880,7 @@ mod tests {
         let (_, mut j) = opened(dir.path(), 1000);
         j.append(&[(id(1), 1000)], 1000).unwrap();
         j.sync(1000).unwrap();
-        let mut off = Dedup::new(dir.path(), 0);
+        let mut off = Dedup::new(dir.path(), 0, usize::MAX);
         let j = Journal::open(&mut off, 1000);
         assert_eq!(j.bytes(), 0);
         assert!(list_journal(dir.path()).unwrap().is_empty());
@@ -762,7 +889,7 @@ mod tests {
     #[test]
     fn bytes_per_id_stay_within_the_documented_bound() {
         let dir = tempfile::tempdir().unwrap();
-        let mut d = Dedup::new(dir.path(), 3600);
+        let mut d = Dedup::new(dir.path(), 3600, usize::MAX);
         let n = 360_000u64;
         for i in 0..n {
             d.insert(id(i), 10_000 + i64::try_from(i / 100).unwrap(), 10_000 + i64::try_from(i / 100).unwrap());
@@ -770,5 +897,51 @@ mod tests {
         assert_eq!(d.len(), n as usize);
         let per_id = d.heap_bytes() as f64 / n as f64;
         assert!((17.0..=MAX_BYTES_PER_ID as f64).contains(&per_id), "{per_id} bytes per id");
+    }
+
+    #[test]
+    fn at_the_ceiling_the_oldest_slice_is_forgotten_and_memory_stops_growing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut d = Dedup::new(dir.path(), 800, 1000);
+        for n in 0..600 {
+            d.insert(id(n), 100, 100);
+        }
+        for n in 600..1200 {
+            d.insert(id(n), 300, 300);
+        }
+        assert!(d.len() <= 1000, "{} ids held", d.len());
+        assert!(!d.contains(&id(0), 300), "the oldest slice went first");
+        assert!(d.contains(&id(1199), 300), "the newest ids are kept");
+        for n in 1200..5000 {
+            d.insert(id(n), 300, 300);
+            assert!(d.len() <= 1000);
+        }
+        assert_eq!(d.len(), d.gens.iter().map(Generation::len).sum::<usize>(), "the count is exact");
+    }
+
+    #[test]
+    fn runs_saved_at_a_clean_shutdown_are_loaded_once_and_only_within_the_window() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut runs = StreamRuns::new(3600, 1000);
+        runs.record([1; 16], [2; 16], 100);
+        runs.record([3; 16], [4; 16], 100);
+        save_runs(dir.path(), &runs, 100).unwrap();
+        let mut loaded = StreamRuns::new(3600, 1000);
+        take_runs(dir.path(), &mut loaded, 3600, 200);
+        assert_eq!((loaded.last(&[1; 16]), loaded.last(&[3; 16])), (Some([2; 16]), Some([4; 16])));
+        assert!(!dir.path().join(RUNS_SNAPSHOT).exists(), "deleted once read");
+        let mut again = StreamRuns::new(3600, 1000);
+        take_runs(dir.path(), &mut again, 3600, 200);
+        assert!(again.is_empty(), "a crash after this start brings nothing back");
+        save_runs(dir.path(), &runs, 100).unwrap();
+        take_runs(dir.path(), &mut again, 3600, 100 + 3600);
+        assert!(again.is_empty(), "older than the window: ignored");
+        save_runs(dir.path(), &runs, 100).unwrap();
+        let path = dir.path().join(RUNS_SNAPSHOT);
+        let mut bytes = fs::read(&path).unwrap();
+        bytes[RUNS_HEADER + 3] ^= 1;
+        fs::write(&path, bytes).unwrap();
+        take_runs(dir.path(), &mut again, 3600, 200);
+        assert!(again.is_empty() && !path.exists(), "damaged: ignored and removed");
     }
 }

@@ -29,6 +29,8 @@ pub(crate) const FRAME_HEADER_LEN: usize = 12;
 /// Upper bound on one frame's payload, far above any event that fits `http.max_body_bytes`; a larger
 /// length can only be damage.
 pub(crate) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
+// The largest body accepted leaves room for an event as large as the body and its metadata.
+const _: () = assert!(crate::config::MAX_BODY_BYTES_CEILING * 2 <= MAX_PAYLOAD);
 
 /// What a frame records.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -309,7 +311,8 @@ fn decode_payload(payload: &[u8]) -> Result<Record, Undecodable> {
             for _ in 0..n {
                 files.push(c.string()?);
             }
-            let event = Event { id, event_type, original_type, key, company, time, value, dead_letter, files };
+            let event =
+                Event { id, event_type, original_type, key, company, time, value, dead_letter, files, lineage: None };
             Record::Event { seq, received_at, event }
         }
         KIND_ACKED => {

@@ -16,6 +16,8 @@
 //!   is acknowledged.
 //! - `dedup-<slice start>-<span>.ids`: the dedup journal, the ids of the window a file per slice,
 //!   synced before a segment is deleted ([`dedup`]).
+//! - `dedup-runs.snapshot`: what each dedup stream last carried, saved by a clean shutdown, read and
+//!   deleted at the next start ([`dedup::save_runs`]).
 //! - `damaged/`: copies of segments in which recovery found damage, for inspection.
 //! - `segment-<first seq>.deleting`: a delivered segment being deleted (removed at start if a crash
 //!   left one).
@@ -113,6 +115,9 @@ pub enum SpoolError {
     Closed,
 }
 
+/// `spool.dedup_max_ids` when not configured.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 1_000_000;
+
 /// How to open a spool.
 #[derive(Clone)]
 pub struct SpoolSettings {
@@ -120,6 +125,8 @@ pub struct SpoolSettings {
     /// Cap on the bytes the spool keeps on disk (segments and dedup journal).
     max_bytes: u64,
     dedup_window_secs: u64,
+    /// Ids (and streams) the dedup window holds at most (`spool.dedup_max_ids`).
+    pub(crate) dedup_max_ids: usize,
     segment_bytes: u64,
     /// Write and sync calls; tests inject failures here.
     pub(crate) io: Arc<dyn SegmentIo>,
@@ -137,10 +144,18 @@ impl SpoolSettings {
             dir,
             max_bytes,
             dedup_window_secs,
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             segment_bytes: Self::segment_bytes_for(max_bytes),
             io: Arc::new(OsIo),
             sync_observer: None,
         }
+    }
+
+    /// Caps the dedup window's memory at `max_ids` ids and as many streams.
+    #[must_use]
+    pub fn with_dedup_max_ids(mut self, max_ids: usize) -> Self {
+        self.dedup_max_ids = max_ids;
+        self
     }
 
     /// A sixteenth of the cap, between 1 MiB and 64 MiB: space is freed a segment at a time, so
@@ -329,7 +344,7 @@ impl Spool {
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
         writer::remove_leftovers(&settings.dir)?;
         let now = now_secs();
-        let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs);
+        let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs, settings.dedup_max_ids);
         let journal = dedup::Journal::open(&mut dedup, now);
         let recovered = recovery::recover(&settings.dir, recovery::Mode::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
@@ -520,7 +535,7 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
     }
     let _lock = lock::DirLock::acquire(dir)?;
     let now = now_secs();
-    let mut dedup = dedup::Dedup::new(dir, 0);
+    let mut dedup = dedup::Dedup::new(dir, 0, 1);
     let r = recovery::recover(dir, recovery::Mode::ReadOnly, &mut dedup, now)?;
     let tally = recovery::tally(&r)?;
     let oldest = tally.oldest_received_at;

@@ -41,6 +41,7 @@ fn ev(n: u32, key: &str) -> Event {
         value,
         dead_letter: None,
         files: Vec::new(),
+        lineage: None,
     }
 }
 
@@ -97,6 +98,65 @@ async fn duplicates_within_the_window_are_not_stored_even_after_restart() {
     let spool = Spool::open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1"), ev(3, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (1, 1));
+    spool.close().await;
+}
+
+/// The events of a webhook body, split as the webhook splits them for token `token`.
+fn batch_events(token: &str, body: &str) -> Vec<Event> {
+    let crate::event::Body::Batch(b) = crate::event::parse_body(body.as_bytes()).expect("parses") else {
+        panic!("a batch")
+    };
+    crate::event::split(&b, &crate::event::Sender::token(token), 0)
+}
+
+fn status(online: bool) -> String {
+    format!(r#"{{"token":"t","time":1700000000,"messages":{{"agentChangedStatus":[{{"id":7,"isOnline":{online}}}]}}}}"#)
+}
+
+#[tokio::test]
+async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_last_batch_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let now = now_secs();
+    for online in [true, false, true] {
+        let r = spool.append(batch_events("t", &status(online)), now).await.unwrap();
+        assert_eq!((r.stored, r.duplicates), (1, 0), "online={online}");
+    }
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "the last batch again: a re-send");
+    // In one write group (appends racing each other) the same holds.
+    let (a, b, c) = tokio::join!(
+        spool.append(batch_events("t", &status(false)), now),
+        spool.append(batch_events("t", &status(true)), now),
+        spool.append(batch_events("t", &status(false)), now),
+    );
+    let stored: usize = [a, b, c].into_iter().map(|r| r.unwrap().stored).sum();
+    assert_eq!(stored, 3, "offline, online, offline: three states, whatever group they share");
+    // Another token's identical event is its own.
+    let r = spool.append(batch_events("u", &status(false).replace(r#""t""#, r#""u""#)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "another token, another event");
+    let stored = read_all(&spool).await;
+    let states: Vec<bool> = stored.iter().map(|s| String::from_utf8_lossy(&s.event.value).contains("true")).collect();
+    assert_eq!(states.len(), 7);
+    assert_eq!(states[..3], [true, false, true], "in the order accepted");
+    spool.close().await;
+    // A clean restart keeps what the streams last carried: the last batch again is still a re-send,
+    // and a state that returns is still new.
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let last = status(false).replace(r#""t""#, r#""u""#);
+    let r = spool.append(batch_events("u", &last), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "re-sent across a clean restart");
+    let r = spool.append(batch_events("t", &status(false)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (0, 1), "token t's last batch was offline");
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "online again after a restart: new");
+    spool.close().await;
+    // Without a clean shutdown (no saved runs) nothing is known: a re-send is stored again, never a
+    // returning state dropped.
+    std::fs::remove_file(dir.path().join("dedup-runs.snapshot")).expect("saved by the clean close");
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
+    assert_eq!((r.stored, r.duplicates), (1, 0), "unknown stream after a crash: stored (a duplicate at worst)");
     spool.close().await;
 }
 

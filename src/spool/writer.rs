@@ -33,7 +33,7 @@
 //! a full disk starts in the same state, without an active segment: it drains what it holds and
 //! becomes ready when there is room.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::{self, File, OpenOptions};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,7 +55,7 @@ use super::{
     SpoolError, SpoolSettings, State, GROUP_MAX_BYTES, QUEUE,
 };
 use crate::clock::{monotonic_millis, now_secs};
-use crate::event::EventId;
+use crate::event::{EventId, StreamRuns};
 
 /// How often a writer that cannot write (a failed segment, a full disk) tries again on its own,
 /// without waiting for a batch: a replica that is not ready receives none.
@@ -81,6 +81,8 @@ pub(crate) struct Writer {
     synced_len: u64,
     next_seq: u64,
     dedup: Dedup,
+    /// The last run accepted per stream: what tells a re-send from a state that returns.
+    runs: StreamRuns,
     /// Acknowledgements and file results written but not known to be durable.
     carry: Vec<Record>,
     /// The active segment failed a write or sync: the next group starts a fresh one.
@@ -301,6 +303,10 @@ impl Writer {
         let janitor = Janitor::start(shared.clone(), journal, wake)?;
         // Their appends in the last run may not have been synced before it ended.
         janitor.append(recovered.ids);
+        let mut runs = StreamRuns::new(dedup.window(), shared.settings.dedup_max_ids);
+        if dedup.enabled() {
+            dedup::take_runs(&shared.settings.dir, &mut runs, dedup.window(), now_secs());
+        }
         let writer = Writer {
             shared: shared.clone(),
             active,
@@ -309,6 +315,7 @@ impl Writer {
             synced_len: len,
             next_seq,
             dedup,
+            runs,
             carry: Vec::new(),
             broken: no_room.is_some(),
             no_room,
@@ -345,6 +352,11 @@ impl Writer {
         if let (false, Some(active)) = (self.broken, &self.active) {
             if let Err(e) = self.shared.settings.io.sync_data(active) {
                 error!(error = %e, "spool: final sync failed; unsynced acknowledgements will be published again");
+            }
+        }
+        if self.dedup.enabled() && !self.runs.is_empty() {
+            if let Err(e) = dedup::save_runs(&self.shared.settings.dir, &self.runs, now_secs()) {
+                warn!(error = %e, "spool: dedup runs not saved; a batch re-sent across the restart may be published twice");
             }
         }
         info!("spool closed");
@@ -408,6 +420,7 @@ impl Writer {
     fn commit(&mut self, group: Vec<Command>) -> Option<oneshot::Sender<()>> {
         let now = now_secs();
         self.dedup.expire(now);
+        self.runs.expire(now);
         if self.broken {
             self.heal();
         }
@@ -423,6 +436,8 @@ impl Writer {
         let mut new_ids: Vec<(EventId, i64)> = Vec::new();
         let mut new_work: Vec<FileWork> = Vec::new();
         let mut group_ids: HashSet<EventId> = HashSet::new();
+        // The last run of each stream among this group's batches, recorded once the group is durable.
+        let mut group_runs: HashMap<[u8; 16], [u8; 16]> = HashMap::new();
         let mut acked: Vec<u64> = Vec::new();
         let mut files_done: Vec<(u64, Vec<u8>)> = Vec::new();
         let mut close = None;
@@ -443,12 +458,17 @@ impl Writer {
                     let mut seqs = Vec::with_capacity(events.len());
                     let (mut stored, mut duplicates) = (0, 0);
                     let (pending_mark, ids_mark, work_mark) = (new_pending.len(), new_ids.len(), new_work.len());
+                    // Judged against the runs before this batch: its own events do not count.
+                    let runs: Vec<([u8; 16], [u8; 16])> =
+                        events.iter().filter_map(|e| e.lineage.as_ref().map(|l| (l.stream, l.run))).collect();
                     for event in events {
-                        if self.dedup.contains(&event.id, now) || !group_ids.insert(event.id) {
+                        let stored_before = self.dedup.contains(&event.id, now) || group_ids.contains(&event.id);
+                        if stored_before && self.runs.is_resend(event.lineage.as_deref(), &group_runs) {
                             duplicates += 1;
                             seqs.push(None);
                             continue;
                         }
+                        group_ids.insert(event.id);
                         let seq = self.next_seq;
                         self.next_seq += 1;
                         stored += 1;
@@ -493,6 +513,7 @@ impl Writer {
                         refusing = false;
                         refused_need = 0;
                     }
+                    group_runs.extend(runs);
                     replies.push((reply, Ok(Appended { stored, duplicates, seqs })));
                 }
                 Command::Ack(seqs) => acked.extend(seqs),
@@ -545,6 +566,9 @@ impl Writer {
         if ok && self.dedup.enabled() {
             for (id, at) in &new_ids {
                 self.dedup.insert(*id, *at, now);
+            }
+            for (stream, run) in group_runs {
+                self.runs.record(stream, run, now);
             }
             self.janitor.append(new_ids);
         }

@@ -26,8 +26,11 @@ fn wrap(messages: &str) -> Vec<u8> {
 async fn malformed_bodies_get_a_4xx_with_a_code_and_publish_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let d = TestApp::start(config(dir.path())).await;
-    let mut deep = String::from("{\"token\":\"x\",\"messages\":{\"a\":[");
+    // With the configured token, so that the parser itself meets the depth (a wrong token is refused
+    // before any parse: the last case).
+    let mut deep = format!("{{\"token\":\"{TOKEN}\",\"messages\":{{\"a\":[");
     deep.push_str(&"[".repeat(100_000));
+    let unauthenticated_deep = deep.replacen(TOKEN, "x", 1);
     let cases: Vec<(&str, Vec<u8>, u16, &str)> = vec![
         ("truncated", wrap(r#"{"receivedMessage":[{"id":1}"#), 400, "invalid_json"),
         ("trailing garbage", [wrap(r#"{}"#), b"}}garbage".to_vec()].concat(), 400, "invalid_json"),
@@ -68,6 +71,7 @@ async fn malformed_bodies_get_a_4xx_with_a_code_and_publish_nothing() {
             401,
             "unauthorized",
         ),
+        ("a wrong token before 100,000 levels", unauthenticated_deep.into_bytes(), 401, "unauthorized"),
     ];
     for (what, body, status, code) in cases {
         let r = reqwest::Client::new().post(d.url()).body(body).send().await.unwrap();
@@ -328,4 +332,18 @@ fn check_config_exits_78_with_a_clear_message() {
         .unwrap();
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("must differ"));
+    // A body limit above what one spool frame can hold is refused, with the reason.
+    std::fs::write(
+        &path,
+        "[huggy]\ntokens = [\"t\"]\n[http]\nmax_body_bytes = 268435456\nmax_inflight_bytes = 1073741824\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+        .args(["check-config", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http.max_body_bytes") && err.contains("134217728") && err.contains("spool frame"), "{err}");
 }

@@ -18,3 +18,4 @@ mod kafka_security;
 mod operations;
 mod real_broker;
 mod self_healing;
+mod whole_events;
