@@ -9,7 +9,7 @@ pub const COMMIT: &str = env!("BRIDGE_BUILD_COMMIT");
 /// The on-disk spool format this build writes, and the only one it reads.
 pub const SPOOL_FORMAT: u32 = crate::spool::FORMAT_VERSION;
 
-/// `0.2.0 (commit 1a2b…, spool format 2)`: what `--version` prints after the program's name.
+/// `0.2.0 (commit 1a2b…, spool format 3)`: what `--version` prints after the program's name.
 pub fn version_line() -> String {
     format!("{VERSION} (commit {COMMIT}, spool format {SPOOL_FORMAT})")
 }

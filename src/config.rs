@@ -446,6 +446,70 @@ pub struct KafkaConfig {
     /// `min.insync.replicas` of the topics `topics create` makes; unset: 2 when
     /// `replication_factor` is 3 or more (so `acks=all` survives one broker), else the broker's default.
     pub min_insync_replicas: Option<i32>,
+    /// How a key picks its partition; `murmur2_random` hashes as Java clients do. Changing it later
+    /// moves keys to other partitions (per-key order breaks across the change).
+    pub partitioner: Partitioner,
+}
+
+/// librdkafka's keyed partitioners (`partitioner`). `random` is not among them: it ignores the key
+/// and breaks per-key order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Partitioner {
+    /// murmur2 of the key, as Java's producer, Kafka Streams and ksqlDB compute it; records without
+    /// a key go to a random partition.
+    #[default]
+    Murmur2Random,
+    /// murmur2; records without a key all go to one partition.
+    Murmur2,
+    /// CRC32 of the key (librdkafka's own default); records without a key go to a random partition.
+    ConsistentRandom,
+    /// CRC32; records without a key all go to one partition.
+    Consistent,
+    /// FNV-1a of the key (Sarama's hash); records without a key go to a random partition.
+    Fnv1aRandom,
+    /// FNV-1a; records without a key all go to one partition.
+    Fnv1a,
+}
+
+impl Partitioner {
+    const ALL: [Partitioner; 6] = [
+        Partitioner::Murmur2Random,
+        Partitioner::Murmur2,
+        Partitioner::ConsistentRandom,
+        Partitioner::Consistent,
+        Partitioner::Fnv1aRandom,
+        Partitioner::Fnv1a,
+    ];
+
+    /// The librdkafka `partitioner` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Partitioner::Murmur2Random => "murmur2_random",
+            Partitioner::Murmur2 => "murmur2",
+            Partitioner::ConsistentRandom => "consistent_random",
+            Partitioner::Consistent => "consistent",
+            Partitioner::Fnv1aRandom => "fnv1a_random",
+            Partitioner::Fnv1a => "fnv1a",
+        }
+    }
+}
+
+impl Serialize for Partitioner {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for Partitioner {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let wanted = s.trim().to_ascii_lowercase();
+        Partitioner::ALL.into_iter().find(|p| p.as_str() == wanted).ok_or_else(|| {
+            let names: Vec<&str> = Partitioner::ALL.iter().map(|p| p.as_str()).collect();
+            let why = if wanted == "random" { " (random ignores the key and breaks per-key order)" } else { "" };
+            serde::de::Error::custom(format!("unsupported partitioner {s:?}{why}: use one of {}", names.join(", ")))
+        })
+    }
 }
 
 /// `[kafka.tls]`: TLS to the brokers, with server verification and an optional client certificate.
@@ -612,6 +676,7 @@ impl Default for KafkaConfig {
             request_timeout_ms: 10_000,
             max_in_flight_records: 2_000,
             min_insync_replicas: None,
+            partitioner: Partitioner::default(),
         }
     }
 }
@@ -721,7 +786,7 @@ pub(crate) fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &Kaf
         "transactional.id" => Some(
             "the bridge never commits a transaction: its records would stay invisible to read_committed consumers".into(),
         ),
-        "partitioner" if v == "random" => Some("a random partitioner breaks per-key order".into()),
+        "partitioner" => Some("set by kafka.partitioner (a random partitioner would break per-key order)".into()),
         "enable.gapless.guarantee" if v == "true" => Some(
             "it makes every permanent error (a record too large) fatal for the producer instead of dead-lettering one event".into(),
         ),
@@ -1631,6 +1696,25 @@ mod tests {
         assert!(cfg.validate().unwrap_err().to_string().contains("kafka.min_insync_replicas"));
         cfg.kafka.min_insync_replicas = Some(3);
         cfg.validate().expect("fits");
+    }
+
+    #[test]
+    fn the_partitioner_defaults_to_murmur2_random_and_only_keyed_partitioners_are_accepted() {
+        assert_eq!(Config::default().kafka.partitioner, Partitioner::Murmur2Random);
+        Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONER", "Consistent_Random");
+            assert_eq!(Config::load_offline(None).expect("loads").kafka.partitioner, Partitioner::ConsistentRandom);
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONER", "random");
+            let e = message(&Config::load_offline(None).unwrap_err());
+            assert!(e.contains("per-key order") && e.contains("murmur2_random"), "{e}");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__PARTITIONER", "crc32");
+            assert!(message(&Config::load_offline(None).unwrap_err()).contains("unsupported partitioner"));
+            Ok(())
+        });
+        let mut cfg = with_token();
+        cfg.kafka.librdkafka.insert("partitioner".into(), "murmur2".into());
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka.librdkafka.partitioner is refused") && e.contains("kafka.partitioner"), "{e}");
     }
 
     #[test]

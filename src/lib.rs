@@ -13,6 +13,7 @@
 //! spool's one writer, so nothing after the 2xx depends on the request that brought the batch.
 //!
 //! - [`config`]: figment loading (defaults → TOML → `HUGGY_BRIDGE_*`), validation, redaction.
+//! - [`contract`]: the AsyncAPI document and JSON Schemas of what the bridge publishes.
 //! - `http`: the public webhook listener and the admin listener (`/metrics`, `/healthz`, `/readyz`).
 //! - [`event`]: pure parsing and splitting of batches; types, keys, ids, CloudEvents attributes.
 //! - `ingest`: the durability stage the handler hands a batch to (`spool` or `kafka` ack mode).
@@ -33,6 +34,7 @@ pub mod app;
 pub mod build_info;
 pub mod clock;
 pub mod config;
+pub mod contract;
 pub mod event;
 pub mod files;
 mod health;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use huggy_bridge::config::{Config, ConfigError};
 use huggy_bridge::telemetry::error_chain;
-use huggy_bridge::{app, publish, replay, shutdown, spool, telemetry};
+use huggy_bridge::{app, contract, publish, replay, shutdown, spool, telemetry};
 use tokio_util::sync::CancellationToken;
 
 /// Each request allocates a few dozen small buffers on one thread that the spool writer or the
@@ -80,6 +80,11 @@ enum Command {
         #[command(subcommand)]
         command: ClaimCheckCommand,
     },
+    /// The consumer contract: what this configuration publishes, as documents.
+    Contract {
+        #[command(subcommand)]
+        command: ContractCommand,
+    },
     /// Ask a running daemon's admin listener whether it is alive (or, with --ready, ready); exit 0
     /// when it is, 1 otherwise. For container health checks where no HTTP client is installed.
     Probe {
@@ -126,6 +131,18 @@ enum ClaimCheckCommand {
 }
 
 #[derive(Subcommand)]
+enum ContractCommand {
+    /// Print the AsyncAPI 3 document (JSON) of what this configuration publishes: every topic
+    /// (fallback and dead-letter included), key, headers, Kafka bindings, value schema per type.
+    Asyncapi,
+    /// Write the JSON Schema (draft 2020-12) of each event type's value into DIR, one file per type.
+    Schemas {
+        /// Directory to write `<type>.schema.json` files into (created if missing).
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum SpoolCommand {
     /// Print what the spool holds: undelivered events per type, bytes, oldest age, pending file
     /// captures, segments, damage found. Reads only; exit 0.
@@ -156,6 +173,7 @@ fn main() -> ExitCode {
                 | Command::Probe { .. }
                 | Command::DeadLetter { .. }
                 | Command::ClaimCheck { .. }
+                | Command::Contract { .. }
         )
     );
     let loaded =
@@ -248,6 +266,22 @@ fn main() -> ExitCode {
                 Ok(())
             })
         }
+        Command::Contract { command: ContractCommand::Asyncapi } => {
+            print!("{}", contract::pretty(&contract::asyncapi(&cfg)));
+            ExitCode::SUCCESS
+        }
+        Command::Contract { command: ContractCommand::Schemas { dir } } => match contract::write_schemas(&dir) {
+            Ok(written) => {
+                for path in written {
+                    println!("{path}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("huggy-bridge: contract schemas: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        },
         Command::Probe { ready } => {
             let mut addr = cfg.admin.listen;
             if addr.ip().is_unspecified() {

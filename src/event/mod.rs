@@ -5,6 +5,7 @@
 //! published to Kafka is exactly what Huggy sent (ids beyond 2^53, escapes, key order, whitespace).
 
 pub mod lineage;
+mod fields;
 pub(crate) mod types;
 
 use std::collections::HashMap;
@@ -16,6 +17,7 @@ use serde_json::value::RawValue;
 use sha2::{Digest, Sha256};
 
 pub use lineage::{Lineage, Sender, Source, StreamRuns};
+pub use fields::{Routing, ROUTING_HEADERS};
 pub use types::{EventType, KnownType};
 
 use crate::json::string_end;
@@ -343,6 +345,9 @@ pub struct Event {
     /// from disk and for events made outside a batch, which are then judged by their id alone.
     #[serde(skip)]
     pub(crate) lineage: Option<Box<Lineage>>,
+    /// The routing headers, read in the same parse as the key.
+    #[serde(default)]
+    pub routing: Routing,
 }
 
 impl Event {
@@ -582,28 +587,8 @@ fn dead_event(
         dead_letter: Some(reason),
         files: Vec::new(),
         lineage: None,
+        routing: Routing::default(),
     }
-}
-
-/// The members of an event that decide its key and source. Unknown members are skipped, not parsed.
-#[derive(Deserialize, Default)]
-struct KeyFields<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    chat: Option<&'a RawValue>,
-    #[serde(rename = "chatID", borrow, default)]
-    chat_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    company: Option<&'a RawValue>,
-    #[serde(rename = "companyID", borrow, default)]
-    company_id: Option<&'a RawValue>,
-}
-
-#[derive(Deserialize)]
-struct IdOnly<'a> {
-    #[serde(borrow, default)]
-    id: Option<&'a RawValue>,
 }
 
 /// Builds one event. With a token bound to an account (`account`), the company is the account's
@@ -624,17 +609,17 @@ fn build_event(
         let reason = "event has a \\u escape of a lone UTF-16 surrogate".into();
         return dead_event(id, event_type, raw, time, account, reason);
     }
-    let fields = match serde_json::from_str::<KeyFields<'_>>(raw.get()) {
+    let fields = match fields::read(event_type, raw) {
         Ok(f) => f,
         Err(e) => return dead_event(id, event_type, raw, time, account, format!("event cannot be read: {e}")),
     };
-    let claimed = nested_id(fields.company).or_else(|| fields.company_id.and_then(decimal));
+    let claimed = fields.company;
     let mismatch = match (account, &claimed) {
         (Some(a), Some(c)) => a.trim_start_matches('0') != c.trim_start_matches('0'),
         _ => false,
     };
     let company = account.map(str::to_owned).or(claimed);
-    let key = key_for(event_type, &fields).or_else(|| company.clone());
+    let key = fields.key.or_else(|| company.clone());
     Event {
         id,
         event_type: event_type.clone(),
@@ -646,19 +631,20 @@ fn build_event(
         dead_letter: mismatch.then(|| COMPANY_MISMATCH.to_owned()),
         files: Vec::new(),
         lineage: None,
+        routing: fields.routing,
     }
 }
 
-/// SPEC §5: chat id for chat events, customer id for customer events, agent id for agent status,
-/// else (by the caller) the company id.
-fn key_for(event_type: &EventType, f: &KeyFields<'_>) -> Option<String> {
-    use KnownType::*;
-    match event_type.known() {
-        Some(StartedChat | CreatedChat | AgentEntered | ClosedChat | LeftQueue) => f.id.and_then(decimal),
-        Some(StartedAutomationFlow | FinishedAutomationFlow) => f.chat_id.and_then(decimal),
-        Some(CreatedCustomer | UpdatedCustomer | AgentChangedStatus) => f.id.and_then(decimal),
-        _ => nested_id(f.chat).or_else(|| f.chat_id.and_then(decimal)),
-    }
+/// The routing headers of an event's bytes, read as [`split`] reads them; for events stored before
+/// the spool kept them.
+pub(crate) fn routing_of(event_type: &EventType, value: &[u8]) -> Routing {
+    std::str::from_utf8(value)
+        .ok()
+        .filter(|v| v.starts_with('{'))
+        .and_then(|v| serde_json::from_str::<&RawValue>(v).ok())
+        .and_then(|raw| fields::read(event_type, raw).ok())
+        .map(|f| f.routing)
+        .unwrap_or_default()
 }
 
 /// Whether a `\\uD800`–`\\uDFFF` escape appears without its pair: valid JSON grammar, but not
@@ -698,15 +684,6 @@ fn has_lone_surrogate(json: &str) -> bool {
         }
     }
     false
-}
-
-/// `{"id": …}` → the id as a decimal string.
-fn nested_id(raw: Option<&RawValue>) -> Option<String> {
-    let raw = raw?;
-    if !raw.get().starts_with('{') {
-        return None;
-    }
-    serde_json::from_str::<IdOnly<'_>>(raw.get()).ok()?.id.and_then(decimal)
 }
 
 /// A JSON integer, or a string of decimal digits, as a decimal string; digits are kept as written, so

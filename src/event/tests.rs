@@ -512,3 +512,167 @@ fn an_accounts_events_are_its_company_and_one_naming_another_is_dead_lettered() 
     assert!(plain.iter().take(5).all(|e| e.dead_letter.is_none()));
     assert_eq!(plain.iter().map(|e| e.id).collect::<Vec<_>>(), events.iter().map(|e| e.id).collect::<Vec<_>>());
 }
+
+/// The routing headers of an event as `name=value` pairs in header order.
+fn routing_line(ev: &Event) -> String {
+    ev.routing.headers(ev.company.as_deref()).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
+}
+
+#[test]
+fn routing_headers_of_every_published_example() {
+    let expected: &[(&str, &[&str])] = &[
+        ("agentChangedStatus.json", &["ce_subject=agent/40419 huggy_company_id=15693"]),
+        (
+            "agentEntered.json",
+            &["ce_subject=chat/30608118 huggy_company_id=15691 huggy_chat_id=30608118 huggy_channel=email huggy_chat_situation=in_chat"],
+        ),
+        ("asyncExportData.json", &["huggy_company_id=1"]),
+        (
+            "closedChat.json",
+            &["ce_subject=chat/30608118 huggy_company_id=15691 huggy_chat_id=30608118 huggy_channel=email huggy_chat_situation=finishing"],
+        ),
+        ("createdCustomer.json", &["ce_subject=customer/217806 huggy_company_id=1"]),
+        ("finishedAutomationFlow.json", &["ce_subject=chat/99999 huggy_company_id=99999 huggy_chat_id=99999"]),
+        (
+            "leftQueue.json",
+            &["ce_subject=chat/92340841 huggy_company_id=15693 huggy_chat_id=92340841 huggy_chat_situation=in_chat"],
+        ),
+        (
+            "newInternalMessage.json",
+            &["ce_subject=chat/214420 huggy_company_id=1 huggy_chat_id=214420 huggy_sender_type=agent huggy_channel=telegram_bot huggy_chat_situation=in_chat huggy_internal=true"],
+        ),
+        (
+            "receivedAllMessage.2.json",
+            &["ce_subject=chat/2932423 huggy_company_id=9999 huggy_chat_id=2932423 huggy_sender_type=widget huggy_channel=widget huggy_chat_situation=in_chat huggy_chat_department=11445"],
+        ),
+        (
+            "receivedAllMessage.json",
+            &["ce_subject=chat/19585255 huggy_company_id=15691 huggy_chat_id=19585255 huggy_sender_type=widget huggy_channel=widget huggy_chat_situation=in_chat"],
+        ),
+        (
+            "receivedMessage.json",
+            &["ce_subject=chat/2932424 huggy_company_id=6618 huggy_chat_id=2932424 huggy_sender_type=widget huggy_channel=widget huggy_chat_situation=wait_for_chat huggy_chat_department=11445"],
+        ),
+        (
+            "sendedAllMessage.older-docs.json",
+            &["ce_subject=chat/13120639 huggy_company_id=11721 huggy_chat_id=13120639 huggy_sender_type=agent huggy_channel=widget huggy_chat_situation=in_chat"],
+        ),
+        (
+            "sentAllMessage.json",
+            &["ce_subject=chat/13120639 huggy_company_id=11721 huggy_chat_id=13120639 huggy_sender_type=agent huggy_channel=widget huggy_chat_situation=in_chat"],
+        ),
+        (
+            "startedAutomationFlow+finishedAutomationFlow.2.json",
+            &[
+                "ce_subject=chat/214570 huggy_company_id=1 huggy_chat_id=214570",
+                "ce_subject=chat/214570 huggy_company_id=1 huggy_chat_id=214570",
+            ],
+        ),
+        (
+            "startedAutomationFlow+finishedAutomationFlow.json",
+            &[
+                "ce_subject=chat/214570 huggy_company_id=1 huggy_chat_id=214570",
+                "ce_subject=chat/214570 huggy_company_id=1 huggy_chat_id=214570",
+            ],
+        ),
+        ("startedAutomationFlow.json", &["ce_subject=chat/99999 huggy_company_id=99999 huggy_chat_id=99999"]),
+        (
+            "startedChat+receivedMessage.json",
+            &[
+                "ce_subject=chat/171789 huggy_company_id=3526 huggy_chat_id=171789 huggy_chat_situation=auto",
+                "ce_subject=chat/171789 huggy_company_id=3526 huggy_chat_id=171789 huggy_sender_type=widget huggy_channel=widget huggy_chat_situation=wait_for_chat",
+            ],
+        ),
+        (
+            "startedChat.json",
+            &["ce_subject=chat/171780 huggy_company_id=3526 huggy_chat_id=171780 huggy_channel=Email huggy_chat_situation=auto"],
+        ),
+        ("startedWidgetAttendance.json", &["huggy_company_id=9999"]),
+        (
+            "updatedChatDepartment.json",
+            &["ce_subject=chat/217618 huggy_company_id=1 huggy_chat_id=217618 huggy_channel=widget huggy_chat_situation=in_chat huggy_chat_department=30643"],
+        ),
+        ("updatedCustomer.json", &["ce_subject=customer/217806 huggy_company_id=1"]),
+        (
+            "updatedWorkflowStep.json",
+            &["ce_subject=chat/31155221 huggy_company_id=11721 huggy_chat_id=31155221 huggy_channel=widget huggy_chat_situation=in_chat"],
+        ),
+    ];
+    assert_eq!(expected.len(), EXPECTED.len(), "every published example");
+    for (name, lines) in expected {
+        let body = fixture(name);
+        let events = split_as_sent(&batch(&body), 0);
+        let got: Vec<String> = events.iter().map(routing_line).collect();
+        assert_eq!(got, *lines, "{name}");
+        for ev in &events {
+            // The key is the subject's id: one parse decides both.
+            let subject_id = ev.routing.subject.as_deref().and_then(|s| s.split_once('/')).map(|(_, id)| id);
+            assert_eq!(subject_id.or(ev.company.as_deref()), ev.key.as_deref(), "{name}");
+        }
+    }
+}
+
+/// One event of `event_type` in a batch, split.
+fn one(event_type: &str, event: &str) -> Event {
+    let body = format!(r#"{{"token":"t","time":1700000000,"messages":{{"{event_type}":[{event}]}}}}"#);
+    split_as_sent(&batch(body.as_bytes()), 0).remove(0)
+}
+
+#[test]
+fn routing_headers_of_internal_bot_and_whatsapp_events() {
+    let internal = one(
+        "newInternalMessage",
+        r#"{"id":1,"is_internal":true,"senderType":"agent","chat":{"id":7,"channel":"whatsapp","situation":"in_chat","department":false},"company":{"id":3}}"#,
+    );
+    assert_eq!(
+        routing_line(&internal),
+        "ce_subject=chat/7 huggy_company_id=3 huggy_chat_id=7 huggy_sender_type=agent huggy_channel=whatsapp huggy_chat_situation=in_chat huggy_internal=true"
+    );
+    let whatsapp = one(
+        "receivedMessage",
+        r#"{"id":"2","is_internal":false,"senderType":"whatsapp","channel":"whatsapp","chat":{"id":"8","channel":"whatsapp","situation":"wait_for_chat","department":{"id":55}},"company":{"id":"3"}}"#,
+    );
+    assert_eq!(
+        routing_line(&whatsapp),
+        "ce_subject=chat/8 huggy_company_id=3 huggy_chat_id=8 huggy_sender_type=whatsapp huggy_channel=whatsapp huggy_chat_situation=wait_for_chat huggy_chat_department=55"
+    );
+    let bot =
+        one("createdChat", r#"{"id":9,"situation":"auto","channel":"whatsapp","department":12,"company":{"id":3}}"#);
+    assert_eq!(
+        routing_line(&bot),
+        "ce_subject=chat/9 huggy_company_id=3 huggy_chat_id=9 huggy_channel=whatsapp huggy_chat_situation=auto huggy_chat_department=12"
+    );
+    // Only a JSON `true` is internal; a message's own `situation` is no chat situation.
+    let not_internal = one("receivedMessage", r#"{"id":3,"is_internal":"true","situation":"x","chat":{"id":1}}"#);
+    assert_eq!(routing_line(&not_internal), "ce_subject=chat/1 huggy_chat_id=1");
+    assert_eq!(
+        one("agentChangedStatus", r#"{"id":40,"status":"online"}"#).routing.subject.as_deref(),
+        Some("agent/40")
+    );
+}
+
+#[test]
+fn routing_values_that_are_not_plain_labels_are_left_out_and_the_event_kept() {
+    // A duplicated routing member is ambiguous: its header is left out, the event published.
+    let dup = one(
+        "receivedMessage",
+        r#"{"senderType":"agent","senderType":"widget","chat":{"id":1,"channel":"a","channel":"b"}}"#,
+    );
+    assert_eq!((dup.dead_letter.as_deref(), routing_line(&dup).as_str()), (None, "ce_subject=chat/1 huggy_chat_id=1"));
+    // A duplicated key member stays what it was: an event that cannot be read.
+    let dup_id = one("startedChat", r#"{"id":1,"id":2}"#);
+    assert!(dup_id.dead_letter.as_deref().is_some_and(|r| r.contains("duplicate field `id`")), "{dup_id:?}");
+    let odd = format!(
+        r#"{{"senderType":"a\"b","channel":"{}","chat":{{"id":1,"situation":"","department":"x1","channel":7}}}}"#,
+        "w".repeat(65)
+    );
+    let odd = one("receivedMessage", &odd);
+    assert_eq!(routing_line(&odd), "ce_subject=chat/1 huggy_chat_id=1");
+    // The routing headers read again from stored bytes are the ones split read.
+    let again = routing_of(&odd.event_type, &odd.value);
+    assert_eq!(again, odd.routing);
+    let body = fixture("newInternalMessage.json");
+    for ev in split_as_sent(&batch(&body), 0) {
+        assert_eq!(routing_of(&ev.event_type, &ev.value), ev.routing);
+    }
+}

@@ -185,7 +185,8 @@ pub(crate) fn producer_config(cfg: &Config, bootstrap: &str) -> ClientConfig {
         .set("linger.ms", linger_ms.to_string())
         .set("message.timeout.ms", message_timeout.to_string())
         .set("statistics.interval.ms", STATISTICS_INTERVAL_MS.to_string())
-        .set("queue.buffering.max.messages", "100000");
+        .set("queue.buffering.max.messages", "100000")
+        .set("partitioner", cfg.kafka.partitioner.as_str());
     apply_passthrough(&mut cc, &cfg.kafka);
     cc.set_log_level(RDKafkaLogLevel::Info);
     cc
@@ -674,6 +675,9 @@ mod tests {
         assert_eq!(cc.get("linger.ms"), Some("20"));
         assert_eq!(cc.get("acks"), Some("all"));
         assert_eq!(cc.get("enable.idempotence"), Some("true"));
+        assert_eq!(cc.get("partitioner"), Some("murmur2_random"), "Java-compatible by default");
+        cfg.kafka.partitioner = crate::config::Partitioner::Fnv1a;
+        assert_eq!(producer_config(&cfg, "b").get("partitioner"), Some("fnv1a"));
     }
 
     /// This build of librdkafka has what managed Kafka needs: TLS, SASL SCRAM and PLAIN, zstd, lz4.

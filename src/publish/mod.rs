@@ -69,7 +69,7 @@ impl Routes {
 pub(crate) fn headers(ev: &Event) -> OwnedHeaders {
     let id = ev.id.to_string();
     let (ce_type, source) = (ev.ce_type(), ev.ce_source());
-    let mut h = OwnedHeaders::new_with_capacity(8)
+    let mut h = OwnedHeaders::new_with_capacity(16)
         .insert(Header { key: "ce_specversion", value: Some("1.0") })
         .insert(Header { key: "ce_id", value: Some(id.as_str()) })
         .insert(Header { key: "ce_type", value: Some(ce_type.as_str()) })
@@ -81,6 +81,14 @@ pub(crate) fn headers(ev: &Event) -> OwnedHeaders {
     h = h.insert(Header { key: "content-type", value: Some("application/json") });
     if let Some(orig) = &ev.original_type {
         h = h.insert(Header { key: "huggy_original_type", value: Some(orig.as_str()) });
+    }
+    routing_headers(h, ev)
+}
+
+/// The routing headers (SPEC §5) an event carries, after `h`.
+fn routing_headers(mut h: OwnedHeaders, ev: &Event) -> OwnedHeaders {
+    for (key, value) in ev.routing.headers(ev.company.as_deref()) {
+        h = h.insert(Header { key, value: Some(value) });
     }
     h
 }
@@ -400,6 +408,11 @@ impl Publisher {
         if let Some(k) = &ev.key {
             rec = rec.key(k.as_str());
         }
+        // CreateTime is when the event happened, not when it is published (SPEC §5); an implausible
+        // batch `time` leaves it to librdkafka (the publish time), as `ce_time` is left out then.
+        if let Some(ms) = ev.time_millis() {
+            rec = rec.timestamp(ms);
+        }
         loop {
             match producer.send_result(rec) {
                 Ok(f) => return Ok(f),
@@ -678,6 +691,7 @@ mod tests {
                 dead_letter: None,
                 files: if files { vec!["https://files.huggy.app/x".into()] } else { Vec::new() },
                 lineage: None,
+                routing: Default::default(),
             },
         }
     }

@@ -14,12 +14,15 @@
 
 use std::fmt;
 
-use crate::event::{Event, EventId, EventType, KnownType};
+use crate::event::{routing_of, Event, EventId, EventType, KnownType, Routing};
 
 /// Magic at the start of every segment file.
 pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"HUGGYSPL";
-/// The format this build writes and reads.
-pub(crate) const VERSION: u32 = 2;
+/// The format this build writes.
+pub(crate) const VERSION: u32 = 3;
+/// The oldest format this build still reads. Version 3 appended the routing headers to an event
+/// record; a version 2 event record ends before them, and they are read again from its value.
+pub(crate) const OLDEST_READABLE: u32 = 2;
 /// Bytes of the segment header.
 pub(crate) const SEGMENT_HEADER_LEN: usize = 16;
 /// Marks the start of a frame.
@@ -34,6 +37,10 @@ const _: () = assert!(crate::config::MAX_BODY_BYTES_CEILING * 2 <= MAX_PAYLOAD);
 
 /// What a frame records.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "events are nearly every record, and each is moved into a Stored at once: boxing would allocate per event"
+)]
 pub(crate) enum Record {
     /// An event made durable, with its spool sequence number and receipt time (unix seconds).
     Event { seq: u64, received_at: i64, event: Event },
@@ -67,7 +74,7 @@ pub(crate) enum HeaderError {
          it has delivered everything (huggy_bridge_spool_events = 0), then start this one"
     )]
     Unversioned,
-    #[error("it is in spool format {found}, which this build (format {VERSION}) cannot read")]
+    #[error("it is in spool format {found}, which this build (formats {OLDEST_READABLE} to {VERSION}) cannot read")]
     Unsupported { found: u32 },
     #[error("its header is cut short ({0} bytes)")]
     Short(usize),
@@ -92,7 +99,7 @@ pub(crate) fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
         return Err(HeaderError::Unversioned);
     }
     let found = u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"));
-    if found != VERSION {
+    if !(OLDEST_READABLE..=VERSION).contains(&found) {
         return Err(HeaderError::Unsupported { found });
     }
     Ok(true)
@@ -131,6 +138,11 @@ fn encode_payload(record: &Record, out: &mut Vec<u8>) {
             for f in &event.files {
                 put_bytes(out, f.as_bytes());
             }
+            let r = &event.routing;
+            for field in [&r.subject, &r.chat_id, &r.sender_type, &r.channel, &r.chat_situation, &r.chat_department] {
+                put_opt(out, field.as_deref());
+            }
+            out.push(u8::from(r.internal));
         }
         Record::Acked(ranges) => {
             out.push(KIND_ACKED);
@@ -180,6 +192,7 @@ pub(crate) struct Undecodable(pub(crate) String);
 
 /// The result of looking at the bytes at one position.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant, reason = "as `Record`: a frame is the common case")]
 pub(crate) enum Next {
     /// A whole, valid frame and the bytes it takes.
     Frame(Record, usize),
@@ -311,8 +324,32 @@ fn decode_payload(payload: &[u8]) -> Result<Record, Undecodable> {
             for _ in 0..n {
                 files.push(c.string()?);
             }
-            let event =
-                Event { id, event_type, original_type, key, company, time, value, dead_letter, files, lineage: None };
+            // Format 2 ended here; its events' routing headers are read from the value once.
+            let routing = if c.pos == payload.len() {
+                routing_of(&event_type, &value)
+            } else {
+                let (subject, chat_id, sender_type) = (c.opt()?, c.opt()?, c.opt()?);
+                let (channel, chat_situation, chat_department) = (c.opt()?, c.opt()?, c.opt()?);
+                let internal = match c.u8()? {
+                    0 => false,
+                    1 => true,
+                    t => return Err(Undecodable(format!("internal flag {t}"))),
+                };
+                Routing { subject, chat_id, sender_type, channel, chat_situation, chat_department, internal }
+            };
+            let event = Event {
+                id,
+                event_type,
+                original_type,
+                key,
+                company,
+                time,
+                value,
+                dead_letter,
+                files,
+                lineage: None,
+                routing,
+            };
             Record::Event { seq, received_at, event }
         }
         KIND_ACKED => {

@@ -31,6 +31,7 @@ async fn one_frame() -> u64 {
 
 fn ev(n: u32, key: &str) -> Event {
     let value = format!(r#"{{"id":{n},"chat":{{"id":{key}}}}}"#).into_bytes();
+    let routing = crate::event::routing_of(&EventType::Known(KnownType::ReceivedMessage), &value);
     Event {
         id: EventId::derive("receivedMessage", &value),
         event_type: EventType::Known(KnownType::ReceivedMessage),
@@ -42,6 +43,7 @@ fn ev(n: u32, key: &str) -> Event {
         dead_letter: None,
         files: Vec::new(),
         lineage: None,
+        routing,
     }
 }
 
@@ -467,6 +469,36 @@ async fn an_unknown_format_version_refuses_to_start() {
     assert!(matches!(err, SpoolError::Format { .. }) && msg.contains("format 99"), "{msg}");
     // Nothing was changed: the file is as it was.
     assert_eq!(std::fs::read(&seg).unwrap(), bytes);
+}
+
+#[tokio::test]
+async fn a_spool_of_format_2_is_read_and_its_routing_headers_come_from_the_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut event = ev(1, "42");
+    let expected = event.routing.clone();
+    assert_eq!(expected.chat_id.as_deref(), Some("42"));
+    event.routing = crate::event::Routing::default();
+    let mut frame = Vec::new();
+    format::encode(&format::Record::Event { seq: 1, received_at: 1, event: event.clone() }, &mut frame);
+    // Format 2 wrote the same record without the routing trailer (six absent options and a flag).
+    let payload = &frame[format::FRAME_HEADER_LEN..frame.len() - 7];
+    let len = u32::try_from(payload.len()).unwrap().to_le_bytes();
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&len);
+    crc.update(payload);
+    let mut segment = format::segment_header().to_vec();
+    segment[8..12].copy_from_slice(&2u32.to_le_bytes());
+    segment.extend_from_slice(&format::FRAME_MAGIC.to_le_bytes());
+    segment.extend_from_slice(&len);
+    segment.extend_from_slice(&crc.finalize().to_le_bytes());
+    segment.extend_from_slice(payload);
+    std::fs::write(dir.path().join("segment-00000000000000000001.log"), &segment).unwrap();
+    let spool = Spool::open(settings(dir.path())).unwrap();
+    let got = read_all(&spool).await;
+    assert_eq!(got.len(), 1);
+    event.routing = expected;
+    assert_eq!(got[0].event, event, "read whole, routing headers read again from the value");
+    spool.close().await;
 }
 
 #[tokio::test]

@@ -16,6 +16,8 @@ pub struct Rec {
     #[allow(dead_code, reason = "shown where a failure prints the record")]
     pub offset: i64,
     pub key: Option<String>,
+    /// The record's CreateTime in Unix milliseconds (`None`: no timestamp, or LogAppendTime).
+    pub timestamp: Option<i64>,
     pub value: Vec<u8>,
     pub headers: BTreeMap<String, String>,
 }
@@ -106,6 +108,10 @@ fn read_topic_with(bootstrap: &str, extra: &[(String, String)], topic: &str) -> 
                     partition: m.partition(),
                     offset: m.offset(),
                     key: m.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+                    timestamp: match m.timestamp() {
+                        rdkafka::Timestamp::CreateTime(ms) => Some(ms),
+                        _ => None,
+                    },
                     value: m.payload().unwrap_or_default().to_vec(),
                     headers,
                 });

@@ -91,6 +91,8 @@ pub fn check_fixture_records(recs: &[Rec], dedup: bool) {
                 assert_eq!(r.header("ce_source"), Some(format!("huggy://company/{company}").as_str()), "{name}");
                 assert_eq!(r.header("ce_id").map(str::len), Some(32));
                 assert_eq!(r.header("huggy_original_type"), (ty != norm).then_some(ty.as_str()), "{name}");
+                assert_eq!(r.timestamp, Some(time * 1000), "{name}: CreateTime is the batch time");
+                check_routing_headers(&name, norm, ev, r);
             }
         }
     }
@@ -98,6 +100,44 @@ pub fn check_fixture_records(recs: &[Rec], dedup: bool) {
     assert!(unmatched.is_empty(), "unexpected records: {unmatched:?}");
     let ids: std::collections::HashSet<_> = recs.iter().map(|r| r.header("ce_id")).collect();
     assert_eq!(ids.len(), 24, "one id per distinct event");
+}
+
+/// Independent statement of SPEC §5's routing headers for the fields the published examples have.
+fn check_routing_headers(name: &str, ty: &str, ev: &serde_json::Value, r: &Rec) {
+    use serde_json::Value;
+    let text = |x: &Value| match x {
+        Value::Number(n) => Some(n.to_string()),
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        _ => None,
+    };
+    let chat_event = matches!(ty, "startedChat" | "createdChat" | "agentEntered" | "closedChat" | "leftQueue");
+    let chat_id = if chat_event { text(&ev["id"]) } else { text(&ev["chat"]["id"]).or_else(|| text(&ev["chatID"])) };
+    let subject = match ty {
+        "createdCustomer" | "updatedCustomer" => text(&ev["id"]).map(|id| format!("customer/{id}")),
+        "agentChangedStatus" => text(&ev["id"]).map(|id| format!("agent/{id}")),
+        _ => chat_id.as_ref().map(|id| format!("chat/{id}")),
+    };
+    let top = |k: &str| if chat_event { text(&ev[k]) } else { None };
+    let channel = text(&ev["chat"]["channel"]).or_else(|| {
+        if ev["channel"].is_object() {
+            text(&ev["channel"]["type"])
+        } else {
+            text(&ev["channel"])
+        }
+    });
+    let expected = [
+        ("ce_subject", subject),
+        ("huggy_company_id", text(&ev["company"]["id"])),
+        ("huggy_chat_id", chat_id),
+        ("huggy_sender_type", text(&ev["senderType"])),
+        ("huggy_channel", channel),
+        ("huggy_chat_situation", text(&ev["chat"]["situation"]).or_else(|| top("situation"))),
+        ("huggy_chat_department", text(&ev["chat"]["department"]).or_else(|| top("department"))),
+        ("huggy_internal", (ev["is_internal"] == Value::Bool(true)).then(|| "true".to_owned())),
+    ];
+    for (header, value) in expected {
+        assert_eq!(r.header(header), value.as_deref(), "{name}: {header}");
+    }
 }
 
 /// The topics the fixtures go to.

@@ -7,6 +7,7 @@
 #[path = "../common/mod.rs"]
 mod common;
 
+mod consumer_contract;
 mod deploy;
 mod durability;
 mod embedded;

@@ -97,7 +97,7 @@ fn version_names_the_version_the_commit_and_the_spool_format() {
     assert!(out.status.success());
     let line = String::from_utf8(out.stdout).unwrap();
     let commit = huggy_bridge::build_info::COMMIT;
-    assert_eq!(line.trim(), format!("huggy-bridge {} (commit {commit}, spool format 2)", env!("CARGO_PKG_VERSION")));
+    assert_eq!(line.trim(), format!("huggy-bridge {} (commit {commit}, spool format 3)", env!("CARGO_PKG_VERSION")));
     // Built from a checkout, the commit is its HEAD (with -dirty when tracked files differ).
     let root = env!("CARGO_MANIFEST_DIR");
     if Path::new(root).join(".git").exists() {
