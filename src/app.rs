@@ -21,10 +21,13 @@ use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
+use crate::metrics::Stage;
 use crate::publish::kafka::{self, EmbeddedBroker};
+use crate::publish::Poison;
 use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
 use crate::reload::Reloader;
 use crate::spool::{SegmentIo, Spool, SpoolSettings};
+use crate::supervise::{Faults, Supervisor};
 use crate::systemd::Notifier;
 
 /// How long a spool-mode shutdown waits on Kafka (publisher window, producer flush).
@@ -65,11 +68,16 @@ impl Running {
     }
 }
 
-/// Replacements for parts of the daemon, for tests that need a disk that fails.
+/// Replacements for parts of the daemon, for tests that need a disk that fails or a stage that
+/// panics. Nothing here is reachable from a request: only code that starts the daemon sets it.
 #[derive(Default, Clone)]
 pub struct Overrides {
     /// The spool's write and sync calls.
     pub spool_io: Option<Arc<dyn SegmentIo>>,
+    /// Panics to inject into the supervised background stages.
+    pub faults: Option<Arc<Faults>>,
+    /// Events (by their value's bytes) whose publishing panics, as a bug in publishing would.
+    pub poison: Option<Poison>,
     /// Where systemd notifications go; unset: `$NOTIFY_SOCKET` and `$WATCHDOG_USEC`, if any.
     pub notifier: Option<Notifier>,
 }
@@ -328,11 +336,14 @@ impl Pipeline {
             async move { limits.refresh().await }
         });
         let claims = publish::claim::ClaimChecks::new(cfg, limits, metrics.clone());
-        let publisher = Arc::new(
-            Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
-                .recreating_with(recreate)
-                .with_claim_checks(claims),
-        );
+        let mut publisher = Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
+            .recreating_with(recreate)
+            .with_claim_checks(claims);
+        if let Some(p) = &overrides.poison {
+            publisher = publisher.poisoned_by(p.clone());
+        }
+        let publisher = Arc::new(publisher);
+        let supervisor = Supervisor::new(metrics.clone(), overrides.faults.clone());
         let spool = match cfg.delivery.ack {
             AckMode::Spool => {
                 // A large spool may take longer to recover than systemd's start timeout.
@@ -342,32 +353,48 @@ impl Pipeline {
             AckMode::Kafka => None,
         };
         let files_stop = CancellationToken::new();
-        let files = start_file_capture(cfg, spool.as_ref(), metrics.clone(), files_stop.clone()).await?;
+        let files = start_file_capture(cfg, spool.as_ref(), metrics.clone(), files_stop.clone(), &supervisor).await?;
         let pulse = Pulse::new();
-        let health = Arc::new(Health::new(cfg, kafka_health.clone(), spool.clone(), pulse.clone(), metrics.clone()));
+        let health = Arc::new(
+            Health::new(cfg, kafka_health.clone(), spool.clone(), pulse.clone(), metrics.clone())
+                .with_stages(supervisor.stages()),
+        );
 
         // Tasks that outlive the request path stop on their own tokens, in drain order.
         let publisher_soft_stop = CancellationToken::new();
         let publisher_hard_stop = CancellationToken::new();
         let background_stop = CancellationToken::new();
+        // Each run of the publisher starts from the spool's oldest unacknowledged event.
         let publisher_task = spool.clone().map(|s| {
-            let work = publish::run_spool_publisher(
-                s,
-                publisher.clone(),
-                cfg.kafka.max_in_flight_records,
-                metrics.clone(),
-                publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() },
-                pulse,
-            );
-            on_own_thread("spool-publisher", work)
+            let (publisher, metrics, window) = (publisher.clone(), metrics.clone(), cfg.kafka.max_in_flight_records);
+            let stops = publish::Stops { soft: publisher_soft_stop.clone(), hard: publisher_hard_stop.clone() };
+            let (sup, soft) = (supervisor.clone(), publisher_soft_stop.clone());
+            on_own_thread("spool-publisher", async move {
+                sup.supervise(Stage::Publisher, soft, move || {
+                    publish::run_spool_publisher(
+                        s.clone(),
+                        publisher.clone(),
+                        window,
+                        metrics.clone(),
+                        stops.clone(),
+                        pulse.clone(),
+                    )
+                })
+                .await;
+            })
         });
-        tokio::spawn(probe_kafka(
-            publisher.clone(),
-            kafka_health,
-            health.clone(),
-            (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000))),
-            background_stop.clone(),
-        ));
+        let probe =
+            (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)));
+        tokio::spawn({
+            let (sup, stop, publisher, health) =
+                (supervisor.clone(), background_stop.clone(), publisher.clone(), health.clone());
+            async move {
+                sup.supervise(Stage::KafkaProbe, stop.clone(), move || {
+                    probe_kafka(publisher.clone(), kafka_health.clone(), health.clone(), probe.clone(), stop.clone())
+                })
+                .await;
+            }
+        });
         Ok(Pipeline {
             embedded,
             embedded_bootstrap,
@@ -461,27 +488,35 @@ async fn start_file_capture(
     spool: Option<&Spool>,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
+    supervisor: &Supervisor,
 ) -> anyhow::Result<Option<Arc<FileCapture>>> {
     let fc = if cfg.files.enabled {
         // Results flow back into the spool's writer through one bounded channel (awaiting room,
         // never a task per result).
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<FileDone>(1024);
+        let (done_tx, done_rx) = tokio::sync::mpsc::channel::<FileDone>(1024);
         let files_cfg = files_config(cfg, spool.is_some());
         let fc = FileCapture::new(&files_cfg, metrics, done_tx).context("setting up file capture")?;
         if let Some(s) = spool.cloned() {
+            // Shared so that a restarted forwarder takes over the same channel; it ends when every
+            // sender is gone.
+            let done_rx = Arc::new(tokio::sync::Mutex::new(done_rx));
+            let sup = supervisor.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
-                while let Some(d) = done_rx.recv().await {
-                    s.files_done(d.seq, d.member).await;
-                }
+                sup.supervise(Stage::FileResults, stop, move || forward_file_results(s.clone(), done_rx.clone())).await;
             });
         }
-        fc.spawn_workers(stop.clone());
+        fc.spawn_supervised(stop.clone(), supervisor);
         Some(fc)
     } else {
         None
     };
-    if let Some(s) = spool {
-        tokio::spawn(feed_file_work(s.clone(), fc.clone(), stop));
+    if let Some(s) = spool.cloned() {
+        let (sup, fc) = (supervisor.clone(), fc.clone());
+        tokio::spawn(async move {
+            let run_stop = stop.clone();
+            sup.supervise(Stage::FileFeed, stop, move || feed_file_work(s.clone(), fc.clone(), run_stop.clone())).await;
+        });
     }
     Ok(fc)
 }
@@ -505,6 +540,14 @@ fn files_config(cfg: &Config, spooled: bool) -> crate::config::FilesConfig {
         files.min_free_bytes = Some(floor);
     }
     files
+}
+
+/// Hands capture results back to the spool's writer until every sender is gone.
+async fn forward_file_results(spool: Spool, done: Arc<tokio::sync::Mutex<tokio::sync::mpsc::Receiver<FileDone>>>) {
+    let mut done = done.lock().await;
+    while let Some(d) = done.recv().await {
+        spool.files_done(d.seq, d.member).await;
+    }
 }
 
 /// Hands the spool's file work to the capture stage as it appears.

@@ -805,7 +805,7 @@ pub(crate) fn refused_property(key: &str, value: &str, ack: AckMode, kafka: &Kaf
             Some("above 5 the idempotent producer cannot keep records of one key in order".into())
         }
         "message.timeout.ms" | "delivery.timeout.ms" if ack == AckMode::Spool => Some(
-            "in spool mode records never time out inside librdkafka (0), so a failed record cannot be overtaken by a later one of its key".into(),
+            "in spool mode the bridge sets it (30 s) and re-sends a timed-out record itself, before any later one of its key".into(),
         ),
         "transactional.id" => Some(
             "the bridge never commits a transaction: its records would stay invisible to read_committed consumers".into(),
@@ -1688,8 +1688,8 @@ mod tests {
             ("enable.idempotence", "false", "idempotence"),
             ("max.in.flight.requests.per.connection", "6", "above 5"),
             ("max.in.flight", "100", "above 5"),
-            ("message.timeout.ms", "30000", "never time out"),
-            ("delivery.timeout.ms", "30000", "never time out"),
+            ("message.timeout.ms", "30000", "re-sends a timed-out record"),
+            ("delivery.timeout.ms", "30000", "re-sends a timed-out record"),
             ("transactional.id", "bridge-1", "transaction"),
             ("partitioner", "random", "per-key order"),
             ("bootstrap.servers", "x:9092", "kafka.brokers"),

@@ -8,7 +8,8 @@
 //! - `kafka` mode: Kafka is reachable, the producer is usable, and the daemon is not shutting down.
 //!
 //! Liveness fails only when restarting would help: the spool writer or the publisher has work and
-//! has stopped making progress, or the producer is fatally broken and could not be recreated.
+//! has stopped making progress, the producer is fatally broken and could not be recreated, or a
+//! supervised stage keeps panicking however often it is restarted.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -22,6 +23,7 @@ use crate::config::{AckMode, Config};
 use crate::metrics::Metrics;
 use crate::publish::KafkaHealth;
 use crate::spool::Spool;
+use crate::supervise::Stages;
 
 /// A stage's pulse: when it last made progress.
 #[derive(Debug, Default)]
@@ -59,6 +61,7 @@ pub(crate) struct Health {
     warn_age_secs: u64,
     spool_dir: PathBuf,
     metrics: Arc<Metrics>,
+    stages: Option<Arc<Stages>>,
 }
 
 impl Health {
@@ -81,7 +84,14 @@ impl Health {
             warn_age_secs: cfg.spool.max_undelivered_age_secs,
             spool_dir: cfg.spool.dir.clone(),
             metrics,
+            stages: None,
         }
+    }
+
+    /// Liveness also fails while a supervised stage keeps failing.
+    pub(crate) fn with_stages(mut self, stages: Arc<Stages>) -> Health {
+        self.stages = Some(stages);
+        self
     }
 
     /// Shutdown began: new webhook requests get 503, readiness turns false.
@@ -138,6 +148,9 @@ impl Health {
         }
         if self.kafka.cannot_recreate() {
             reasons.push("kafka producer is fatally broken and could not be recreated".to_owned());
+        }
+        if let Some(stages) = &self.stages {
+            reasons.extend(stages.failing());
         }
         reasons
     }

@@ -166,7 +166,7 @@ impl Ingest {
             }
         }
         let refs: Vec<&Event> = events.iter().collect();
-        let outcomes = publisher.publish_all(&refs).await;
+        let outcomes = publisher.publish_guarded(&refs).await;
         if let Some(Outcome::Retry(why)) = outcomes.iter().find(|o| matches!(o, Outcome::Retry(_))) {
             warn!(%why, "kafka refused part of the batch");
             return Err(IngestError::KafkaUnavailable);

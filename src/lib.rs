@@ -25,6 +25,7 @@
 //! - [`replay`]: `dead-letter replay` and `claim-check get`, the ways back out of the dead-letter
 //!   topic and the file store.
 //! - `health`: readiness, liveness and the gauges read from state.
+//! - [`supervise`]: the background stages run under a supervisor that restarts them after a panic.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
 
 #![warn(missing_docs)]
@@ -47,5 +48,6 @@ pub mod reload;
 pub mod replay;
 pub mod shutdown;
 pub mod spool;
+pub mod supervise;
 pub mod systemd;
 pub mod telemetry;

@@ -165,13 +165,14 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
             ),
         });
         let window = (crate::publish::WINDOW_BYTES as u64).saturating_add(max_body);
-        let records = (cfg.kafka.max_in_flight_records as u64).min(window / min_event + 1);
+        let held = cfg.kafka.max_in_flight_records.saturating_mul(crate::publish::HELD_PER_WINDOW) as u64;
+        let records = held.min(window / min_event + 1);
         terms.push(Term {
             name: "publisher window",
             bytes: window.saturating_mul(2).saturating_add(records.saturating_mul(EVENT_STRUCT_BYTES)),
             from: format!(
                 "2 × ({} MiB + http.max_body_bytes): read and librdkafka's copy; {EVENT_STRUCT_BYTES} bytes per \
-                 record (kafka.max_in_flight_records)",
+                 record held (4 × kafka.max_in_flight_records: the flowing window and the lanes backing off)",
                 crate::publish::WINDOW_BYTES as u64 / MIB
             ),
         });

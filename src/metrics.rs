@@ -68,6 +68,17 @@ labels! {
 }
 
 labels! {
+    /// A supervised background stage, the `stage` label of `huggy_bridge_stage_restarts_total`.
+    Stage {
+        Publisher => "publisher",
+        KafkaProbe => "kafka_probe",
+        FileFeed => "file_feed",
+        FileResults => "file_results",
+        FileDispatch => "file_dispatch",
+    }
+}
+
+labels! {
     /// Result of a configuration reload, the `result` label of `huggy_bridge_config_reloads_total`.
     ReloadResult {
         Applied => "applied",
@@ -178,6 +189,10 @@ pub struct Metrics {
     /// `dead-letter replay`.
     pub dead_letters_replayed: IntCounter,
     pub(crate) ready: IntGauge,
+    /// `huggy_bridge_publish_stalled_keys`: keys whose last publish failed, waiting out a backoff.
+    pub publish_stalled_keys: IntGauge,
+    /// `huggy_bridge_stage_restarts_total`: background stages restarted after a panic, by stage.
+    pub stage_restarts: IntCounterVec,
     /// `huggy_bridge_config_reloads_total`: reloads (SIGHUP) by `result`.
     pub config_reloads: IntCounterVec,
     /// `huggy_bridge_tls_cert_expiry_timestamp_seconds`: the serving certificate's `notAfter`.
@@ -408,6 +423,15 @@ impl Metrics {
                 "Dead-lettered records republished to their topic by `dead-letter replay`."
             )),
             ready: reg!(IntGauge::new("huggy_bridge_ready", "1 when /readyz answers 200.")),
+            publish_stalled_keys: reg!(IntGauge::new(
+                "huggy_bridge_publish_stalled_keys",
+                "Keys (chats, companies) whose last publish failed and that wait out their own backoff; the other keys go on."
+            )),
+            stage_restarts: reg!(counter_vec(
+                "huggy_bridge_stage_restarts_total",
+                "Background stages restarted after a panic, by stage (publisher, kafka_probe, file_feed, file_results, file_dispatch).",
+                "stage"
+            )),
             config_reloads: reg!(counter_vec(
                 "huggy_bridge_config_reloads_total",
                 "Configuration reloads (SIGHUP) by result: applied, or rejected with the old configuration kept.",
@@ -447,6 +471,9 @@ impl Metrics {
         }
         for r in FileOutcome::ALL {
             m.file_downloads.with_label_values(&[r.label()]);
+        }
+        for s in Stage::ALL {
+            m.stage_restarts.with_label_values(&[s.label()]);
         }
         for k in ClaimTopic::ALL {
             m.claim_checks.with_label_values(&[k.label()]);

@@ -440,8 +440,22 @@ impl FileCapture {
     /// store and not reported (their events keep waiting for a capture). [`FileCapture::stopped`]
     /// waits for that.
     pub fn spawn_workers(self: &Arc<Self>, stop: CancellationToken) {
-        let me = self.clone();
-        self.tasks.spawn(async move { me.dispatch(stop).await });
+        self.spawn_supervised(stop, &crate::supervise::Supervisor::new(self.metrics.clone(), None));
+    }
+
+    /// [`FileCapture::spawn_workers`] under `supervisor`: a dispatcher that panics is restarted
+    /// (the queue lives in `self`, so the fresh one carries on with it).
+    pub(crate) fn spawn_supervised(
+        self: &Arc<Self>,
+        stop: CancellationToken,
+        supervisor: &crate::supervise::Supervisor,
+    ) {
+        let (me, sup) = (self.clone(), supervisor.clone());
+        self.tasks.spawn(async move {
+            let run_stop = stop.clone();
+            sup.supervise(crate::metrics::Stage::FileDispatch, stop, move || me.clone().dispatch(run_stop.clone()))
+                .await;
+        });
     }
 
     /// After `stop`: waits until every download has given its partial upload back to the store.

@@ -19,6 +19,10 @@ use crate::clock::monotonic_millis;
 use crate::config::{AckMode, Config, KafkaConfig, SaslMechanism};
 use crate::metrics::Metrics;
 
+/// `message.timeout.ms` in spool mode: how long a record may wait inside librdkafka (a partition
+/// without a leader, a topic that does not exist) before it goes back to its key's lane.
+pub(crate) const SPOOL_MESSAGE_TIMEOUT_MS: u64 = 30_000;
+
 /// How often librdkafka reports statistics (broker states, queue depth).
 pub(crate) const STATISTICS_INTERVAL_MS: u64 = 2_000;
 
@@ -163,11 +167,13 @@ pub(crate) fn producer(
 
 /// Every property the producer is created with, passthrough included.
 pub(crate) fn producer_config(cfg: &Config, bootstrap: &str) -> ClientConfig {
-    // Spool mode: never time out (the spool holds the record; order per key stays intact) and batch
-    // a little. Kafka mode: a request waits for the acks, so time out with it and linger briefly (2 ms
-    // measured best against 0, 1, 3 and 5 ms; BENCHMARKS.md).
+    // Spool mode: time out (SPOOL_MESSAGE_TIMEOUT_MS) so that a record of a partition Kafka cannot
+    // write now comes back to its key's lane instead of holding the publisher; the spool still holds
+    // it, and the lane re-sends it before anything newer of its key. Batch a little. Kafka mode: a
+    // request waits for the acks, so time out with it and linger briefly (2 ms measured best against
+    // 0, 1, 3 and 5 ms; BENCHMARKS.md).
     let (message_timeout, linger_ms) = match cfg.delivery.ack {
-        AckMode::Spool => (0, 5),
+        AckMode::Spool => (SPOOL_MESSAGE_TIMEOUT_MS, 5),
         AckMode::Kafka => (cfg.delivery.kafka_ack_timeout_ms.max(1), 2),
     };
     let mut cc = client_config(&cfg.kafka, bootstrap);

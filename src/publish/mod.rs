@@ -2,15 +2,18 @@
 //! dead-lettering of what Kafka can never take, and the loop that drains the spool.
 
 pub mod claim;
+mod guard;
 pub mod kafka;
+mod lanes;
+mod stale;
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use futures::future::join_all;
+use futures::stream::{FuturesUnordered, StreamExt as _};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureRecord, Producer as _};
@@ -22,6 +25,7 @@ use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
+pub use guard::Poison;
 use kafka::ErrorClass;
 pub(crate) use kafka::{KafkaHealth, Producer};
 
@@ -109,6 +113,8 @@ pub(crate) enum RetryReason {
     DeadLetter(#[source] KafkaError),
     #[error("the delivery report was lost: the producer was closed")]
     Closed,
+    #[error("publishing panicked, and so did dead-lettering the event: {0}")]
+    Panicked(String),
     /// Too large for its topic, and its claim check could not be stored (the file store failed).
     #[error("too large for its topic and not stored as a claim check: {0}")]
     ClaimCheck(String),
@@ -147,6 +153,8 @@ pub(crate) struct Publisher {
     routes: Routes,
     claims: claim::ClaimChecks,
     metrics: Arc<Metrics>,
+    poison: Option<Poison>,
+    staleness: stale::Staleness,
 }
 
 impl Publisher {
@@ -162,6 +170,8 @@ impl Publisher {
                 metrics.clone(),
             ),
             metrics,
+            poison: None,
+            staleness: stale::Staleness::default(),
         }
     }
 
@@ -199,7 +209,15 @@ impl Publisher {
     /// The producer is broken and may not (yet) or cannot be replaced.
     async fn usable_producer(&self) -> Result<Arc<Producer>, RetryReason> {
         let current = self.producer();
-        let Some((code, reason)) = current.client().fatal_error() else { return Ok(current) };
+        // A fatally broken producer cannot send at all; a stale one (the broker lost its state, see
+        // `stale`) is used until it may be replaced.
+        let (code, reason, fatal_now) = match current.client().fatal_error() {
+            Some((code, reason)) => (code, reason, true),
+            None => match self.recreate.as_ref().and_then(|r| self.staleness.stale(r.health.is_reachable())) {
+                Some((code, reason)) => (code, reason, false),
+                None => return Ok(current),
+            },
+        };
         let fatal = KafkaError::Global(code);
         let Some(recreate) = &self.recreate else { return Err(RetryReason::Fatal(fatal)) };
         let mut pace = self.recreation.lock().await;
@@ -208,7 +226,7 @@ impl Publisher {
             return Ok(now_current); // replaced while this call waited
         }
         if pace.not_before.is_some_and(|t| Instant::now() < t) {
-            return Err(RetryReason::Fatal(fatal));
+            return if fatal_now { Err(RetryReason::Fatal(fatal)) } else { Ok(current) };
         }
         // A producer that broke soon after the last replacement doubles the wait for the next one.
         pace.delay = match pace.last {
@@ -216,7 +234,11 @@ impl Publisher {
             _ => RECREATE_MIN_DELAY,
         };
         pace.not_before = Some(Instant::now() + pace.delay);
-        error!(code = ?code, reason, "kafka producer failed fatally; replacing it (unacknowledged events are sent again)");
+        if fatal_now {
+            error!(code = ?code, reason, "kafka producer failed fatally; replacing it (unacknowledged events are sent again)");
+        } else {
+            error!(code = ?code, reason, "kafka producer makes no progress; replacing it (unacknowledged events are sent again)");
+        }
         match (recreate.make)() {
             Ok(fresh) => {
                 let fresh = Arc::new(fresh);
@@ -225,6 +247,7 @@ impl Publisher {
                     Err(poisoned) => *poisoned.into_inner() = fresh.clone(),
                 }
                 pace.last = Some(Instant::now());
+                self.staleness.reset();
                 recreate.health.fatal.store(false, Ordering::Relaxed);
                 recreate.health.unrecoverable.store(false, Ordering::Relaxed);
                 self.metrics.kafka_fatal.set(0);
@@ -253,6 +276,7 @@ impl Publisher {
         };
         let mut pending = Vec::with_capacity(events.len());
         for ev in events {
+            self.check_poison(ev);
             pending.push(match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
                 None => self
@@ -278,6 +302,7 @@ impl Publisher {
         for (ev, result) in events.iter().zip(waited) {
             let outcome = match result {
                 Ok(()) => {
+                    self.staleness.delivered();
                     self.metrics.events_published.with_label_values(&[ev.event_type.label()]).inc();
                     self.metrics.published_bytes.inc_by(ev.value.len() as u64);
                     Outcome::Published
@@ -301,6 +326,7 @@ impl Publisher {
                 }
                 Err(PublishError::Kafka(e)) => {
                     self.count_error(&e);
+                    self.staleness.failed(&e);
                     match kafka::classify(&e) {
                         ErrorClass::Permanent => self.dead_letter(&producer, ev, &e.to_string()).await,
                         ErrorClass::Authorization => {
@@ -426,6 +452,7 @@ enum PublishError {
 }
 
 /// When the spool publisher stops: `soft` after its current window, `hard` at once.
+#[derive(Clone)]
 pub(crate) struct Stops {
     pub(crate) soft: CancellationToken,
     pub(crate) hard: CancellationToken,
@@ -436,12 +463,31 @@ pub(crate) struct Stops {
 /// memory that many small ones would not (see `memory`).
 pub(crate) const WINDOW_BYTES: usize = 32 * 1024 * 1024;
 
-/// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, publishes
-/// a window of them, acknowledges what Kafka took, and retries the rest with exponential backoff
-/// (in order, before anything newer).
+/// Rounds of lanes being published at once: a round holding a record Kafka cannot take now waits
+/// for its delivery timeout, and the others go on meanwhile.
+const ROUNDS_IN_FLIGHT: usize = 4;
+/// Events held per publishing window (`kafka.max_in_flight_records`): room for the lanes of keys that
+/// wait out a backoff besides the window that flows. Their bytes stay within [`WINDOW_BYTES`].
+pub(crate) const HELD_PER_WINDOW: usize = 4;
+
+/// How long a round may take before it counts as hung (liveness): librdkafka reports every record
+/// within its message timeout, so a round past that and a margin is one that will not end.
+const ROUND_DEADLINE: Duration = Duration::from_millis(kafka::SPOOL_MESSAGE_TIMEOUT_MS + 30_000);
+
+type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<Stored>, Vec<Outcome>)> + Send>>;
+
+/// Drains the spool into Kafka until cancelled: reads undelivered events in sequence order, holds
+/// them in one lane per key ([`lanes`]), publishes rounds of lanes (up to `window` events each,
+/// [`ROUNDS_IN_FLIGHT`] at once), acknowledges what Kafka took, and puts what it did not back at the
+/// front of its lane, which waits out its own exponential backoff: a key Kafka will not take stalls
+/// only itself, in order.
 ///
 /// An event whose files are still being captured is parked, and so is every later event with the
 /// same key (order per key); events of other keys go on. Parked events go first once ready.
+///
+/// The pulse beats while every round in flight is younger than [`ROUND_DEADLINE`] (a round waiting
+/// on an unwritable partition ends within the message timeout): a round that never ends (a
+/// producer that stopped reporting) silences it, and liveness says so.
 pub(crate) async fn run_spool_publisher(
     spool: Spool,
     publisher: Arc<Publisher>,
@@ -453,82 +499,119 @@ pub(crate) async fn run_spool_publisher(
     let Stops { soft: stop, hard } = stops;
     let mut reader = spool.reader();
     let committed = spool.committed();
-    let retry_policy = ExponentialBuilder::default()
-        .with_min_delay(Duration::from_millis(200))
-        .with_max_delay(Duration::from_secs(30))
-        .with_jitter()
-        .without_max_times();
+    let mut lanes = lanes::Lanes::new();
+    let mut rounds: FuturesUnordered<Round> = FuturesUnordered::new();
     let mut parked: Vec<Stored> = Vec::new();
-    while !stop.is_cancelled() {
-        pulse.beat();
+    let mut read_again_at: Option<tokio::time::Instant> = None;
+    let mut started: HashMap<u64, tokio::time::Instant> = HashMap::new();
+    let mut next_round: u64 = 0;
+    loop {
+        if started.values().all(|t| t.elapsed() < ROUND_DEADLINE) {
+            pulse.beat();
+        }
+        if rounds.is_empty() && stop.is_cancelled() {
+            break;
+        }
         let notified = committed.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let room = window.saturating_sub(parked.len());
-        let parked_bytes: usize = parked.iter().map(|s| s.event.value.len()).sum();
-        let room_bytes = WINDOW_BYTES.saturating_sub(parked_bytes);
-        let fresh = match if room > 0 && room_bytes > 0 { reader.read_now(room, room_bytes) } else { Ok(Vec::new()) } {
-            Ok(b) => b,
-            Err(e) => {
-                error!(error = %e, "spool read failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_secs(1)) => continue,
-                    () = stop.cancelled() => break,
+        if !stop.is_cancelled() && read_again_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
+            read_again_at = None;
+            let room = (window * HELD_PER_WINDOW).saturating_sub(lanes.held() + parked.len());
+            let parked_bytes: usize = parked.iter().map(|s| s.event.value.len()).sum();
+            let room_bytes = WINDOW_BYTES.saturating_sub(parked_bytes + lanes.held_bytes());
+            match if room > 0 && room_bytes > 0 { reader.read_now(room, room_bytes) } else { Ok(Vec::new()) } {
+                Ok(fresh) => {
+                    let (ready, still_parked) =
+                        release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));
+                    parked = still_parked;
+                    for s in ready {
+                        lanes.push(s);
+                    }
+                }
+                Err(e) => {
+                    error!(error = %e, "spool read failed; retrying");
+                    read_again_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
                 }
             }
-        };
-        let (ready, still_parked) =
-            release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));
-        parked = still_parked;
-        if ready.is_empty() {
-            tokio::select! {
-                () = &mut notified => continue,
-                // Parked events also wait on file results, which the spool announces the same way;
-                // the timer only bounds how long a missed wake-up could delay them.
-                () = tokio::time::sleep(Duration::from_secs(1)), if !parked.is_empty() => continue,
-                () = stop.cancelled() => break,
+            while rounds.len() < ROUNDS_IN_FLIGHT {
+                let round = lanes.take_ready(tokio::time::Instant::now(), window);
+                if round.is_empty() {
+                    break;
+                }
+                let publisher = publisher.clone();
+                let id = next_round;
+                next_round += 1;
+                started.insert(id, tokio::time::Instant::now());
+                rounds.push(Box::pin(async move {
+                    let refs: Vec<&Event> = round.iter().map(|s| &s.event).collect();
+                    let outcomes = publisher.publish_guarded(&refs).await;
+                    (id, round, outcomes)
+                }));
             }
         }
-        let mut todo = ready;
-        let mut backoff = retry_policy.build();
-        while !todo.is_empty() {
-            let refs: Vec<&Event> = todo.iter().map(|s| &s.event).collect();
-            let outcomes = tokio::select! {
-                o = publisher.publish_all(&refs) => { pulse.beat(); o }
-                () = hard.cancelled() => {
-                    info!(records = refs.len(), "shutdown while publishing; unacknowledged records stay in the spool");
-                    return;
-                }
-            };
-            let now = now_secs();
-            let mut done = Vec::new();
-            let mut again = Vec::new();
-            for (stored, outcome) in todo.into_iter().zip(outcomes) {
-                match outcome {
-                    Outcome::Published | Outcome::DeadLettered => {
-                        metrics.ack_latency.observe((now - stored.received_at).max(0) as f64);
-                        done.push(stored.seq);
-                    }
-                    Outcome::Retry(why) => {
-                        debug!(event_id = %stored.event.id, %why, "publish will be retried");
-                        again.push(stored);
-                    }
+        metrics.publish_stalled_keys.set(lanes.stalled() as i64);
+        // Wake for: a round done, new events, a lane's backoff over, parked events (their file
+        // results are announced like commits; the timer only bounds a missed wake-up), a read to retry.
+        let due = if rounds.len() < ROUNDS_IN_FLIGHT { lanes.next_due() } else { None };
+        // With rounds in flight, a tick keeps the pulse honest while they wait on librdkafka.
+        let tick =
+            (!parked.is_empty() || !rounds.is_empty()).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
+        let wake_at = [due, read_again_at, tick].into_iter().flatten().min();
+        tokio::select! {
+            Some((id, round, outcomes)) = rounds.next(), if !rounds.is_empty() => {
+                started.remove(&id);
+                settle(&spool, &metrics, &mut lanes, round, outcomes).await;
+            }
+            () = &mut notified, if !stop.is_cancelled() => {}
+            () = tokio::time::sleep_until(wake_at.unwrap_or_else(tokio::time::Instant::now)), if wake_at.is_some() && !stop.is_cancelled() => {}
+            () = stop.cancelled(), if !stop.is_cancelled() => {
+                if !rounds.is_empty() || lanes.held() > 0 {
+                    info!(in_flight = rounds.len(), held = lanes.held(), "stopping: finishing the rounds in flight; the rest stays in the spool");
                 }
             }
-            spool.ack(done).await;
-            if !again.is_empty() {
-                metrics.publish_retries.inc_by(again.len() as u64);
-                let delay = backoff.next().unwrap_or(Duration::from_secs(30));
-                warn!(records = again.len(), delay_ms = delay.as_millis() as u64, "publishing failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {}
-                    () = stop.cancelled() => {
-                        info!(records = again.len(), "shutdown with records still to publish; they stay in the spool");
-                        return;
-                    }
-                }
+            () = hard.cancelled() => {
+                info!(rounds = rounds.len(), "shutdown while publishing; unacknowledged records stay in the spool");
+                return;
             }
-            todo = again;
+        }
+    }
+}
+
+/// Acknowledges what a round got into Kafka and returns the rest to its lanes.
+async fn settle(
+    spool: &Spool,
+    metrics: &Metrics,
+    lanes: &mut lanes::Lanes,
+    round: Vec<Stored>,
+    outcomes: Vec<Outcome>,
+) {
+    for (s, o) in round.iter().zip(&outcomes) {
+        if let Outcome::Retry(why) = o {
+            debug!(event_id = %s.event.id, %why, "publish will be retried");
+        }
+    }
+    let first_failure = round.iter().zip(&outcomes).find_map(|(s, o)| match o {
+        Outcome::Retry(why) => Some((s.event.id, why.to_string())),
+        _ => None,
+    });
+    let fin = lanes.finish(round, outcomes, tokio::time::Instant::now());
+    let now = now_secs();
+    for (_, received_at) in &fin.done {
+        metrics.ack_latency.observe((now - received_at).max(0) as f64);
+    }
+    spool.ack(fin.done.iter().map(|d| d.0).collect()).await;
+    if fin.retried > 0 {
+        metrics.publish_retries.inc_by(fin.retried as u64);
+        if let Some((event_id, why)) = first_failure {
+            warn!(
+                records = fin.retried,
+                %event_id,
+                reason = %why,
+                stalled_keys = lanes.stalled(),
+                newly_stalled = fin.newly_stalled,
+                "publishing failed; these keys back off and are retried, the others go on"
+            );
         }
     }
 }
@@ -597,7 +680,7 @@ mod tests {
         assert_eq!(r.topic_for(&EventType::Known(KnownType::ReceivedMessage)), "chat.inbound");
     }
 
-    fn stored(seq: u64, key: &str, files: bool) -> Stored {
+    pub(super) fn stored(seq: u64, key: &str, files: bool) -> Stored {
         Stored {
             seq,
             received_at: 0,

@@ -54,6 +54,7 @@ pub fn real_broker_or_skip(test: &str) -> Option<PathBuf> {
 pub struct Tansu {
     _child: ChildGuard,
     pub port: u16,
+    advertised: String,
 }
 
 impl Tansu {
@@ -90,7 +91,17 @@ impl Tansu {
             assert!(Instant::now() < deadline, "tansu did not listen on {port}");
             std::thread::sleep(Duration::from_millis(50));
         }
-        Tansu { _child: child, port }
+        Tansu { _child: child, port, advertised: adv.to_owned() }
+    }
+
+    /// Kills the broker and starts a fresh one on the same port: everything it held (topics,
+    /// records, producer ids) is lost, as after a restart of a broker that lost its state.
+    pub fn restart_losing_state(&mut self, bin: &Path) {
+        let (port, adv) = (self.port, self.advertised.clone());
+        // The old process must be gone before the new one binds the port.
+        let _ = self._child.kill();
+        let _ = self._child.wait();
+        *self = Self::listening(bin, port, &adv);
     }
 
     pub fn bootstrap(&self) -> String {

@@ -19,4 +19,5 @@ mod https;
 mod kafka_security;
 mod operations;
 mod real_broker;
+mod self_healing;
 mod whole_events;

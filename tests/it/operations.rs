@@ -500,6 +500,7 @@ async fn the_watchdog_stops_while_the_spool_writer_is_stuck() {
     let overrides = Overrides {
         spool_io: Some(disk.clone() as Arc<dyn SegmentIo>),
         notifier: Some(Notifier::new(&socket, Some(Duration::from_millis(400)))),
+        ..Overrides::default()
     };
     let d = app::start_with(cfg, CancellationToken::new(), overrides).await.expect("daemon starts");
     let healthz = format!("http://{}/healthz", d.admin_addr);
