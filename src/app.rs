@@ -463,6 +463,15 @@ fn open_spool(cfg: &Config, metrics: &Arc<Metrics>, overrides: &Overrides) -> an
     }
     let fsync = metrics.spool_fsync_duration.clone();
     settings.sync_observer = Some(Arc::new(move |secs| fsync.observe(secs)));
+    let (faults, restarts) = (overrides.faults.clone(), metrics.stage_restarts.clone());
+    settings.chore_hooks = Some(crate::spool::ChoreHooks {
+        before: Arc::new(move || {
+            if faults.as_ref().is_some_and(|f| f.take_panic(Stage::Janitor)) {
+                panic!("injected fault: stage janitor panics");
+            }
+        }),
+        panicked: Arc::new(move || restarts.with_label_values(&[Stage::Janitor.label()]).inc()),
+    });
     let spool = Spool::open(settings).with_context(|| format!("opening the spool in {}", cfg.spool.dir.display()))?;
     let report = spool.recovery_report();
     metrics.spool_damaged.inc_by(u64::from(report.damaged_regions));

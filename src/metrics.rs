@@ -75,6 +75,9 @@ labels! {
         FileFeed => "file_feed",
         FileResults => "file_results",
         FileDispatch => "file_dispatch",
+        // The spool's janitor thread: its chores run under `catch_unwind`, so a panic costs the
+        // chore, not the thread.
+        Janitor => "janitor",
     }
 }
 

@@ -84,7 +84,8 @@ pub struct Faults {
 
 impl Faults {
     /// Makes the running `stage` (`publisher`, `kafka_probe`, `file_feed`, `file_results`,
-    /// `file_dispatch`) panic `times` times, once per run, as soon as it is polled.
+    /// `file_dispatch`) panic `times` times, once per run, as soon as it is polled; the `janitor`
+    /// panics in its next `times` chores.
     ///
     /// # Panics
     /// `stage` names no stage (a mistake in the test).
@@ -103,6 +104,12 @@ impl Faults {
         let stage = Stage::ALL.iter().copied().find(|s| s.label() == stage).expect("a stage name");
         self.hung.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(stage);
         self.notify.notify_waiters();
+    }
+
+    /// Whether a panic is armed for `stage`, taking it: for a stage that runs on a thread of its
+    /// own and catches its panics itself (the spool's janitor), which panics when this says so.
+    pub(crate) fn take_panic(&self, stage: Stage) -> bool {
+        self.counter(stage).fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1)).is_ok()
     }
 
     fn is_hung(&self, stage: Stage) -> bool {

@@ -132,6 +132,18 @@ pub struct SpoolSettings {
     pub(crate) io: Arc<dyn SegmentIo>,
     /// Told how long each group's `fdatasync` took (seconds).
     pub(crate) sync_observer: Option<SyncObserver>,
+    /// Told about the janitor's chores (the composition root counts their panics).
+    pub(crate) chore_hooks: Option<ChoreHooks>,
+}
+
+/// What the janitor thread tells the rest of the daemon: its chores run under `catch_unwind`, so a
+/// panic costs one chore (at worst a duplicate later, never an event), is logged, and is counted
+/// through `panicked`; `before` runs inside that guard before each chore (a test seam may make it
+/// panic there).
+#[derive(Clone)]
+pub(crate) struct ChoreHooks {
+    pub(crate) before: Arc<dyn Fn() + Send + Sync>,
+    pub(crate) panicked: Arc<dyn Fn() + Send + Sync>,
 }
 
 /// Observes each group's `fdatasync` (seconds), for the fsync-duration histogram.
@@ -148,6 +160,7 @@ impl SpoolSettings {
             segment_bytes: Self::segment_bytes_for(max_bytes),
             io: Arc::new(OsIo),
             sync_observer: None,
+            chore_hooks: None,
         }
     }
 

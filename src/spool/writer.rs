@@ -136,11 +136,19 @@ impl Janitor {
                 let is_delete = matches!(job, Chore::Delete { .. });
                 let before = journal.bytes();
                 // A panic in one chore must not end the thread: the writer could delete nothing more.
+                let hooks = shared.settings.chore_hooks.clone();
                 let freed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    if let Some(h) = &hooks {
+                        (h.before)();
+                    }
                     do_chore(&shared, &mut journal, job, &mut failing)
                 }))
-                .unwrap_or_else(|_| {
-                    error!("spool: a janitor chore panicked; carrying on with the next one");
+                .unwrap_or_else(|payload| {
+                    let panic = crate::supervise::panic_message(payload);
+                    error!(%panic, "spool: a janitor chore panicked; carrying on with the next one");
+                    if let Some(h) = &hooks {
+                        (h.panicked)();
+                    }
                     false
                 });
                 let after = journal.bytes();
