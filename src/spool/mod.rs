@@ -249,12 +249,16 @@ pub struct SpoolStats {
 }
 
 /// The writer's pulse, for liveness: when it last finished a group, and since when it has been in
-/// the current one (0 when idle).
+/// the current one (0 when idle); and whether its thread ended by a panic.
 #[derive(Debug, Default)]
 pub(crate) struct Heartbeat {
     last_commit_ms: AtomicI64,
     busy_since_ms: AtomicI64,
     queued: AtomicU64,
+    /// When the writer's thread ended by a panic (monotonic ms; 0 while it runs): nothing can be
+    /// made durable any more, whether or not work was queued then, so liveness fails and the
+    /// daemon's supervisor restarts it (recovery rebuilds the writer from the segments).
+    died_ms: AtomicI64,
 }
 
 pub(crate) struct Pending {
@@ -363,7 +367,14 @@ impl Spool {
         let report = Arc::new(recovered.report.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         let (writer, shared) = writer::Writer::start(settings, recovered, dedup, journal, dir_lock, tx.downgrade())?;
-        let thread = std::thread::Builder::new().name("spool-writer".into()).spawn(move || writer.run(rx))?;
+        let pulse = shared.clone();
+        let thread = std::thread::Builder::new().name("spool-writer".into()).spawn(move || {
+            if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx))) {
+                let panic = crate::supervise::panic_message(payload);
+                tracing::error!(%panic, "spool writer panicked: no batch can be made durable; liveness fails until a restart");
+                pulse.heartbeat.died_ms.store(monotonic_millis().max(1), Ordering::Relaxed);
+            }
+        })?;
         let stats = stats_of(&shared);
         info!(
             dir = %shared.settings.dir.display(),
@@ -608,9 +619,14 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
 
 impl Heartbeat {
     /// How long the writer has been stuck with work, if it has: in one group for longer than
-    /// `after`, or with queued commands and no group finished for longer than `after`.
+    /// `after`, or with queued commands and no group finished for longer than `after` — or since
+    /// its thread died of a panic, at once.
     pub(crate) fn stalled_for(&self, after: Duration) -> Option<Duration> {
         let now = monotonic_millis();
+        let died = self.died_ms.load(Ordering::Relaxed);
+        if died > 0 {
+            return Some(Duration::from_millis((now - died).unsigned_abs()));
+        }
         let limit = i64::try_from(after.as_millis()).unwrap_or(i64::MAX);
         let busy = self.busy_since_ms.load(Ordering::Relaxed);
         if busy > 0 && now - busy > limit {

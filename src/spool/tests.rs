@@ -938,3 +938,35 @@ async fn a_read_stops_at_its_byte_budget_and_the_next_one_goes_on_from_there() {
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
     spool.close().await;
 }
+
+/// A disk whose write panics once armed: a bug in the writer's thread, as a panic anywhere there.
+struct PanickingIo(std::sync::atomic::AtomicBool);
+
+impl SegmentIo for PanickingIo {
+    fn write_all(&self, file: &mut std::fs::File, buf: &[u8]) -> std::io::Result<()> {
+        assert!(!self.0.load(std::sync::atomic::Ordering::SeqCst), "injected: the spool writer panics");
+        file.write_all(buf)
+    }
+}
+
+#[tokio::test]
+async fn a_writer_that_panics_fails_liveness_at_once_and_acknowledges_nothing_more() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = Arc::new(PanickingIo(std::sync::atomic::AtomicBool::new(false)));
+    let mut s = settings(dir.path());
+    s.io = io.clone();
+    let spool = Spool::open(s).unwrap();
+    spool.append(vec![ev(1, "a")], 1).await.expect("a healthy writer stores");
+    let long = Duration::from_secs(3600);
+    assert_eq!(spool.heartbeat().stalled_for(long), None);
+    io.0.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(spool.append(vec![ev(2, "a")], 1).await.is_err(), "no batch is answered as stored after the panic");
+    // Liveness fails at once, however long the stall limit, and whether or not work is queued.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.heartbeat().stalled_for(long).is_none() {
+        assert!(std::time::Instant::now() < deadline, "a dead writer still looks alive");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(spool.append(vec![ev(3, "a")], 1).await.is_err());
+    assert!(spool.heartbeat().stalled_for(long).is_some());
+}
