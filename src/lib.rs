@@ -26,6 +26,9 @@
 //!   topic and the file store.
 //! - `health`: readiness, liveness and the gauges read from state.
 //! - [`supervise`]: the background stages run under a supervisor that restarts them after a panic.
+//! - [`reload`], [`systemd`]: a re-read configuration applied to the running daemon (SIGHUP, changed
+//!   secret or certificate files); systemd notifications and a watchdog that follows liveness.
+//! - [`memory`], [`build_info`]: the worst-case memory of a configuration; what build this is.
 //! - [`metrics`], [`telemetry`], [`shutdown`], [`clock`], and [`app`], which wires them together.
 
 #![warn(missing_docs)]
