@@ -311,39 +311,26 @@ async fn tokens_never_reach_logs_error_bodies_or_metrics() {
 fn check_config_exits_78_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[kafka]\nbrokerz = \"x\"\n").unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    // `check-config` on `toml`: its exit code and what it printed on stderr.
+    let check = |toml: &str| {
+        std::fs::write(&path, toml).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, err) = check("[kafka]\nbrokerz = \"x\"\n");
+    assert_eq!(code, Some(78));
     assert!(err.contains("kafka.brokerz") && !err.contains("default."), "{err}");
-    std::fs::write(
-        &path,
-        "[huggy]\ntokens = [\"t\"]\n[http]\nlisten = \"127.0.0.1:1\"\n[admin]\nlisten = \"127.0.0.1:1\"\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("must differ"));
+    let (code, err) =
+        check("[huggy]\ntokens = [\"t\"]\n[http]\nlisten = \"127.0.0.1:1\"\n[admin]\nlisten = \"127.0.0.1:1\"\n");
+    assert_eq!(code, Some(78));
+    assert!(err.contains("must differ"));
     // A body limit above what one spool frame can hold is refused, with the reason.
-    std::fs::write(
-        &path,
-        "[huggy]\ntokens = [\"t\"]\n[http]\nmax_body_bytes = 268435456\nmax_inflight_bytes = 1073741824\n",
-    )
-    .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_huggy-bridge"))
-        .args(["check-config", "--config"])
-        .arg(&path)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(78));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (code, err) =
+        check("[huggy]\ntokens = [\"t\"]\n[http]\nmax_body_bytes = 268435456\nmax_inflight_bytes = 1073741824\n");
+    assert_eq!(code, Some(78));
     assert!(err.contains("http.max_body_bytes") && err.contains("134217728") && err.contains("spool frame"), "{err}");
 }
