@@ -8,7 +8,8 @@
 #  2. file capture: a burst of files through the bridge versus a plain sequential download.
 # Knobs: THREADS (1), CONNECTIONS (64), DURATION (10 s per measured run), WARMUP (2 s before each),
 # DRAIN_SECS (60: how long to wait for the publisher to catch up after a run), FILES (200; 0 skips
-# the file-capture part).
+# the file-capture part), BASELINE_BIN (another build's huggy-bridge binary: its spool and kafka
+# runs are measured in the same run, rows named `<mode>@base`, to compare two builds side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 THREADS="${THREADS:-1}"
@@ -134,10 +135,14 @@ metric_sum() { # admin port, metric names...: the sum of their samples
      { name = $1; sub(/\{.*/, "", name) } name in want { s += $NF } END { printf "%d\n", s }'
 }
 
+for build in current ${BASELINE_BIN:+base}; do
+daemon="$bin/huggy-bridge"
+[ "$build" = base ] && daemon="$BASELINE_BIN"
 for codec in $CODECS; do
 for mode in spool kafka; do
   name="$mode"
   [ "$codec" = zstd ] || name="$mode-$codec"
+  [ "$build" = base ] && name="$name@base"
   hport=$(free_port); aport=$(free_port)
   cat >"$work/$mode.toml" <<TOML
 [http]
@@ -161,8 +166,8 @@ store = "file://$work/files"
 [log]
 level = "warn"
 TOML
-  "$bin/huggy-bridge" topics create --config "$work/$mode.toml" >/dev/null
-  "$bin/huggy-bridge" run --config "$work/$mode.toml" 2>"$work/$mode.log" &
+  "$daemon" topics create --config "$work/$mode.toml" >/dev/null
+  "$daemon" run --config "$work/$mode.toml" 2>"$work/$mode.log" &
   dpid=$!
   pids+=("$dpid")
   for _ in $(seq 100); do curl -fs "http://127.0.0.1:$aport/readyz" >/dev/null && break; sleep 0.1; done
@@ -189,6 +194,7 @@ TOML
   kill -TERM "$dpid"; wait "$dpid" || true
 done
 done
+done
 
 echo
 python3 - "$results" "$events_per_batch" "$DRAIN_SECS" <<'PY'
@@ -205,13 +211,13 @@ for line in open(path):
     rows[f[0]] = r
 ng = rows["nginx"]
 def rps(r): return (r["req"] - r["non2xx"]) / (r["dur_us"] / 1e6)
-print(f"{'':>6} {'req/s':>9} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'x nginx':>7} "
+print(f"{'':>11} {'req/s':>9} {'events/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'p99.9 ms':>8} {'x nginx':>7} "
       f"{'p99 x':>6} {'CPU us/req':>10} {'us/event':>8} {'peak RSS':>9} {'non-2xx':>7} {'errors':>6}")
 for name, r in rows.items():
     ok = r["req"] - r["non2xx"]
     cpu = r["cpu_us"] / ok if ok else float("nan")
     rss = f"{r['rss_kib'] / 1024:.1f} MiB" if "rss_kib" in r else "-"
-    print(f"{name:>6} {rps(r):>9.0f} {rps(r) * per_batch:>9.0f} {r['p50'] / 1e3:>7.2f} {r['p99'] / 1e3:>7.2f} "
+    print(f"{name:>11} {rps(r):>9.0f} {rps(r) * per_batch:>9.0f} {r['p50'] / 1e3:>7.2f} {r['p99'] / 1e3:>7.2f} "
           f"{r['p999'] / 1e3:>8.2f} {rps(r) / rps(ng):>7.3f} {r['p99'] / ng['p99']:>6.2f} {cpu:>10.1f} "
           f"{cpu / per_batch:>8.1f} {rss:>9} {r['non2xx']:>7} {r['sock'] + r['tmo']:>6}")
 print("(CPU: utime+stime of the server's processes during the measured run, nginx's workers included,"
@@ -240,7 +246,7 @@ print(f"CPU per request on this box ({cores} cores), us: server, broker, wrk (th
 for name, r in rows.items():
     ok = r["req"] - r["non2xx"]
     server, broker, wrk = (r[k] / ok for k in ("cpu_us", "broker_us", "wrk_us"))
-    print(f"{name:>6} {server:>8.1f} {broker:>8.1f} {wrk:>8.1f} {server + broker + wrk:>8.1f}")
+    print(f"{name:>11} {server:>8.1f} {broker:>8.1f} {wrk:>8.1f} {server + broker + wrk:>8.1f}")
 for mode, ratio in (("spool", 0.5), ("kafka", 0.18)):
     r = rows[mode]
     ok = r["req"] - r["non2xx"]
