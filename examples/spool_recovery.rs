@@ -123,7 +123,8 @@ fn batch_events(template: &[String], n: u64, received_at: i64) -> anyhow::Result
 async fn build(dir: &Path, target: u64, args: &Args) -> anyhow::Result<(u64, u64, f64)> {
     let acked_every = args.acked_every;
     let template = if args.small { small_template() } else { batch_template()? };
-    let spool = Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes_for(target), args.dedup_window_secs))?;
+    let (spool, followers) =
+        Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes_for(target), args.dedup_window_secs))?;
     let started = Instant::now();
     let (mut batches, mut appended, mut acked) = (0u64, 0u64, 0u64);
     while spool.stats().disk_bytes < target {
@@ -139,7 +140,7 @@ async fn build(dir: &Path, target: u64, args: &Args) -> anyhow::Result<(u64, u64
         if acked_every > 0 {
             let to_ack: Vec<u64> = seqs.into_iter().filter(|s| s % acked_every == 0).collect();
             acked += to_ack.len() as u64;
-            spool.ack(to_ack).await;
+            followers.publish.ack(to_ack).await;
         }
     }
     spool.close().await;
@@ -150,7 +151,7 @@ async fn build(dir: &Path, target: u64, args: &Args) -> anyhow::Result<(u64, u64
 async fn recover(dir: &Path, max_bytes: u64, dedup_window_secs: u64) -> anyhow::Result<()> {
     let before_kib = vm_hwm_kib()?;
     let started = Instant::now();
-    let spool = Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes, dedup_window_secs))?;
+    let (spool, _followers) = Spool::open(SpoolSettings::new(dir.to_path_buf(), max_bytes, dedup_window_secs))?;
     let open_ms = started.elapsed().as_secs_f64() * 1000.0;
     let after_kib = vm_hwm_kib()?;
     let stats = spool.stats();

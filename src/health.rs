@@ -135,7 +135,7 @@ impl Health {
     pub(crate) fn not_live_reasons(&self) -> Vec<String> {
         let mut reasons = Vec::new();
         if let Some(spool) = &self.spool {
-            if let Some(d) = spool.heartbeat().stalled_for(self.writer_stall) {
+            if let Some(d) = spool.writer_stalled_for(self.writer_stall) {
                 reasons.push(format!("spool writer has made no progress with work pending for {}s", d.as_secs()));
             }
             let silent = self.publisher.silent_for();

@@ -238,6 +238,26 @@ pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
     }
 }
 
+/// Runs `work` on a thread of its own (a current-thread runtime), so that reading the spool and
+/// handing thousands of records to librdkafka never delays the request path's workers.
+pub(crate) fn on_own_thread<F>(name: &str, work: F) -> tokio::sync::oneshot::Receiver<()>
+where
+    F: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let spawned = std::thread::Builder::new().name(name.to_owned()).spawn(move || {
+        match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+            Ok(rt) => rt.block_on(work),
+            Err(e) => tracing::error!(error = %e, "cannot start the publisher's runtime"),
+        }
+        let _ = done_tx.send(());
+    });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the publisher's thread");
+    }
+    done_rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ use std::io;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tracing::{debug, warn};
@@ -100,6 +101,35 @@ pub(crate) struct ExtendGuard {
 fn abstract_name(socket: &Path) -> Option<&[u8]> {
     use std::os::unix::ffi::OsStrExt;
     socket.as_os_str().as_bytes().strip_prefix(b"@")
+}
+
+/// Sends `WATCHDOG=1` twice per `interval` while liveness (`/healthz`) passes, and withholds it
+/// while the daemon is stuck, so that systemd restarts it as Kubernetes would. Keeps going through
+/// the drain: a drain that hangs is stuck too.
+pub(crate) async fn feed_watchdog(notifier: Notifier, interval: Duration, health: Arc<crate::health::Health>, stop: tokio_util::sync::CancellationToken) {
+    let mut withheld = false;
+    let mut tick = tokio::time::interval(interval / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => break,
+        }
+        let reasons = health.not_live_reasons();
+        if reasons.is_empty() {
+            if withheld {
+                tracing::info!("liveness passes again; feeding the systemd watchdog");
+                withheld = false;
+            }
+            notifier.send("WATCHDOG=1");
+        } else if !withheld {
+            tracing::error!(
+                reasons = reasons.join("; "),
+                "liveness fails; withholding WATCHDOG=1 so that systemd restarts the daemon"
+            );
+            withheld = true;
+        }
+    }
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@ pub(crate) use tls::{Tls, TLS_CONNECTION_BYTES};
 
 use crate::config::Config;
 use crate::health::Health;
-use crate::ingest::Durability;
+use crate::ingest::Ingest;
 use crate::metrics::{HttpOutcome, Metrics};
 
 /// What the handlers share.
@@ -45,7 +45,7 @@ pub(crate) struct AppState {
     /// Accepted credentials; replaced whole by a reload.
     auth: Arc<AuthTable>,
     /// Where batches are made durable: the spool or Kafka in the daemon, a fake in tests.
-    ingest: Arc<dyn Durability>,
+    ingest: Arc<dyn Ingest>,
     metrics: Arc<Metrics>,
     /// Readiness, liveness and state gauges; also where shutdown is announced.
     health: Arc<Health>,
@@ -59,7 +59,7 @@ pub(crate) struct AppState {
 }
 
 impl AppState {
-    pub(crate) fn new(cfg: &Config, ingest: Arc<dyn Durability>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+    pub(crate) fn new(cfg: &Config, ingest: Arc<dyn Ingest>, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
         AppState {
             auth: Arc::new(AuthTable::new(Auth::from_config(cfg))),
             ingest,

@@ -23,7 +23,7 @@ struct Fake {
     refuse: bool,
 }
 
-impl Durability for Fake {
+impl Ingest for Fake {
     fn accept<'a>(
         &'a self,
         events: Vec<Event>,

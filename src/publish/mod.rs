@@ -5,6 +5,7 @@ pub mod claim;
 mod guard;
 pub mod kafka;
 mod lanes;
+mod reachability;
 mod stale;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -24,10 +25,11 @@ use crate::clock::now_secs;
 use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
 use crate::metrics::Metrics;
-use crate::spool::{Spool, Stored};
+use crate::spool::{PublishFeed, Stored};
 pub use guard::Poison;
 use kafka::ErrorClass;
 pub(crate) use kafka::{KafkaHealth, Producer};
+pub(crate) use reachability::watch_kafka;
 
 /// Topic routing from the configuration, worked out once: a record's topic is a lookup.
 #[derive(Debug, Clone)]
@@ -489,7 +491,7 @@ type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<Stored
 /// on an unwritable partition ends within the message timeout): a round that never ends (a
 /// producer that stopped reporting) silences it, and liveness says so.
 pub(crate) async fn run_spool_publisher(
-    spool: Spool,
+    spool: PublishFeed,
     publisher: Arc<Publisher>,
     window: usize,
     metrics: Arc<Metrics>,
@@ -523,7 +525,7 @@ pub(crate) async fn run_spool_publisher(
             match if room > 0 && room_bytes > 0 { reader.read_now(room, room_bytes) } else { Ok(Vec::new()) } {
                 Ok(fresh) => {
                     let (ready, still_parked) =
-                        release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.files_result(seq));
+                        release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.file_results(seq));
                     parked = still_parked;
                     for s in ready {
                         lanes.push(s);
@@ -580,7 +582,7 @@ pub(crate) async fn run_spool_publisher(
 
 /// Acknowledges what a round got into Kafka and returns the rest to its lanes.
 async fn settle(
-    spool: &Spool,
+    spool: &PublishFeed,
     metrics: &Metrics,
     lanes: &mut lanes::Lanes,
     round: Vec<Stored>,

@@ -26,6 +26,7 @@
 
 mod chunks;
 mod dedup;
+mod feeds;
 mod format;
 pub(crate) mod io;
 mod lock;
@@ -45,10 +46,11 @@ use std::time::Duration;
 use undelivered::Undelivered;
 
 use tokio::sync::{mpsc, oneshot, Notify};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::clock::{monotonic_millis, now_secs};
 use crate::event::{Event, EventId};
+pub use feeds::{CaptureFeed, Followers, PublishFeed};
 pub use io::{is_no_room, OsIo, SegmentIo};
 pub use lock::LockError;
 pub(crate) use reader::Reader;
@@ -341,22 +343,46 @@ pub(crate) enum Command {
     Compact,
 }
 
-/// Handle to the spool; cheap to clone.
+/// The writer's one bounded command queue; every command is counted in the heartbeat's queue
+/// (the writer takes one off for each it handles). The spool handle and each follower send through
+/// it: the only way into the log.
 #[derive(Clone)]
-pub struct Spool {
+struct Queue {
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
+}
+
+impl Queue {
+    /// Queues `command` for the writer; `false` when the spool is closed.
+    async fn send(&self, command: Command) -> bool {
+        let queued = &self.shared.heartbeat.queued;
+        queued.fetch_add(1, Ordering::Relaxed);
+        let sent = self.tx.send(command).await.is_ok();
+        if !sent {
+            queued.fetch_sub(1, Ordering::Relaxed);
+        }
+        sent
+    }
+}
+
+/// The owner's handle to the spool (appends, gauges, close); cheap to clone. The stages that
+/// follow the log get their own handles from [`Spool::open`]: see [`Followers`].
+#[derive(Clone)]
+pub struct Spool {
+    queue: Queue,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
     report: Arc<RecoveryReport>,
 }
 
 impl Spool {
     /// Locks `settings.dir` (creating it), recovers what a previous run left and starts the writer.
+    /// Returns the spool and one handle per follower: the publisher's and the capture stage's, each
+    /// their only way back into the log.
     ///
     /// # Errors
     /// Another process holds the directory, a segment is in a format this build cannot read, or the
     /// directory cannot be read or written.
-    pub fn open(settings: SpoolSettings) -> Result<Spool, SpoolError> {
+    pub fn open(settings: SpoolSettings) -> Result<(Spool, Followers), SpoolError> {
         fs::create_dir_all(&settings.dir)?;
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
         writer::remove_leftovers(&settings.dir)?;
@@ -385,7 +411,9 @@ impl Spool {
             dedup_ids = stats.dedup_ids,
             "spool opened"
         );
-        Ok(Spool { tx, shared, thread: Arc::new(Mutex::new(Some(thread))), report })
+        let queue = Queue { tx, shared };
+        let followers = Followers::new(&queue);
+        Ok((Spool { queue, thread: Arc::new(Mutex::new(Some(thread))), report }, followers))
     }
 
     /// Makes `events` durable: returns once they are fsync'd (or known durable duplicates).
@@ -399,60 +427,15 @@ impl Spool {
     /// captured: at-least-once. Nothing after the write depends on the caller.
     pub async fn append(&self, events: Vec<Event>, received_at: i64) -> Result<Appended, SpoolError> {
         let (reply, rx) = oneshot::channel();
-        if !self.send(Command::Append { events, received_at, reply }).await {
+        if !self.queue.send(Command::Append { events, received_at, reply }).await {
             return Err(SpoolError::Closed);
         }
         rx.await.map_err(|_| SpoolError::Closed)?
     }
 
-    /// Queues a command for the writer, counted in the heartbeat's queue (the writer takes one off
-    /// for each it handles); `false` when the spool is closed.
-    async fn send(&self, command: Command) -> bool {
-        let queued = &self.shared.heartbeat.queued;
-        queued.fetch_add(1, Ordering::Relaxed);
-        let sent = self.tx.send(command).await.is_ok();
-        if !sent {
-            queued.fetch_sub(1, Ordering::Relaxed);
-        }
-        sent
-    }
-
-    /// Records that Kafka acknowledged these events (or they were dead-lettered).
-    pub async fn ack(&self, seqs: Vec<u64>) {
-        if seqs.is_empty() {
-            return;
-        }
-        if !self.send(Command::Ack(seqs)).await {
-            warn!("spool closed before an acknowledgement was recorded; the events will be published again");
-        }
-    }
-
-    /// Records the file results of an event; synced with its group, then the publisher picks it up.
-    pub(crate) async fn files_done(&self, seq: u64, member: Vec<u8>) {
-        if !self.send(Command::FilesDone(seq, member)).await {
-            warn!(seq, "spool closed before file results were recorded; they are captured again after the restart");
-        }
-    }
-
-    /// The file results of an event, once its files are done.
-    pub(crate) fn files_result(&self, seq: u64) -> Option<Vec<u8>> {
-        self.shared.lock().file_results.get(&seq).cloned()
-    }
-
-    /// Durable events whose files must be captured, each handed out once: those found at recovery,
-    /// then each one as it is committed. Wait on [`Spool::file_work_notify`] for more.
-    pub(crate) fn take_file_work(&self) -> Vec<FileWork> {
-        self.shared.lock().file_work.drain(..).collect()
-    }
-
-    /// Notified when [`Spool::take_file_work`] has something.
-    pub(crate) fn file_work_notify(&self) -> Arc<Notify> {
-        self.shared.file_work.clone()
-    }
-
     /// Notified whenever the writer committed something (appends, acks, file results).
     pub(crate) fn committed(&self) -> Arc<Notify> {
-        self.shared.committed.clone()
+        self.queue.shared.committed.clone()
     }
 
     /// What recovery found when the spool was opened.
@@ -460,25 +443,20 @@ impl Spool {
         &self.report
     }
 
-    /// The writer's pulse.
-    pub(crate) fn heartbeat(&self) -> &Heartbeat {
-        &self.shared.heartbeat
+    /// How long the writer has been stuck with work, if it has (see [`Heartbeat::stalled_for`]).
+    pub(crate) fn writer_stalled_for(&self, after: Duration) -> Option<Duration> {
+        self.queue.shared.heartbeat.stalled_for(after)
     }
 
     /// The spool's gauges now.
     pub fn stats(&self) -> SpoolStats {
-        stats_of(&self.shared)
-    }
-
-    /// A reader positioned at the oldest undelivered event.
-    pub(crate) fn reader(&self) -> Reader {
-        Reader::new(self.shared.clone())
+        stats_of(&self.queue.shared)
     }
 
     /// Writes what is queued, syncs and stops the writer. Idempotent.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.send(Command::Close(tx)).await {
+        if self.queue.send(Command::Close(tx)).await {
             let _ = rx.await;
         }
         let handle = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take();

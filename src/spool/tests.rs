@@ -3,13 +3,49 @@ use std::io::Write;
 use super::*;
 use crate::event::{EventId, EventType, KnownType};
 
+/// A spool with both of its followers, for tests that play every part.
+struct Hub {
+    spool: Spool,
+    followers: Followers,
+}
+
+impl std::ops::Deref for Hub {
+    type Target = Spool;
+    fn deref(&self) -> &Spool {
+        &self.spool
+    }
+}
+
+impl Hub {
+    fn reader(&self) -> Reader {
+        self.followers.publish.reader()
+    }
+    async fn ack(&self, seqs: Vec<u64>) {
+        self.followers.publish.ack(seqs).await;
+    }
+    fn files_result(&self, seq: u64) -> Option<Vec<u8>> {
+        self.followers.publish.file_results(seq)
+    }
+    fn take_file_work(&self) -> Vec<FileWork> {
+        self.followers.capture.take()
+    }
+    async fn files_done(&self, seq: u64, results: Vec<u8>) {
+        self.followers.capture.record(seq, results).await;
+    }
+}
+
+/// [`Spool::open`], with the followers kept beside the spool.
+fn open(settings: SpoolSettings) -> Result<Hub, SpoolError> {
+    Spool::open(settings).map(|(spool, followers)| Hub { spool, followers })
+}
+
 fn settings(dir: &Path) -> SpoolSettings {
     SpoolSettings::new(dir.to_owned(), 1 << 30, 3600)
 }
 
 /// Waits until acknowledged segments were deleted (compaction runs after the acknowledgement's
 /// group is written).
-async fn wait_for_room(spool: &Spool) {
+async fn wait_for_room(spool: &Hub) {
     let before = spool.stats().disk_bytes;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while spool.stats().disk_bytes >= before {
@@ -21,7 +57,7 @@ async fn wait_for_room(spool: &Spool) {
 /// Disk bytes of one event frame of `ev(n, "1")` for a one- or two-digit `n`.
 async fn one_frame() -> u64 {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let empty = spool.stats().disk_bytes;
     spool.append(vec![ev(10, "1")], 1).await.unwrap();
     let used = spool.stats().disk_bytes - empty;
@@ -48,7 +84,7 @@ fn ev(n: u32, key: &str) -> Event {
     }
 }
 
-async fn read_all(spool: &Spool) -> Vec<Stored> {
+async fn read_all(spool: &Hub) -> Vec<Stored> {
     let mut r = spool.reader();
     let mut out = Vec::new();
     loop {
@@ -64,7 +100,7 @@ use std::time::Duration;
 #[tokio::test]
 async fn appended_events_come_back_in_order_and_acks_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let r = spool.append((0..10).map(|i| ev(i, "7")).collect(), 100).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (10, 0));
     assert_eq!(r.seqs, (1..=10).map(Some).collect::<Vec<_>>());
@@ -77,7 +113,7 @@ async fn appended_events_come_back_in_order_and_acks_survive_reopen() {
     spool.ack(got[..4].iter().map(|s| s.seq).collect()).await;
     spool.close().await;
 
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let stats = spool.stats();
     assert_eq!(stats.events, 6);
     assert_eq!(stats.oldest_received_at, Some(100));
@@ -93,12 +129,12 @@ async fn appended_events_come_back_in_order_and_acks_survive_reopen() {
 #[tokio::test]
 async fn duplicates_within_the_window_are_not_stored_even_after_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1"), ev(1, "1"), ev(2, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (2, 1));
     assert_eq!(r.seqs, vec![Some(1), None, Some(2)]);
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1"), ev(3, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (1, 1));
     spool.close().await;
@@ -119,7 +155,7 @@ fn status(online: bool) -> String {
 #[tokio::test]
 async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_last_batch_is_not() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let now = now_secs();
     for online in [true, false, true] {
         let r = spool.append(batch_events("t", &status(online)), now).await.unwrap();
@@ -145,7 +181,7 @@ async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_la
     spool.close().await;
     // A clean restart keeps what the streams last carried: the last batch again is still a re-send,
     // and a state that returns is still new.
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let last = status(false).replace(r#""t""#, r#""u""#);
     let r = spool.append(batch_events("u", &last), now).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 1), "re-sent across a clean restart");
@@ -157,7 +193,7 @@ async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_la
     // Without a clean shutdown (no saved runs) nothing is known: a re-send is stored again, never a
     // returning state dropped.
     std::fs::remove_file(dir.path().join("dedup-runs.snapshot")).expect("saved by the clean close");
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let r = spool.append(batch_events("t", &status(true)), now).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (1, 0), "unknown stream after a crash: stored (a duplicate at worst)");
     spool.close().await;
@@ -166,13 +202,13 @@ async fn a_state_that_returns_within_one_second_is_stored_and_a_resend_of_the_la
 #[tokio::test]
 async fn ids_in_segments_are_remembered_even_if_the_dedup_log_was_lost() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     spool.close().await;
     // The dedup journal is synced only before a segment is deleted: a crash may leave none.
     // The segment still has the id.
     remove_journal(dir.path());
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let r = spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 1));
     spool.close().await;
@@ -187,7 +223,7 @@ async fn full_spool_refuses_and_stores_nothing() {
     let mut s = settings(dir.path());
     s.max_bytes = 16 + 10 * frame;
     s.segment_bytes = 1;
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     spool.append(vec![ev(1, "1"), ev(2, "1")], 1).await.unwrap();
     let err = spool.append((3..12).map(|i| ev(i, "1")).collect(), 1).await.unwrap_err();
     assert!(matches!(err, SpoolError::Full { .. }), "{err}");
@@ -204,7 +240,7 @@ async fn full_spool_refuses_and_stores_nothing() {
 #[tokio::test]
 async fn torn_tail_is_discarded_and_everything_before_it_kept() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append((0..5).map(|i| ev(i, "1")).collect(), 1).await.unwrap();
     spool.close().await;
     let newest = list_segments(dir.path()).unwrap().pop().unwrap().1;
@@ -215,13 +251,13 @@ async fn torn_tail_is_discarded_and_everything_before_it_kept() {
     f.write_all(&[0xAB; 24]).unwrap();
     drop(f);
 
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 5);
     assert_eq!(std::fs::metadata(&newest).unwrap().len(), good_len, "torn bytes truncated");
     assert_eq!(read_all(&spool).await.len(), 5);
     spool.append(vec![ev(9, "1")], 1).await.unwrap();
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 6, "appends after recovery are readable");
     spool.close().await;
 }
@@ -229,7 +265,7 @@ async fn torn_tail_is_discarded_and_everything_before_it_kept() {
 #[tokio::test]
 async fn checksum_mismatch_at_the_tail_is_a_torn_write() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     spool.append(vec![ev(2, "1")], 1).await.unwrap();
     spool.close().await;
@@ -238,7 +274,7 @@ async fn checksum_mismatch_at_the_tail_is_a_torn_write() {
     let last = bytes.len() - 1;
     bytes[last] ^= 0xFF;
     std::fs::write(&newest, &bytes).unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1, "only the damaged, last frame is discarded");
     spool.close().await;
 }
@@ -248,7 +284,7 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.segment_bytes = 512;
-    let spool = Spool::open(s.clone()).unwrap();
+    let spool = open(s.clone()).unwrap();
     for i in 0..40 {
         spool.append(vec![ev(i, "1")], 1).await.unwrap();
     }
@@ -272,7 +308,7 @@ async fn segments_roll_over_and_acknowledged_ones_are_deleted() {
     }
     assert!(left <= 2, "{left} segments left after everything old was acknowledged");
     spool.close().await;
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     assert_eq!(spool.stats().events, 2);
     spool.close().await;
 }
@@ -285,14 +321,14 @@ async fn ids_of_deleted_segments_are_still_duplicates_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.segment_bytes = 512;
-    let spool = Spool::open(s.clone()).unwrap();
+    let spool = open(s.clone()).unwrap();
     let now = now_secs();
     for i in 0..40 {
         spool.append(vec![ev(i, "1")], now).await.unwrap();
     }
     deliver_everything_until_old_segments_go(&spool, dir.path(), now).await;
     spool.close().await;
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     let r = spool.append((0..40).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 40), "every id of the deleted segments is remembered");
     spool.close().await;
@@ -301,13 +337,13 @@ async fn ids_of_deleted_segments_are_still_duplicates_after_a_restart() {
 #[tokio::test]
 async fn a_deletion_cut_short_by_a_crash_is_finished_at_start_and_is_no_damage() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     spool.close().await;
     // A delivered segment renamed for deletion and cut mid-frame when the process died.
     let leftover = dir.path().join("segment-00000000000000000000.deleting");
     std::fs::write(&leftover, b"HUGGYSEG\x02\x00\x00\x00 cut").unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert!(!leftover.exists());
     assert_eq!(spool.recovery_report().damaged_regions, 0);
     assert_eq!(spool.stats().events, 1);
@@ -321,17 +357,17 @@ async fn ids_whose_journal_appends_were_lost_are_journaled_again_before_their_se
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.segment_bytes = 512;
-    let spool = Spool::open(s.clone()).unwrap();
+    let spool = open(s.clone()).unwrap();
     let now = now_secs();
     for i in 0..20 {
         spool.append(vec![ev(i, "1")], now).await.unwrap();
     }
     spool.close().await;
     remove_journal(dir.path());
-    let spool = Spool::open(s.clone()).unwrap();
+    let spool = open(s.clone()).unwrap();
     deliver_everything_until_old_segments_go(&spool, dir.path(), now).await;
     spool.close().await;
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     let r = spool.append((0..20).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
     assert_eq!((r.stored, r.duplicates), (0, 20), "every id of the deleted segments is remembered");
     spool.close().await;
@@ -339,7 +375,7 @@ async fn ids_whose_journal_appends_were_lost_are_journaled_again_before_their_se
 
 /// Acknowledges everything undelivered, then appends one more event so that a fresh segment holds
 /// the writer and the reader, and waits (bounded) until every older segment is deleted.
-async fn deliver_everything_until_old_segments_go(spool: &Spool, dir: &Path, now: i64) {
+async fn deliver_everything_until_old_segments_go(spool: &Hub, dir: &Path, now: i64) {
     let got = read_all(spool).await;
     spool.ack(got.iter().map(|s| s.seq).collect()).await;
     spool.append(vec![ev(100, "1")], now).await.unwrap();
@@ -402,7 +438,7 @@ fn flip_in_event(path: &Path, nth: usize) {
 #[tokio::test]
 async fn one_flipped_byte_costs_one_event_and_everything_after_it_is_delivered() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     for i in 0..30 {
         spool.append(vec![ev(i, "1")], 1).await.unwrap();
     }
@@ -412,7 +448,7 @@ async fn one_flipped_byte_costs_one_event_and_everything_after_it_is_delivered()
     let newest = list_segments(dir.path()).unwrap().pop().unwrap().1;
     flip_in_event(&newest, 9);
 
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let report = spool.recovery_report().clone();
     assert_eq!(report.damaged_regions, 1, "{report:?}");
     assert_eq!(report.events_lost, 1, "{report:?}");
@@ -428,7 +464,7 @@ async fn one_flipped_byte_costs_one_event_and_everything_after_it_is_delivered()
     assert_eq!(got, want, "events 5-29 but the damaged one");
     spool.close().await;
     // The damaged file was not truncated: a second start finds the same, and keeps one copy aside.
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 24);
     assert_eq!(spool.recovery_report().kept_aside.len(), 1);
     assert_eq!(std::fs::read_dir(dir.path().join("damaged")).unwrap().count(), 1);
@@ -440,7 +476,7 @@ async fn damage_in_an_older_segment_is_contained_too() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.segment_bytes = 2048;
-    let spool = Spool::open(s.clone()).unwrap();
+    let spool = open(s.clone()).unwrap();
     for i in 0..60 {
         spool.append(vec![ev(i, "1")], 1).await.unwrap();
     }
@@ -448,7 +484,7 @@ async fn damage_in_an_older_segment_is_contained_too() {
     let segments = list_segments(dir.path()).unwrap();
     assert!(segments.len() > 3);
     flip_in_event(&segments[1].1, 2);
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     assert_eq!(spool.recovery_report().damaged_regions, 1);
     assert_eq!(spool.stats().events, 59);
     assert_eq!(read_all(&spool).await.len(), 59);
@@ -458,14 +494,14 @@ async fn damage_in_an_older_segment_is_contained_too() {
 #[tokio::test]
 async fn an_unknown_format_version_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     spool.close().await;
     let seg = list_segments(dir.path()).unwrap()[0].1.clone();
     let mut bytes = std::fs::read(&seg).unwrap();
     bytes[8..12].copy_from_slice(&99u32.to_le_bytes());
     std::fs::write(&seg, &bytes).unwrap();
-    let err = Spool::open(settings(dir.path())).err().expect("refuses");
+    let err = open(settings(dir.path())).err().expect("refuses");
     let msg = err.to_string();
     assert!(matches!(err, SpoolError::Format { .. }) && msg.contains("format 99"), "{msg}");
     // Nothing was changed: the file is as it was.
@@ -494,7 +530,7 @@ async fn a_spool_of_format_2_is_read_and_its_routing_headers_come_from_the_value
     segment.extend_from_slice(&crc.finalize().to_le_bytes());
     segment.extend_from_slice(payload);
     std::fs::write(dir.path().join("segment-00000000000000000001.log"), &segment).unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let got = read_all(&spool).await;
     assert_eq!(got.len(), 1);
     event.routing = expected;
@@ -507,14 +543,14 @@ async fn a_spool_of_the_unversioned_format_refuses_to_start_with_advice() {
     let dir = tempfile::tempdir().unwrap();
     // A frame of the first format: [len][crc][payload], no segment header.
     std::fs::write(dir.path().join("segment-00000000000000000001.log"), [12, 0, 0, 0, 1, 2, 3, 4, 0, 1, 2, 3]).unwrap();
-    let msg = Spool::open(settings(dir.path())).err().expect("refuses").to_string();
+    let msg = open(settings(dir.path())).err().expect("refuses").to_string();
     assert!(msg.contains("huggy-bridge 0.1") && msg.contains("delivered everything"), "{msg}");
 }
 
 #[tokio::test]
 async fn a_frame_that_checksums_but_does_not_decode_refuses_to_start() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     spool.close().await;
     let seg = list_segments(dir.path()).unwrap()[0].1.clone();
@@ -532,7 +568,7 @@ async fn a_frame_that_checksums_but_does_not_decode_refuses_to_start() {
     frame.extend_from_slice(&payload);
     bytes.extend_from_slice(&frame);
     std::fs::write(&seg, &bytes).unwrap();
-    let msg = Spool::open(settings(dir.path())).err().expect("refuses").to_string();
+    let msg = open(settings(dir.path())).err().expect("refuses").to_string();
     assert!(msg.contains("does not decode") && msg.contains("unknown record kind 77"), "{msg}");
     assert_eq!(std::fs::read(&seg).unwrap(), bytes, "not truncated as torn");
 }
@@ -540,10 +576,10 @@ async fn a_frame_that_checksums_but_does_not_decode_refuses_to_start() {
 #[tokio::test]
 async fn a_second_open_of_the_same_directory_is_refused_and_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     let before: Vec<_> = list_segments(dir.path()).unwrap();
-    let err = Spool::open(settings(dir.path())).err().expect("refused");
+    let err = open(settings(dir.path())).err().expect("refused");
     assert!(matches!(err, SpoolError::Locked(LockError::Held(_))), "{err}");
     assert!(matches!(offline_status(dir.path()), Err(SpoolError::Locked(_))));
     assert_eq!(list_segments(dir.path()).unwrap(), before);
@@ -564,7 +600,7 @@ async fn after_a_refusal_smaller_batches_are_refused_until_below_the_low_water_m
     let mut s = settings(dir.path());
     s.max_bytes = 16 + 20 * frame;
     s.segment_bytes = 1;
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     spool.append((0..10).map(|i| ev(i, "1")).collect(), 1).await.unwrap();
     // A batch of the chat that does not fit is refused ...
     let big = || (10..25).map(|i| ev(i, "1")).collect::<Vec<_>>();
@@ -585,23 +621,22 @@ async fn after_a_refusal_smaller_batches_are_refused_until_below_the_low_water_m
 #[tokio::test]
 async fn file_work_comes_from_the_durable_event_and_again_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
-    let notify = spool.file_work_notify();
+    let spool = open(settings(dir.path())).unwrap();
     // The caller goes away right after handing the batch over: the work is there anyway.
     let handle = {
         let spool = spool.clone();
         tokio::spawn(async move { spool.append(vec![with_files(1, "1"), ev(2, "1"), with_files(3, "2")], 1).await })
     };
-    tokio::time::timeout(Duration::from_secs(5), notify.notified()).await.expect("file work announced");
+    let work =
+        tokio::time::timeout(Duration::from_secs(5), spool.followers.capture.next()).await.expect("file work announced");
     handle.abort();
-    let work = spool.take_file_work();
     assert_eq!(work.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![1, 3]);
     assert!(spool.take_file_work().is_empty(), "handed out once");
     assert_eq!(spool.stats().pending_files, 2);
     spool.files_done(1, b"[]".to_vec()).await;
     spool.close().await;
     // After a restart only the event whose files were not done is handed out again.
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.take_file_work().iter().map(|w| w.seq).collect::<Vec<_>>(), vec![3]);
     assert_eq!(spool.files_result(1).as_deref(), Some(&b"[]"[..]));
     spool.close().await;
@@ -654,7 +689,7 @@ async fn a_failed_fdatasync_answers_no_2xx_and_loses_nothing_acknowledged() {
     let mut s = settings(dir.path());
     // Sync 1: the first segment's header. 2, 3: two appends. 4: fails.
     s.io = FaultyIo::new(4, false);
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     spool.append(vec![with_files(2, "2")], 1).await.unwrap();
     // An acknowledgement (not synced by itself) and a file result ride along with the failing group.
@@ -668,7 +703,7 @@ async fn a_failed_fdatasync_answers_no_2xx_and_loses_nothing_acknowledged() {
     assert!(spool.stats().writable);
     spool.close().await;
 
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let left: Vec<u32> = read_all(&spool)
         .await
         .iter()
@@ -680,7 +715,7 @@ async fn a_failed_fdatasync_answers_no_2xx_and_loses_nothing_acknowledged() {
     spool.close().await;
 }
 
-async fn left_seq(spool: &Spool, id: u32) -> u64 {
+async fn left_seq(spool: &Hub, id: u32) -> u64 {
     read_all(spool)
         .await
         .iter()
@@ -697,11 +732,11 @@ async fn a_refused_group_that_still_reads_back_is_not_taken_for_stored() {
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.io = Arc::new(FaultyIo { keep_pages: true, ..Arc::into_inner(FaultyIo::new(3, false)).unwrap() });
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     spool.append(vec![ev(1, "1")], now_secs()).await.unwrap();
     assert!(spool.append(vec![ev(2, "1")], now_secs()).await.is_err());
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1, "only the event answered 2xx");
     let again = spool.append(vec![ev(2, "1")], now_secs()).await.unwrap();
     assert_eq!((again.stored, again.duplicates), (1, 0), "the re-send is stored, not skipped as a duplicate");
@@ -713,14 +748,14 @@ async fn a_disk_that_keeps_failing_refuses_every_batch_and_recovers_nothing_it_r
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.io = FaultyIo::new(3, true);
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     spool.append(vec![ev(1, "1")], 1).await.unwrap();
     for i in 2..5 {
         assert!(spool.append(vec![ev(i, "1")], 1).await.is_err());
     }
     assert!(!spool.stats().writable);
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1, "only the acknowledged-to-Huggy event");
     spool.append(vec![ev(2, "1")], 1).await.unwrap();
     spool.close().await;
@@ -764,7 +799,7 @@ impl SegmentIo for SmallDisk {
 }
 
 /// Waits (bounded) until the spool takes batches again by itself.
-async fn wait_until_writable(spool: &Spool) {
+async fn wait_until_writable(spool: &Hub) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
         let s = spool.stats();
@@ -783,7 +818,7 @@ async fn a_full_disk_refuses_keeps_delivering_and_deleting_and_takes_batches_aga
     s.segment_bytes = 4096;
     let disk = SmallDisk::new(dir.path(), 64 * 1024 + 2 * writer::ROOM_MARGIN);
     s.io = disk.clone();
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     let mut stored = 0;
     let mut i = 0;
     let first_refusal = loop {
@@ -823,7 +858,7 @@ async fn a_full_disk_refuses_keeps_delivering_and_deleting_and_takes_batches_aga
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1, "only the batch taken after the disk healed is undelivered");
     assert_eq!(spool.recovery_report().damaged_regions, 0, "the failed write is no damage");
     spool.close().await;
@@ -834,7 +869,7 @@ async fn a_spool_opened_on_a_full_disk_delivers_what_it_holds_and_then_takes_bat
     let dir = tempfile::tempdir().unwrap();
     let mut s = settings(dir.path());
     s.segment_bytes = 4096;
-    let spool = Spool::open(s.clone()).unwrap();
+    let spool = open(s.clone()).unwrap();
     // More than `MIN_ROOM` of segments: what delivery frees is all the room there will be.
     for i in 0..100 {
         spool.append((0..20).map(|k| ev(i * 20 + k, "1")).collect(), now_secs()).await.unwrap();
@@ -843,7 +878,7 @@ async fn a_spool_opened_on_a_full_disk_delivers_what_it_holds_and_then_takes_bat
     let disk = SmallDisk::new(dir.path(), 0);
     disk.capacity.store(disk.used(), std::sync::atomic::Ordering::SeqCst);
     s.io = disk.clone();
-    let spool = Spool::open(s).expect("a full disk is no reason not to start");
+    let spool = open(s).expect("a full disk is no reason not to start");
     let st = spool.stats();
     assert!(st.disk_full && st.events == 2000, "{st:?}");
     let refused = spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap_err();
@@ -854,7 +889,7 @@ async fn a_spool_opened_on_a_full_disk_delivers_what_it_holds_and_then_takes_bat
     wait_until_writable(&spool).await;
     assert_eq!(spool.append(vec![ev(1_000_000, "1")], now_secs()).await.unwrap().stored, 1);
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.stats().events, 1);
     spool.close().await;
 }
@@ -889,7 +924,7 @@ fn a_wall_clock_jump_moves_no_heartbeat_and_no_stall_check() {
 #[tokio::test]
 async fn undelivered_gauges_follow_acknowledgements_and_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     spool.append((1..=4).map(|i| ev(i, "1")).collect(), 100).await.unwrap();
     spool.append((5..=6).map(|i| ev(i, "1")).collect(), 200).await.unwrap();
     let total: u64 = (1..=6).map(|i| ev(i, "1").value.len() as u64).sum();
@@ -911,7 +946,7 @@ async fn undelivered_gauges_follow_acknowledgements_and_survive_a_restart() {
     let bytes = spool.stats().bytes;
     assert!(bytes > 0 && bytes < total, "in proportion within a partly delivered segment: {bytes} of {total}");
     spool.close().await;
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     assert_eq!(left(&spool), (2, Some(200)), "the same after a restart");
     let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
     assert_eq!(seqs, got[4..].iter().map(|s| s.seq).collect::<Vec<_>>(), "only the unacknowledged are read again");
@@ -921,7 +956,7 @@ async fn undelivered_gauges_follow_acknowledgements_and_survive_a_restart() {
 #[tokio::test]
 async fn a_read_stops_at_its_byte_budget_and_the_next_one_goes_on_from_there() {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::open(settings(dir.path())).unwrap();
+    let spool = open(settings(dir.path())).unwrap();
     let events: Vec<Event> = (10..40).map(|n| ev(n, "1")).collect();
     let each = events[0].value.len();
     spool.append(events, 1).await.unwrap();
@@ -955,18 +990,18 @@ async fn a_writer_that_panics_fails_liveness_at_once_and_acknowledges_nothing_mo
     let io = Arc::new(PanickingIo(std::sync::atomic::AtomicBool::new(false)));
     let mut s = settings(dir.path());
     s.io = io.clone();
-    let spool = Spool::open(s).unwrap();
+    let spool = open(s).unwrap();
     spool.append(vec![ev(1, "a")], 1).await.expect("a healthy writer stores");
     let long = Duration::from_secs(3600);
-    assert_eq!(spool.heartbeat().stalled_for(long), None);
+    assert_eq!(spool.writer_stalled_for(long), None);
     io.0.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(spool.append(vec![ev(2, "a")], 1).await.is_err(), "no batch is answered as stored after the panic");
     // Liveness fails at once, however long the stall limit, and whether or not work is queued.
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while spool.heartbeat().stalled_for(long).is_none() {
+    while spool.writer_stalled_for(long).is_none() {
         assert!(std::time::Instant::now() < deadline, "a dead writer still looks alive");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(spool.append(vec![ev(3, "a")], 1).await.is_err());
-    assert!(spool.heartbeat().stalled_for(long).is_some());
+    assert!(spool.writer_stalled_for(long).is_some());
 }
