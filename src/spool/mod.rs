@@ -363,7 +363,7 @@ impl Spool {
         let now = now_secs();
         let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs, settings.dedup_max_ids);
         let journal = dedup::Journal::open(&mut dedup, now);
-        let recovered = recovery::recover(&settings.dir, recovery::Mode::Repair, &mut dedup, now)?;
+        let recovered = recovery::recover(&settings.dir, recovery::Access::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         let (writer, shared) = writer::Writer::start(settings, recovered, dedup, journal, dir_lock, tx.downgrade())?;
@@ -560,7 +560,7 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
     let _lock = lock::DirLock::acquire(dir)?;
     let now = now_secs();
     let mut dedup = dedup::Dedup::new(dir, 0, 1);
-    let r = recovery::recover(dir, recovery::Mode::ReadOnly, &mut dedup, now)?;
+    let r = recovery::recover(dir, recovery::Access::ReadOnly, &mut dedup, now)?;
     let tally = recovery::tally(&r)?;
     let oldest = tally.oldest_received_at;
     Ok(OfflineStatus {
