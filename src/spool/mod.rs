@@ -28,9 +28,11 @@ mod chunks;
 mod dedup;
 mod format;
 pub(crate) mod io;
+mod janitor;
 mod lock;
 mod reader;
 mod recovery;
+mod segment_files;
 mod undelivered;
 mod writer;
 
@@ -261,11 +263,6 @@ pub(crate) struct Heartbeat {
     died_ms: AtomicI64,
 }
 
-pub(crate) struct Pending {
-    pub(crate) bytes: u64,
-    pub(crate) received_at: i64,
-}
-
 /// Where a reader may read in a segment.
 #[derive(Debug, Clone)]
 pub(crate) struct Segment {
@@ -359,7 +356,7 @@ impl Spool {
     pub fn open(settings: SpoolSettings) -> Result<Spool, SpoolError> {
         fs::create_dir_all(&settings.dir)?;
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
-        writer::remove_leftovers(&settings.dir)?;
+        segment_files::remove_leftovers(&settings.dir)?;
         let now = now_secs();
         let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs, settings.dedup_max_ids);
         let journal = dedup::Journal::open(&mut dedup, now);
