@@ -2,8 +2,8 @@
 //!
 //! 1. **take** each command into a [`Group`]: a batch is refused whole when the writer cannot
 //!    write (no room on the filesystem, a broken segment) or the spool is full, otherwise each of
-//!    its events is stored or answered as a duplicate (**dedup**); file results and
-//!    acknowledgements are encoded after the events;
+//!    its events is stored or answered as a duplicate (**dedup**); file results are encoded in
+//!    their turn, the acknowledgements last;
 //! 2. **write** the group's frames with one `write` and at most one `fdatasync`;
 //! 3. **carry over** what is not known to be durable (acknowledgements, file results) for the next
 //!    fresh segment, or, after a failed write, refuse the group's batches;
@@ -184,7 +184,7 @@ impl Writer {
     /// Takes one batch into the group, or refuses it whole: when the writer cannot write
     /// ([`Writer::refusal`]) or the spool has no room for it ([`Room::admits`]; a refused batch is
     /// taken out again and its seqs given out anew). Only a batch that stores something changes
-    /// the refusal.
+    /// the refusal. Nothing is written or answered here: the answer waits in the group.
     fn take_batch(
         &mut self,
         g: &mut Group,
@@ -224,7 +224,8 @@ impl Writer {
     }
 
     /// Why a batch is refused whole because the writer cannot write: no room on the filesystem
-    /// (with the free bytes now), or a failed segment that no fresh one has replaced yet.
+    /// (with the free bytes now), or a failed segment that no fresh one has replaced yet. Tries
+    /// no healing: that happens before and after the group.
     fn refusal(&self) -> Option<SpoolError> {
         if let Some(want) = self.no_room {
             let free = self.free_bytes();
@@ -268,7 +269,8 @@ impl Writer {
     /// alone are not synced), and carries over what is not known to be durable. Returns whether
     /// the group is committed: written, or with nothing to write (a broken writer writes nothing:
     /// its batches were refused, the rest is carried). A failed write is not: its segment is
-    /// abandoned ([`Writer::fail_group`]).
+    /// abandoned ([`Writer::fail_group`]). Neither publishes nor answers anything: the state and
+    /// the answers follow from its result.
     fn write_group(&mut self, g: &mut Group) -> bool {
         let must_sync = !g.events.is_empty() || !g.files_done.is_empty();
         let written = if g.buf.is_empty() { Ok(false) } else { self.write(&g.buf, must_sync) };
@@ -400,7 +402,8 @@ impl Writer {
 
     /// After the group is answered: heals a writer that cannot write, hands delivered segments to
     /// the janitor (even while it cannot write: on a full disk that is what makes room), rolls over
-    /// a full segment, and ends a refusal that delivery made room for.
+    /// a full segment, and ends a refusal that delivery made room for. It comes after the answers
+    /// so that none of them waits for it.
     fn tidy(&mut self) {
         if self.broken {
             self.heal();
