@@ -7,26 +7,26 @@ use std::path::Path;
 use super::format::{self, BadFrame, Next};
 
 /// Bytes read from a segment at a time.
-pub(crate) const CHUNK: usize = 1024 * 1024;
+pub(super) const CHUNK: usize = 1024 * 1024;
 
 /// A segment file read in bounded chunks.
-pub(crate) struct Chunks {
+pub(super) struct Chunks {
     file: File,
     /// Readable bytes: the file's length, or less (a reader's committed limit).
-    pub(crate) len: u64,
+    pub(super) len: u64,
     base: u64,
     buf: Vec<u8>,
 }
 
 impl Chunks {
-    pub(crate) fn open(path: &Path) -> std::io::Result<Chunks> {
+    pub(super) fn open(path: &Path) -> std::io::Result<Chunks> {
         let file = File::open(path)?;
         let len = file.metadata()?.len();
         Ok(Chunks { file, len, base: 0, buf: Vec::new() })
     }
 
     /// The bytes from `at` on: at least `min` of them (or up to the end of the file), usually more.
-    pub(crate) fn at(&mut self, at: u64, min: usize) -> std::io::Result<&[u8]> {
+    pub(super) fn at(&mut self, at: u64, min: usize) -> std::io::Result<&[u8]> {
         let want_end = at.saturating_add(min.max(CHUNK) as u64).min(self.len);
         let have_end = self.base + self.buf.len() as u64;
         let need_end = at.saturating_add(min as u64).min(self.len);
@@ -47,7 +47,7 @@ impl Chunks {
     }
 
     /// Decodes the frame at `at`, reading as much of the file as it needs.
-    pub(crate) fn frame_at(&mut self, at: u64) -> std::io::Result<Next> {
+    pub(super) fn frame_at(&mut self, at: u64) -> std::io::Result<Next> {
         let mut min = format::FRAME_HEADER_LEN;
         loop {
             let len = self.len;
@@ -62,7 +62,7 @@ impl Chunks {
     }
 
     /// The next position at or after `from` where a valid frame starts.
-    pub(crate) fn resync(&mut self, from: u64) -> std::io::Result<Option<u64>> {
+    pub(super) fn resync(&mut self, from: u64) -> std::io::Result<Option<u64>> {
         let mut pos = from;
         while pos + 4 <= self.len {
             let view = self.at(pos, CHUNK)?;

@@ -17,21 +17,21 @@ use std::fmt;
 use crate::event::{routing_of, Event, EventId, EventType, KnownType, Routing};
 
 /// Magic at the start of every segment file.
-pub(crate) const SEGMENT_MAGIC: &[u8; 8] = b"HUGGYSPL";
+pub(super) const SEGMENT_MAGIC: &[u8; 8] = b"HUGGYSPL";
 /// The format this build writes.
-pub(crate) const VERSION: u32 = 3;
+pub(super) const VERSION: u32 = 3;
 /// The oldest format this build still reads. Version 3 appended the routing headers to an event
 /// record; a version 2 event record ends before them, and they are read again from its value.
-pub(crate) const OLDEST_READABLE: u32 = 2;
+pub(super) const OLDEST_READABLE: u32 = 2;
 /// Bytes of the segment header.
-pub(crate) const SEGMENT_HEADER_LEN: usize = 16;
+pub(super) const SEGMENT_HEADER_LEN: usize = 16;
 /// Marks the start of a frame.
-pub(crate) const FRAME_MAGIC: u32 = 0x4846_5232; // "2RFH" on disk
+pub(super) const FRAME_MAGIC: u32 = 0x4846_5232; // "2RFH" on disk
 /// Bytes before a frame's payload.
-pub(crate) const FRAME_HEADER_LEN: usize = 12;
+pub(super) const FRAME_HEADER_LEN: usize = 12;
 /// Upper bound on one frame's payload, far above any event that fits `http.max_body_bytes`; a larger
 /// length can only be damage.
-pub(crate) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
+pub(super) const MAX_PAYLOAD: usize = 256 * 1024 * 1024;
 // The largest body accepted leaves room for an event as large as the body and its metadata.
 const _: () = assert!(crate::config::MAX_BODY_BYTES_CEILING * 2 <= MAX_PAYLOAD);
 
@@ -41,7 +41,7 @@ const _: () = assert!(crate::config::MAX_BODY_BYTES_CEILING * 2 <= MAX_PAYLOAD);
     clippy::large_enum_variant,
     reason = "events are nearly every record, and each is moved into a Stored at once: boxing would allocate per event"
 )]
-pub(crate) enum Record {
+pub(super) enum Record {
     /// An event made durable, with its spool sequence number and receipt time (unix seconds).
     Event { seq: u64, received_at: i64, event: Event },
     /// Sequence numbers Kafka acknowledged, as inclusive ranges.
@@ -59,7 +59,7 @@ const KIND_FILES: u8 = 3;
 const KIND_ABANDONED: u8 = 4;
 
 /// The header of a segment file in this build's format.
-pub(crate) fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
+pub(super) fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
     let mut h = [0u8; SEGMENT_HEADER_LEN];
     h[..8].copy_from_slice(SEGMENT_MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
@@ -68,7 +68,7 @@ pub(crate) fn segment_header() -> [u8; SEGMENT_HEADER_LEN] {
 
 /// Why a segment cannot be read by this build.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub(crate) enum HeaderError {
+pub(super) enum HeaderError {
     #[error(
         "it has no format header: it was written by huggy-bridge 0.1 (unversioned format); run that version until \
          it has delivered everything (huggy_bridge_spool_events = 0), then start this one"
@@ -84,7 +84,7 @@ pub(crate) enum HeaderError {
 ///
 /// # Errors
 /// The file is not in this build's format.
-pub(crate) fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
+pub(super) fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
     if head.is_empty() {
         return Ok(false);
     }
@@ -106,7 +106,7 @@ pub(crate) fn check_header(head: &[u8]) -> Result<bool, HeaderError> {
 }
 
 /// Appends `record` as one frame to `out`.
-pub(crate) fn encode(record: &Record, out: &mut Vec<u8>) {
+pub(super) fn encode(record: &Record, out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
     out.extend_from_slice(&[0u8; 8]);
@@ -188,12 +188,12 @@ fn put_opt(out: &mut Vec<u8>, s: Option<&str>) {
 /// format, or a bug. Never treated as a torn write.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a frame with a valid checksum does not decode: {0}")]
-pub(crate) struct Undecodable(pub(crate) String);
+pub(super) struct Undecodable(pub(super) String);
 
 /// The result of looking at the bytes at one position.
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant, reason = "as `Record`: a frame is the common case")]
-pub(crate) enum Next {
+pub(super) enum Next {
     /// A whole, valid frame and the bytes it takes.
     Frame(Record, usize),
     /// Clean end of data.
@@ -206,7 +206,7 @@ pub(crate) enum Next {
 
 /// Why the bytes at a position are not a frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum BadFrame {
+pub(super) enum BadFrame {
     /// The data ends inside a frame (possibly a whole frame that needs more bytes than given).
     Truncated { needed: usize },
     /// No frame magic, an impossible length or a checksum mismatch.
@@ -223,7 +223,7 @@ impl fmt::Display for BadFrame {
 }
 
 /// Reads one frame from `buf` at `pos`.
-pub(crate) fn decode_at(buf: &[u8], pos: usize) -> Next {
+pub(super) fn decode_at(buf: &[u8], pos: usize) -> Next {
     let rest = &buf[pos..];
     if rest.is_empty() {
         return Next::End;

@@ -29,9 +29,11 @@ mod dedup;
 mod feeds;
 mod format;
 pub(crate) mod io;
+mod janitor;
 mod lock;
 mod reader;
 mod recovery;
+mod segment_files;
 mod undelivered;
 mod writer;
 
@@ -263,11 +265,6 @@ pub(crate) struct Heartbeat {
     died_ms: AtomicI64,
 }
 
-pub(crate) struct Pending {
-    pub(crate) bytes: u64,
-    pub(crate) received_at: i64,
-}
-
 /// Where a reader may read in a segment.
 #[derive(Debug, Clone)]
 pub(crate) struct Segment {
@@ -385,11 +382,11 @@ impl Spool {
     pub fn open(settings: SpoolSettings) -> Result<(Spool, Followers), SpoolError> {
         fs::create_dir_all(&settings.dir)?;
         let dir_lock = lock::DirLock::acquire(&settings.dir)?;
-        writer::remove_leftovers(&settings.dir)?;
+        segment_files::remove_leftovers(&settings.dir)?;
         let now = now_secs();
         let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs, settings.dedup_max_ids);
         let journal = dedup::Journal::open(&mut dedup, now);
-        let recovered = recovery::recover(&settings.dir, recovery::Mode::Repair, &mut dedup, now)?;
+        let recovered = recovery::recover(&settings.dir, recovery::Access::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
         let (tx, rx) = mpsc::channel(QUEUE);
         let (writer, shared) = writer::Writer::start(settings, recovered, dedup, journal, dir_lock, tx.downgrade())?;
@@ -538,7 +535,7 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
     let _lock = lock::DirLock::acquire(dir)?;
     let now = now_secs();
     let mut dedup = dedup::Dedup::new(dir, 0, 1);
-    let r = recovery::recover(dir, recovery::Mode::ReadOnly, &mut dedup, now)?;
+    let r = recovery::recover(dir, recovery::Access::ReadOnly, &mut dedup, now)?;
     let tally = recovery::tally(&r)?;
     let oldest = tally.oldest_received_at;
     Ok(OfflineStatus {

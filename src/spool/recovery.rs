@@ -32,8 +32,11 @@ use crate::clock::now_secs;
 
 /// Whether recovery may change files (the daemon) or only read them (`spool status`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Mode {
+pub(super) enum Access {
+    /// Truncates torn tails, removes segments cut short before their header, keeps damaged
+    /// segments aside, syncs what it read and collects the ids the dedup journal lacks.
     Repair,
+    /// Changes nothing on disk.
     ReadOnly,
 }
 
@@ -55,22 +58,22 @@ pub struct RecoveryReport {
     /// Events whose frames fell in damaged regions, from the gaps in sequence numbers.
     pub events_lost: u64,
     /// Copies of damaged segments, for inspection.
-    pub(crate) kept_aside: Vec<PathBuf>,
+    pub(super) kept_aside: Vec<PathBuf>,
     pub(crate) elapsed_ms: u64,
 }
 
-pub(crate) struct Recovered {
+pub(super) struct Recovered {
     /// Stored events not delivered: an index that does not grow with their number.
-    pub(crate) undelivered: Undelivered,
-    pub(crate) segments: VecDeque<Segment>,
-    pub(crate) next_seq: u64,
-    pub(crate) file_results: HashMap<u64, Vec<u8>>,
-    pub(crate) file_work: Vec<FileWork>,
-    pub(crate) disk_bytes: u64,
+    pub(super) undelivered: Undelivered,
+    pub(super) segments: VecDeque<Segment>,
+    pub(super) next_seq: u64,
+    pub(super) file_results: HashMap<u64, Vec<u8>>,
+    pub(super) file_work: Vec<FileWork>,
+    pub(super) disk_bytes: u64,
     /// Ids of the events in segments that the dedup journal did not hold, and when each was stored
-    /// (repair mode with a dedup window only): their appends may have been lost with the last run.
-    pub(crate) ids: Vec<(crate::event::EventId, i64)>,
-    pub(crate) report: RecoveryReport,
+    /// ([`Access::Repair`] with a dedup window only): their appends may have been lost with the last run.
+    pub(super) ids: Vec<(crate::event::EventId, i64)>,
+    pub(super) report: RecoveryReport,
 }
 
 /// Reads every segment in order: undelivered events, file results and work, the next sequence
@@ -78,7 +81,7 @@ pub(crate) struct Recovered {
 ///
 /// # Errors
 /// A segment in another format or with an undecodable frame ([`SpoolError::Format`]); I/O errors.
-pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Result<Recovered, SpoolError> {
+pub(super) fn recover(dir: &Path, access: Access, dedup: &mut Dedup, now: i64) -> Result<Recovered, SpoolError> {
     let started = Instant::now();
     let files = list_segments(dir)?;
     let first_seq = files.first().map_or(1, |(n, _)| *n).max(1);
@@ -104,7 +107,7 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
             Ok(true) => {}
             Ok(false) | Err(format::HeaderError::Short(_)) if newest => {
                 // Created by a roll-over that never wrote its header: nothing was ever stored in it.
-                if mode == Mode::Repair {
+                if access == Access::Repair {
                     warn!(segment = %path.display(), bytes = chunks.len, "spool: removing a segment cut short before its header");
                     fs::remove_file(path)?;
                 }
@@ -112,7 +115,7 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
                 continue;
             }
             Ok(false) => {
-                if mode == Mode::Repair {
+                if access == Access::Repair {
                     fs::remove_file(path)?;
                 }
                 continue;
@@ -142,7 +145,7 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
                         events += 1;
                         event_bytes += event.value.len() as u64;
                     }
-                    apply(&mut r, &mut wanted, dedup, mode, rec, now);
+                    apply(&mut r, &mut wanted, dedup, access, rec, now);
                     pos += used as u64;
                 }
                 Next::Undecodable(e) => {
@@ -180,7 +183,7 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
                                 "spool: discarding a torn write at the end of the newest segment (it was never acknowledged)"
                             );
                             r.report.torn_tails += 1;
-                            if mode == Mode::Repair {
+                            if access == Access::Repair {
                                 let f = OpenOptions::new().write(true).open(path)?;
                                 f.set_len(pos)?;
                                 f.sync_all()?;
@@ -202,14 +205,14 @@ pub(crate) fn recover(dir: &Path, mode: Mode, dedup: &mut Dedup, now: i64) -> Re
                 }
             }
         }
-        if damaged && mode == Mode::Repair {
+        if damaged && access == Access::Repair {
             // A copy for inspection is no reason not to start (the disk may be full): the segment
             // itself stays until its events are delivered.
             if let Err(e) = keep_aside(dir, path, &mut r.report) {
                 error!(segment = %path.display(), error = %e, "spool: could not keep a copy of a damaged segment aside");
             }
         }
-        if mode == Mode::Repair {
+        if access == Access::Repair {
             // What was read may be a group written but never synced before the last run ended (a
             // process crash leaves it in the page cache). Its events are now treated as stored: in
             // the dedup window, a re-send answered as a duplicate. Make them durable first.
@@ -235,7 +238,7 @@ fn apply(
     r: &mut Recovered,
     wanted: &mut BTreeMap<u64, FileWork>,
     dedup: &mut Dedup,
-    mode: Mode,
+    access: Access,
     rec: Record,
     now: i64,
 ) {
@@ -244,7 +247,7 @@ fn apply(
             r.next_seq = r.next_seq.max(seq + 1);
             // Ids the journal already holds (loaded from it) need not be written again: files found
             // at start are synced before any segment is deleted.
-            if mode == Mode::Repair && dedup.enabled() && !dedup.contains(&event.id, now) {
+            if access == Access::Repair && dedup.enabled() && !dedup.contains(&event.id, now) {
                 r.ids.push((event.id, received_at));
             }
             dedup.insert(event.id, received_at, now);
@@ -282,10 +285,10 @@ fn apply(
 
 /// What `spool status` shows of the undelivered events beyond their number, counted by reading the
 /// segments once more (recovery keeps nothing per event).
-pub(crate) struct Tally {
-    pub(crate) by_type: BTreeMap<String, u64>,
-    pub(crate) bytes: u64,
-    pub(crate) oldest_received_at: Option<i64>,
+pub(super) struct Tally {
+    pub(super) by_type: BTreeMap<String, u64>,
+    pub(super) bytes: u64,
+    pub(super) oldest_received_at: Option<i64>,
 }
 
 /// Reads the segments `r` found again and counts the undelivered events by type, their bytes and
@@ -293,7 +296,7 @@ pub(crate) struct Tally {
 ///
 /// # Errors
 /// A segment cannot be read.
-pub(crate) fn tally(r: &Recovered) -> Result<Tally, SpoolError> {
+pub(super) fn tally(r: &Recovered) -> Result<Tally, SpoolError> {
     let mut t = Tally { by_type: BTreeMap::new(), bytes: 0, oldest_received_at: None };
     for segment in &r.segments {
         let mut chunks = Chunks::open(&segment.path)?;

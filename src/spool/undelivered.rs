@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 /// Most receipt-time runs kept (16 bytes each).
-pub(crate) const AGE_RUNS: usize = 4096;
+pub(super) const AGE_RUNS: usize = 4096;
 
 /// The undelivered events' index.
 #[derive(Debug, Clone)]
@@ -36,13 +36,13 @@ pub(crate) struct Undelivered {
 
 impl Undelivered {
     /// An index in which every seq below `floor` is done and none at or above it is given out.
-    pub(crate) fn new(floor: u64) -> Undelivered {
+    pub(super) fn new(floor: u64) -> Undelivered {
         Undelivered { floor, end: floor, done: BTreeMap::new(), done_len: 0, ages: VecDeque::new(), age_step: 1 }
     }
 
     /// `seq` was stored, received at `received_at`. Seqs skipped since the last one were never
     /// stored: they are done. A seq below the end (out of order) only stops being done.
-    pub(crate) fn stored(&mut self, seq: u64, received_at: i64) {
+    pub(super) fn stored(&mut self, seq: u64, received_at: i64) {
         if seq < self.floor {
             return;
         }
@@ -68,7 +68,7 @@ impl Undelivered {
     }
 
     /// `a..=b` was acknowledged; returns how many of those seqs were undelivered.
-    pub(crate) fn ack(&mut self, a: u64, b: u64) -> u64 {
+    pub(super) fn ack(&mut self, a: u64, b: u64) -> u64 {
         let (a, b) = (a.max(self.floor), b.min(self.end.saturating_sub(1)));
         if a > b || self.end == self.floor {
             return 0;
@@ -79,21 +79,21 @@ impl Undelivered {
     }
 
     /// Whether `seq` was stored and is not delivered.
-    pub(crate) fn contains(&self, seq: u64) -> bool {
+    pub(super) fn contains(&self, seq: u64) -> bool {
         seq >= self.floor && seq < self.end && !self.is_done(seq)
     }
 
     /// Undelivered events.
-    pub(crate) fn len(&self) -> u64 {
+    pub(super) fn len(&self) -> u64 {
         self.end - self.floor - self.done_len
     }
 
-    pub(crate) fn is_empty(&self) -> bool {
+    pub(super) fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
     /// Undelivered events in `[from, to)`.
-    pub(crate) fn count_in(&self, from: u64, to: u64) -> u64 {
+    pub(super) fn count_in(&self, from: u64, to: u64) -> u64 {
         let (from, to) = (from.max(self.floor), to.min(self.end));
         if from >= to {
             return 0;
@@ -111,7 +111,7 @@ impl Undelivered {
     }
 
     /// The oldest undelivered seq.
-    pub(crate) fn oldest(&self) -> Option<u64> {
+    pub(super) fn oldest(&self) -> Option<u64> {
         let mut seq = self.floor;
         // Done ranges are merged: at most one starts at or covers `seq`.
         if let Some((_, &e)) = self.done.range(..=seq).next_back().filter(|(_, &e)| e >= seq) {
@@ -121,14 +121,14 @@ impl Undelivered {
     }
 
     /// When the oldest undelivered event was received (or earlier, within a merged run).
-    pub(crate) fn oldest_received_at(&self) -> Option<i64> {
+    pub(super) fn oldest_received_at(&self) -> Option<i64> {
         let seq = self.oldest()?;
         let i = self.ages.partition_point(|&(first, _)| first <= seq);
         self.ages.get(i.checked_sub(1)?).map(|&(_, at)| at)
     }
 
     /// Every seq below `floor` is gone (its segment was deleted): forgets what it knew of them.
-    pub(crate) fn raise_floor(&mut self, floor: u64) {
+    pub(super) fn raise_floor(&mut self, floor: u64) {
         let floor = floor.min(self.end);
         if floor <= self.floor {
             return;
