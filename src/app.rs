@@ -17,14 +17,14 @@ use tracing::{info, warn};
 
 use crate::config::{AckMode, Config, ConfigError};
 use crate::files::{results_json, Completion, FileCapture, FileDone, FileJob, FileResult};
-use crate::health::{Health, Pulse};
+use crate::health::{Health, KafkaHealth, Pulse};
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, Mode};
 use crate::metrics::Metrics;
 use crate::metrics::Stage;
 use crate::publish::kafka::{self, EmbeddedBroker};
 use crate::publish::Poison;
-use crate::publish::{self as publish, KafkaHealth, Publisher, Routes};
+use crate::publish::{self as publish, Publisher, Routes};
 use crate::reload::Reloader;
 use crate::spool::{SegmentIo, Spool, SpoolSettings};
 use crate::supervise::{Faults, Supervisor};

@@ -23,11 +23,12 @@ use tracing::{debug, error, info, warn};
 use crate::clock::now_secs;
 use crate::config::KafkaConfig;
 use crate::event::{Event, EventType, KnownType};
+use crate::health::KafkaHealth;
 use crate::metrics::Metrics;
 use crate::spool::{Spool, Stored};
 pub use guard::Poison;
 use kafka::ErrorClass;
-pub(crate) use kafka::{KafkaHealth, Producer};
+pub(crate) use kafka::Producer;
 
 /// Topic routing from the configuration, worked out once: a record's topic is a lookup.
 #[derive(Debug, Clone)]
