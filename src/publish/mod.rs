@@ -1,8 +1,8 @@
 //! Publishing: events to Kafka records (topic, key, CloudEvents headers), delivery with retries,
 //! dead-lettering of what Kafka can never take, and the loop that drains the spool.
 //!
-//! - [`routes`]: which topic a record goes to; `headers`: what it carries besides Huggy's bytes.
-//! - `publisher`: the [`Publisher`], which sends records and awaits them; `guard` keeps a panic in
+//! - `routes`: which topic a record goes to; `headers`: what it carries besides Huggy's bytes.
+//! - `publisher`: the `Publisher`, which sends records and awaits them; `guard` keeps a panic in
 //!   publishing from stopping it, [`claim`] sends what is too large for its topic as a claim check,
 //!   `stale` notices a producer the broker lost track of.
 //! - `follower`: the loop that drains the spool, one lane per key (`lanes`).

@@ -1,7 +1,7 @@
 //! Kafka setup in one place: the producer's properties and the other clients' (admin, consumer),
-//! checked with librdkafka itself. Beside it: the producer's context ([`context`]), topic
-//! provisioning ([`topics`]), the embedded development broker ([`embedded`]) and what an error
-//! means for a record ([`errors`]).
+//! checked with librdkafka itself. Beside it: the producer's context (`context`), topic
+//! provisioning (`topics`), the embedded development broker (`embedded`) and what an error
+//! means for a record (`errors`).
 
 mod context;
 mod embedded;
