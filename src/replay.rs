@@ -29,9 +29,10 @@ use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
 use crate::event::EventType;
+use crate::health::KafkaHealth;
 use crate::metrics::Metrics;
 use crate::publish::claim::{self, ClaimChecks, TopicLimits};
-use crate::publish::kafka::{self, KafkaHealth};
+use crate::publish::kafka;
 use crate::publish::Routes;
 
 /// The consumer group whose committed offsets on the dead-letter topic record what was replayed.

@@ -74,7 +74,7 @@ pub struct Batch<'a> {
     /// Batch `time` in unix seconds, when present and numeric.
     time: Option<i64>,
     /// What tells this batch apart from others in its events' ids.
-    stamp: BatchStamp,
+    pub(crate) stamp: BatchStamp,
     /// `messages` in document order: (event type as sent, the value under it).
     groups: Vec<(String, Group<'a>)>,
 }
@@ -683,4 +683,4 @@ fn decimal(raw: &RawValue) -> Option<String> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

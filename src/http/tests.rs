@@ -11,9 +11,8 @@ use tower::ServiceExt;
 use super::*;
 use crate::config::Secret;
 use crate::event::Event;
-use crate::health::Pulse;
+use crate::health::{KafkaHealth, Pulse};
 use crate::ingest::{Accepted, IngestError};
-use crate::publish::KafkaHealth;
 
 const FIXTURE: &str = include_str!("../../tests/fixtures/startedChat+receivedMessage.json");
 

@@ -10,7 +10,8 @@ use futures::FutureExt as _;
 use rdkafka::message::{Header, OwnedHeaders};
 use tracing::error;
 
-use super::{kafka, ErrorClass, Outcome, Publisher, RetryReason};
+use super::kafka::{self, ErrorClass};
+use super::{Outcome, Publisher, RetryReason};
 use crate::event::Event;
 use crate::supervise::panic_message;
 

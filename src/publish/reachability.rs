@@ -7,9 +7,9 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::kafka::{self, KafkaHealth};
+use super::kafka;
 use super::Publisher;
-use crate::health::Health;
+use crate::health::{Health, KafkaHealth};
 
 /// Keeps `KafkaHealth::reachable` true to reality every two seconds — librdkafka's broker states,
 /// else a metadata request for one topic (`probe`: the topic and the request's timeout) — replaces a

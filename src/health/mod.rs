@@ -10,6 +10,10 @@
 //! Liveness fails only when restarting would help: the spool writer or the publisher has work and
 //! has stopped making progress, the producer is fatally broken and could not be recreated, or a
 //! supervised stage keeps panicking however often it is restarted.
+//!
+//! The Kafka connection's state lives in [`kafka`]: the producer reports into it, health reads it.
+
+mod kafka;
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -21,9 +25,9 @@ use tracing::warn;
 use crate::clock::{free_bytes, monotonic_millis, now_secs};
 use crate::config::{AckMode, Config};
 use crate::metrics::Metrics;
-use crate::publish::KafkaHealth;
 use crate::spool::Spool;
 use crate::supervise::Stages;
+pub(crate) use kafka::{KafkaHealth, STATISTICS_INTERVAL_MS};
 
 /// A stage's pulse: when it last made progress.
 #[derive(Debug, Default)]
