@@ -72,7 +72,7 @@ pub(super) struct Recovered {
     pub(super) disk_bytes: u64,
     /// Ids of the events in segments that the dedup journal did not hold, and when each was stored
     /// ([`Access::Repair`] with a dedup window only): their appends may have been lost with the last run.
-    pub(super) ids: Vec<(crate::event::EventId, i64)>,
+    pub(super) ids: VecDeque<(crate::event::EventId, i64)>,
     pub(super) report: RecoveryReport,
 }
 
@@ -92,7 +92,7 @@ pub(super) fn recover(dir: &Path, access: Access, dedup: &mut Dedup, now: i64) -
         file_results: HashMap::new(),
         file_work: Vec::new(),
         disk_bytes: 0,
-        ids: Vec::new(),
+        ids: VecDeque::new(),
         report: RecoveryReport::default(),
     };
     let abandoned = abandoned_limits(&files)?;
@@ -247,8 +247,14 @@ fn apply(
             r.next_seq = r.next_seq.max(seq + 1);
             // Ids the journal already holds (loaded from it) need not be written again: files found
             // at start are synced before any segment is deleted.
+            // The newest `spool.dedup_max_ids` at most: the window forgets older ones at its ceiling
+            // anyway (at worst a duplicate), and a spool whose journal was lost must not cost memory
+            // per event to recover.
             if access == Access::Repair && dedup.enabled() && !dedup.contains(&event.id, now) {
-                r.ids.push((event.id, received_at));
+                if r.ids.len() >= dedup.max_ids() {
+                    r.ids.pop_front();
+                }
+                r.ids.push_back((event.id, received_at));
             }
             dedup.insert(event.id, received_at, now);
             if !event.files.is_empty() {

@@ -1005,3 +1005,24 @@ async fn a_writer_that_panics_fails_liveness_at_once_and_acknowledges_nothing_mo
     assert!(spool.append(vec![ev(3, "a")], 1).await.is_err());
     assert!(spool.writer_stalled_for(long).is_some());
 }
+
+#[tokio::test]
+async fn a_lost_dedup_journal_costs_recovery_no_more_ids_than_the_window_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(settings(dir.path())).unwrap();
+    spool.append((1..=50).map(|i| ev(i, "1")).collect(), now_secs()).await.unwrap();
+    spool.close().await;
+    drop(spool);
+    // The journal is lost (another volume, an operator's cleanup): every stored id is missing from it.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("dedup-")) {
+            std::fs::remove_file(path).unwrap();
+        }
+    }
+    let mut dedup = dedup::Dedup::new(dir.path(), 3600, 10);
+    let r = recovery::recover(dir.path(), recovery::Access::Repair, &mut dedup, now_secs()).unwrap();
+    let newest: Vec<EventId> = (41..=50).map(|i| ev(i, "1").id).collect();
+    assert_eq!(r.ids.iter().map(|(id, _)| *id).collect::<Vec<_>>(), newest, "the newest ids, as many as the window holds");
+    assert_eq!(r.undelivered.len(), 50, "every event is still recovered");
+}

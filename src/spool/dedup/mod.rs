@@ -154,6 +154,11 @@ impl Dedup {
         self.window > 0
     }
 
+    /// Ids held at most (`spool.dedup_max_ids`).
+    pub(super) fn max_ids(&self) -> usize {
+        self.max_ids
+    }
+
     /// Whether `id` was stored within the window.
     pub(super) fn contains(&self, id: &EventId, now: i64) -> bool {
         let horizon = now - self.window;

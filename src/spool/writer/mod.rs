@@ -165,7 +165,7 @@ impl Writer {
         }
         let janitor = Janitor::start(shared.clone(), journal, wake)?;
         // Their appends in the last run may not have been synced before it ended.
-        janitor.append(recovered.ids);
+        janitor.append(recovered.ids.into());
         let mut runs = StreamRuns::new(dedup.window(), shared.settings.dedup_max_ids);
         if dedup.enabled() {
             dedup::take_runs(&shared.settings.dir, &mut runs, dedup.window(), now_secs());
