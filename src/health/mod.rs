@@ -190,3 +190,22 @@ impl Health {
 fn gauge(v: u64) -> i64 {
     i64::try_from(v).unwrap_or(i64::MAX)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::seam::{advance_monotonic, jump_wall};
+
+    #[test]
+    fn a_wall_clock_jump_neither_silences_nor_revives_a_pulse() {
+        let after = Duration::from_secs(5);
+        let pulse = Pulse::new();
+        // Forward by ten minutes: the stage does not look silent.
+        jump_wall(600_000);
+        assert!(pulse.silent_for() < after, "a forward jump makes the publisher look silent: {:?}", pulse.silent_for());
+        // Back by twenty minutes, and the stage really is silent for ten seconds: it is seen.
+        jump_wall(-1_200_000);
+        advance_monotonic(10_000);
+        assert!(pulse.silent_for() >= Duration::from_secs(10), "a backward jump hides a silent publisher");
+    }
+}

@@ -115,13 +115,14 @@ pub(crate) async fn run_spool_publisher(
             }
         }
         metrics.publish_stalled_keys.set(lanes.stalled() as i64);
-        // Wake for: a round done, new events, a lane's backoff over, parked events (their file
-        // results are announced like commits; the timer only bounds a missed wake-up), a read to retry.
+        // Wake for: a round done, new events or file results (the feed announces both as commits),
+        // a lane's backoff over, a read to retry.
         let due = if rounds.len() < ROUNDS_IN_FLIGHT { lanes.next_due() } else { None };
-        // With rounds in flight, a tick keeps the pulse honest while they wait on librdkafka.
-        let tick =
+        // While it holds work (rounds waiting on librdkafka, events parked for their files), the
+        // pulse beats every second so that liveness can tell waiting from stuck; nothing is polled.
+        let pulse_at =
             (!parked.is_empty() || !rounds.is_empty()).then(|| tokio::time::Instant::now() + Duration::from_secs(1));
-        let wake_at = [due, read_again_at, tick].into_iter().flatten().min();
+        let wake_at = [due, read_again_at, pulse_at].into_iter().flatten().min();
         tokio::select! {
             Some((id, round, outcomes)) = rounds.next(), if !rounds.is_empty() => {
                 started.remove(&id);

@@ -255,7 +255,7 @@ pub struct SpoolStats {
 /// The writer's pulse, for liveness: when it last finished a group, and since when it has been in
 /// the current one (0 when idle); and whether its thread ended by a panic.
 #[derive(Debug, Default)]
-pub(crate) struct Heartbeat {
+struct Heartbeat {
     last_commit_ms: AtomicI64,
     busy_since_ms: AtomicI64,
     queued: AtomicU64,
@@ -267,67 +267,67 @@ pub(crate) struct Heartbeat {
 
 /// Where a reader may read in a segment.
 #[derive(Debug, Clone)]
-pub(crate) struct Segment {
-    pub(crate) first_seq: u64,
-    pub(crate) path: PathBuf,
+struct Segment {
+    first_seq: u64,
+    path: PathBuf,
     /// Bytes of valid data: `None` for a closed segment (to its end), the durable length of an
     /// abandoned one. The active segment's limit is `State::committed_len`.
-    pub(crate) limit: Option<u64>,
+    limit: Option<u64>,
     /// Bytes on disk.
-    pub(crate) size: u64,
+    size: u64,
     /// Events stored in it, and their bytes (for the undelivered bytes' estimate).
-    pub(crate) events: u64,
-    pub(crate) event_bytes: u64,
+    events: u64,
+    event_bytes: u64,
 }
 
 impl Segment {
-    pub(crate) fn new(first_seq: u64, path: PathBuf, limit: Option<u64>, size: u64) -> Segment {
+    fn new(first_seq: u64, path: PathBuf, limit: Option<u64>, size: u64) -> Segment {
         Segment { first_seq, path, limit, size, events: 0, event_bytes: 0 }
     }
 }
 
-pub(crate) struct State {
+struct State {
     /// Stored events not yet delivered.
-    pub(crate) undelivered: Undelivered,
-    pub(crate) segments: VecDeque<Segment>,
+    undelivered: Undelivered,
+    segments: VecDeque<Segment>,
     /// Committed end of the active segment: the reader never reads past it.
-    pub(crate) committed_len: u64,
+    committed_len: u64,
     /// Segment the reader is in (its first seq): it and later segments are kept.
-    pub(crate) reader_segment: u64,
-    pub(crate) disk_bytes: u64,
-    pub(crate) write_error: bool,
+    reader_segment: u64,
+    disk_bytes: u64,
+    write_error: bool,
     /// The filesystem had no room (`ENOSPC`) and has not enough yet.
-    pub(crate) disk_full: bool,
-    pub(crate) refusing: bool,
+    disk_full: bool,
+    refusing: bool,
     /// Bytes of the largest batch refused since refusing began: batches are refused until it fits.
-    pub(crate) refused_need: u64,
+    refused_need: u64,
     /// File results (`huggy_bridge_files`) of unacknowledged events whose files are done.
-    pub(crate) file_results: HashMap<u64, Vec<u8>>,
+    file_results: HashMap<u64, Vec<u8>>,
     /// Events whose files are wanted and not yet handed to the capture stage.
-    pub(crate) file_work: VecDeque<FileWork>,
+    file_work: VecDeque<FileWork>,
     /// Events whose files are wanted (handed out or not) and not done.
-    pub(crate) files_pending: usize,
-    pub(crate) dedup_ids: usize,
+    files_pending: usize,
+    dedup_ids: usize,
 }
 
-pub(crate) struct Shared {
-    pub(crate) state: Mutex<State>,
+struct Shared {
+    state: Mutex<State>,
     /// Wakes readers: something was committed (events, acks, file results).
-    pub(crate) committed: Arc<Notify>,
+    committed: Arc<Notify>,
     /// Wakes the capture stage: new file work.
-    pub(crate) file_work: Arc<Notify>,
-    pub(crate) heartbeat: Heartbeat,
-    pub(crate) settings: SpoolSettings,
+    file_work: Arc<Notify>,
+    heartbeat: Heartbeat,
+    settings: SpoolSettings,
 }
 
 impl Shared {
-    pub(crate) fn lock(&self) -> MutexGuard<'_, State> {
+    fn lock(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock leaves plain data behind; keep serving it.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
-pub(crate) enum Command {
+enum Command {
     Append {
         events: Vec<Event>,
         received_at: i64,
@@ -596,7 +596,7 @@ impl Heartbeat {
     /// How long the writer has been stuck with work, if it has: in one group for longer than
     /// `after`, or with queued commands and no group finished for longer than `after` — or since
     /// its thread died of a panic, at once.
-    pub(crate) fn stalled_for(&self, after: Duration) -> Option<Duration> {
+    fn stalled_for(&self, after: Duration) -> Option<Duration> {
         let now = monotonic_millis();
         let died = self.died_ms.load(Ordering::Relaxed);
         if died > 0 {

@@ -16,7 +16,7 @@ pub(crate) struct Reader {
 }
 
 impl Reader {
-    pub(crate) fn new(shared: Arc<Shared>) -> Reader {
+    pub(super) fn new(shared: Arc<Shared>) -> Reader {
         let segment = shared.lock().segments.front().map_or(0, |s| s.first_seq);
         Reader { shared, segment, offset: format::SEGMENT_HEADER_LEN as u64, chunks: None }
     }

@@ -897,24 +897,20 @@ async fn a_spool_opened_on_a_full_disk_delivers_what_it_holds_and_then_takes_bat
 #[test]
 fn a_wall_clock_jump_moves_no_heartbeat_and_no_stall_check() {
     use crate::clock::seam::{advance_monotonic, jump_wall};
-    use crate::health::Pulse;
     let after = Duration::from_secs(5);
     // The writer finished a group just now and has work queued.
     let hb = Heartbeat::default();
     hb.last_commit_ms.store(monotonic_millis(), Ordering::Relaxed);
     hb.queued.store(1, Ordering::Relaxed);
-    let pulse = Pulse::new();
     // Forward by ten minutes: nothing looks stuck.
     jump_wall(600_000);
     assert_eq!(hb.stalled_for(after), None, "a forward jump makes the writer look stuck");
-    assert!(pulse.silent_for() < after, "a forward jump makes the publisher look silent: {:?}", pulse.silent_for());
     // Back by twenty minutes, and the writer really is stuck for ten seconds: it is seen.
     jump_wall(-1_200_000);
     hb.busy_since_ms.store(monotonic_millis(), Ordering::Relaxed);
     advance_monotonic(10_000);
     let stalled = hb.stalled_for(after).expect("a backward jump hides a stuck writer");
     assert!(stalled >= Duration::from_secs(10) && stalled < Duration::from_secs(11), "{stalled:?}");
-    assert!(pulse.silent_for() >= Duration::from_secs(10), "a backward jump hides a silent publisher");
     // The wall clock did jump, for what it is for (when things happened).
     let wall = now_secs();
     jump_wall(600_000);

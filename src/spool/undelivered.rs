@@ -19,7 +19,7 @@ pub(super) const AGE_RUNS: usize = 4096;
 
 /// The undelivered events' index.
 #[derive(Debug, Clone)]
-pub(crate) struct Undelivered {
+pub(super) struct Undelivered {
     /// Every seq below is done (delivered, or in a deleted segment).
     floor: u64,
     /// Every seq from here on is not given out yet.
