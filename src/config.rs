@@ -12,6 +12,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 
 mod env;
+pub mod prefix;
 mod secrets;
 use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -149,7 +150,7 @@ pub enum ConfigError {
         prefix: String,
         /// What is wrong with it.
         #[source]
-        source: crate::files::prefix::PrefixError,
+        source: prefix::PrefixError,
     },
     /// The `[http.tls]` pair cannot be served (checked by `check-config` and at start).
     #[error("invalid configuration")]
@@ -1294,7 +1295,7 @@ impl Config {
                 });
             }
             for p in &self.files.allowed_url_prefixes {
-                if let Err(source) = crate::files::prefix::Prefix::parse(p) {
+                if let Err(source) = prefix::Prefix::parse(p) {
                     return Err(ConfigError::UrlPrefix { prefix: p.clone(), source });
                 }
             }

@@ -12,7 +12,6 @@
 pub mod detect;
 pub mod disposition;
 pub(crate) mod fetch;
-pub mod prefix;
 pub(crate) mod schedule;
 pub(crate) mod store;
 
