@@ -25,6 +25,13 @@ const REDACTED: &str = "[redacted]";
 /// large as a whole body, with its key, type, company and a dead-letter reason, always fits a frame.
 pub const MAX_BODY_BYTES_CEILING: usize = 128 * 1024 * 1024;
 
+/// The smallest `files.max_buffer_bytes`: one S3 multipart part (S3's minimum size of every part
+/// but the last, the size the file store uploads in), so that every download's share fits.
+pub const MIN_BUFFER_BYTES: u64 = 5 * 1024 * 1024;
+
+/// `spool.dedup_max_ids` when not configured.
+pub const DEFAULT_DEDUP_MAX_IDS: usize = 1_000_000;
+
 /// Why the configuration was refused. The message names the key; a cause (figment's parse error, a
 /// prefix's flaw) is the error's source, so print the whole chain.
 #[derive(Debug, thiserror::Error)]
@@ -905,7 +912,7 @@ impl Default for SpoolConfig {
             // that with room to spare at 14 MB per 100 events/s. Consumers deduplicate by ce_id anyway.
             dedup_window_secs: 3600,
             // 39 MB of ids and 76 MB of streams at most: an hour at 270 events/s.
-            dedup_max_ids: crate::spool::DEFAULT_DEDUP_MAX_IDS,
+            dedup_max_ids: DEFAULT_DEDUP_MAX_IDS,
             max_undelivered_age_secs: 900,
             stall_timeout_secs: 60,
         }
@@ -1287,7 +1294,7 @@ impl Config {
                     reason: "the floor cannot be above the ceiling",
                 });
             }
-            if self.files.max_buffer_bytes < crate::files::MIN_BUFFER_BYTES {
+            if self.files.max_buffer_bytes < MIN_BUFFER_BYTES {
                 return Err(ConfigError::Malformed {
                     key: "files.max_buffer_bytes",
                     expected: "be at least 5242880 (one S3 multipart part)",

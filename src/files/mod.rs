@@ -274,9 +274,6 @@ pub enum SetupError {
 /// The wall clock, in unix seconds (injectable, so that tests can step it).
 pub type WallClock = Arc<dyn Fn() -> i64 + Send + Sync>;
 
-/// The smallest `files.max_buffer_bytes`: one S3 part, so that every download's share fits.
-pub const MIN_BUFFER_BYTES: u64 = store::S3_PART_BYTES as u64;
-
 /// Memory of one running download besides its share of the buffer budget: hyper's read buffer
 /// (it grows to about 400 KiB on a fast stream), TLS records, the chunk between reader and writer.
 /// Measured: a few hundred KiB per download with the file host in the same process.
