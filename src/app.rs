@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{AckMode, Config, ConfigError};
+use crate::config::{AckMode, Config};
 use crate::files::{results_json, Completion, FileCapture, FileDone, FileJob, FileResult};
 use crate::health::{Health, Pulse};
 use crate::http::{self, AppState, ServeLimits};
@@ -109,13 +109,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
 pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrides) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     // Checked before anything starts: a broken pair is a configuration error.
-    let tls_pair = cfg
-        .http
-        .tls
-        .enabled()
-        .then(|| http::load_pair(&cfg.http.tls, std::time::SystemTime::now()))
-        .transpose()
-        .map_err(ConfigError::Tls)?;
+    let tls_pair = http::configured_pair(&cfg.http.tls)?;
     let notifier = overrides.notifier.clone().or_else(Notifier::from_env);
     let pipeline = Pipeline::start(&cfg, metrics.clone(), &overrides, notifier.as_ref()).await?;
     let health = pipeline.health.clone();

@@ -159,9 +159,10 @@ pub enum ConfigError {
         #[source]
         source: prefix::PrefixError,
     },
-    /// The `[http.tls]` pair cannot be served (checked by `check-config` and at start).
+    /// The `[http.tls]` pair cannot be served: checked by `check-config` and at start, by the
+    /// listener's TLS code, whose error (naming the file and the problem) is the source.
     #[error("invalid configuration")]
-    Tls(#[source] crate::http::TlsError),
+    Tls(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// Everything wrong with `[kafka]`, reported at once.
     #[error("invalid configuration: {}", join_problems(.0))]
     Kafka(Vec<KafkaProblem>),
@@ -1313,18 +1314,6 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot render configuration: {e}\n"))
-    }
-
-    /// Reads and checks the `[http.tls]` pair, when set: readable, the key the certificate's, not
-    /// expired (what the daemon checks at start; `check-config` runs it).
-    ///
-    /// # Errors
-    /// [`ConfigError::Tls`] naming the file and the problem.
-    pub fn check_tls_pair(&self) -> Result<(), ConfigError> {
-        if !self.http.tls.enabled() {
-            return Ok(());
-        }
-        crate::http::load_pair(&self.http.tls, std::time::SystemTime::now()).map(drop).map_err(ConfigError::Tls)
     }
 
     pub(crate) fn header_timeout(&self) -> Duration {
