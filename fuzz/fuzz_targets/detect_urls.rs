@@ -5,8 +5,12 @@
 #[path = "../../src/json.rs"]
 mod json;
 #[allow(dead_code)]
-#[path = "../../src/files/prefix.rs"]
+#[path = "../../src/config/prefix.rs"]
 mod prefix;
+// Where detection imports the prefixes from.
+mod config {
+    pub(crate) use super::prefix;
+}
 #[allow(dead_code)]
 #[path = "../../src/files/detect.rs"]
 mod detect;

@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::config::{Config, ConfigError};
+use crate::config::Config;
 use crate::http::{self, AppState, ServeLimits};
 use crate::ingest::{Ingest, KafkaIngest, SpoolIngest};
 use crate::metrics::Metrics;
@@ -106,13 +106,7 @@ pub async fn start(cfg: Config, stop: CancellationToken) -> anyhow::Result<Runni
 pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrides) -> anyhow::Result<Running> {
     let metrics = Arc::new(Metrics::new());
     // Checked before anything starts: a broken pair is a configuration error.
-    let tls_pair = cfg
-        .http
-        .tls
-        .enabled()
-        .then(|| http::load_pair(&cfg.http.tls, std::time::SystemTime::now()))
-        .transpose()
-        .map_err(ConfigError::Tls)?;
+    let tls_pair = http::configured_pair(&cfg.http.tls)?;
     let notifier = overrides.notifier.clone().or_else(Notifier::from_env);
     let pipeline = Pipeline::start(&cfg, metrics.clone(), &overrides, notifier.as_ref()).await?;
     let (health, tasks) = (pipeline.health.clone(), pipeline.tasks.clone());

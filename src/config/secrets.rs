@@ -1,4 +1,5 @@
-//! Secrets as the exact strings given, from the TOML file, the environment or a `<key>_file`.
+//! [`Secret`], the type of every secret setting (it prints as `[redacted]`), and secrets as the
+//! exact strings given, from the TOML file, the environment or a `<key>_file`.
 //!
 //! figment reads environment values as TOML-like literals: `0123` would become the number 123,
 //! `true` a boolean, `[x]` an array. Secret keys (and their `_file` forms) are therefore kept out of
@@ -6,12 +7,50 @@
 //! content is the secret (Kubernetes Secret volumes, systemd `LoadCredential=`); it is read after
 //! extraction, and again on every reload.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use figment::providers::Serialized;
 use figment::Figment;
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{Config, ConfigError, Secret, ENV_PREFIX};
+use super::{Config, ConfigError, ENV_PREFIX};
+
+/// What a secret prints as, wherever the configuration is logged or shown.
+pub(super) const REDACTED: &str = "[redacted]";
+
+/// A secret string: deserialized from config, compared by the code that owns it, printed as `[redacted]`.
+#[derive(Clone)]
+pub struct Secret(SecretString);
+
+impl Secret {
+    /// Wraps `value`; from here on it prints as `[redacted]`.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(SecretString::from(value.into()))
+    }
+    pub(crate) fn expose(&self) -> &str {
+        self.0.expose_secret()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(REDACTED)
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(REDACTED)
+    }
+}
+
+impl<'de> Deserialize<'de> for Secret {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d).map(Secret::new)
+    }
+}
 
 /// Secret keys settable from the environment, as the variable's suffix and the dotted key, with
 /// their `_file` forms. Their values are taken as they are, never parsed.

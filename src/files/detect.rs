@@ -1,10 +1,10 @@
 //! Finding file URLs in an event: every JSON string that is a URL under an allowed prefix, by the
-//! same parsed comparison the fetch guard makes ([`super::prefix::allowed`]). The event's bytes are
-//! scanned once, without recursion and without re-serializing them.
+//! same parsed comparison the fetch guard makes ([`crate::config::prefix::allowed`]). The event's
+//! bytes are scanned once, without recursion and without re-serializing them.
 
 use std::borrow::Cow;
 
-use super::prefix::{allowed, Prefix};
+use crate::config::prefix::{allowed, Prefix};
 use crate::json::string_end;
 
 /// Distinct strings remembered per event as not being file URLs (events repeat the same avatar
@@ -59,7 +59,7 @@ fn decode(token: &[u8]) -> Option<Cow<'_, str>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::prefix::parse_prefixes;
+    use crate::config::prefix::parse_prefixes;
 
     fn prefixes() -> Vec<Prefix> {
         parse_prefixes(&["https://files.huggy.app/".into(), "https://bucket.s3.amazonaws.com/".into()])

@@ -12,7 +12,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::redirect::Policy;
 use url::{Host, Url};
 
-use super::prefix::{parse_prefixes, Prefix};
+use crate::config::prefix::{parse_prefixes, Prefix};
 
 /// Most redirects followed for one download.
 const MAX_REDIRECTS: usize = 5;
@@ -164,7 +164,7 @@ pub(crate) fn client(guard: Arc<Guard>, connect_timeout: Duration) -> reqwest::R
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::files::prefix::{allowed, PrefixError};
+    use crate::config::prefix::{allowed, PrefixError};
 
     #[test]
     fn internal_addresses() {

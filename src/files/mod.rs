@@ -15,7 +15,6 @@ mod capture;
 mod download;
 pub(crate) mod fetch;
 mod follower;
-pub mod prefix;
 pub(crate) mod schedule;
 pub(crate) mod store;
 
@@ -116,9 +115,6 @@ pub enum SetupError {
 
 /// The wall clock, in unix seconds (injectable, so that tests can step it).
 pub type WallClock = Arc<dyn Fn() -> i64 + Send + Sync>;
-
-/// The smallest `files.max_buffer_bytes`: one S3 part, so that every download's share fits.
-pub const MIN_BUFFER_BYTES: u64 = store::S3_PART_BYTES as u64;
 
 /// Memory of one running download besides its share of the buffer budget: hyper's read buffer
 /// (it grows to about 400 KiB on a fast stream), TLS records, the chunk between reader and writer.

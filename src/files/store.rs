@@ -11,8 +11,9 @@ use object_store::{ObjectStore, ObjectStoreExt, WriteMultipart};
 
 use crate::config::FilesConfig;
 
-/// Part size of multipart writes to S3 (its minimum for every part but the last).
-pub(crate) const S3_PART_BYTES: usize = 5 * 1024 * 1024;
+/// Part size of multipart writes to S3 (its minimum for every part but the last): the floor of
+/// `files.max_buffer_bytes`, which the configuration owns, so that every download's share fits.
+pub(crate) const S3_PART_BYTES: usize = crate::config::MIN_BUFFER_BYTES as usize;
 /// Part size of writes to a local disk, which has no minimum: smaller parts let the capture
 /// memory budget (`files.max_buffer_bytes`) run more downloads at once.
 const LOCAL_PART_BYTES: usize = 1024 * 1024;

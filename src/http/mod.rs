@@ -32,8 +32,8 @@ pub(crate) use auth::Auth;
 pub use auth::AuthTable;
 pub(crate) use budget::{BodyBudget, Reservation};
 pub(crate) use error::ApiError;
-pub use tls::{load_pair, Pair, TlsError};
-pub(crate) use tls::{Tls, TLS_CONNECTION_BYTES};
+pub use tls::Pair;
+pub(crate) use tls::{configured_pair, Tls, TLS_CONNECTION_BYTES};
 
 use crate::config::Config;
 use crate::health::Health;

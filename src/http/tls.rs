@@ -26,7 +26,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::{rustls, TlsAcceptor};
 use tracing::{info, warn};
 
-use crate::config::HttpTlsConfig;
+use crate::config::{Config, ConfigError, HttpTlsConfig};
 use crate::metrics::{Metrics, ReloadResult, TlsRefusal};
 
 /// Why a certificate and key pair cannot be served.
@@ -138,6 +138,27 @@ pub fn load_pair(tls: &HttpTlsConfig, now: SystemTime) -> Result<Pair, TlsError>
         return Err(TlsError::Expired { path: cert_file.into(), not_after });
     }
     Ok(Pair { key: Arc::new(certified), not_after })
+}
+
+/// The pair `tls` sets, if any, read and checked now ([`load_pair`]). A pair that cannot be served
+/// is a configuration error: the daemon's start and `check-config` refuse it (exit 78).
+///
+/// # Errors
+/// [`ConfigError::Tls`], whose source names the setting, the file and the problem.
+pub(crate) fn configured_pair(tls: &HttpTlsConfig) -> Result<Option<Pair>, ConfigError> {
+    tls.enabled().then(|| load_pair(tls, SystemTime::now())).transpose().map_err(|e| ConfigError::Tls(Box::new(e)))
+}
+
+impl Config {
+    /// Reads and checks the `[http.tls]` pair, when set: readable, the key the certificate's, not
+    /// expired (what the daemon checks at start; `check-config` runs it). Defined beside the
+    /// loading it runs, so that the configuration does not depend on the listener.
+    ///
+    /// # Errors
+    /// [`ConfigError::Tls`] naming the file and the problem.
+    pub fn check_tls_pair(&self) -> Result<(), ConfigError> {
+        configured_pair(&self.http.tls).map(drop)
+    }
 }
 
 /// The pair in force, handed to every new handshake.

@@ -51,6 +51,7 @@ use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::info;
 
 use crate::clock::{monotonic_millis, now_secs};
+use crate::config::DEFAULT_DEDUP_MAX_IDS;
 use crate::event::{Event, EventId};
 pub use feeds::{CaptureFeed, Followers, PublishFeed};
 pub use io::{is_no_room, OsIo, SegmentIo};
@@ -118,9 +119,6 @@ pub enum SpoolError {
     #[error("spool is closed")]
     Closed,
 }
-
-/// `spool.dedup_max_ids` when not configured.
-pub const DEFAULT_DEDUP_MAX_IDS: usize = 1_000_000;
 
 /// How to open a spool.
 #[derive(Clone)]
