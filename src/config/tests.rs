@@ -56,19 +56,6 @@ fn a_numeric_token_from_the_environment_is_a_token() {
 }
 
 #[test]
-fn topic_overrides_from_the_environment_ignore_letter_case() {
-    Jail::expect_with(|jail| {
-        jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
-        jail.set_env("HUGGY_BRIDGE_KAFKA__TOPICS__RECEIVEDMESSAGE", "chat.inbound");
-        let cfg = Config::load(None).expect("loads");
-        let routes = crate::publish::Routes::new(&cfg.kafka);
-        let t = crate::event::EventType::Known(crate::event::KnownType::ReceivedMessage);
-        assert_eq!(routes.topic_for(&t), "chat.inbound");
-        Ok(())
-    });
-}
-
-#[test]
 fn unknown_keys_are_rejected() {
     Jail::expect_with(|jail| {
         jail.create_file("c.toml", "[huggy]\ntokens=[\"t\"]\n[kafka]\nbrokerz = \"x\"\n")?;

@@ -148,4 +148,18 @@ mod tests {
         assert_eq!(events[8].dead_letter.as_deref(), Some("event list is not an array"));
         assert_eq!(Routes::new(&KafkaConfig::default()).topic_for(&events[9].event_type), "huggy.unknown");
     }
+
+    #[test]
+    #[allow(clippy::result_large_err)] // figment::Jail's closures return figment::Error
+    fn topic_overrides_from_the_environment_ignore_letter_case() {
+        figment::Jail::expect_with(|jail| {
+            jail.set_env("HUGGY_BRIDGE_HUGGY__TOKENS", "t");
+            jail.set_env("HUGGY_BRIDGE_KAFKA__TOPICS__RECEIVEDMESSAGE", "chat.inbound");
+            let cfg = crate::config::Config::load(None).expect("loads");
+            let routes = Routes::new(&cfg.kafka);
+            let t = crate::event::EventType::Known(crate::event::KnownType::ReceivedMessage);
+            assert_eq!(routes.topic_for(&t), "chat.inbound");
+            Ok(())
+        });
+    }
 }
