@@ -46,6 +46,7 @@ mod ingest;
 mod json;
 pub mod memory;
 pub mod metrics;
+mod panics;
 pub mod publish;
 pub mod reload;
 pub mod replay;

@@ -196,7 +196,7 @@ impl Supervisor {
             });
             let why = match handle.await {
                 Ok(()) => return,
-                Err(e) if e.is_panic() => panic_message(e.into_panic()),
+                Err(e) if e.is_panic() => crate::panics::message(e.into_panic()),
                 // Cancelled: only when the runtime shuts down, which ends the stage too.
                 Err(_) => return,
             };
@@ -227,16 +227,6 @@ impl Supervisor {
     }
 }
 
-/// The message a panic carried (`panic!("…")` payloads are `&str` or `String`).
-pub(crate) fn panic_message(payload: Box<dyn std::any::Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(s) => *s,
-        Err(other) => match other.downcast::<&'static str>() {
-            Ok(s) => (*s).to_owned(),
-            Err(_) => "a panic without a message".to_owned(),
-        },
-    }
-}
 
 /// Runs `work` on a thread of its own (a current-thread runtime), so that reading the spool and
 /// handing thousands of records to librdkafka never delays the request path's workers.

@@ -13,7 +13,7 @@ use tracing::error;
 use super::kafka::{self, ErrorClass};
 use super::{Outcome, Publisher, RetryReason};
 use crate::event::Event;
-use crate::supervise::panic_message;
+use crate::panics::message as panic_message;
 
 /// Events (by their value's bytes) whose publishing panics: a test seam set only through
 /// `app::Overrides`, never from a request.

@@ -67,7 +67,7 @@ impl Janitor {
                     do_chore(&shared, &mut journal, job, &mut failing)
                 }))
                 .unwrap_or_else(|payload| {
-                    let panic = crate::supervise::panic_message(payload);
+                    let panic = crate::panics::message(payload);
                     error!(%panic, "spool: a janitor chore panicked; carrying on with the next one");
                     if let Some(h) = &hooks {
                         (h.panicked)();

@@ -391,7 +391,7 @@ impl Spool {
         let pulse = shared.clone();
         let thread = std::thread::Builder::new().name("spool-writer".into()).spawn(move || {
             if let Err(payload) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| writer.run(rx))) {
-                let panic = crate::supervise::panic_message(payload);
+                let panic = crate::panics::message(payload);
                 tracing::error!(%panic, "spool writer panicked: no batch can be made durable; liveness fails until a restart");
                 pulse.heartbeat.died_ms.store(monotonic_millis().max(1), Ordering::Relaxed);
             }
