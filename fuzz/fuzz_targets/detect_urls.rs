@@ -2,15 +2,7 @@
 //! once; and in valid JSON it finds every string (value or key) that has one.
 #![no_main]
 
-#[path = "../../src/json.rs"]
-mod json;
-#[allow(dead_code)]
-#[path = "../../src/files/prefix.rs"]
-mod prefix;
-#[allow(dead_code)]
-#[path = "../../src/files/detect.rs"]
-mod detect;
-
+use huggy_bridge::files::{detect, prefix};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -15,7 +15,7 @@
 //! state is not. The same holds for streams the spool does not remember (after a crash — a clean
 //! shutdown saves them —, or beyond the ceiling of [`StreamRuns`]).
 //!
-//! Pure: no I/O; the fuzz targets compile this file as it is.
+//! Pure: no I/O.
 
 use std::collections::HashMap;
 
