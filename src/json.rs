@@ -1,5 +1,5 @@
 //! Byte-level helpers for scanning raw JSON without parsing it, shared by the body's depth check
-//! and file URL detection. Pure: the fuzz targets compile this file as it is.
+//! and file URL detection. Pure: no I/O.
 
 /// The index of the quote that closes the JSON string whose contents start at `from` (the length
 /// of `bytes` when it is not closed).

@@ -2,10 +2,7 @@
 //! empty, never a path, never hidden, and bounded in length.
 #![no_main]
 
-#[allow(dead_code)]
-#[path = "../../src/files/disposition.rs"]
-mod disposition;
-
+use huggy_bridge::files::disposition;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

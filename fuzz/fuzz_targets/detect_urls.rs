@@ -2,19 +2,8 @@
 //! once; and in valid JSON it finds every string (value or key) that has one.
 #![no_main]
 
-#[path = "../../src/json.rs"]
-mod json;
-#[allow(dead_code)]
-#[path = "../../src/config/prefix.rs"]
-mod prefix;
-// Where detection imports the prefixes from.
-mod config {
-    pub(crate) use super::prefix;
-}
-#[allow(dead_code)]
-#[path = "../../src/files/detect.rs"]
-mod detect;
-
+use huggy_bridge::config::prefix;
+use huggy_bridge::files::detect;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -10,14 +10,9 @@
 //! is never answered as a duplicate and a verbatim re-send of the last batch always is.
 #![no_main]
 
-#[path = "../../src/json.rs"]
-mod json;
-#[allow(dead_code)]
-#[path = "../../src/event/mod.rs"]
-mod event;
-
 use std::collections::{HashMap, HashSet};
 
+use huggy_bridge::event;
 use libfuzzer_sys::fuzz_target;
 
 /// Events of `body` split as sent with `token`, or `None` when the body is not a batch.

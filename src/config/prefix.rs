@@ -1,6 +1,6 @@
 //! Allowed URL prefixes (`files.allowed_url_prefixes`), compared by parsed parts: a configuration
 //! value, checked when the configuration is. Pure code (only `url`), shared by detection and the
-//! fetch guard, and compiled on its own by the `detect_urls` fuzz target.
+//! fetch guard.
 
 use std::net::IpAddr;
 

@@ -8,7 +8,8 @@ use serde::de::{DeserializeSeed, Error as _, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::value::RawValue;
 
-use super::{decimal, raw_plain_str, EventType, KnownType};
+use super::parse::{decimal, raw_plain_str};
+use super::{EventType, KnownType};
 
 /// What consumers route and filter on without parsing the value; each is `None` when the event
 /// does not carry it (or carries it in a form that is no plain value, such as `department: false`).

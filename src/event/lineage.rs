@@ -15,49 +15,14 @@
 //! state is not. The same holds for streams the spool does not remember (after a crash — a clean
 //! shutdown saves them —, or beyond the ceiling of [`StreamRuns`]).
 //!
-//! Pure: no I/O; the fuzz targets compile this file as it is.
+//! Pure: no I/O.
 
 use std::collections::HashMap;
 
 use sha2::{Digest, Sha256};
 
+use super::id::{first_128, Source};
 use super::Event;
-
-/// Who sent a batch, as the bridge tells tokens apart without keeping them: the first 128 bits of
-/// SHA-256 over a domain tag and the token. Part of every event id and dedup stream; never the token
-/// itself, and not a plain hash of it either (a token cannot be looked up in a table of hashes).
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
-pub struct Source(pub [u8; 16]);
-
-impl Source {
-    /// The source of events made outside any batch (tests, tools).
-    pub const NONE: Source = Source([0; 16]);
-
-    /// The source of batches carrying `token`.
-    pub fn of_token(token: &str) -> Source {
-        let mut h = Sha256::new();
-        h.update(b"huggy-bridge source v1\0");
-        h.update(token.as_bytes());
-        Source(first_128(h))
-    }
-}
-
-/// Who sent a batch, as its token says: the token's [`Source`], and the company id of its account
-/// when the token is bound to one (`[[huggy.accounts]]`).
-#[derive(Clone, PartialEq, Eq, Debug)]
-pub struct Sender {
-    /// The token's digest.
-    pub source: Source,
-    /// The account's company id, digits.
-    pub account: Option<String>,
-}
-
-impl Sender {
-    /// A token not bound to an account: its events name their company themselves.
-    pub fn token(token: &str) -> Sender {
-        Sender { source: Source::of_token(token), account: None }
-    }
-}
 
 /// An event's place among the events of its stream (source, type, key).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -67,13 +32,6 @@ pub struct Lineage {
     /// Digest of the ids, in order, of every event of this stream in the event's batch: the same for
     /// all of them, and equal between two batches only if they carry the same run of the stream.
     pub run: [u8; 16],
-}
-
-fn first_128(h: Sha256) -> [u8; 16] {
-    let digest = h.finalize();
-    let mut out = [0u8; 16];
-    out.copy_from_slice(&digest[..16]);
-    out
 }
 
 fn stream_of(source: &Source, id_type: &str, key: Option<&str>) -> [u8; 16] {

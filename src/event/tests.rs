@@ -2,6 +2,8 @@ use std::collections::HashSet;
 
 use sha2::{Digest, Sha256};
 
+use super::id::BatchStamp;
+use super::parse::MAX_DEPTH;
 use super::*;
 
 pub(crate) fn fixture(name: &str) -> Vec<u8> {
