@@ -227,7 +227,6 @@ impl Supervisor {
     }
 }
 
-
 /// Runs `work` on a thread of its own (a current-thread runtime), so that reading the spool and
 /// handing thousands of records to librdkafka never delays the request path's workers.
 pub(crate) fn on_own_thread<F>(name: &str, work: F) -> tokio::sync::oneshot::Receiver<()>

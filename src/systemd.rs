@@ -106,7 +106,12 @@ fn abstract_name(socket: &Path) -> Option<&[u8]> {
 /// Sends `WATCHDOG=1` twice per `interval` while liveness (`/healthz`) passes, and withholds it
 /// while the daemon is stuck, so that systemd restarts it as Kubernetes would. Keeps going through
 /// the drain: a drain that hangs is stuck too.
-pub(crate) async fn feed_watchdog(notifier: Notifier, interval: Duration, health: Arc<crate::health::Health>, stop: tokio_util::sync::CancellationToken) {
+pub(crate) async fn feed_watchdog(
+    notifier: Notifier,
+    interval: Duration,
+    health: Arc<crate::health::Health>,
+    stop: tokio_util::sync::CancellationToken,
+) {
     let mut withheld = false;
     let mut tick = tokio::time::interval(interval / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -190,4 +190,3 @@ fn start_tls(
     });
     Ok(tls)
 }
-

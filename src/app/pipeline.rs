@@ -89,12 +89,19 @@ impl Pipeline {
                 .await;
             })
         });
-        let probe = (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)));
+        let probe =
+            (cfg.kafka.dead_letter_topic.clone(), Duration::from_millis(cfg.kafka.request_timeout_ms.min(2_000)));
         tasks.spawn({
             let (sup, stop, publisher, health) = (supervisor, stages_stop.clone(), publisher.clone(), health.clone());
             async move {
                 sup.supervise(Stage::KafkaProbe, stop.clone(), move || {
-                    publish::watch_kafka(publisher.clone(), kafka_health.clone(), health.clone(), probe.clone(), stop.clone())
+                    publish::watch_kafka(
+                        publisher.clone(),
+                        kafka_health.clone(),
+                        health.clone(),
+                        probe.clone(),
+                        stop.clone(),
+                    )
                 })
                 .await;
             }
@@ -172,7 +179,8 @@ fn make_publisher(
     let recreate = publish::Recreate {
         health: health.clone(),
         make: Box::new({
-            let (cfg, bootstrap, metrics, health) = (cfg.clone(), bootstrap.to_owned(), metrics.clone(), health.clone());
+            let (cfg, bootstrap, metrics, health) =
+                (cfg.clone(), bootstrap.to_owned(), metrics.clone(), health.clone());
             move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
         }),
     };
@@ -210,7 +218,8 @@ fn open_spool(cfg: &Config, metrics: &Arc<Metrics>, overrides: &Overrides) -> an
         }),
         panicked: Arc::new(move || restarts.with_label_values(&[Stage::Janitor.label()]).inc()),
     });
-    let (spool, followers) = Spool::open(settings).with_context(|| format!("opening the spool in {}", cfg.spool.dir.display()))?;
+    let (spool, followers) =
+        Spool::open(settings).with_context(|| format!("opening the spool in {}", cfg.spool.dir.display()))?;
     let report = spool.recovery_report();
     metrics.spool_damaged.inc_by(u64::from(report.damaged_regions));
     info!(
@@ -225,4 +234,3 @@ fn open_spool(cfg: &Config, metrics: &Arc<Metrics>, overrides: &Overrides) -> an
     );
     Ok((spool, followers))
 }
-

@@ -381,7 +381,13 @@ pub(super) fn cannot_finish(expected: Option<u64>, received: u64, elapsed: Durat
 /// `<company>/<yyyy>/<mm>/<dd>/<event id>/<index>/<file name>`: the file's position among the
 /// event's files is a key segment of its own, so two files of one event never share an object
 /// whatever their names, and the name is kept as the file host gave it (sanitized).
-pub(super) fn object_key(company: Option<&str>, received_at: i64, event_id: EventId, index: usize, name: &str) -> String {
+pub(super) fn object_key(
+    company: Option<&str>,
+    received_at: i64,
+    event_id: EventId,
+    index: usize,
+    name: &str,
+) -> String {
     let date = humantime::format_rfc3339_seconds(
         std::time::UNIX_EPOCH + Duration::from_secs(received_at.max(0).unsigned_abs()),
     )

@@ -9,9 +9,9 @@
 //! cannot make its deadline is reported `expired` as soon as that is certain, so that it takes no
 //! bandwidth from files that can.
 
+mod capture;
 pub mod detect;
 pub mod disposition;
-mod capture;
 mod download;
 pub(crate) mod fetch;
 mod follower;

@@ -627,8 +627,9 @@ async fn file_work_comes_from_the_durable_event_and_again_after_a_restart() {
         let spool = spool.clone();
         tokio::spawn(async move { spool.append(vec![with_files(1, "1"), ev(2, "1"), with_files(3, "2")], 1).await })
     };
-    let work =
-        tokio::time::timeout(Duration::from_secs(5), spool.followers.capture.next()).await.expect("file work announced");
+    let work = tokio::time::timeout(Duration::from_secs(5), spool.followers.capture.next())
+        .await
+        .expect("file work announced");
     handle.abort();
     assert_eq!(work.iter().map(|w| w.seq).collect::<Vec<_>>(), vec![1, 3]);
     assert!(spool.take_file_work().is_empty(), "handed out once");
@@ -1019,6 +1020,10 @@ async fn a_lost_dedup_journal_costs_recovery_no_more_ids_than_the_window_holds()
     let mut dedup = dedup::Dedup::new(dir.path(), 3600, 10);
     let r = recovery::recover(dir.path(), recovery::Access::Repair, &mut dedup, now_secs()).unwrap();
     let newest: Vec<EventId> = (41..=50).map(|i| ev(i, "1").id).collect();
-    assert_eq!(r.ids.iter().map(|(id, _)| *id).collect::<Vec<_>>(), newest, "the newest ids, as many as the window holds");
+    assert_eq!(
+        r.ids.iter().map(|(id, _)| *id).collect::<Vec<_>>(),
+        newest,
+        "the newest ids, as many as the window holds"
+    );
     assert_eq!(r.undelivered.len(), 50, "every event is still recovered");
 }
