@@ -67,6 +67,11 @@ pub(super) struct Fields {
     /// back to the company: the token's account's when accounts are configured).
     pub(super) key: Option<String>,
     pub(super) company: Option<String>,
+    /// Every company id the event states, for the check against its token's account: one entry
+    /// per `company.id` member (each of them when it is duplicated) and per `companyID`, the
+    /// decimal id, or `None` when the member is there but holds no id (`"99999 "`, `9.9999e4`,
+    /// a `company` that is not an object). `null` members state nothing and are left out.
+    pub(super) company_claims: Vec<Option<String>>,
     pub(super) routing: Routing,
 }
 
@@ -124,6 +129,7 @@ pub(super) fn read(event_type: &EventType, raw: &RawValue) -> Result<Fields, ser
         .and_then(|c| pick(c, &ID))
         .and_then(|c| c.get(0).and_then(decimal))
         .or_else(|| top.get(T_COMPANY_ID).and_then(decimal));
+    let company_claims = company_claims(top.get(T_COMPANY), top.get(T_COMPANY_ID));
     let top_if_chat_event = |i: usize| if is_chat_event { top.get(i) } else { None };
     let channel = chat_field(1).and_then(label).or_else(|| {
         let c = top.get(T_CHANNEL)?;
@@ -136,6 +142,7 @@ pub(super) fn read(event_type: &EventType, raw: &RawValue) -> Result<Fields, ser
     Ok(Fields {
         key,
         company,
+        company_claims,
         routing: Routing {
             subject,
             chat_id,
@@ -146,6 +153,53 @@ pub(super) fn read(event_type: &EventType, raw: &RawValue) -> Result<Fields, ser
             internal: top.get(T_INTERNAL).is_some_and(|v| v.get() == "true"),
         },
     })
+}
+
+/// What the members `company` and `companyID` say the event's company is (see
+/// [`Fields::company_claims`]). Neither can be duplicated here: a duplicate of a key member makes
+/// the whole event unreadable.
+fn company_claims(company: Option<&RawValue>, company_id: Option<&RawValue>) -> Vec<Option<String>> {
+    let stated = |raw: &RawValue| raw.get() != "null";
+    let mut claims = Vec::new();
+    if let Some(c) = company.filter(|c| stated(c)) {
+        match all_ids(c) {
+            Some(ids) => claims.extend(ids.into_iter().filter(|id| stated(id)).map(decimal)),
+            None => claims.push(None),
+        }
+    }
+    claims.extend(company_id.filter(|c| stated(c)).map(decimal));
+    claims
+}
+
+/// Every `id` member of an object, duplicates included, in document order; `None` when `raw` is
+/// not an object.
+fn all_ids(raw: &RawValue) -> Option<Vec<&RawValue>> {
+    if !raw.get().starts_with('{') {
+        return None;
+    }
+    let mut de = serde_json::Deserializer::from_str(raw.get());
+    de.deserialize_map(AllIds).ok()
+}
+
+/// Reads an object keeping every `id` member, skipping the rest unparsed.
+struct AllIds;
+
+impl<'de> Visitor<'de> for AllIds {
+    type Value = Vec<&'de RawValue>;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut ids = Vec::new();
+        while let Some(name) = map.next_key_seed(Name(&ID))? {
+            if name.is_some() {
+                ids.push(map.next_value::<&'de RawValue>()?);
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(ids)
+    }
 }
 
 /// A short plain string (no escapes, 1–64 bytes, no control characters) as a header value; Huggy's

@@ -95,7 +95,8 @@ fn dead_event(
 }
 
 /// Builds one event. With a token bound to an account (`account`), the company is the account's
-/// whatever the event says; an event that names another company is dead-lettered
+/// whatever the event says; an event with a company member (`company.id`, `companyID`) that names
+/// another company, holds no readable id, or is duplicated with another value is dead-lettered
 /// ([`COMPANY_MISMATCH`]), so no account's token can publish under another's name.
 fn build_event(
     id: EventId,
@@ -117,10 +118,7 @@ fn build_event(
         Err(e) => return dead_event(id, event_type, raw, time, account, format!("event cannot be read: {e}")),
     };
     let claimed = fields.company;
-    let mismatch = match (account, &claimed) {
-        (Some(a), Some(c)) => a.trim_start_matches('0') != c.trim_start_matches('0'),
-        _ => false,
-    };
+    let mismatch = account.is_some_and(|a| !claims_only(a, &fields.company_claims));
     let company = account.map(str::to_owned).or(claimed);
     let key = fields.key.or_else(|| company.clone());
     Event {
@@ -137,6 +135,14 @@ fn build_event(
         lineage: None,
         routing: fields.routing,
     }
+}
+
+/// Whether every company id an event states (`claims`, see `fields`) is `account`: a member that
+/// names another company, or holds no id one can read, or is duplicated with another value, fails.
+/// An event that states none is the account's. Leading zeros do not make another id (`"015693"`).
+fn claims_only(account: &str, claims: &[Option<String>]) -> bool {
+    let account = account.trim_start_matches('0');
+    claims.iter().all(|c| c.as_deref().is_some_and(|c| c.trim_start_matches('0') == account))
 }
 
 /// The routing headers of an event's bytes, read as [`split`] reads them; for events stored before

@@ -434,6 +434,75 @@ fn an_accounts_events_are_its_company_and_one_naming_another_is_dead_lettered() 
     assert_eq!(plain.iter().map(|e| e.id).collect::<Vec<_>>(), events.iter().map(|e| e.id).collect::<Vec<_>>());
 }
 
+#[test]
+fn an_account_refuses_every_company_member_it_cannot_vouch_for() {
+    // (event, whether a token bound to company 15693 may publish it)
+    let cases: &[(&str, bool)] = &[
+        (r#"{"id":1,"company":{"id":15693},"companyID":99999}"#, false),
+        (r#"{"id":1,"company":{"id":15693},"companyID":"99999"}"#, false),
+        (r#"{"id":1,"companyID":"15693","company":{"id":99999}}"#, false),
+        (r#"{"id":1,"company":{"id":"99999 "}}"#, false),
+        (r#"{"id":1,"company":{"id":" 15693"}}"#, false),
+        (r#"{"id":1,"company":{"id":9.9999e4}}"#, false),
+        (r#"{"id":1,"company":{"id":15693.0}}"#, false),
+        (r#"{"id":1,"company":{"id":-15693}}"#, false),
+        (r#"{"id":1,"company":{"id":{"id":15693}}}"#, false),
+        (r#"{"id":1,"company":{"id":15693,"id":99999}}"#, false),
+        (r#"{"id":1,"company":{"id":99999,"id":15693}}"#, false),
+        (r#"{"id":1,"company":{"id":15693,"id":"x"}}"#, false),
+        (r#"{"id":1,"company":99999}"#, false),
+        (r#"{"id":1,"company":[15693]}"#, false),
+        (r#"{"id":1,"companyID":""}"#, false),
+        (r#"{"id":1,"companyID":"9.9999e4"}"#, false),
+        // What Huggy sends: a number, or digits in a string; both members when it sends both.
+        (r#"{"id":1,"company":{"id":15693}}"#, true),
+        (r#"{"id":1,"company":{"id":"15693"}}"#, true),
+        (r#"{"id":1,"companyID":"15693","company":{"id":"15693"}}"#, true),
+        (r#"{"id":1,"companyID":15693,"company":{"id":15693}}"#, true),
+        (r#"{"id":1,"company":{"id":15693,"id":"15693"}}"#, true),
+        // No company stated: the account's, as before.
+        (r#"{"id":1}"#, true),
+        (r#"{"id":1,"company":{"name":"Huggy Testing"}}"#, true),
+        (r#"{"id":1,"company":{"id":null},"companyID":null}"#, true),
+        (r#"{"id":1,"company":null}"#, true),
+    ];
+    let account = Sender { source: Source::of_token("t"), account: Some("15693".into()) };
+    for (event, allowed) in cases {
+        let body = format!(r#"{{"token":"t","time":5,"messages":{{"agentChangedStatus":[{event}]}}}}"#);
+        let ev = split(&batch(body.as_bytes()), &account, 0).remove(0);
+        let want = if *allowed { None } else { Some(COMPANY_MISMATCH) };
+        assert_eq!(ev.dead_letter.as_deref(), want, "{event}");
+        assert_eq!(ev.company.as_deref(), Some("15693"), "{event}: the account's, whatever the event says");
+        assert_eq!(ev.key.as_deref(), Some("1"), "{event}");
+    }
+    // Without an account nothing is refused for its company members, as before.
+    for (event, _) in cases {
+        let body = format!(r#"{{"token":"t","time":5,"messages":{{"agentChangedStatus":[{event}]}}}}"#);
+        assert_eq!(split_as_sent(&batch(body.as_bytes()), 0)[0].dead_letter, None, "{event}");
+    }
+}
+
+#[test]
+fn every_published_example_passes_the_check_of_its_own_account() {
+    for (name, _) in EXPECTED {
+        let body = fixture(name);
+        let plain = split_as_sent(&batch(&body), 0);
+        for ev in &plain {
+            let company = ev.company.clone().unwrap_or_else(|| panic!("{name}: names its company"));
+            let account = Sender { source: Source::of_token("t"), account: Some(company.clone()) };
+            let bound = split(&batch(&body), &account, 0);
+            for b in &bound {
+                assert_eq!(b.dead_letter, None, "{name}: bound to {company}");
+                assert_eq!(b.company.as_deref(), Some(company.as_str()), "{name}");
+            }
+            let other = Sender { source: Source::of_token("t"), account: Some("424242".into()) };
+            for b in split(&batch(&body), &other, 0) {
+                assert_eq!(b.dead_letter.as_deref(), Some(COMPANY_MISMATCH), "{name}: bound to another account");
+            }
+        }
+    }
+}
+
 /// The routing headers of an event as `name=value` pairs in header order.
 fn routing_line(ev: &Event) -> String {
     ev.routing.headers(ev.company.as_deref()).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
