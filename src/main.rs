@@ -110,7 +110,9 @@ enum DeadLetterCommand {
         /// Only records of this event type.
         #[arg(long = "type")]
         event_type: Option<String>,
-        /// Only records whose huggy_dlq_reason contains this text.
+        /// Only records whose huggy_dlq_reason contains this text. Records the bridge refused by
+        /// policy (company_mismatch, a lone surrogate, a duplicated key member, an invalid type
+        /// name) are skipped unless their reason is named here.
         #[arg(long)]
         reason: Option<String>,
         /// Report what would be replayed; publish and record nothing.

@@ -12,6 +12,12 @@
 //!   later runs start there. A record left (still unpublishable, or filtered out by
 //!   `--type`/`--reason`) holds its partition's committed offset, and is read again next time.
 //!
+//! A record the bridge dead-lettered by policy (`company_mismatch`, a lone surrogate, a duplicated
+//! key member, an invalid type name: `event::is_refusal`) is skipped, and held like a filtered
+//! one, unless `--reason` names its reason: publishing the same bytes again cures nothing and would
+//! undo the refusal (a `company_mismatch` record carries its token's account in its headers and
+//! another company in its value).
+//!
 //! Records are never re-dead-lettered: what cannot be published is reported and left where it is.
 
 use std::collections::{BTreeMap, HashSet};
@@ -28,7 +34,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{info, warn};
 
 use crate::config::{AckMode, Config};
-use crate::event::EventType;
+use crate::event::{self, EventType};
 use crate::health::KafkaHealth;
 use crate::metrics::Metrics;
 use crate::publish::claim::{self, ClaimChecks, TopicLimits};
@@ -52,7 +58,8 @@ const DELIVERY_TIMEOUT_MS: u64 = 30_000;
 pub struct ReplayOptions {
     /// Only records of this event type (`receivedMessage`, or `app.huggy.receivedMessage`).
     pub event_type: Option<String>,
-    /// Only records whose `huggy_dlq_reason` contains this text (case-insensitive).
+    /// Only records whose `huggy_dlq_reason` contains this text (case-insensitive). Also the only
+    /// way to replay a record dead-lettered by one of the bridge's refusals: it must be named.
     pub reason: Option<String>,
     /// Decide and report, publish and commit nothing.
     pub dry_run: bool,
@@ -76,7 +83,7 @@ pub struct Entry {
 pub struct ReplayReport {
     /// Republished, each with the topic it went to.
     pub replayed: Vec<(Entry, String)>,
-    /// Not considered this time (filtered out, not a dead letter), with why.
+    /// Not considered this time (filtered out, dead-lettered by policy, not a dead letter), with why.
     pub skipped: Vec<(Entry, String)>,
     /// Still not publishable; kept in the dead-letter topic, with why.
     pub left: Vec<(Entry, String)>,
@@ -141,6 +148,7 @@ impl Progress {
 }
 
 /// What to do with one record.
+#[derive(Debug)]
 enum Decision {
     Replay {
         topic: String,
@@ -149,7 +157,7 @@ enum Decision {
     },
     /// Not a dead letter: never replayable, counted as done.
     NotADeadLetter(String),
-    /// Filtered out this time: left for a later run.
+    /// Filtered out this time (or dead-lettered by policy and not asked for): left for a later run.
     Filtered(String),
     /// Not publishable now; left.
     Left(String),
@@ -408,6 +416,63 @@ fn entry_of(msg: &BorrowedMessage<'_>) -> Entry {
     }
 }
 
+/// Where a dead-lettered record would go, read from its headers alone.
+#[derive(Debug, PartialEq, Eq)]
+struct Routed<'h> {
+    /// Its `ce_id`.
+    id: &'h str,
+    /// The topic its type routes to today.
+    topic: String,
+}
+
+/// What a record's headers (`header` looks one up by name) decide, before its value is read:
+/// where it would go, or why it stays. A record dead-lettered by one of the bridge's refusals
+/// (`event::is_refusal`: `company_mismatch`, a lone surrogate, a duplicated key member, an
+/// invalid type name) is skipped unless the operator asks for it by naming its reason with
+/// `--reason`: publishing the same bytes again would only undo the refusal.
+fn route<'h>(
+    header: impl Fn(&str) -> Option<&'h str>,
+    opts: &ReplayOptions,
+    routes: &Routes,
+    dlq: &str,
+) -> Result<Routed<'h>, Decision> {
+    let Some(reason) = header("huggy_dlq_reason") else {
+        return Err(Decision::NotADeadLetter("not a dead letter (no huggy_dlq_reason header)".into()));
+    };
+    let Some(ce_type) = header("ce_type") else { return Err(Decision::Left("no ce_type header".into())) };
+    let type_name = ce_type.strip_prefix("app.huggy.").unwrap_or(ce_type);
+    if let Some(want) = &opts.event_type {
+        let want = want.strip_prefix("app.huggy.").unwrap_or(want);
+        if !type_name.eq_ignore_ascii_case(want) {
+            return Err(Decision::Filtered(format!("not of type {want}")));
+        }
+    }
+    if let Some(text) = &opts.reason {
+        if !reason.to_lowercase().contains(&text.to_lowercase()) {
+            return Err(Decision::Filtered(format!("reason does not contain {text:?}")));
+        }
+    }
+    let asked_for = opts.reason.as_deref().is_some_and(|r| !r.trim().is_empty());
+    if event::is_refusal(reason) && !asked_for {
+        return Err(Decision::Filtered(format!(
+            "dead-lettered by policy ({reason}): publishing it again would not cure it; \
+             name its reason with --reason to replay it anyway"
+        )));
+    }
+    let Some(id) = header("ce_id").filter(|i| !i.is_empty()) else {
+        return Err(Decision::Left("no ce_id header".into()));
+    };
+    let event_type = match EventType::parse(type_name) {
+        Ok((t, _)) => t,
+        Err(why) => return Err(Decision::Left(format!("its type still cannot be routed: {why}"))),
+    };
+    let topic = routes.topic_for(&event_type).to_owned();
+    if topic == dlq {
+        return Err(Decision::Left(format!("type {type_name} routes to the dead-letter topic itself")));
+    }
+    Ok(Routed { id, topic })
+}
+
 /// Decides what to do with one dead-lettered record: where it would go today and what it would carry.
 async fn decide(
     msg: &BorrowedMessage<'_>,
@@ -416,33 +481,10 @@ async fn decide(
     dlq: &str,
     claims: &ClaimChecks,
 ) -> Decision {
-    let Some(reason) = header(msg, "huggy_dlq_reason") else {
-        return Decision::NotADeadLetter("not a dead letter (no huggy_dlq_reason header)".into());
+    let Routed { id, topic } = match route(|name| header(msg, name), opts, routes, dlq) {
+        Ok(r) => r,
+        Err(d) => return d,
     };
-    let Some(ce_type) = header(msg, "ce_type") else { return Decision::Left("no ce_type header".into()) };
-    let type_name = ce_type.strip_prefix("app.huggy.").unwrap_or(ce_type);
-    if let Some(want) = &opts.event_type {
-        let want = want.strip_prefix("app.huggy.").unwrap_or(want);
-        if !type_name.eq_ignore_ascii_case(want) {
-            return Decision::Filtered(format!("not of type {want}"));
-        }
-    }
-    if let Some(text) = &opts.reason {
-        if !reason.to_lowercase().contains(&text.to_lowercase()) {
-            return Decision::Filtered(format!("reason does not contain {text:?}"));
-        }
-    }
-    let Some(id) = header(msg, "ce_id").filter(|i| !i.is_empty()) else {
-        return Decision::Left("no ce_id header".into());
-    };
-    let event_type = match EventType::parse(type_name) {
-        Ok((t, _)) => t,
-        Err(why) => return Decision::Left(format!("its type still cannot be routed: {why}")),
-    };
-    let topic = routes.topic_for(&event_type).to_owned();
-    if topic == dlq {
-        return Decision::Left(format!("type {type_name} routes to the dead-letter topic itself"));
-    }
     let value = match claim::reference_of(msg.headers()) {
         Some(r) => match claims.resolve(&r).await {
             Ok(bytes) => bytes,
@@ -515,6 +557,58 @@ mod tests {
         assert_eq!(parse_marker("2:41"), Some((2, 41)));
         assert_eq!(parse_marker("2"), None);
         assert_eq!(parse_marker("x:1"), None);
+    }
+
+    /// A dead letter's headers, as the bridge writes them.
+    fn dead_letter(reason: &str) -> [(&'static str, &str); 4] {
+        [
+            ("ce_id", "0123456789abcdef0123456789abcdef"),
+            ("ce_type", "app.huggy.receivedMessage"),
+            ("huggy_dlq_reason", reason),
+            ("huggy_dlq_topic", "huggy.receivedMessage"),
+        ]
+    }
+
+    fn route_of<'h>(headers: &[(&'static str, &'h str)], opts: &ReplayOptions) -> Result<Routed<'h>, Decision> {
+        let cfg = crate::config::KafkaConfig::default();
+        let lookup = |name: &str| headers.iter().find(|(k, _)| *k == name).map(|(_, v)| *v);
+        route(lookup, opts, &Routes::new(&cfg), &cfg.dead_letter_topic)
+    }
+
+    /// Where a record would be replayed to, or the decision that keeps it, as text.
+    fn replayed<'h>(headers: &[(&'static str, &'h str)], opts: &ReplayOptions) -> Result<Routed<'h>, String> {
+        route_of(headers, opts).map_err(|d| format!("{d:?}"))
+    }
+
+    #[test]
+    fn a_record_refused_by_policy_is_skipped_and_a_retryable_one_replayed() {
+        let all = ReplayOptions::default();
+        let to_its_topic = Ok(Routed { id: "0123456789abcdef0123456789abcdef", topic: "huggy.receivedMessage".into() });
+        let retryable = "Message production error: MessageSizeTooLarge (Broker: Message size too large)";
+        assert_eq!(replayed(&dead_letter(retryable), &all), to_its_topic);
+        assert_eq!(replayed(&dead_letter("manual-fix"), &all), to_its_topic, "a reason the bridge does not give");
+
+        let refused = [
+            "company_mismatch",
+            "event has a \\u escape of a lone UTF-16 surrogate",
+            "event cannot be read: duplicate field `chat` at line 1 column 20",
+            "event type has characters outside [A-Za-z0-9._-]",
+        ];
+        for reason in refused {
+            match route_of(&dead_letter(reason), &all) {
+                Err(Decision::Filtered(why)) => assert!(why.contains("by policy") && why.contains(reason), "{why}"),
+                other => panic!("{reason}: {other:?}"),
+            }
+            let blank = ReplayOptions { reason: Some(" ".into()), ..ReplayOptions::default() };
+            assert!(matches!(route_of(&dead_letter(reason), &blank), Err(Decision::Filtered(_))), "{reason}");
+        }
+        // Named with --reason, the operator asks for it.
+        let asked = ReplayOptions { reason: Some("COMPANY_MISMATCH".into()), ..ReplayOptions::default() };
+        assert_eq!(replayed(&dead_letter("company_mismatch"), &asked), to_its_topic);
+        assert!(matches!(
+            route_of(&dead_letter(refused[1]), &asked),
+            Err(Decision::Filtered(why)) if why.contains("reason does not contain")
+        ));
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub use fields::{Routing, ROUTING_HEADERS};
 pub use id::{EventId, Sender, Source};
 pub use lineage::{Lineage, StreamRuns};
 pub use parse::{parse_body, top_level_token, Batch, Body, BodyError};
-pub(crate) use split::routing_of;
+pub(crate) use split::{is_refusal, routing_of};
 pub use split::{split, COMPANY_MISMATCH};
 pub use types::{EventType, KnownType};
 

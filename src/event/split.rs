@@ -68,6 +68,29 @@ pub fn split(batch: &Batch<'_>, sender: &Sender, received_at: i64) -> Vec<Event>
 /// The dead-letter reason of an event whose token's account is not the company it names.
 pub const COMPANY_MISMATCH: &str = "company_mismatch";
 
+/// The dead-letter reason of an event with a `\u` escape of a lone UTF-16 surrogate.
+const LONE_SURROGATE: &str = "event has a \\u escape of a lone UTF-16 surrogate";
+
+/// How the dead-letter reason of an event the parser refused begins (a duplicated key member:
+/// which one would be the key?); the parser's message follows.
+const UNREADABLE: &str = "event cannot be read: ";
+
+/// How the dead-letter reason of an event under an invalid type name begins (see
+/// [`EventType::parse`]); the name itself is not kept.
+const INVALID_TYPE: &str = "event type ";
+
+/// Whether a dead-letter reason is one of the bridge's refusals of the event itself: what no
+/// configuration, ACL or topic fixed later can cure, so publishing the same bytes again would
+/// undo the refusal ([`COMPANY_MISMATCH`]: the event under its token's account's name although it
+/// names another company; a lone surrogate; a duplicated key member; an invalid type name).
+/// `dead-letter replay` leaves these unless the operator names their reason.
+pub(crate) fn is_refusal(reason: &str) -> bool {
+    reason == COMPANY_MISMATCH
+        || reason == LONE_SURROGATE
+        || reason.starts_with(UNREADABLE)
+        || reason.starts_with(INVALID_TYPE)
+}
+
 /// An event that cannot go to its topic. Its company is its token's account's, if any: nothing the
 /// event says about itself is trusted.
 fn dead_event(
@@ -110,12 +133,11 @@ fn build_event(
         return dead_event(id, event_type, raw, time, account, "event is not an object".into());
     }
     if has_lone_surrogate(raw.get()) {
-        let reason = "event has a \\u escape of a lone UTF-16 surrogate".into();
-        return dead_event(id, event_type, raw, time, account, reason);
+        return dead_event(id, event_type, raw, time, account, LONE_SURROGATE.into());
     }
     let fields = match fields::read(event_type, raw) {
         Ok(f) => f,
-        Err(e) => return dead_event(id, event_type, raw, time, account, format!("event cannot be read: {e}")),
+        Err(e) => return dead_event(id, event_type, raw, time, account, format!("{UNREADABLE}{e}")),
     };
     let claimed = fields.company;
     let mismatch = account.is_some_and(|a| !claims_only(a, &fields.company_claims));

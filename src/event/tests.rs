@@ -503,6 +503,23 @@ fn every_published_example_passes_the_check_of_its_own_account() {
     }
 }
 
+#[test]
+fn the_refusals_split_makes_are_known_as_refusals() {
+    let body = br#"{"token":"t","time":5,"messages":{
+        "receivedMessage":[{"id":1,"company":{"id":99}}, {"id":2,"body":"\ud800"}, {"id":3,"chat":{"id":1},"chat":{"id":2}}, 4],
+        "bad type!":[{"id":5}],
+        "closedChat":{"id":6}}}"#;
+    let account = Sender { source: Source::of_token("t"), account: Some("15693".into()) };
+    let reasons: Vec<String> =
+        split(&batch(body), &account, 0).into_iter().map(|e| e.dead_letter.expect("dead")).collect();
+    let refused: Vec<bool> = reasons.iter().map(|r| is_refusal(r)).collect();
+    assert_eq!(refused, [true, true, true, false, true, false], "{reasons:?}");
+    assert_eq!(reasons[0], COMPANY_MISMATCH);
+    // Not refusals: what cannot be published stays anyway, or (a lone event sent without its
+    // array) can be published as it is; and Kafka's permanent errors, which a fix of the cause cures.
+    assert!(!is_refusal("Message production error: MessageSizeTooLarge (Broker: Message size too large)"));
+}
+
 /// The routing headers of an event as `name=value` pairs in header order.
 fn routing_line(ev: &Event) -> String {
     ev.routing.headers(ev.company.as_deref()).map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" ")
