@@ -114,6 +114,8 @@ pub struct FileCapture {
     pub(super) max_concurrency: usize,
     pub(super) metrics: Arc<Metrics>,
     pub(super) results: mpsc::Sender<FileDone>,
+    /// Results sent on `results` so far, for the drain to see when all were recorded.
+    pub(super) results_sent: AtomicU64,
     /// Downloads running.
     pub(super) active: AtomicUsize,
     /// Downloads allowed at once (set by the controller).
@@ -179,6 +181,7 @@ impl FileCapture {
             max_concurrency: cfg.max_concurrency.max(floor),
             metrics,
             results,
+            results_sent: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             limit: AtomicUsize::new(floor),
             peak: AtomicUsize::new(floor),
@@ -190,6 +193,12 @@ impl FileCapture {
     /// File URLs in an event's bytes.
     pub(crate) fn detect(&self, value: &[u8]) -> Vec<String> {
         detect::file_urls(value, self.guard.prefixes())
+    }
+
+    /// How many spool-mode results were sent on the results channel so far. Once
+    /// [`FileCapture::stopped`] returned no more are: the drain waits until as many were recorded.
+    pub(crate) fn results_sent(&self) -> u64 {
+        self.results_sent.load(Ordering::Acquire)
     }
 
     /// The highest download concurrency so far.
@@ -463,6 +472,8 @@ impl FileCapture {
             Completion::Spool(seq) => {
                 if self.results.send(FileDone { seq, member }).await.is_err() {
                     warn!(seq, "file results with no spool to record them");
+                } else {
+                    self.results_sent.fetch_add(1, Ordering::AcqRel);
                 }
             }
             Completion::Reply(tx) => {
