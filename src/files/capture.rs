@@ -6,14 +6,16 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::download::Failure;
 use super::fetch::{self, Guard};
@@ -125,6 +127,9 @@ pub struct FileCapture {
     /// Body bytes received by all downloads, for the aggregate rate.
     pub(super) received: AtomicU64,
     pub(super) tasks: TaskTracker,
+    /// Tests: the next download panics.
+    #[cfg(test)]
+    pub(super) panic_next: std::sync::atomic::AtomicBool,
 }
 
 impl FileCapture {
@@ -187,6 +192,8 @@ impl FileCapture {
             peak: AtomicUsize::new(floor),
             received: AtomicU64::new(0),
             tasks: TaskTracker::new(),
+            #[cfg(test)]
+            panic_next: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -336,10 +343,20 @@ impl FileCapture {
             let me = self.clone();
             let stop = stop.clone();
             self.tasks.spawn(async move {
-                let outcome = me.capture(&url, &item, info, &cancel, &stop, &progress).await;
+                let event_id = info.0;
+                let outcome =
+                    AssertUnwindSafe(me.capture(&url, &item, info, &cancel, &stop, &progress)).catch_unwind().await;
                 me.lock().running.remove(&slot);
                 let n = me.active.fetch_sub(1, Ordering::AcqRel) - 1;
                 me.metrics.file_concurrency.set(n as i64);
+                // A panic ends this file, not the event: it is reported failed like any other
+                // failure, and its slot is free. Its upload is dropped unfinished: no object is
+                // published under its key.
+                let outcome = outcome.unwrap_or_else(|panic| {
+                    let why = crate::panics::message(panic);
+                    error!(%event_id, url = without_query(&url), panic = %why, "file capture panicked");
+                    Some((FileResult::failed(&url, "capture panicked".into()), FileOutcome::Failed))
+                });
                 if let Some((result, label)) = outcome {
                     me.finish(item.job, item.index, result, label).await;
                 }
