@@ -34,6 +34,8 @@ pub(super) struct Pipeline {
     pub(super) publisher: Arc<Publisher>,
     pub(super) spool: Option<Spool>,
     pub(super) files: Option<Arc<FileCapture>>,
+    /// In spool mode: how far the capture results' recorder has got, for the drain.
+    file_results: Option<crate::files::Recorded>,
     pub(super) health: Arc<Health>,
     pub(super) tasks: TaskTracker,
     /// The spool publisher's thread, done when it has stopped.
@@ -69,8 +71,9 @@ impl Pipeline {
         };
         let stages_stop = CancellationToken::new();
         let capture_feed = followers.as_ref().map(|f| f.capture.clone());
-        let files = crate::files::start(cfg, capture_feed, metrics.clone(), &supervisor, &tasks, &stages_stop)
-            .context("setting up file capture")?;
+        let crate::files::Started { capture: files, recorded: file_results } =
+            crate::files::start(cfg, capture_feed, metrics.clone(), &supervisor, &tasks, &stages_stop)
+                .context("setting up file capture")?;
         let pulse = Pulse::new();
         let health = Arc::new(
             Health::new(cfg, kafka_health.clone(), spool.clone(), pulse.clone(), metrics.clone())
@@ -112,6 +115,7 @@ impl Pipeline {
             publisher,
             spool,
             files,
+            file_results,
             health,
             tasks,
             publisher_done,
@@ -121,8 +125,8 @@ impl Pipeline {
     }
 
     /// The drain after the listeners closed: the publisher finishes its window, the producer
-    /// flushes, captures stop (what they had not finished is captured again after the restart), the
-    /// spool closes. In spool mode nothing in flight is at risk (the spool keeps it), so Kafka gets
+    /// flushes, captures stop (what they had not finished is captured again after the restart) and
+    /// the results of those that ended are recorded, the spool closes. In spool mode nothing in flight is at risk (the spool keeps it), so Kafka gets
     /// a tighter budget: it only spares duplicates after the restart.
     pub(super) async fn shutdown(self, budget: Duration) {
         let began = Instant::now();
@@ -155,6 +159,11 @@ impl Pipeline {
         if let Some(f) = &self.files {
             // Downloads cut off are aborted in the store before the spool closes.
             f.stopped().await;
+            // The results of those that ended are only queued: each is recorded before the spool
+            // closes (else the file is captured again after the restart, its token likely dead).
+            if let Some(r) = &self.file_results {
+                r.flushed(f.results_sent(), left()).await;
+            }
         }
         if let Some(s) = &self.spool {
             s.close().await;

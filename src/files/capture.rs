@@ -6,14 +6,16 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::download::Failure;
 use super::fetch::{self, Guard};
@@ -114,6 +116,8 @@ pub struct FileCapture {
     pub(super) max_concurrency: usize,
     pub(super) metrics: Arc<Metrics>,
     pub(super) results: mpsc::Sender<FileDone>,
+    /// Results sent on `results` so far, for the drain to see when all were recorded.
+    pub(super) results_sent: AtomicU64,
     /// Downloads running.
     pub(super) active: AtomicUsize,
     /// Downloads allowed at once (set by the controller).
@@ -123,6 +127,9 @@ pub struct FileCapture {
     /// Body bytes received by all downloads, for the aggregate rate.
     pub(super) received: AtomicU64,
     pub(super) tasks: TaskTracker,
+    /// Tests: the next download panics.
+    #[cfg(test)]
+    pub(super) panic_next: std::sync::atomic::AtomicBool,
 }
 
 impl FileCapture {
@@ -179,17 +186,26 @@ impl FileCapture {
             max_concurrency: cfg.max_concurrency.max(floor),
             metrics,
             results,
+            results_sent: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             limit: AtomicUsize::new(floor),
             peak: AtomicUsize::new(floor),
             received: AtomicU64::new(0),
             tasks: TaskTracker::new(),
+            #[cfg(test)]
+            panic_next: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
     /// File URLs in an event's bytes.
     pub(crate) fn detect(&self, value: &[u8]) -> Vec<String> {
         detect::file_urls(value, self.guard.prefixes())
+    }
+
+    /// How many spool-mode results were sent on the results channel so far. Once
+    /// [`FileCapture::stopped`] returned no more are: the drain waits until as many were recorded.
+    pub(crate) fn results_sent(&self) -> u64 {
+        self.results_sent.load(Ordering::Acquire)
     }
 
     /// The highest download concurrency so far.
@@ -327,10 +343,20 @@ impl FileCapture {
             let me = self.clone();
             let stop = stop.clone();
             self.tasks.spawn(async move {
-                let outcome = me.capture(&url, &item, info, &cancel, &stop, &progress).await;
+                let event_id = info.0;
+                let outcome =
+                    AssertUnwindSafe(me.capture(&url, &item, info, &cancel, &stop, &progress)).catch_unwind().await;
                 me.lock().running.remove(&slot);
                 let n = me.active.fetch_sub(1, Ordering::AcqRel) - 1;
                 me.metrics.file_concurrency.set(n as i64);
+                // A panic ends this file, not the event: it is reported failed like any other
+                // failure, and its slot is free. Its upload is dropped unfinished: no object is
+                // published under its key.
+                let outcome = outcome.unwrap_or_else(|panic| {
+                    let why = crate::panics::message(panic);
+                    error!(%event_id, url = without_query(&url), panic = %why, "file capture panicked");
+                    Some((FileResult::failed(&url, "capture panicked".into()), FileOutcome::Failed))
+                });
                 if let Some((result, label)) = outcome {
                     me.finish(item.job, item.index, result, label).await;
                 }
@@ -463,6 +489,8 @@ impl FileCapture {
             Completion::Spool(seq) => {
                 if self.results.send(FileDone { seq, member }).await.is_err() {
                     warn!(seq, "file results with no spool to record them");
+                } else {
+                    self.results_sent.fetch_add(1, Ordering::AcqRel);
                 }
             }
             Completion::Reply(tx) => {

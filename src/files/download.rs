@@ -170,6 +170,10 @@ impl FileCapture {
         stop: &CancellationToken,
         progress: &Progress,
     ) -> Option<(FileResult, FileOutcome)> {
+        #[cfg(test)]
+        if self.panic_next.swap(false, Ordering::AcqRel) {
+            panic!("injected fault: a download panics");
+        }
         let deadline = item.deadline;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(250))

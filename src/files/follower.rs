@@ -7,8 +7,9 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -22,6 +23,14 @@ use crate::supervise::Supervisor;
 /// Results waiting to be recorded in the spool at most; a full queue holds the downloads that
 /// finish (they await room), never memory.
 const RESULTS_QUEUE: usize = 1024;
+
+/// What [`start`] started.
+pub(crate) struct Started {
+    /// The capture stage, when `files.enabled`.
+    pub(crate) capture: Option<Arc<FileCapture>>,
+    /// In spool mode with capture on: how far the recorder of its results has got.
+    pub(crate) recorded: Option<Recorded>,
+}
 
 /// Starts file capture for `cfg`, its loops tracked by `tasks` and stopped by `stop`: the capture
 /// stage when `files.enabled` (returned, for the kafka-mode request path and the drain), and in
@@ -37,17 +46,24 @@ pub(crate) fn start(
     supervisor: &Supervisor,
     tasks: &TaskTracker,
     stop: &CancellationToken,
-) -> Result<Option<Arc<FileCapture>>, SetupError> {
+) -> Result<Started, SetupError> {
+    let mut recorded = None;
     let capture = if cfg.files.enabled {
         let (done_tx, done_rx) = mpsc::channel::<FileDone>(RESULTS_QUEUE);
         let capture = FileCapture::new(&files_config(cfg, feed.is_some()), metrics, done_tx)?;
         if let Some(feed) = feed.clone() {
-            // Shared so that a restarted recorder takes over the same queue; it ends when every
-            // sender is gone.
+            // Shared so that a restarted recorder takes over the same queue (and count); it ends
+            // when every sender is gone, not at `stop`: the drain waits for what is queued.
             let done_rx = Arc::new(Mutex::new(done_rx));
+            let (count, seen) = watch::channel(0);
+            let count = Arc::new(count);
+            recorded = Some(Recorded(seen));
             let (sup, stop) = (supervisor.clone(), stop.clone());
             tasks.spawn(async move {
-                sup.supervise(Stage::FileResults, stop, move || record_results(feed.clone(), done_rx.clone())).await;
+                sup.supervise(Stage::FileResults, stop, move || {
+                    record_results(feed.clone(), done_rx.clone(), count.clone())
+                })
+                .await;
             });
         }
         capture.spawn_supervised(stop.clone(), supervisor);
@@ -62,7 +78,29 @@ pub(crate) fn start(
             sup.supervise(Stage::FileFeed, stop, move || follow(feed.clone(), capture.clone(), run_stop.clone())).await;
         });
     }
-    Ok(capture)
+    Ok(Started { capture, recorded })
+}
+
+/// How many capture results the recorder has recorded in the spool: each handed to its writer, so
+/// its frame is written before the spool's close.
+pub(crate) struct Recorded(watch::Receiver<u64>);
+
+impl Recorded {
+    /// The drain, after [`FileCapture::stopped`]: waits until the `sent` results the capture stage
+    /// sent ([`FileCapture::results_sent`]) are all recorded, `within` at most. Returns how many
+    /// were not (warned about: those files are captured again after the restart).
+    pub(crate) async fn flushed(&self, sent: u64, within: Duration) -> u64 {
+        let mut seen = self.0.clone();
+        let _ = tokio::time::timeout(within, seen.wait_for(|&n| n >= sent)).await;
+        let missing = sent.saturating_sub(*seen.borrow());
+        if missing > 0 {
+            warn!(
+                missing,
+                sent, "the drain ran out of time before every file result was recorded; those files are captured again after the restart"
+            );
+        }
+        missing
+    }
 }
 
 /// `[files]` with `min_free_bytes` worked out when unset: a `file://` store on the spool's
@@ -85,11 +123,12 @@ fn files_config(cfg: &Config, spooled: bool) -> FilesConfig {
     files
 }
 
-/// Records capture results in the spool until every sender is gone.
-async fn record_results(feed: CaptureFeed, done: Arc<Mutex<mpsc::Receiver<FileDone>>>) {
+/// Records capture results in the spool until every sender is gone, counting them in `count`.
+async fn record_results(feed: CaptureFeed, done: Arc<Mutex<mpsc::Receiver<FileDone>>>, count: Arc<watch::Sender<u64>>) {
     let mut done = done.lock().await;
     while let Some(d) = done.recv().await {
         feed.record(d.seq, d.member).await;
+        count.send_modify(|n| *n += 1);
     }
 }
 
@@ -123,6 +162,87 @@ async fn follow(feed: CaptureFeed, capture: Option<Arc<FileCapture>>, stop: Canc
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::{Event, EventId, EventType, KnownType};
+    use crate::spool::{Spool, SpoolSettings};
+
+    /// An event with one file, outside `files.allowed_url_prefixes`: its capture is refused at once.
+    fn with_a_file(n: u32, url: &str) -> Event {
+        let value = format!(r#"{{"id":{n},"file":"{url}"}}"#).into_bytes();
+        let event_type = EventType::Known(KnownType::ReceivedMessage);
+        Event {
+            id: EventId::derive("receivedMessage", &value),
+            routing: crate::event::routing_of(&event_type, &value),
+            event_type,
+            original_type: None,
+            key: Some("1".into()),
+            company: Some("1".into()),
+            time: 1,
+            value,
+            dead_letter: None,
+            files: vec![url.into()],
+            file_results: None,
+            lineage: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn results_queued_when_captures_stop_are_in_the_spool_after_the_drain() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let settings = || SpoolSettings::new(dir.path().join("spool"), 1 << 30, 3600);
+        let (spool, followers) = Spool::open(settings()).expect("a spool");
+        let url = "https://elsewhere.example/a.pdf";
+        let now = crate::clock::now_secs();
+        let mut seqs = Vec::new();
+        for n in 0..50 {
+            let appended = spool.append(vec![with_a_file(n, url)], now).await.expect("appended");
+            seqs.extend(appended.seqs.into_iter().flatten());
+        }
+        let files =
+            FilesConfig { store: format!("file://{}", dir.path().join("files").display()), ..Default::default() };
+        let (tx, rx) = mpsc::channel(RESULTS_QUEUE);
+        let capture = FileCapture::new(&files, Arc::new(Metrics::new()), tx).expect("a capture stage");
+        let stop = CancellationToken::new();
+        capture.spawn_workers(stop.clone());
+        for &seq in &seqs {
+            capture.submit(FileJob {
+                event_id: EventId([1; 16]),
+                company: None,
+                received_at: now,
+                urls: vec![url.into()],
+                completion: Completion::Spool(seq),
+            });
+        }
+        let waited = std::time::Instant::now();
+        while capture.results_sent() < seqs.len() as u64 {
+            assert!(waited.elapsed() < Duration::from_secs(10), "{} results sent", capture.results_sent());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // The capture stage stops with every result still queued: its recorder is behind (here it
+        // gets to the queue 200 ms late, as one restarted after a panic does).
+        stop.cancel();
+        capture.stopped().await;
+        let (count, seen) = watch::channel(0);
+        let feed = followers.capture.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            record_results(feed, Arc::new(Mutex::new(rx)), Arc::new(count)).await;
+        });
+        assert_eq!(Recorded(seen).flushed(capture.results_sent(), Duration::from_secs(10)).await, 0);
+        spool.close().await;
+
+        let (spool, followers) = Spool::open(settings()).expect("the spool again");
+        for seq in seqs {
+            let recorded = followers.publish.file_results(seq).expect("the event's file results survived the drain");
+            let recorded: serde_json::Value = serde_json::from_slice(&recorded).expect("json");
+            assert_eq!(recorded[0]["status"], "failed", "{recorded}");
+            assert_eq!(recorded[0]["url"], url, "{recorded}");
+        }
+        spool.close().await;
+        // Out of time (here, the recorder gone after 3 of 5): what was not recorded is counted.
+        let (count, seen) = watch::channel(3);
+        drop(count);
+        assert_eq!(Recorded(seen).flushed(5, Duration::from_millis(10)).await, 2);
+    }
 
     #[test]
     fn a_file_store_on_the_spools_disk_leaves_the_spool_its_room_by_default() {

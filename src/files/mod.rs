@@ -21,7 +21,7 @@ pub(crate) mod store;
 pub use store::StoreError;
 
 pub use capture::FileCapture;
-pub(crate) use follower::start;
+pub(crate) use follower::{start, Recorded, Started};
 
 use std::sync::Arc;
 

@@ -81,3 +81,43 @@ fn a_transfer_is_given_up_only_when_its_own_pace_cannot_make_it() {
     assert!(!cannot_finish(None, 100_000, second, deadline));
     assert!(!cannot_finish(Some(5_100_000), 10_000, Duration::from_millis(100), deadline));
 }
+
+#[tokio::test]
+async fn a_download_that_panics_fails_its_file_and_frees_its_slot() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let cfg = crate::config::FilesConfig {
+        store: format!("file://{}", dir.path().join("files").display()),
+        ..Default::default()
+    };
+    let metrics = Arc::new(crate::metrics::Metrics::new());
+    let (tx, _rx) = tokio::sync::mpsc::channel(1);
+    let capture = FileCapture::new(&cfg, metrics.clone(), tx).expect("a capture stage");
+    capture.panic_next.store(true, std::sync::atomic::Ordering::Release);
+    let stop = tokio_util::sync::CancellationToken::new();
+    capture.spawn_workers(stop.clone());
+    // Two files outside `files.allowed_url_prefixes`: the one whose download runs first panics,
+    // the other is refused.
+    let (reply, done) = tokio::sync::oneshot::channel();
+    capture.submit(FileJob {
+        event_id: EventId([3; 16]),
+        company: None,
+        received_at: crate::clock::now_secs(),
+        urls: vec!["https://elsewhere.example/a.pdf".into(), "https://elsewhere.example/b.pdf".into()],
+        completion: Completion::Reply(reply),
+    });
+    let member = tokio::time::timeout(Duration::from_secs(10), done)
+        .await
+        .expect("the job finishes although a download panicked")
+        .expect("a reply");
+    let results: serde_json::Value = serde_json::from_slice(&member).expect("json");
+    let errors: Vec<&str> =
+        results.as_array().expect("an array").iter().map(|r| r["error"].as_str().unwrap()).collect();
+    assert_eq!(results.as_array().unwrap().len(), 2, "{results}");
+    assert!(results.as_array().unwrap().iter().all(|r| r["status"] == "failed"), "{results}");
+    assert_eq!(errors.iter().filter(|e| **e == "capture panicked").count(), 1, "{results}");
+    assert_eq!(errors.iter().filter(|e| e.starts_with("refused")).count(), 1, "{results}");
+    assert_eq!(capture.active.load(std::sync::atomic::Ordering::Acquire), 0, "the panicked download's slot is free");
+    assert_eq!(metrics.file_downloads.with_label_values(&[FileOutcome::Failed.label()]).get(), 1);
+    stop.cancel();
+    capture.stopped().await;
+}
