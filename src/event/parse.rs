@@ -1,6 +1,6 @@
 //! The webhook body: what it is (a handshake or a batch), the batch read in one pass with each
-//! event borrowed as a [`RawValue`], the guard against hostile nesting, and the top-level token
-//! found without a parse. Also the readers of plain values (strings, decimal ids) out of raw JSON.
+//! event borrowed as a [`RawValue`], the guard against hostile nesting, and the token found
+//! without a parse of the events (a scan of the bytes, or the envelope alone). Also the readers of plain values (strings, decimal ids) out of raw JSON.
 
 use std::fmt;
 
@@ -113,6 +113,8 @@ struct Envelope<'a> {
 /// # Errors
 /// [`BodyError`] when the body is not JSON, not an object, or `messages` is not an object.
 pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
+    #[cfg(test)]
+    PARSES.with(|n| n.set(n.get() + 1));
     if nesting_exceeds(body, MAX_DEPTH) {
         return Err(BodyError::TooDeep);
     }
@@ -162,6 +164,58 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
         None => BatchStamp::Untimed(Sha256::digest(messages.get().as_bytes()).into()),
     };
     Ok(Body::Batch(Batch { token, time, stamp, groups }))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Calls of [`parse_body`] on this thread, so that tests can tell a body refused before its
+    /// parse from one refused after it.
+    static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times [`parse_body`] ran on this thread.
+#[cfg(test)]
+pub(crate) fn parse_count() -> usize {
+    PARSES.with(std::cell::Cell::get)
+}
+
+/// The token a body presents, read from its envelope alone: what [`envelope_token`] found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum EnvelopeToken<'a> {
+    /// A well-formed body (one [`parse_body`] reads as a handshake or a batch) whose token is a
+    /// JSON string without escapes: the token [`parse_body`] would find.
+    Plain(&'a str),
+    /// A well-formed body without a usable token: none, `null`, a number, an object, or a string
+    /// with escapes. [`parse_body`] would find no token in it either.
+    Unusable,
+    /// A body [`parse_body`] refuses (not JSON, not an object, too deep, `messages` missing or not
+    /// an object): it alone tells why.
+    Malformed,
+}
+
+/// The token of a body, read without reading its events: the envelope only, with `messages` kept
+/// raw (borrowed, not split into events) and every other member skipped, so it costs one pass and
+/// memory that does not grow with the events. Decides exactly what [`parse_body`] would decide
+/// about the token and whether the body is well-formed, which lets the webhook refuse a body
+/// without an acceptable token before it spends a parse on its events.
+pub fn envelope_token(body: &[u8]) -> EnvelopeToken<'_> {
+    if nesting_exceeds(body, MAX_DEPTH) || !body.trim_ascii_start().starts_with(b"{") {
+        return EnvelopeToken::Malformed;
+    }
+    let Ok(env) = serde_json::from_slice::<Envelope<'_>>(body) else {
+        return EnvelopeToken::Malformed;
+    };
+    let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
+    match env.messages.filter(|m| m.get() != "null") {
+        None if !is_handshake => return EnvelopeToken::Malformed,
+        None => {}
+        // The same reading of `messages` as `parse_body`'s, without keeping anything of it.
+        Some(m) if !m.get().starts_with('{') || serde_json::from_str::<MemberKeys>(m.get()).is_err() => {
+            return EnvelopeToken::Malformed
+        }
+        Some(_) => {}
+    }
+    env.token.and_then(raw_plain_str).map_or(EnvelopeToken::Unusable, EnvelopeToken::Plain)
 }
 
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128; events
@@ -289,6 +343,28 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
             }
         }
         d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A JSON object read as [`Members`] reads it (keys as strings, any values), keeping nothing.
+struct MemberKeys;
+
+impl<'de> Deserialize<'de> for MemberKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = MemberKeys;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of event lists")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_key::<String>()?.is_some() {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(MemberKeys)
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
