@@ -282,6 +282,29 @@ fn a_capture_buffer_budget_below_one_part_is_refused() {
     cfg.validate().expect("one part is enough");
 }
 
+#[test]
+fn a_webhook_path_the_router_would_read_as_a_pattern_is_refused() {
+    for path in ["/webhooks/:account", "/hooks/*x", "/a/{b", "/a/{b}", "/a/{*rest}", "/a/b}", "/:x", "/*"] {
+        let mut cfg = with_token();
+        cfg.http.path = path.into();
+        let err = cfg.validate().expect_err(path);
+        assert!(matches!(err, ConfigError::Malformed { key: "http.path", .. }), "{path}: {err}");
+        assert!(message(&err).contains("http.path"), "{path}: {err}");
+    }
+    for path in ["webhooks", ""] {
+        let mut cfg = with_token();
+        cfg.http.path = path.into();
+        assert!(message(&cfg.validate().unwrap_err()).contains("http.path"), "{path}");
+    }
+    for path in ["/webhooks/huggy", "/", "/a:b/c*d", "/hooks/huggy-bridge_1.0"] {
+        let mut cfg = with_token();
+        cfg.http.path = path.into();
+        cfg.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+        // And the router takes it as it is.
+        let _ = axum::Router::<()>::new().route(path, axum::routing::post(|| async {}));
+    }
+}
+
 fn with_token() -> Config {
     let mut cfg = Config::default();
     cfg.huggy.tokens = vec![Secret::new("t")];

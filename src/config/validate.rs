@@ -57,6 +57,13 @@ impl Config {
                 value: self.http.path.clone(),
             });
         }
+        if !is_literal_route(&self.http.path) {
+            return Err(ConfigError::Malformed {
+                key: "http.path",
+                expected: "be a literal path: no segment starting with ':' or '*', no '{' or '}'",
+                value: self.http.path.clone(),
+            });
+        }
         self.validate_accounts()?;
         positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
         if self.http.max_body_bytes > MAX_BODY_BYTES_CEILING {
@@ -155,6 +162,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether the router takes `path` as the literal path it is. Its syntax gives `{name}` and
+/// `{*name}` a meaning (a capture, a wildcard: any path would then be the webhook's), and it refuses
+/// a segment starting with `:` or `*` (the old capture syntax) by panicking when the server starts.
+fn is_literal_route(path: &str) -> bool {
+    !path.contains(['{', '}']) && !path.split('/').any(|segment| segment.starts_with([':', '*']))
 }
 
 impl KafkaConfig {
