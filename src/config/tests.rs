@@ -305,6 +305,27 @@ fn a_webhook_path_the_router_would_read_as_a_pattern_is_refused() {
     }
 }
 
+#[test]
+fn zero_timeouts_are_refused_naming_the_key() {
+    let keys = ["http.header_timeout_ms", "http.body_timeout_ms", "delivery.kafka_ack_timeout_ms"];
+    for key in keys {
+        let mut cfg = with_token();
+        cfg.delivery.ack = AckMode::Kafka;
+        match key {
+            "http.header_timeout_ms" => cfg.http.header_timeout_ms = 0,
+            "http.body_timeout_ms" => cfg.http.body_timeout_ms = 0,
+            _ => cfg.delivery.kafka_ack_timeout_ms = 0,
+        }
+        let err = cfg.validate().expect_err(key);
+        assert!(matches!(err, ConfigError::NotPositive { key: k } if k == key), "{key}: {err}");
+        assert!(message(&err).contains(key), "{err}");
+    }
+    let mut cfg = with_token();
+    cfg.delivery.ack = AckMode::Kafka;
+    (cfg.http.header_timeout_ms, cfg.http.body_timeout_ms, cfg.delivery.kafka_ack_timeout_ms) = (1, 1, 1);
+    cfg.validate().expect("a millisecond is a timeout");
+}
+
 fn with_token() -> Config {
     let mut cfg = Config::default();
     cfg.huggy.tokens = vec![Secret::new("t")];

@@ -85,6 +85,13 @@ impl Config {
             });
         }
         positive("http.max_connections", self.http.max_connections > 0)?;
+        // A zero timeout does not mean "no timeout": every body and TLS handshake would time out.
+        positive("http.header_timeout_ms", self.http.header_timeout_ms > 0)?;
+        positive("http.body_timeout_ms", self.http.body_timeout_ms > 0)?;
+        if self.delivery.ack == AckMode::Kafka {
+            // Every batch would be answered 503 without waiting for Kafka.
+            positive("delivery.kafka_ack_timeout_ms", self.delivery.kafka_ack_timeout_ms > 0)?;
+        }
         if self.http.tls.enabled() {
             for (key, value) in
                 [("http.tls.cert_file", &self.http.tls.cert_file), ("http.tls.key_file", &self.http.tls.key_file)]
