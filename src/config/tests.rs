@@ -326,6 +326,22 @@ fn zero_timeouts_are_refused_naming_the_key() {
     cfg.validate().expect("a millisecond is a timeout");
 }
 
+#[test]
+fn a_log_level_the_filter_would_misread_or_drop_is_refused_naming_log_level() {
+    for level in ["warning", "WARNING", "Verbose", "fatal", "huggy=loud", "hyper=warn,err", "[{", "info, hyper=warn"] {
+        let mut cfg = with_token();
+        cfg.log.level = level.into();
+        let err = cfg.validate().expect_err(level);
+        assert!(matches!(err, ConfigError::Malformed { key: "log.level", .. }), "{level}: {err}");
+        assert!(message(&err).contains("log.level"), "{err}");
+    }
+    for level in ["info", "WARN", "off", "3", "debug,hyper=warn", "huggy_bridge=debug", "[request]=debug"] {
+        let mut cfg = with_token();
+        cfg.log.level = level.into();
+        cfg.validate().unwrap_or_else(|e| panic!("{level}: {e}"));
+    }
+}
+
 fn with_token() -> Config {
     let mut cfg = Config::default();
     cfg.huggy.tokens = vec![Secret::new("t")];

@@ -64,6 +64,14 @@ impl Config {
                 value: self.http.path.clone(),
             });
         }
+        if !is_log_filter(&self.log.level) {
+            return Err(ConfigError::Malformed {
+                key: "log.level",
+                expected: "be a tracing filter: a level (off, error, warn, info, debug, trace) and/or \
+                           target=level directives, comma-separated",
+                value: self.log.level.clone(),
+            });
+        }
         self.validate_accounts()?;
         positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
         if self.http.max_body_bytes > MAX_BODY_BYTES_CEILING {
@@ -176,6 +184,34 @@ impl Config {
 /// a segment starting with `:` or `*` (the old capture syntax) by panicking when the server starts.
 fn is_literal_route(path: &str) -> bool {
     !path.contains(['{', '}']) && !path.split('/').any(|segment| segment.starts_with([':', '*']))
+}
+
+/// Whether `level` is a filter `log.level` can be: one the tracing filter parses (it would drop a
+/// directive it cannot parse, without a word), and without a bare level name of another logging
+/// convention. The filter takes a bare word that is not one of its levels as a target: `warning`
+/// enables every level for a target named `warning` and nothing else, so no log line at all.
+fn is_log_filter(level: &str) -> bool {
+    /// Level names of syslog and other loggers that are not tracing's.
+    const FOREIGN_LEVELS: &[&str] = &[
+        "warning",
+        "err",
+        "fatal",
+        "critical",
+        "crit",
+        "alert",
+        "emerg",
+        "emergency",
+        "panic",
+        "notice",
+        "information",
+        "informational",
+        "verbose",
+        "dbg",
+        "all",
+        "none",
+    ];
+    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && !level.split(',').any(|d| FOREIGN_LEVELS.iter().any(|f| d.trim().eq_ignore_ascii_case(f)))
 }
 
 impl KafkaConfig {
