@@ -25,7 +25,7 @@ pub use id::{EventId, Sender, Source};
 pub use lineage::{Lineage, StreamRuns};
 #[cfg(test)]
 pub(crate) use parse::parse_count;
-pub use parse::{envelope_token, parse_body, top_level_token, Batch, Body, BodyError, EnvelopeToken};
+pub use parse::{envelope_token, parse_body, top_level_token, Batch, Body, BodyError};
 pub(crate) use split::routing_of;
 pub use split::{split, COMPANY_MISMATCH};
 pub use types::{EventType, KnownType};

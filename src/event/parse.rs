@@ -115,16 +115,7 @@ struct Envelope<'a> {
 pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
     #[cfg(test)]
     PARSES.with(|n| n.set(n.get() + 1));
-    if nesting_exceeds(body, MAX_DEPTH) {
-        return Err(BodyError::TooDeep);
-    }
-    let trimmed = body.trim_ascii_start();
-    if !trimmed.starts_with(b"{") {
-        return match serde_json::from_slice::<IgnoredAny>(body) {
-            Ok(_) => Err(BodyError::NotAnObject),
-            Err(e) => Err(BodyError::NotJson(e.to_string())),
-        };
-    }
+    check_outer(body)?;
     // The usual batch — a numeric `time` and `messages` an object of arrays — in one pass. Anything
     // else (a handshake, no `time`, a member that is not an array, `messages` not an object, an
     // invalid body) is read again by the general path below, which keeps the raw values it needs
@@ -140,15 +131,11 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
             }));
         }
     }
-    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let (env, messages) = read_envelope(body)?;
     let token = env.token.and_then(raw_plain_str);
-    let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
-    let Some(messages) = env.messages.filter(|m| m.get() != "null") else {
-        return if is_handshake { Ok(Body::Handshake { token }) } else { Err(BodyError::MissingMessages) };
+    let Some(messages) = messages else {
+        return Ok(Body::Handshake { token });
     };
-    if !messages.get().starts_with('{') {
-        return Err(BodyError::MessagesNotAnObject);
-    }
     let groups = serde_json::from_str::<Members<&RawValue>>(messages.get())
         .map_err(|e| BodyError::NotJson(e.to_string()))?
         .0
@@ -179,43 +166,56 @@ pub(crate) fn parse_count() -> usize {
     PARSES.with(std::cell::Cell::get)
 }
 
-/// The token a body presents, read from its envelope alone: what [`envelope_token`] found.
-#[derive(Debug, PartialEq, Eq)]
-pub enum EnvelopeToken<'a> {
-    /// A well-formed body (one [`parse_body`] reads as a handshake or a batch) whose token is a
-    /// JSON string without escapes: the token [`parse_body`] would find.
-    Plain(&'a str),
-    /// A well-formed body without a usable token: none, `null`, a number, an object, or a string
-    /// with escapes. [`parse_body`] would find no token in it either.
-    Unusable,
-    /// A body [`parse_body`] refuses (not JSON, not an object, too deep, `messages` missing or not
-    /// an object): it alone tells why.
-    Malformed,
+/// The refusals of a body made before its envelope is read: nested too deep, not an object.
+fn check_outer(body: &[u8]) -> Result<(), BodyError> {
+    if nesting_exceeds(body, MAX_DEPTH) {
+        return Err(BodyError::TooDeep);
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => Err(BodyError::NotAnObject),
+            Err(e) => Err(BodyError::NotJson(e.to_string())),
+        };
+    }
+    Ok(())
 }
 
-/// The token of a body, read without reading its events: the envelope only, with `messages` kept
-/// raw (borrowed, not split into events) and every other member skipped, so it costs one pass and
-/// memory that does not grow with the events. Decides exactly what [`parse_body`] would decide
-/// about the token and whether the body is well-formed, which lets the webhook refuse a body
-/// without an acceptable token before it spends a parse on its events.
-pub fn envelope_token(body: &[u8]) -> EnvelopeToken<'_> {
-    if nesting_exceeds(body, MAX_DEPTH) || !body.trim_ascii_start().starts_with(b"{") {
-        return EnvelopeToken::Malformed;
-    }
-    let Ok(env) = serde_json::from_slice::<Envelope<'_>>(body) else {
-        return EnvelopeToken::Malformed;
-    };
+/// The envelope of an object body, with its `messages` when it is a batch (`None`: a handshake).
+///
+/// # Errors
+/// Not JSON (or a duplicate envelope member), no `messages` and not a handshake, or `messages` not
+/// an object.
+fn read_envelope(body: &[u8]) -> Result<(Envelope<'_>, Option<&RawValue>), BodyError> {
+    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
     let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
     match env.messages.filter(|m| m.get() != "null") {
-        None if !is_handshake => return EnvelopeToken::Malformed,
-        None => {}
-        // The same reading of `messages` as `parse_body`'s, without keeping anything of it.
-        Some(m) if !m.get().starts_with('{') || serde_json::from_str::<MemberKeys>(m.get()).is_err() => {
-            return EnvelopeToken::Malformed
-        }
-        Some(_) => {}
+        None if is_handshake => Ok((env, None)),
+        None => Err(BodyError::MissingMessages),
+        Some(m) if !m.get().starts_with('{') => Err(BodyError::MessagesNotAnObject),
+        Some(m) => Ok((env, Some(m))),
     }
-    env.token.and_then(raw_plain_str).map_or(EnvelopeToken::Unusable, EnvelopeToken::Plain)
+}
+
+/// The token of a body, found without reading its events: the envelope only, with `messages` kept
+/// raw (borrowed, not split into events) and every other member skipped, so one pass and memory
+/// that does not grow with the events. Decides exactly what [`parse_body`] decides about the token
+/// and about whether the body is well-formed, which lets the webhook refuse a body without an
+/// acceptable token, or a malformed one, without spending a parse of its events on it.
+///
+/// `Ok(Some(token))` for a handshake or a batch whose token is a JSON string without escapes (the
+/// token [`parse_body`] finds); `Ok(None)` for one without a usable token: none, `null`, a number,
+/// an object, a string with escapes.
+///
+/// # Errors
+/// The [`BodyError`] [`parse_body`] refuses the body with.
+pub fn envelope_token(body: &[u8]) -> Result<Option<&str>, BodyError> {
+    check_outer(body)?;
+    let (env, messages) = read_envelope(body)?;
+    if let Some(m) = messages {
+        // Read as `parse_body` reads it (its keys), keeping nothing.
+        serde_json::from_str::<MemberKeys>(m.get()).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    }
+    Ok(env.token.and_then(raw_plain_str))
 }
 
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128; events

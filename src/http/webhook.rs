@@ -15,7 +15,7 @@ use tracing::{info, info_span, warn, Instrument};
 
 use super::{ApiError, AppState, Auth, Reservation};
 use crate::clock::now_secs;
-use crate::event::{self, Body as WebhookBody, EnvelopeToken};
+use crate::event::{self, Body as WebhookBody};
 use crate::metrics::HttpOutcome;
 
 static REQUEST_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -128,15 +128,14 @@ fn decode(body: &[u8], auth: &Auth, received_at: i64) -> Result<Decoded, ApiErro
     // A wrong token found by a cheap scan (one pass, no allocation) is refused before the parse.
     // A token the scan does not find (none at all, an escaped one, an escaped `token` key) is looked
     // for in the envelope, read without its events: the parse of the events, which takes several
-    // times the body in memory, is only spent on a body whose token is accepted, or on one that is
-    // malformed, so that the parse says why (400).
+    // times the body in memory, is only spent on a body whose token is accepted. A malformed body
+    // gets the parse's 400 from the envelope too.
     match event::top_level_token(body) {
         Some(t) if !auth.accepts(t) => return Err(ApiError::Unauthorized),
         Some(_) => {}
-        None => match event::envelope_token(body) {
-            EnvelopeToken::Plain(t) if auth.accepts(t) => {}
-            EnvelopeToken::Plain(_) | EnvelopeToken::Unusable => return Err(ApiError::Unauthorized),
-            EnvelopeToken::Malformed => {}
+        None => match event::envelope_token(body)? {
+            Some(t) if auth.accepts(t) => {}
+            _ => return Err(ApiError::Unauthorized),
         },
     }
     match event::parse_body(body)? {
@@ -256,7 +255,7 @@ mod tests {
     }
 
     #[test]
-    fn malformed_bodies_without_a_token_keep_the_parsers_400() {
+    fn malformed_bodies_without_a_token_keep_the_parsers_400_without_the_parse() {
         let deep = format!(r#"{{"messages":{{"a":{}1{}}}}}"#, "[".repeat(70), "]".repeat(70));
         let cases: [(&[u8], &str); 10] = [
             (b"{not json", "invalid_json"),
@@ -272,9 +271,11 @@ mod tests {
         ];
         for (body, code) in cases {
             let what = String::from_utf8_lossy(body);
-            let (decoded, _) = decode_counting(body);
-            let Err(e @ ApiError::BadBody(_)) = decoded else { panic!("400 expected: {what}") };
+            let (decoded, parsed) = decode_counting(body);
+            let Err(ApiError::BadBody(e)) = decoded else { panic!("400 expected: {what}") };
             assert_eq!(e.code(), code, "{what}");
+            assert_eq!(Err(e), event::parse_body(body).map(|_| ()), "the parse's own verdict: {what}");
+            assert!(!parsed, "without a parse of the events: {what}");
         }
     }
 
