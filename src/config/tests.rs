@@ -282,6 +282,66 @@ fn a_capture_buffer_budget_below_one_part_is_refused() {
     cfg.validate().expect("one part is enough");
 }
 
+#[test]
+fn a_webhook_path_the_router_would_read_as_a_pattern_is_refused() {
+    for path in ["/webhooks/:account", "/hooks/*x", "/a/{b", "/a/{b}", "/a/{*rest}", "/a/b}", "/:x", "/*"] {
+        let mut cfg = with_token();
+        cfg.http.path = path.into();
+        let err = cfg.validate().expect_err(path);
+        assert!(matches!(err, ConfigError::Malformed { key: "http.path", .. }), "{path}: {err}");
+        assert!(message(&err).contains("http.path"), "{path}: {err}");
+    }
+    for path in ["webhooks", ""] {
+        let mut cfg = with_token();
+        cfg.http.path = path.into();
+        assert!(message(&cfg.validate().unwrap_err()).contains("http.path"), "{path}");
+    }
+    for path in ["/webhooks/huggy", "/", "/a:b/c*d", "/hooks/huggy-bridge_1.0"] {
+        let mut cfg = with_token();
+        cfg.http.path = path.into();
+        cfg.validate().unwrap_or_else(|e| panic!("{path}: {e}"));
+        // And the router takes it as it is.
+        let _ = axum::Router::<()>::new().route(path, axum::routing::post(|| async {}));
+    }
+}
+
+#[test]
+fn zero_timeouts_are_refused_naming_the_key() {
+    let keys = ["http.header_timeout_ms", "http.body_timeout_ms", "delivery.kafka_ack_timeout_ms"];
+    for key in keys {
+        let mut cfg = with_token();
+        cfg.delivery.ack = AckMode::Kafka;
+        match key {
+            "http.header_timeout_ms" => cfg.http.header_timeout_ms = 0,
+            "http.body_timeout_ms" => cfg.http.body_timeout_ms = 0,
+            _ => cfg.delivery.kafka_ack_timeout_ms = 0,
+        }
+        let err = cfg.validate().expect_err(key);
+        assert!(matches!(err, ConfigError::NotPositive { key: k } if k == key), "{key}: {err}");
+        assert!(message(&err).contains(key), "{err}");
+    }
+    let mut cfg = with_token();
+    cfg.delivery.ack = AckMode::Kafka;
+    (cfg.http.header_timeout_ms, cfg.http.body_timeout_ms, cfg.delivery.kafka_ack_timeout_ms) = (1, 1, 1);
+    cfg.validate().expect("a millisecond is a timeout");
+}
+
+#[test]
+fn a_log_level_the_filter_would_misread_or_drop_is_refused_naming_log_level() {
+    for level in ["warning", "WARNING", "Verbose", "fatal", "huggy=loud", "hyper=warn,err", "[{", "info, hyper=warn"] {
+        let mut cfg = with_token();
+        cfg.log.level = level.into();
+        let err = cfg.validate().expect_err(level);
+        assert!(matches!(err, ConfigError::Malformed { key: "log.level", .. }), "{level}: {err}");
+        assert!(message(&err).contains("log.level"), "{err}");
+    }
+    for level in ["info", "WARN", "off", "3", "debug,hyper=warn", "huggy_bridge=debug", "[request]=debug"] {
+        let mut cfg = with_token();
+        cfg.log.level = level.into();
+        cfg.validate().unwrap_or_else(|e| panic!("{level}: {e}"));
+    }
+}
+
 fn with_token() -> Config {
     let mut cfg = Config::default();
     cfg.huggy.tokens = vec![Secret::new("t")];

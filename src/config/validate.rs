@@ -57,6 +57,21 @@ impl Config {
                 value: self.http.path.clone(),
             });
         }
+        if !is_literal_route(&self.http.path) {
+            return Err(ConfigError::Malformed {
+                key: "http.path",
+                expected: "be a literal path: no segment starting with ':' or '*', no '{' or '}'",
+                value: self.http.path.clone(),
+            });
+        }
+        if !is_log_filter(&self.log.level) {
+            return Err(ConfigError::Malformed {
+                key: "log.level",
+                expected: "be a tracing filter: a level (off, error, warn, info, debug, trace) and/or \
+                           target=level directives, comma-separated",
+                value: self.log.level.clone(),
+            });
+        }
         self.validate_accounts()?;
         positive("http.max_body_bytes", self.http.max_body_bytes > 0)?;
         if self.http.max_body_bytes > MAX_BODY_BYTES_CEILING {
@@ -78,6 +93,13 @@ impl Config {
             });
         }
         positive("http.max_connections", self.http.max_connections > 0)?;
+        // A zero timeout does not mean "no timeout": every body and TLS handshake would time out.
+        positive("http.header_timeout_ms", self.http.header_timeout_ms > 0)?;
+        positive("http.body_timeout_ms", self.http.body_timeout_ms > 0)?;
+        if self.delivery.ack == AckMode::Kafka {
+            // Every batch would be answered 503 without waiting for Kafka.
+            positive("delivery.kafka_ack_timeout_ms", self.delivery.kafka_ack_timeout_ms > 0)?;
+        }
         if self.http.tls.enabled() {
             for (key, value) in
                 [("http.tls.cert_file", &self.http.tls.cert_file), ("http.tls.key_file", &self.http.tls.key_file)]
@@ -155,6 +177,41 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// Whether the router takes `path` as the literal path it is. Its syntax gives `{name}` and
+/// `{*name}` a meaning (a capture, a wildcard: any path would then be the webhook's), and it refuses
+/// a segment starting with `:` or `*` (the old capture syntax) by panicking when the server starts.
+fn is_literal_route(path: &str) -> bool {
+    !path.contains(['{', '}']) && !path.split('/').any(|segment| segment.starts_with([':', '*']))
+}
+
+/// Whether `level` is a filter `log.level` can be: one the tracing filter parses (it would drop a
+/// directive it cannot parse, without a word), and without a bare level name of another logging
+/// convention. The filter takes a bare word that is not one of its levels as a target: `warning`
+/// enables every level for a target named `warning` and nothing else, so no log line at all.
+fn is_log_filter(level: &str) -> bool {
+    /// Level names of syslog and other loggers that are not tracing's.
+    const FOREIGN_LEVELS: &[&str] = &[
+        "warning",
+        "err",
+        "fatal",
+        "critical",
+        "crit",
+        "alert",
+        "emerg",
+        "emergency",
+        "panic",
+        "notice",
+        "information",
+        "informational",
+        "verbose",
+        "dbg",
+        "all",
+        "none",
+    ];
+    tracing_subscriber::EnvFilter::try_new(level).is_ok()
+        && !level.split(',').any(|d| FOREIGN_LEVELS.iter().any(|f| d.trim().eq_ignore_ascii_case(f)))
 }
 
 impl KafkaConfig {

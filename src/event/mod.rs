@@ -23,7 +23,9 @@ pub use cloudevent::{time_millis, Event};
 pub use fields::{Routing, ROUTING_HEADERS};
 pub use id::{EventId, Sender, Source};
 pub use lineage::{Lineage, StreamRuns};
-pub use parse::{parse_body, top_level_token, Batch, Body, BodyError};
+#[cfg(test)]
+pub(crate) use parse::parse_count;
+pub use parse::{envelope_token, parse_body, top_level_token, Batch, Body, BodyError};
 pub(crate) use split::{is_refusal, routing_of};
 pub use split::{split, COMPANY_MISMATCH};
 pub use types::{EventType, KnownType};

@@ -1,6 +1,6 @@
 //! The webhook body: what it is (a handshake or a batch), the batch read in one pass with each
-//! event borrowed as a [`RawValue`], the guard against hostile nesting, and the top-level token
-//! found without a parse. Also the readers of plain values (strings, decimal ids) out of raw JSON.
+//! event borrowed as a [`RawValue`], the guard against hostile nesting, and the token found
+//! without a parse of the events (a scan of the bytes, or the envelope alone). Also the readers of plain values (strings, decimal ids) out of raw JSON.
 
 use std::fmt;
 
@@ -113,16 +113,9 @@ struct Envelope<'a> {
 /// # Errors
 /// [`BodyError`] when the body is not JSON, not an object, or `messages` is not an object.
 pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
-    if nesting_exceeds(body, MAX_DEPTH) {
-        return Err(BodyError::TooDeep);
-    }
-    let trimmed = body.trim_ascii_start();
-    if !trimmed.starts_with(b"{") {
-        return match serde_json::from_slice::<IgnoredAny>(body) {
-            Ok(_) => Err(BodyError::NotAnObject),
-            Err(e) => Err(BodyError::NotJson(e.to_string())),
-        };
-    }
+    #[cfg(test)]
+    PARSES.with(|n| n.set(n.get() + 1));
+    check_outer(body)?;
     // The usual batch — a numeric `time` and `messages` an object of arrays — in one pass. Anything
     // else (a handshake, no `time`, a member that is not an array, `messages` not an object, an
     // invalid body) is read again by the general path below, which keeps the raw values it needs
@@ -138,15 +131,11 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
             }));
         }
     }
-    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let (env, messages) = read_envelope(body)?;
     let token = env.token.and_then(raw_plain_str);
-    let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
-    let Some(messages) = env.messages.filter(|m| m.get() != "null") else {
-        return if is_handshake { Ok(Body::Handshake { token }) } else { Err(BodyError::MissingMessages) };
+    let Some(messages) = messages else {
+        return Ok(Body::Handshake { token });
     };
-    if !messages.get().starts_with('{') {
-        return Err(BodyError::MessagesNotAnObject);
-    }
     let groups = serde_json::from_str::<Members<&RawValue>>(messages.get())
         .map_err(|e| BodyError::NotJson(e.to_string()))?
         .0
@@ -162,6 +151,71 @@ pub fn parse_body(body: &[u8]) -> Result<Body<'_>, BodyError> {
         None => BatchStamp::Untimed(Sha256::digest(messages.get().as_bytes()).into()),
     };
     Ok(Body::Batch(Batch { token, time, stamp, groups }))
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Calls of [`parse_body`] on this thread, so that tests can tell a body refused before its
+    /// parse from one refused after it.
+    static PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// How many times [`parse_body`] ran on this thread.
+#[cfg(test)]
+pub(crate) fn parse_count() -> usize {
+    PARSES.with(std::cell::Cell::get)
+}
+
+/// The refusals of a body made before its envelope is read: nested too deep, not an object.
+fn check_outer(body: &[u8]) -> Result<(), BodyError> {
+    if nesting_exceeds(body, MAX_DEPTH) {
+        return Err(BodyError::TooDeep);
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return match serde_json::from_slice::<IgnoredAny>(body) {
+            Ok(_) => Err(BodyError::NotAnObject),
+            Err(e) => Err(BodyError::NotJson(e.to_string())),
+        };
+    }
+    Ok(())
+}
+
+/// The envelope of an object body, with its `messages` when it is a batch (`None`: a handshake).
+///
+/// # Errors
+/// Not JSON (or a duplicate envelope member), no `messages` and not a handshake, or `messages` not
+/// an object.
+fn read_envelope(body: &[u8]) -> Result<(Envelope<'_>, Option<&RawValue>), BodyError> {
+    let env: Envelope<'_> = serde_json::from_slice(body).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    let is_handshake = env.valid_token.is_some_and(|v| v.get() == "true");
+    match env.messages.filter(|m| m.get() != "null") {
+        None if is_handshake => Ok((env, None)),
+        None => Err(BodyError::MissingMessages),
+        Some(m) if !m.get().starts_with('{') => Err(BodyError::MessagesNotAnObject),
+        Some(m) => Ok((env, Some(m))),
+    }
+}
+
+/// The token of a body, found without reading its events: the envelope only, with `messages` kept
+/// raw (borrowed, not split into events) and every other member skipped, so one pass and memory
+/// that does not grow with the events. Decides exactly what [`parse_body`] decides about the token
+/// and about whether the body is well-formed, which lets the webhook refuse a body without an
+/// acceptable token, or a malformed one, without spending a parse of its events on it.
+///
+/// `Ok(Some(token))` for a handshake or a batch whose token is a JSON string without escapes (the
+/// token [`parse_body`] finds); `Ok(None)` for one without a usable token: none, `null`, a number,
+/// an object, a string with escapes.
+///
+/// # Errors
+/// The [`BodyError`] [`parse_body`] refuses the body with.
+pub fn envelope_token(body: &[u8]) -> Result<Option<&str>, BodyError> {
+    check_outer(body)?;
+    let (env, messages) = read_envelope(body)?;
+    if let Some(m) = messages {
+        // Read as `parse_body` reads it (its keys), keeping nothing.
+        serde_json::from_str::<MemberKeys>(m.get()).map_err(|e| BodyError::NotJson(e.to_string()))?;
+    }
+    Ok(env.token.and_then(raw_plain_str))
 }
 
 /// Deepest nesting of arrays and objects accepted in a body (serde_json's own limit is 128; events
@@ -289,6 +343,28 @@ impl<'de, V: Deserialize<'de>> Deserialize<'de> for Members<V> {
             }
         }
         d.deserialize_map(Visit(std::marker::PhantomData))
+    }
+}
+
+/// A JSON object read as [`Members`] reads it (keys as strings, any values), keeping nothing.
+struct MemberKeys;
+
+impl<'de> Deserialize<'de> for MemberKeys {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = MemberKeys;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("an object of event lists")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_key::<String>()?.is_some() {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                Ok(MemberKeys)
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 

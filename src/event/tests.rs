@@ -409,6 +409,52 @@ fn the_top_level_token_is_found_without_a_parse_wherever_it_sits() {
 }
 
 #[test]
+fn the_envelope_alone_decides_the_token_and_the_refusals_as_the_full_parse_does() {
+    let deep = format!(r#"{{"messages":{{"a":{}1{}}}}}"#, "[".repeat(MAX_DEPTH + 5), "]".repeat(MAX_DEPTH + 5));
+    let mut bodies: Vec<Vec<u8>> = ["receivedMessage.json", "handshake.json", "startedChat+receivedMessage.json"]
+        .into_iter()
+        .map(fixture)
+        .collect();
+    let more: &[&[u8]] = &[
+        b"",
+        b"   \n ",
+        b"{not json",
+        b"[1,2]",
+        b"[null,null,null,null]",
+        b"12",
+        br#"{"time":1,"messages":{"a":[1,2,3]}}"#,
+        br#"{"messages":{"a":[1],"b":{"x":1},"a":[2]}}"#,
+        br#"{"time":"x","messages":{"a":[1]},"token":"t"}"#,
+        br#"{"time":1,"messages":{"a":[1]},"token":null}"#,
+        br#"{"time":1,"messages":{"a":[1]},"token":5}"#,
+        br#"{"time":1,"messages":{"a":[1]},"token":"t\u0031"}"#,
+        br#"{"time":1,"messages":{"a":[1]},"tok\u0065n":"t"}"#,
+        br#"{"tok\u0065n":"t","validToken":true}"#,
+        br#"{"token":"t","validToken":false}"#,
+        br#"{"validToken":true}"#,
+        br#"{"time":1}"#,
+        br#"{"messages":null}"#,
+        br#"{"messages":"x"}"#,
+        br#"{"messages":[]}"#,
+        br#"{"messages":{"a":[1]}} trailing"#,
+        br#"{"messages":{"a":[1]},"messages":{}}"#,
+        br#"{"token":"a\u0062","token":"ab","messages":{}}"#,
+        br#"{"messages":{"\ud800":[1]}}"#,
+        br#"{"messages":{"a":["\ud800"]}}"#,
+        b"{\"messages\":{\"a\":[\"\xff\"]}}",
+    ];
+    bodies.extend(more.iter().map(|b| b.to_vec()));
+    bodies.push(deep.into_bytes());
+    for body in &bodies {
+        let what = String::from_utf8_lossy(body);
+        let want = parse_body(body).map(|b| match b {
+            Body::Handshake { token } | Body::Batch(Batch { token, .. }) => token,
+        });
+        assert_eq!(envelope_token(body), want, "{what}");
+    }
+}
+
+#[test]
 fn an_accounts_events_are_its_company_and_one_naming_another_is_dead_lettered() {
     let body = br#"{"token":"t","time":5,"messages":{"agentChangedStatus":[
         {"id":7,"company":{"id":15693}},

@@ -123,6 +123,26 @@ async fn a_wrong_token_is_refused_before_the_body_is_parsed() {
 }
 
 #[tokio::test]
+async fn another_method_on_the_webhook_path_is_405_naming_post_in_allow() {
+    let (router, fake, state) = app(false);
+    for method in ["GET", "PUT", "DELETE", "HEAD"] {
+        let req = Request::builder().method(method).uri("/webhooks/huggy").body(Body::empty()).unwrap();
+        let resp = router.clone().oneshot(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED, "{method}");
+        let allow: Vec<_> = resp.headers().get_all(axum::http::header::ALLOW).iter().collect();
+        assert_eq!(allow, ["POST"], "{method}");
+    }
+    let label = HttpOutcome::MethodNotAllowed.label();
+    assert_eq!(state.metrics.http_requests.with_label_values(&[label]).get(), 4);
+    assert!(fake.seen.lock().unwrap().is_empty());
+    // Elsewhere it is 404, with no Allow.
+    let req = Request::get("/elsewhere").body(Body::empty()).unwrap();
+    let resp = router.oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert!(!resp.headers().contains_key(axum::http::header::ALLOW));
+}
+
+#[tokio::test]
 async fn a_declared_length_holds_nothing_until_its_bytes_arrive() {
     let (router, fake, state) = app(false);
     // A head that declares 4 MiB and a body that never comes.

@@ -126,8 +126,17 @@ enum Decoded {
 /// Authenticates and parses a body and splits a batch into events. Pure CPU work, no I/O.
 fn decode(body: &[u8], auth: &Auth, received_at: i64) -> Result<Decoded, ApiError> {
     // A wrong token found by a cheap scan (one pass, no allocation) is refused before the parse.
-    if event::top_level_token(body).is_some_and(|t| !auth.accepts(t)) {
-        return Err(ApiError::Unauthorized);
+    // A token the scan does not find (none at all, an escaped one, an escaped `token` key) is looked
+    // for in the envelope, read without its events: the parse of the events, which takes several
+    // times the body in memory, is only spent on a body whose token is accepted. A malformed body
+    // gets the parse's 400 from the envelope too.
+    match event::top_level_token(body) {
+        Some(t) if !auth.accepts(t) => return Err(ApiError::Unauthorized),
+        Some(_) => {}
+        None => match event::envelope_token(body)? {
+            Some(t) if auth.accepts(t) => {}
+            _ => return Err(ApiError::Unauthorized),
+        },
     }
     match event::parse_body(body)? {
         WebhookBody::Handshake { token } => {
@@ -193,6 +202,82 @@ pub(super) fn grown_capacity(current: usize, needed: usize, declared: Option<usi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Secret;
+
+    const TOKEN: &str = "132ce76c7abb1154f01ebc0d508162e4";
+
+    fn auth() -> Auth {
+        Auth::new(&[Secret::new(TOKEN)])
+    }
+
+    /// `decode`'s verdict on `body`, and whether it parsed the body to get there.
+    fn decode_counting(body: &[u8]) -> (Result<Decoded, ApiError>, bool) {
+        let before = event::parse_count();
+        let decoded = decode(body, &auth(), 1);
+        (decoded, event::parse_count() > before)
+    }
+
+    #[test]
+    fn a_body_without_an_acceptable_token_is_refused_before_its_events_are_parsed() {
+        let events = vec!["1"; 100_000].join(",");
+        let bodies = [
+            format!(r#"{{"time":1,"messages":{{"a":[{events}]}}}}"#),
+            format!(r#"{{"time":1,"messages":{{"a":[{events}]}},"token":null}}"#),
+            format!(r#"{{"time":1,"messages":{{"a":[{events}]}},"token":123}}"#),
+            format!(r#"{{"time":1,"messages":{{"a":[{events}]}},"token":{{"t":1}}}}"#),
+            // Escaped: not found by the scan; a token with escapes is refused, as before.
+            format!(r#"{{"time":1,"messages":{{"a":[{events}]}},"token":"132ce76c7abb1154f01ebc0d508162e\u0034"}}"#),
+            // An escaped key names the token, which the scan does not see; a wrong one is refused.
+            format!(r#"{{"time":1,"messages":{{"a":[{events}]}},"tok\u0065n":"wrong"}}"#),
+            format!(r#"{{"messages":{{"a":[{events}]}}}}"#),
+            r#"{"token":"132ce76c7abb1154f01ebc0d508162e\u0034","validToken":true}"#.to_owned(),
+        ];
+        for body in bodies {
+            let (decoded, parsed) = decode_counting(body.as_bytes());
+            let what = &body[body.len().saturating_sub(80)..];
+            assert!(matches!(decoded, Err(ApiError::Unauthorized)), "{what}");
+            assert!(!parsed, "refused before the parse: {what}");
+        }
+    }
+
+    #[test]
+    fn a_token_under_an_escaped_key_is_still_read_for_a_batch_and_a_handshake() {
+        let batch =
+            format!(r#"{{"time":1,"messages":{{"receivedMessage":[{{"id":1}},{{"id":2}}]}},"tok\u0065n":"{TOKEN}"}}"#);
+        let (decoded, parsed) = decode_counting(batch.as_bytes());
+        assert!(matches!(decoded, Ok(Decoded::Batch(ref e)) if e.len() == 2), "{:?}", decoded.err());
+        assert!(parsed);
+        let handshake = format!(r#"{{"tok\u0065n":"{TOKEN}","validToken":true}}"#);
+        assert!(matches!(decode(handshake.as_bytes(), &auth(), 1), Ok(Decoded::Handshake(t)) if t == TOKEN));
+        // And with the token where the scan finds it, as always.
+        let plain = format!(r#"{{"token":"{TOKEN}","validToken":true}}"#);
+        assert!(matches!(decode(plain.as_bytes(), &auth(), 1), Ok(Decoded::Handshake(t)) if t == TOKEN));
+    }
+
+    #[test]
+    fn malformed_bodies_without_a_token_keep_the_parsers_400_without_the_parse() {
+        let deep = format!(r#"{{"messages":{{"a":{}1{}}}}}"#, "[".repeat(70), "]".repeat(70));
+        let cases: [(&[u8], &str); 10] = [
+            (b"{not json", "invalid_json"),
+            (b"", "invalid_json"),
+            (b"[1,2,3]", "not_an_object"),
+            (b"[null,null,null,null]", "not_an_object"),
+            (br#"{"time":1}"#, "missing_messages"),
+            (br#"{"time":1,"messages":null}"#, "missing_messages"),
+            (br#"{"time":1,"messages":"x"}"#, "messages_not_object"),
+            (br#"{"time":1,"messages":{"a":[1]}}garbage"#, "invalid_json"),
+            (br#"{"token":"a\u0062","token":"ab","messages":{}}"#, "invalid_json"),
+            (deep.as_bytes(), "too_deep"),
+        ];
+        for (body, code) in cases {
+            let what = String::from_utf8_lossy(body);
+            let (decoded, parsed) = decode_counting(body);
+            let Err(ApiError::BadBody(e)) = decoded else { panic!("400 expected: {what}") };
+            assert_eq!(e.code(), code, "{what}");
+            assert_eq!(Err(e), event::parse_body(body).map(|_| ()), "the parse's own verdict: {what}");
+            assert!(!parsed, "without a parse of the events: {what}");
+        }
+    }
 
     #[test]
     fn request_ids_carry_a_process_nonce_and_do_not_repeat() {
