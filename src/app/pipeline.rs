@@ -14,8 +14,8 @@ use crate::config::{AckMode, Config};
 use crate::files::FileCapture;
 use crate::health::{Health, KafkaHealth, Pulse};
 use crate::metrics::{Metrics, Stage};
-use crate::publish::kafka::{self, EmbeddedBroker};
-use crate::publish::{self, Publisher, Routes};
+use crate::publish::kafka::EmbeddedBroker;
+use crate::publish::{self, Publisher};
 use crate::spool::{Followers, Spool, SpoolSettings};
 use crate::supervise::{on_own_thread, Supervisor};
 use crate::systemd::Notifier;
@@ -58,7 +58,13 @@ impl Pipeline {
         let embedded = if cfg.kafka.is_embedded() { Some(EmbeddedBroker::start(cfg)?) } else { None };
         let embedded_bootstrap = embedded.as_ref().map(|e| e.bootstrap.clone());
         let bootstrap = embedded_bootstrap.clone().unwrap_or_else(|| cfg.kafka.brokers.clone());
-        let publisher = Arc::new(make_publisher(cfg, &bootstrap, &metrics, &kafka_health, overrides, &tasks)?);
+        let (publisher, limits) =
+            Publisher::for_config(cfg, &bootstrap, &metrics, &kafka_health).context("creating the Kafka producer")?;
+        tasks.spawn(async move { limits.refresh().await });
+        let publisher = Arc::new(match &overrides.poison {
+            Some(p) => publisher.poisoned_by(p.clone()),
+            None => publisher,
+        });
         let supervisor = Supervisor::new(metrics.clone(), overrides.faults.clone());
         let (spool, followers) = match cfg.delivery.ack {
             AckMode::Spool => {
@@ -170,43 +176,6 @@ impl Pipeline {
         }
         drop(self.embedded);
     }
-}
-
-/// The producer and the publisher around it: replaced when it fails fatally (fenced idempotence,
-/// …) by a fresh one made the same way (the spool still holds every unacknowledged event); the
-/// topics' size limits read in the background (an unreachable Kafka must not delay the start).
-fn make_publisher(
-    cfg: &Config,
-    bootstrap: &str,
-    metrics: &Arc<Metrics>,
-    health: &Arc<KafkaHealth>,
-    overrides: &Overrides,
-    tasks: &TaskTracker,
-) -> anyhow::Result<Publisher> {
-    let producer =
-        kafka::producer(cfg, bootstrap, metrics.clone(), health.clone()).context("creating the Kafka producer")?;
-    let recreate = publish::Recreate {
-        health: health.clone(),
-        make: Box::new({
-            let (cfg, bootstrap, metrics, health) =
-                (cfg.clone(), bootstrap.to_owned(), metrics.clone(), health.clone());
-            move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
-        }),
-    };
-    let topics = kafka::routable_topics(cfg).into_iter().collect();
-    let limits = Arc::new(publish::claim::TopicLimits::unread(cfg, bootstrap, topics));
-    tasks.spawn({
-        let limits = limits.clone();
-        async move { limits.refresh().await }
-    });
-    let claims = publish::claim::ClaimChecks::new(cfg, limits, metrics.clone());
-    let publisher = Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
-        .recreating_with(recreate)
-        .with_claim_checks(claims);
-    Ok(match &overrides.poison {
-        Some(p) => publisher.poisoned_by(p.clone()),
-        None => publisher,
-    })
 }
 
 /// Opens the spool, reporting what recovery found as metrics.

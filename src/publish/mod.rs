@@ -25,7 +25,7 @@ use rdkafka::error::KafkaError;
 pub(crate) use follower::{run_spool_publisher, Stops, HELD_PER_WINDOW, WINDOW_BYTES};
 pub use guard::Poison;
 use headers::headers;
-pub(crate) use publisher::{Publisher, Recreate};
+pub(crate) use publisher::Publisher;
 pub(crate) use reachability::watch_kafka;
 pub(crate) use routes::Routes;
 

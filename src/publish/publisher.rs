@@ -47,6 +47,38 @@ pub(crate) struct Publisher {
 }
 
 impl Publisher {
+    /// The daemon's publisher for `cfg`: its producer, replaced when it fails fatally (fenced
+    /// idempotence, …) by a fresh one made the same way (the spool still holds every
+    /// unacknowledged event), routing, and claim checks against the topics' size limits. The limits
+    /// are returned unread: reading them (`TopicLimits::refresh`) is the caller's to start in the
+    /// background, so that an unreachable Kafka does not delay the start.
+    ///
+    /// # Errors
+    /// librdkafka refused the producer's configuration.
+    pub(crate) fn for_config(
+        cfg: &crate::config::Config,
+        bootstrap: &str,
+        metrics: &Arc<Metrics>,
+        health: &Arc<KafkaHealth>,
+    ) -> Result<(Publisher, Arc<claim::TopicLimits>), KafkaError> {
+        let producer = kafka::producer(cfg, bootstrap, metrics.clone(), health.clone())?;
+        let recreate = Recreate {
+            health: health.clone(),
+            make: Box::new({
+                let (cfg, bootstrap, metrics, health) =
+                    (cfg.clone(), bootstrap.to_owned(), metrics.clone(), health.clone());
+                move || kafka::producer(&cfg, &bootstrap, metrics.clone(), health.clone())
+            }),
+        };
+        let topics = kafka::routable_topics(cfg).into_iter().collect();
+        let limits = Arc::new(claim::TopicLimits::unread(cfg, bootstrap, topics));
+        let claims = claim::ClaimChecks::new(cfg, limits.clone(), metrics.clone());
+        let publisher = Publisher::new(producer, Routes::new(&cfg.kafka), metrics.clone())
+            .recreating_with(recreate)
+            .with_claim_checks(claims);
+        Ok((publisher, limits))
+    }
+
     pub(crate) fn new(producer: Producer, routes: Routes, metrics: Arc<Metrics>) -> Self {
         Publisher {
             producer: RwLock::new(Arc::new(producer)),
