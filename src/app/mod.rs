@@ -33,6 +33,10 @@ use crate::supervise::Faults;
 use crate::systemd::Notifier;
 use pipeline::Pipeline;
 
+/// How long the end of the drain waits for the last tasks (the admin listener, the watchdog) when
+/// the drain used its whole budget.
+const TASKS_GRACE: Duration = Duration::from_secs(1);
+
 /// A started daemon.
 pub struct Running {
     /// Where the webhook listener is bound (the real port when `http.listen` asked for port 0).
@@ -157,7 +161,9 @@ pub async fn start_with(cfg: Config, stop: CancellationToken, overrides: Overrid
             pipeline.shutdown(deadline.saturating_sub(began.elapsed())).await;
             admin_stop.cancel();
             tasks.close();
-            if tokio::time::timeout(deadline.saturating_sub(began.elapsed()), tasks.wait()).await.is_err() {
+            // What is left of the budget, and a moment at least: the last tasks end at their tokens.
+            let left = deadline.saturating_sub(began.elapsed()).max(TASKS_GRACE);
+            if tokio::time::timeout(left, tasks.wait()).await.is_err() {
                 warn!(left = tasks.len(), "tasks still running at the end of the drain");
             }
             info!(elapsed_ms = began.elapsed().as_millis() as u64, "shutdown complete");
