@@ -67,10 +67,11 @@ pub(super) struct Fields {
     /// back to the company: the token's account's when accounts are configured).
     pub(super) key: Option<String>,
     pub(super) company: Option<String>,
-    /// Every company id the event states, for the check against its token's account: one entry
-    /// per `company.id` member (each of them when it is duplicated) and per `companyID`, the
-    /// decimal id, or `None` when the member is there but holds no id (`"99999 "`, `9.9999e4`,
-    /// a `company` that is not an object). `null` members state nothing and are left out.
+    /// Every company id the event states, for the check against its token's account (read only
+    /// when the token has one): one entry per `company.id` member (each of them when it is
+    /// duplicated) and per `companyID`, the decimal id, or `None` when the member is there but
+    /// holds no id (`"99999 "`, `9.9999e4`, a `company` that is not an object). `null` members
+    /// state nothing and are left out.
     pub(super) company_claims: Vec<Option<String>>,
     pub(super) routing: Routing,
 }
@@ -99,11 +100,12 @@ const CHANNEL: [&str; 1] = ["type"];
 /// Members of a `company` or `department` object.
 const ID: [&str; 1] = ["id"];
 
-/// Reads an event object (`raw` starts with `{`).
+/// Reads an event object (`raw` starts with `{`); its company claims only `with_claims` (a token
+/// bound to an account: the only check that needs them).
 ///
 /// # Errors
 /// The parser's message: the event is not valid JSON, or a key member is duplicated.
-pub(super) fn read(event_type: &EventType, raw: &RawValue) -> Result<Fields, serde_json::Error> {
+pub(super) fn read(event_type: &EventType, raw: &RawValue, with_claims: bool) -> Result<Fields, serde_json::Error> {
     let mut de = serde_json::Deserializer::from_str(raw.get());
     let top = Pick { names: &TOP, strict: KEY_MEMBERS }.deserialize(&mut de)?;
     let chat = top.get(T_CHAT).and_then(|c| pick(c, &CHAT));
@@ -129,7 +131,8 @@ pub(super) fn read(event_type: &EventType, raw: &RawValue) -> Result<Fields, ser
         .and_then(|c| pick(c, &ID))
         .and_then(|c| c.get(0).and_then(decimal))
         .or_else(|| top.get(T_COMPANY_ID).and_then(decimal));
-    let company_claims = company_claims(top.get(T_COMPANY), top.get(T_COMPANY_ID));
+    let company_claims =
+        if with_claims { company_claims(top.get(T_COMPANY), top.get(T_COMPANY_ID)) } else { Vec::new() };
     let top_if_chat_event = |i: usize| if is_chat_event { top.get(i) } else { None };
     let channel = chat_field(1).and_then(label).or_else(|| {
         let c = top.get(T_CHANNEL)?;

@@ -135,7 +135,7 @@ fn build_event(
     if has_lone_surrogate(raw.get()) {
         return dead_event(id, event_type, raw, time, account, LONE_SURROGATE.into());
     }
-    let fields = match fields::read(event_type, raw) {
+    let fields = match fields::read(event_type, raw, account.is_some()) {
         Ok(f) => f,
         Err(e) => return dead_event(id, event_type, raw, time, account, format!("{UNREADABLE}{e}")),
     };
@@ -174,7 +174,7 @@ pub(crate) fn routing_of(event_type: &EventType, value: &[u8]) -> Routing {
         .ok()
         .filter(|v| v.starts_with('{'))
         .and_then(|v| serde_json::from_str::<&RawValue>(v).ok())
-        .and_then(|raw| fields::read(event_type, raw).ok())
+        .and_then(|raw| fields::read(event_type, raw, false).ok())
         .map(|f| f.routing)
         .unwrap_or_default()
 }
