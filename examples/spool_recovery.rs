@@ -20,6 +20,14 @@
 //! ```text
 //! cargo run --release --example spool_recovery -- --gib 0.35 --small --acked-every 0 --dedup-window-secs 0
 //! ```
+//!
+//! `--with-files` gives every event a file to capture (a Huggy URL with its access token, 330
+//! bytes) and records the results of one in `--done-every`: the backlog of a long Kafka outage
+//! during file-heavy traffic, whose file work recovery must not hold whole:
+//!
+//! ```text
+//! cargo run --release --example spool_recovery -- --gib 0.35 --small --with-files --acked-every 0 --dedup-window-secs 0
+//! ```
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +60,12 @@ struct Args {
     /// Tiny events (about 30 bytes each) instead of the published examples.
     #[arg(long)]
     small: bool,
+    /// Every event has a file to capture.
+    #[arg(long)]
+    with_files: bool,
+    /// With `--with-files`: the files of one event in this many are done (0: none).
+    #[arg(long, default_value_t = 2)]
+    done_every: u64,
     /// `spool.dedup_window_secs` for building and recovering (0: no dedup window).
     #[arg(long, default_value_t = SpoolConfig::default().dedup_window_secs)]
     dedup_window_secs: u64,
@@ -79,6 +93,12 @@ fn vm_hwm_kib() -> anyhow::Result<u64> {
         .find_map(|l| l.strip_prefix("VmHWM:"))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .context("no VmHWM in /proc/self/status")
+}
+
+/// A file URL as Huggy sends it since November 2025: its access token in the query (330 bytes).
+fn huggy_url(a: u64, b: usize) -> String {
+    let token: String = format!("{a:016x}{b:016x}").repeat(7);
+    format!("https://media.huggy.app/files/{a}/{b}/comprovante-pagamento.pdf?X-Amz-Expires=600&X-Amz-Signature={token}")
 }
 
 /// A batch of one tiny receivedMessage, split around the place its unique id goes.
@@ -134,9 +154,22 @@ async fn build(dir: &Path, target: u64, args: &Args) -> anyhow::Result<(u64, u64
             events.extend(batch_events(&template, batches, received_at)?);
             batches += 1;
         }
+        if args.with_files {
+            for (i, e) in events.iter_mut().enumerate() {
+                e.set_files(vec![huggy_url(batches, i)]);
+            }
+        }
         let result = spool.append(events, received_at).await?;
         let seqs: Vec<u64> = result.seqs.into_iter().flatten().collect();
         appended += seqs.len() as u64;
+        if args.with_files && args.done_every > 0 {
+            for &seq in seqs.iter().filter(|s| *s % args.done_every == 0) {
+                followers
+                    .capture
+                    .record(seq, format!(r#"[{{"url":"{}","status":"stored"}}]"#, huggy_url(seq, 0)).into_bytes())
+                    .await;
+            }
+        }
         if acked_every > 0 {
             let to_ack: Vec<u64> = seqs.into_iter().filter(|s| s % acked_every == 0).collect();
             acked += to_ack.len() as u64;
@@ -166,6 +199,7 @@ async fn recover(dir: &Path, max_bytes: u64, dedup_window_secs: u64) -> anyhow::
             "undelivered": stats.events,
             "undelivered_bytes": stats.bytes,
             "dedup_ids": stats.dedup_ids,
+            "pending_files": stats.pending_files,
             "disk_bytes": stats.disk_bytes,
             "segments": stats.segments,
             "frames": report.frames,
@@ -207,7 +241,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "spool {:.2} GiB in {} segments ({} events appended, {} acked, built in {:.1} s): recovery {:.0} ms, \
          {:.2} GiB/s, peak RSS {:.1} MiB (+{:.1} MiB in Spool::open), {} undelivered events ({:.1} MiB), \
-         {} dedup ids, {} frames, {} torn tails, {} damaged regions",
+         {} dedup ids, {} events waiting for their files, {} frames, {} torn tails, {} damaged regions",
         r["disk_bytes"].as_f64().unwrap_or(f64::NAN) / (1u64 << 30) as f64,
         r["segments"],
         appended,
@@ -222,6 +256,7 @@ fn main() -> anyhow::Result<()> {
         r["undelivered"],
         r["undelivered_bytes"].as_f64().unwrap_or(f64::NAN) / (1u64 << 20) as f64,
         r["dedup_ids"],
+        r["pending_files"],
         r["frames"],
         r["torn_tails"],
         r["damaged_regions"],

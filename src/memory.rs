@@ -19,13 +19,14 @@
 //! | undelivered index (spool mode) | not an entry per undelivered event: a [`SEGMENT_ENTRY_BYTES`] entry per segment (`spool.max_bytes` ÷ the segment size, + 2), at most 4,096 receipt-time runs of 16 bytes, and the ranges of acknowledged seqs, about one per record read and not yet acknowledged ([`DONE_RANGE_BYTES`] per record of `kafka.max_in_flight_records`) |
 //! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, at most `spool.dedup_max_ids`, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id; as many streams' last runs, ≤ 76 bytes each, × 3/2 while a table doubles |
 //! | recovery buffers (spool mode) | segments are read in 1 MiB chunks; a frame larger than that is read whole (≤ one batch) |
+//! | file work (spool mode) | events waiting for their files are read back from the log, not held: recovery holds the oldest [`crate::spool::FILE_WORK_HELD`] at most ([`crate::spool::FILE_WORK_HELD_BYTES`] of URLs), the capture stage takes [`crate::files::QUEUED_JOBS`] at most ([`crate::files::QUEUED_URL_BYTES`] of URLs), either one event's more (≤ one batch); [`FILE_JOB_BYTES`] per job besides its URLs; the capture feed's and the publisher's look-ahead's 1 MiB chunks. File results are read from the log, not held |
 //! | file buffers | `files.max_buffer_bytes`: every download reserves its upload buffer (its size, at most one part) from this budget before reading its body |
 //! | file connections | `files.max_concurrency` downloads' own buffers, [`crate::files::CONNECTION_BYTES`] each (HTTP and TLS read buffers, the chunk between reader and writer) |
 //! | runtime | [`RUNTIME_BYTES`]: code, thread stacks, librdkafka's threads and broker buffers, metrics |
 //! | allocator slack | one eighth of everything above: jemalloc's size classes round small allocations up |
 //!
 //! Not counted: the Kafka client's queue beyond the records the bridge hands it (it holds only
-//! those), and per-file URL lists of events waiting for their files (a few hundred bytes each).
+//! those).
 
 use std::fmt;
 
@@ -53,6 +54,10 @@ impl Default for Assumptions {
 pub const DEFAULT_PEAK_EVENTS_PER_SEC: u64 = 500;
 /// Default of [`Assumptions::min_event_bytes`]: below the smallest event Huggy documents.
 pub const DEFAULT_MIN_EVENT_BYTES: u64 = 128;
+
+/// Memory of an event's file work besides its URLs: the work itself, the capture stage's job
+/// state, one scheduling entry per file (a few files per event), rounded up.
+pub const FILE_JOB_BYTES: u64 = 512;
 
 /// Memory of one parsed event besides its bytes: the struct and the small strings it owns (type,
 /// key, company), each rounded up to an allocator size class.
@@ -212,6 +217,22 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
             from: format!(
                 "{} MiB chunks; a larger frame whole (http.max_body_bytes)",
                 crate::spool::READ_CHUNK_BYTES / (1024 * 1024)
+            ),
+        });
+        let jobs = (crate::spool::FILE_WORK_HELD + crate::files::QUEUED_JOBS) as u64;
+        let urls = (crate::spool::FILE_WORK_HELD_BYTES + crate::files::QUEUED_URL_BYTES) as u64;
+        terms.push(Term {
+            name: "file work",
+            bytes: urls
+                .saturating_add(max_body.saturating_mul(2))
+                .saturating_add(jobs * FILE_JOB_BYTES)
+                .saturating_add(2 * crate::spool::READ_CHUNK_BYTES as u64),
+            from: format!(
+                "{} + {} events' jobs (held at recovery + queued for capture) × {FILE_JOB_BYTES} bytes, {} MiB of their URLs \
+                 (+ one batch each), two 1 MiB chunks; the rest is read from the spool when its turn comes",
+                crate::spool::FILE_WORK_HELD,
+                crate::files::QUEUED_JOBS,
+                urls / MIB
             ),
         });
     } else {

@@ -44,6 +44,13 @@ pub struct Event {
 }
 
 impl Event {
+    /// Sets the file URLs to capture, as the files stage does when it finds them in the value.
+    // Public for the benchmarks, which build spools of events with files through the library.
+    #[doc(hidden)]
+    pub fn set_files(&mut self, urls: Vec<String>) {
+        self.files = urls;
+    }
+
     pub(crate) fn ce_source(&self) -> String {
         format!("huggy://company/{}", self.company.as_deref().unwrap_or("unknown"))
     }

@@ -97,6 +97,8 @@ const TICK: Duration = Duration::from_millis(250);
 pub struct FileCapture {
     pub(super) sched: Mutex<Sched>,
     pub(super) wake: Notify,
+    /// Told when an event's job ends (its files are done): room in the queue.
+    pub(super) job_done: Notify,
     pub(super) client: reqwest::Client,
     pub(super) guard: Arc<Guard>,
     pub(super) store: FileStore,
@@ -170,6 +172,7 @@ impl FileCapture {
         Ok(Arc::new(FileCapture {
             sched: Mutex::new(Sched::default()),
             wake: Notify::new(),
+            job_done: Notify::new(),
             client: fetch::client(guard.clone(), Duration::from_millis(cfg.connect_timeout_ms))
                 .map_err(SetupError::Client)?,
             guard,
@@ -215,6 +218,27 @@ impl FileCapture {
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, Sched> {
         self.sched.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Events' jobs queued or running, and the bytes of their URLs.
+    pub(crate) fn queued(&self) -> (usize, usize) {
+        let q = self.lock();
+        (q.jobs.len(), q.jobs.values().map(|j| j.job.urls.iter().map(String::len).sum::<usize>()).sum())
+    }
+
+    /// Waits until fewer than `max_jobs` events' jobs are queued or running and their URLs hold
+    /// fewer than `max_bytes`; returns the room left in each.
+    pub(crate) async fn room(&self, max_jobs: usize, max_bytes: usize) -> (usize, usize) {
+        loop {
+            let done = self.job_done.notified();
+            tokio::pin!(done);
+            done.as_mut().enable();
+            let (jobs, bytes) = self.queued();
+            if jobs < max_jobs && bytes < max_bytes {
+                return (max_jobs - jobs, max_bytes - bytes);
+            }
+            done.await;
+        }
     }
 
     /// Queues an event's files, earliest deadline first.
@@ -483,6 +507,7 @@ impl FileCapture {
             }
         };
         let Some(st) = done else { return };
+        self.job_done.notify_waiters();
         let results: Vec<FileResult> = st.results.into_iter().flatten().collect();
         let member = results_json(&results);
         match st.job.completion {

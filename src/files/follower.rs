@@ -132,12 +132,26 @@ async fn record_results(feed: CaptureFeed, done: Arc<Mutex<mpsc::Receiver<FileDo
     }
 }
 
-/// Queues the spool's file work for capture as it appears (or, with capture disabled, records it
-/// failed at once).
+/// Events' jobs the capture stage takes from the spool at most while earlier ones are queued or
+/// running, and bytes of their URLs: the rest waits in the log, not in memory, whatever the
+/// controller's concurrency. Jobs are queued earliest deadline first among these.
+pub(crate) const QUEUED_JOBS: usize = 1024;
+/// See [`QUEUED_JOBS`].
+pub(crate) const QUEUED_URL_BYTES: usize = 4 * 1024 * 1024;
+
+/// Queues the spool's file work for capture as it appears, as much as the capture stage has room
+/// for ([`QUEUED_JOBS`], [`QUEUED_URL_BYTES`]); with capture disabled, records it failed at once.
 async fn follow(feed: CaptureFeed, capture: Option<Arc<FileCapture>>, stop: CancellationToken) {
     loop {
+        let (jobs, bytes) = match &capture {
+            Some(capture) => tokio::select! {
+                room = capture.room(QUEUED_JOBS, QUEUED_URL_BYTES) => room,
+                () = stop.cancelled() => break,
+            },
+            None => (QUEUED_JOBS, QUEUED_URL_BYTES),
+        };
         let work = tokio::select! {
-            work = feed.next() => work,
+            work = feed.next(jobs, bytes) => work,
             () = stop.cancelled() => break,
         };
         for w in work {
@@ -257,5 +271,47 @@ mod tests {
         assert_eq!(files_config(&cfg, true).min_free_bytes, Some(0), "an object store takes no local disk");
         cfg.files.min_free_bytes = Some(7);
         assert_eq!(files_config(&cfg, true).min_free_bytes, Some(7), "an explicit floor is kept");
+    }
+
+    #[tokio::test]
+    async fn the_capture_stage_takes_no_more_work_from_the_spool_than_its_queue_holds() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (spool, followers) =
+            Spool::open(SpoolSettings::new(dir.path().join("spool"), 1 << 30, 3600)).expect("a spool");
+        let url = "https://elsewhere.example/a.pdf";
+        let now = crate::clock::now_secs();
+        let total = QUEUED_JOBS * 3;
+        for first in (0..total).step_by(500) {
+            let events = (first..first + 500).map(|n| with_a_file(u32::try_from(n).expect("small"), url)).collect();
+            spool.append(events, now).await.expect("appended");
+        }
+        let files =
+            FilesConfig { store: format!("file://{}", dir.path().join("files").display()), ..Default::default() };
+        let (tx, mut rx) = mpsc::channel(RESULTS_QUEUE);
+        let capture = FileCapture::new(&files, Arc::new(Metrics::new()), tx).expect("a capture stage");
+        let stop = CancellationToken::new();
+        // The feed runs, downloads do not yet: what the stage holds is what the feed gave it.
+        let feeding = tokio::spawn(follow(followers.capture.clone(), Some(capture.clone()), stop.clone()));
+        let queued = || capture.queued().0;
+        let waited = std::time::Instant::now();
+        while queued() < QUEUED_JOBS {
+            assert!(waited.elapsed() < Duration::from_secs(10), "{} jobs queued", queued());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(queued(), QUEUED_JOBS, "the rest of the work waits in the spool");
+        // Once downloads run (each refused at once: the URL is not allowed), the feed keeps the
+        // queue topped up until every event has its results.
+        capture.spawn_workers(stop.clone());
+        let mut results = 0;
+        while results < total {
+            let got = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await.expect("results keep coming");
+            assert!(got.is_some());
+            results += 1;
+            assert!(queued() <= QUEUED_JOBS);
+        }
+        stop.cancel();
+        feeding.await.expect("the feed stops");
+        spool.close().await;
     }
 }

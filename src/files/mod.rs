@@ -21,7 +21,7 @@ pub(crate) mod store;
 pub use store::StoreError;
 
 pub use capture::FileCapture;
-pub(crate) use follower::{start, Recorded, Started};
+pub(crate) use follower::{start, Recorded, Started, QUEUED_JOBS, QUEUED_URL_BYTES};
 
 use std::sync::Arc;
 

@@ -13,7 +13,7 @@ use super::{kafka, lanes, Outcome, Publisher};
 use crate::clock::now_secs;
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::spool::{PublishFeed, Stored};
+use crate::spool::{Ahead, Batch, PublishFeed, Reader, Stored};
 
 /// When the spool publisher stops: `soft` after its current window, `hard` at once.
 #[derive(Clone)]
@@ -47,7 +47,9 @@ type Round = std::pin::Pin<Box<dyn std::future::Future<Output = (u64, Vec<Stored
 /// only itself, in order.
 ///
 /// An event whose files are still being captured is parked, and so is every later event with the
-/// same key (order per key); events of other keys go on. Parked events go first once ready.
+/// same key (order per key); events of other keys go on. Parked events go first once ready. The
+/// results are read from the log, where they follow their event: by the reader as it goes, or,
+/// while parked events fill its budget, by a look-ahead that reads only results ([`Ahead`]).
 ///
 /// The pulse beats while every round in flight is younger than [`ROUND_DEADLINE`] (a round waiting
 /// on an unwritable partition ends within the message timeout): a round that never ends (a
@@ -66,6 +68,7 @@ pub(crate) async fn run_spool_publisher(
     let mut lanes = lanes::Lanes::new();
     let mut rounds: FuturesUnordered<Round> = FuturesUnordered::new();
     let mut parked: Vec<Stored> = Vec::new();
+    let mut ahead: Option<Ahead> = None;
     let mut read_again_at: Option<tokio::time::Instant> = None;
     let mut started: HashMap<u64, tokio::time::Instant> = HashMap::new();
     let mut next_round: u64 = 0;
@@ -84,13 +87,38 @@ pub(crate) async fn run_spool_publisher(
             let room = (window * HELD_PER_WINDOW).saturating_sub(lanes.held() + parked.len());
             let parked_bytes: usize = parked.iter().map(|s| s.event.value.len()).sum();
             let room_bytes = WINDOW_BYTES.saturating_sub(parked_bytes + lanes.held_bytes());
-            match if room > 0 && room_bytes > 0 { reader.read_now(room, room_bytes) } else { Ok(Vec::new()) } {
-                Ok(fresh) => {
-                    let (ready, still_parked) =
-                        release(std::mem::take(&mut parked).into_iter().chain(fresh), |seq| spool.file_results(seq));
+            let wanted: HashSet<u64> = parked.iter().filter(|s| !s.event.files.is_empty()).map(|s| s.seq).collect();
+            let read = if room > 0 && room_bytes > 0 {
+                // Events read now may be waiting for results the look-ahead has passed: it starts
+                // again from the reader.
+                ahead = None;
+                reader.read_now(room, room_bytes, &wanted)
+            } else if !wanted.is_empty() {
+                look_ahead(&reader, &mut ahead, &wanted).map(|files| Batch { events: Vec::new(), files })
+            } else {
+                Ok(Batch::default())
+            };
+            match read {
+                Ok(batch) => {
+                    let mut found: HashMap<u64, Vec<u8>> = batch.files.into_iter().collect();
+                    let held = std::mem::take(&mut parked).into_iter().chain(batch.events).map(|mut s| {
+                        attach(&mut s, &mut found);
+                        s
+                    });
+                    let (ready, still_parked) = release(held, |seq| spool.unwritten_file_results(seq));
                     parked = still_parked;
                     for s in ready {
                         lanes.push(s);
+                    }
+                    // Every event the budget holds waits for its files: look ahead for them at
+                    // once, and again until the look-ahead is at the committed end (then a commit
+                    // wakes it).
+                    let full = (window * HELD_PER_WINDOW) <= lanes.held() + parked.len()
+                        || WINDOW_BYTES
+                            <= parked.iter().map(|s| s.event.value.len()).sum::<usize>() + lanes.held_bytes();
+                    let waiting = parked.iter().any(|s| !s.event.files.is_empty());
+                    if full && waiting && ahead.as_ref().is_none_or(|a| !a.at_end()) {
+                        read_again_at = Some(tokio::time::Instant::now());
                     }
                 }
                 Err(e) => {
@@ -178,6 +206,33 @@ async fn settle(
                 "publishing failed; these keys back off and are retried, the others go on"
             );
         }
+    }
+}
+
+/// Reads ahead of `reader` for the file results of the `wanted` events (the ones it holds), from
+/// where the last look-ahead stopped or, when there was none since the reader last read, from the
+/// reader on.
+fn look_ahead(
+    reader: &Reader,
+    ahead: &mut Option<Ahead>,
+    wanted: &HashSet<u64>,
+) -> Result<Vec<(u64, Vec<u8>)>, crate::spool::SpoolError> {
+    let from = reader.position();
+    let a = match ahead {
+        Some(a) if a.position() >= from => a,
+        _ => ahead.insert(reader.ahead(from)),
+    };
+    a.results(wanted)
+}
+
+/// Gives an event waiting for its files the results read for it, beside its untouched value.
+fn attach(s: &mut Stored, found: &mut HashMap<u64, Vec<u8>>) {
+    if s.event.files.is_empty() {
+        return;
+    }
+    if let Some(results) = found.remove(&s.seq) {
+        s.event.file_results = Some(String::from_utf8_lossy(&results).into_owned());
+        s.event.files.clear();
     }
 }
 

@@ -3,9 +3,9 @@
 //! what is durable and writes back only through the spool's one writer.
 //!
 //! ```text
-//! ingest ──append──▶ writer ──committed events──▶ reader (publisher) ──acks──┐
-//!                      ▲   └──events with files──▶ file work (capture) ──results──┤
-//!                      └──────────────── one bounded command queue ◀──────────────┘
+//! ingest ──append──▶ writer ──committed frames──▶ reader (publisher: events, results) ──acks──┐
+//!                      ▲              └──────────▶ cursor (capture: events with files) ──results──┤
+//!                      └──────────────────────── one bounded command queue ◀──────────────────────┘
 //! ```
 //!
 //! Layout of `spool.dir`:
@@ -57,7 +57,7 @@ use crate::event::{Event, EventId};
 pub use feeds::{CaptureFeed, Followers, PublishFeed};
 pub use io::{is_no_room, OsIo, SegmentIo};
 pub use lock::LockError;
-pub(crate) use reader::Reader;
+pub(crate) use reader::{Ahead, Batch, Reader};
 pub use recovery::RecoveryReport;
 pub use status::{offline_status, OfflineStatus};
 
@@ -218,6 +218,20 @@ pub(crate) struct FileWork {
     pub(crate) urls: Vec<String>,
 }
 
+impl FileWork {
+    /// Bytes of its URLs: what a batch of file work is bounded by.
+    pub(crate) fn url_bytes(&self) -> usize {
+        self.urls.iter().map(String::len).sum()
+    }
+}
+
+/// File work recovery holds in memory at most (the oldest events waiting for their files), by
+/// number and by bytes of URLs; the capture feed reads the rest from the log after them, a batch
+/// at a time. A spool full of events with files costs recovery no more than this.
+pub(crate) const FILE_WORK_HELD: usize = 1024;
+/// See [`FILE_WORK_HELD`].
+pub(crate) const FILE_WORK_HELD_BYTES: usize = 4 * 1024 * 1024;
+
 /// An event read back from the spool.
 #[derive(Debug, Clone)]
 pub(crate) struct Stored {
@@ -241,7 +255,7 @@ pub struct SpoolStats {
     pub segments: usize,
     pub(crate) oldest_received_at: Option<i64>,
     /// Events whose files are still being captured.
-    pub(crate) pending_files: usize,
+    pub pending_files: usize,
     pub(crate) writable: bool,
     /// Refusing batches: a batch was refused for lack of room and usage has not fallen below the
     /// low-water mark since.
@@ -301,21 +315,20 @@ struct State {
     refusing: bool,
     /// Bytes of the largest batch refused since refusing began: batches are refused until it fits.
     refused_need: u64,
-    /// File results (`huggy_bridge_files`) of unacknowledged events whose files are done.
-    file_results: HashMap<u64, Vec<u8>>,
-    /// Events whose files are wanted and not yet handed to the capture stage.
-    file_work: VecDeque<FileWork>,
-    /// Events whose files are wanted (handed out or not) and not done.
+    /// File results (`huggy_bridge_files`) of unacknowledged events that could not be written
+    /// (the disk refused them; they are written with the next segment). Written results are read
+    /// from the log by the publisher: none are kept here in the normal course.
+    unwritten_file_results: HashMap<u64, Vec<u8>>,
+    /// Events whose files are wanted (handed out or not) and not done (a gauge: after a restart
+    /// that held only part of the work, an event captured twice is counted done twice).
     files_pending: usize,
     dedup_ids: usize,
 }
 
 struct Shared {
     state: Mutex<State>,
-    /// Wakes readers: something was committed (events, acks, file results).
+    /// Wakes the followers: something was committed (events, acks, file results).
     committed: Arc<Notify>,
-    /// Wakes the capture stage: new file work.
-    file_work: Arc<Notify>,
     heartbeat: Heartbeat,
     settings: SpoolSettings,
 }
@@ -386,8 +399,9 @@ impl Spool {
         let now = now_secs();
         let mut dedup = dedup::Dedup::new(&settings.dir, settings.dedup_window_secs, settings.dedup_max_ids);
         let journal = dedup::Journal::open(&mut dedup, now);
-        let recovered = recovery::recover(&settings.dir, recovery::Access::Repair, &mut dedup, now)?;
+        let mut recovered = recovery::recover(&settings.dir, recovery::Access::Repair, &mut dedup, now)?;
         let report = Arc::new(recovered.report.clone());
+        let capture = std::mem::take(&mut recovered.capture);
         let (tx, rx) = mpsc::channel(QUEUE);
         let (writer, shared) = writer::Writer::start(settings, recovered, dedup, journal, dir_lock, tx.downgrade())?;
         let pulse = shared.clone();
@@ -409,7 +423,7 @@ impl Spool {
             "spool opened"
         );
         let queue = Queue { tx, shared };
-        let followers = Followers::new(&queue);
+        let followers = Followers::new(&queue, capture.held, capture.from);
         Ok((Spool { queue, thread: Arc::new(Mutex::new(Some(thread))), report }, followers))
     }
 

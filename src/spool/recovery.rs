@@ -26,8 +26,9 @@ use tracing::{error, info, warn};
 use super::chunks::Chunks;
 use super::dedup::Dedup;
 use super::format::{self, Next, Record};
+use super::reader::Position;
 use super::undelivered::Undelivered;
-use super::{list_segments, FileWork, Segment, SpoolError};
+use super::{list_segments, FileWork, Segment, SpoolError, FILE_WORK_HELD, FILE_WORK_HELD_BYTES};
 use crate::clock::now_secs;
 
 /// Whether recovery may change files (the daemon) or only read them (`spool status`).
@@ -67,8 +68,10 @@ pub(super) struct Recovered {
     pub(super) undelivered: Undelivered,
     pub(super) segments: VecDeque<Segment>,
     pub(super) next_seq: u64,
-    pub(super) file_results: HashMap<u64, Vec<u8>>,
-    pub(super) file_work: Vec<FileWork>,
+    /// Where file capture begins.
+    pub(super) capture: CaptureStart,
+    /// Events whose files are wanted and not done.
+    pub(super) files_pending: usize,
     pub(super) disk_bytes: u64,
     /// Ids of the events in segments that the dedup journal did not hold, and when each was stored
     /// ([`Access::Repair`] with a dedup window only): their appends may have been lost with the last run.
@@ -76,7 +79,55 @@ pub(super) struct Recovered {
     pub(super) report: RecoveryReport,
 }
 
-/// Reads every segment in order: undelivered events, file results and work, the next sequence
+/// Where file capture begins after a start: the oldest events waiting for their files, held in
+/// memory (at most [`FILE_WORK_HELD`] of them and [`FILE_WORK_HELD_BYTES`] of URLs), then the log
+/// from `from` on — the first event recovery did not hold, or, when it held them all, the first
+/// segment this run writes.
+#[derive(Debug, Default)]
+pub(super) struct CaptureStart {
+    pub(super) held: Vec<FileWork>,
+    pub(super) from: Position,
+}
+
+/// The file work recovery finds, bounded: the oldest events with files not done, then only where
+/// the rest begins and how many there are.
+#[derive(Default)]
+struct Wanted {
+    held: BTreeMap<u64, FileWork>,
+    bytes: usize,
+    /// The first event with files not held: its place in the log and its seq. Every later one is
+    /// not held either, so that the capture cursor can take them all from there.
+    rest_from: Option<(Position, u64)>,
+    /// Events with files from `rest_from` on, and `Files` frames of events from there on: their
+    /// difference is how many of them wait (an event is acknowledged only after its results).
+    rest_events: u64,
+    rest_done: u64,
+}
+
+impl Wanted {
+    fn add(&mut self, at: Position, work: FileWork) {
+        let bytes = work.url_bytes();
+        let fits =
+            self.held.is_empty() || (self.held.len() < FILE_WORK_HELD && self.bytes + bytes <= FILE_WORK_HELD_BYTES);
+        if self.rest_from.is_none() && fits {
+            self.bytes += bytes;
+            self.held.insert(work.seq, work);
+            return;
+        }
+        self.rest_from.get_or_insert((at, work.seq));
+        self.rest_events += 1;
+    }
+
+    fn done(&mut self, seq: u64) {
+        if let Some(w) = self.held.remove(&seq) {
+            self.bytes -= w.url_bytes();
+        } else if self.rest_from.is_some_and(|(_, first)| seq >= first) {
+            self.rest_done += 1;
+        }
+    }
+}
+
+/// Reads every segment in order: undelivered events, where file capture begins, the next sequence
 /// number; adds the ids of stored events to `dedup`.
 ///
 /// # Errors
@@ -89,14 +140,14 @@ pub(super) fn recover(dir: &Path, access: Access, dedup: &mut Dedup, now: i64) -
         undelivered: Undelivered::new(first_seq),
         segments: VecDeque::new(),
         next_seq: first_seq,
-        file_results: HashMap::new(),
-        file_work: Vec::new(),
+        capture: CaptureStart::default(),
+        files_pending: 0,
         disk_bytes: 0,
         ids: VecDeque::new(),
         report: RecoveryReport::default(),
     };
     let abandoned = abandoned_limits(&files)?;
-    let mut wanted: BTreeMap<u64, FileWork> = BTreeMap::new();
+    let mut wanted = Wanted::default();
     let last = files.len().saturating_sub(1);
     for (i, (first_seq, path)) in files.iter().enumerate() {
         let newest = i == last;
@@ -145,7 +196,7 @@ pub(super) fn recover(dir: &Path, access: Access, dedup: &mut Dedup, now: i64) -
                         events += 1;
                         event_bytes += event.value.len() as u64;
                     }
-                    apply(&mut r, &mut wanted, dedup, access, rec, now);
+                    apply(&mut r, &mut wanted, dedup, access, rec, (*first_seq, pos), now);
                     pos += used as u64;
                 }
                 Next::Undecodable(e) => {
@@ -225,21 +276,24 @@ pub(super) fn recover(dir: &Path, access: Access, dedup: &mut Dedup, now: i64) -
         (segment.events, segment.event_bytes) = (events, event_bytes);
         r.segments.push_back(segment);
     }
-    r.file_results.retain(|seq, _| r.undelivered.contains(*seq));
-    r.file_work = wanted
-        .into_values()
-        .filter(|w| r.undelivered.contains(w.seq) && !r.file_results.contains_key(&w.seq))
-        .collect();
+    let rest = wanted.rest_events.saturating_sub(wanted.rest_done);
+    r.files_pending = wanted.held.len().saturating_add(usize::try_from(rest).unwrap_or(usize::MAX));
+    r.capture = CaptureStart {
+        held: wanted.held.into_values().collect(),
+        from: wanted.rest_from.map_or((r.next_seq, format::SEGMENT_HEADER_LEN as u64), |(at, _)| at),
+    };
     r.report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     Ok(r)
 }
 
+/// Takes one frame, found at `at`, into what recovery knows.
 fn apply(
     r: &mut Recovered,
-    wanted: &mut BTreeMap<u64, FileWork>,
+    wanted: &mut Wanted,
     dedup: &mut Dedup,
     access: Access,
     rec: Record,
+    at: Position,
     now: i64,
 ) {
     match rec {
@@ -258,33 +312,22 @@ fn apply(
             }
             dedup.insert(event.id, received_at, now);
             if !event.files.is_empty() {
-                wanted.insert(
-                    seq,
-                    FileWork {
-                        seq,
-                        received_at,
-                        event_id: event.id,
-                        company: event.company.clone(),
-                        urls: event.files,
-                    },
-                );
+                let work = FileWork { seq, received_at, event_id: event.id, company: event.company, urls: event.files };
+                wanted.add(at, work);
             }
             r.undelivered.stored(seq, received_at);
         }
         Record::Acked(ranges) => {
             for (a, b) in ranges {
                 r.undelivered.ack(a, b);
-                let done: Vec<u64> = wanted.range(a..=b).map(|(s, _)| *s).collect();
+                let done: Vec<u64> = wanted.held.range(a..=b).map(|(s, _)| *s).collect();
                 for s in done {
-                    wanted.remove(&s);
+                    wanted.done(s);
                 }
             }
         }
-        Record::Files { seq, member } => {
-            if r.undelivered.contains(seq) {
-                r.file_results.insert(seq, member);
-            }
-        }
+        // The results themselves stay in the log: the publisher reads them there.
+        Record::Files { seq, .. } => wanted.done(seq),
         Record::Abandoned { .. } => {}
     }
 }

@@ -59,7 +59,7 @@ pub fn offline_status(dir: &Path) -> Result<OfflineStatus, SpoolError> {
         by_type: tally.by_type,
         oldest_received_at: oldest,
         oldest_age_secs: oldest.map(|at| (now - at).max(0)),
-        pending_file_captures: r.file_work.len(),
+        pending_file_captures: r.files_pending,
         segments: r.segments.len(),
         disk_bytes: r.disk_bytes + dedup::journal_bytes(dir),
         damage: r.report,

@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::io::Write;
 
 use super::*;
@@ -27,7 +28,7 @@ impl Hub {
         self.followers.publish.file_results(seq)
     }
     fn take_file_work(&self) -> Vec<FileWork> {
-        self.followers.capture.take()
+        self.followers.capture.take(usize::MAX, usize::MAX).expect("the log reads")
     }
     async fn files_done(&self, seq: u64, results: Vec<u8>) {
         self.followers.capture.record(seq, results).await;
@@ -627,7 +628,7 @@ async fn file_work_comes_from_the_durable_event_and_again_after_a_restart() {
         let spool = spool.clone();
         tokio::spawn(async move { spool.append(vec![with_files(1, "1"), ev(2, "1"), with_files(3, "2")], 1).await })
     };
-    let work = tokio::time::timeout(Duration::from_secs(5), spool.followers.capture.next())
+    let work = tokio::time::timeout(Duration::from_secs(5), spool.followers.capture.next(usize::MAX, usize::MAX))
         .await
         .expect("file work announced");
     handle.abort();
@@ -640,6 +641,95 @@ async fn file_work_comes_from_the_durable_event_and_again_after_a_restart() {
     let spool = open(settings(dir.path())).unwrap();
     assert_eq!(spool.take_file_work().iter().map(|w| w.seq).collect::<Vec<_>>(), vec![3]);
     assert_eq!(spool.files_result(1).as_deref(), Some(&b"[]"[..]));
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn recovery_holds_a_bounded_part_of_the_file_work_and_the_feed_reads_the_rest_from_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(settings(dir.path())).unwrap();
+    let total = 2500u32;
+    for first in (0..total).step_by(500) {
+        spool.append((first..first + 500).map(|n| with_files(n, &(n % 7).to_string())).collect(), 1).await.unwrap();
+    }
+    // Done before the restart: 100 among the work recovery holds, and 10 in the rest.
+    let done_held: Vec<u64> = (1..=100).collect();
+    let done_rest: Vec<u64> = (2000..2010).collect();
+    for &seq in done_held.iter().chain(&done_rest) {
+        spool.files_done(seq, format!("[{seq}]").into_bytes()).await;
+    }
+    // Published and acknowledged: 10 whose files were done.
+    spool.ack((91..=100).collect()).await;
+    spool.close().await;
+
+    let spool = open(settings(dir.path())).unwrap();
+    assert!(spool.followers.capture.held() <= FILE_WORK_HELD, "held {}", spool.followers.capture.held());
+    assert_eq!(spool.stats().pending_files, total as usize - 110, "{:?}", spool.stats());
+    // A new event after the restart is handed out after the backlog, once.
+    let fresh = spool.append(vec![with_files(total + 1, "x")], 1).await.unwrap().seqs[0].unwrap();
+    let mut handed: Vec<u64> = Vec::new();
+    loop {
+        let batch = spool.followers.capture.take(100, usize::MAX).unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        assert!(batch.len() <= 100);
+        handed.extend(batch.iter().map(|w| w.seq));
+    }
+    let unique: std::collections::BTreeSet<u64> = handed.iter().copied().collect();
+    assert_eq!(unique.len(), handed.len(), "each event's work is handed out once");
+    let pending: std::collections::BTreeSet<u64> =
+        (101..=u64::from(total)).filter(|s| !done_rest.contains(s)).collect();
+    assert!(pending.iter().all(|s| unique.contains(s)), "every event still waiting for its files is handed out");
+    assert!(done_held.iter().all(|s| !unique.contains(s)), "work recovery held and found done is not handed out");
+    // In the rest, results recorded before the restart lie after their event in the log: at worst
+    // those files are captured once more, and the publisher keeps the first results.
+    assert!(unique.iter().all(|s| pending.contains(s) || done_rest.contains(s) || *s == fresh), "{handed:?}");
+    assert_eq!(handed.last(), Some(&fresh));
+    assert_eq!(spool.followers.publish.file_results(2005).as_deref(), Some(&b"[2005]"[..]));
+    spool.files_done(2005, b"[\"again\"]".to_vec()).await;
+    spool.close().await;
+    let spool = open(settings(dir.path())).unwrap();
+    assert_eq!(spool.followers.publish.file_results(2005).as_deref(), Some(&b"[2005]"[..]), "the first results win");
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn written_file_results_are_read_from_the_log_not_kept_in_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(settings(dir.path())).unwrap();
+    let seqs: Vec<u64> = spool
+        .append((0..50).map(|n| with_files(n, "1")).collect(), 1)
+        .await
+        .unwrap()
+        .seqs
+        .into_iter()
+        .flatten()
+        .collect();
+    for &seq in &seqs {
+        spool.files_done(seq, format!("[{seq}]").into_bytes()).await;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.stats().pending_files > 0 {
+        assert!(std::time::Instant::now() < deadline, "results not committed: {:?}", spool.stats());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(spool.queue.shared.lock().unwritten_file_results.is_empty(), "written results are not held");
+    // The reader finds each event's results after it in the log, in the same read.
+    let batch = spool.reader().read_now(usize::MAX, usize::MAX, &HashSet::new()).unwrap();
+    assert_eq!(batch.events.len(), 50);
+    let found: std::collections::HashMap<u64, Vec<u8>> = batch.files.into_iter().collect();
+    assert!(seqs.iter().all(|s| found.get(s) == Some(&format!("[{s}]").into_bytes())));
+    // A reader that holds events read earlier finds their results when asked for them, and a
+    // look-ahead from its position finds them without taking events.
+    let mut r = spool.reader();
+    let first = r.read_now(5, usize::MAX, &HashSet::new()).unwrap();
+    assert_eq!(first.events.len(), 5);
+    let wanted: HashSet<u64> = first.events.iter().map(|s| s.seq).collect();
+    let mut ahead = r.ahead(r.position());
+    let found = ahead.results(&wanted).unwrap();
+    assert_eq!(found.iter().map(|(s, _)| *s).collect::<HashSet<u64>>(), wanted);
+    assert!(ahead.at_end());
     spool.close().await;
 }
 
@@ -959,12 +1049,12 @@ async fn a_read_stops_at_its_byte_budget_and_the_next_one_goes_on_from_there() {
     spool.append(events, 1).await.unwrap();
     let mut r = spool.reader();
     // Three values' worth and a byte: the fourth event is the one that crosses the budget.
-    let first = r.read_now(1000, 3 * each + 1).unwrap();
+    let first = r.read_now(1000, 3 * each + 1, &HashSet::new()).unwrap().events;
     assert_eq!(first.len(), 4, "stops after the event that reaches the budget");
     // A budget smaller than one event still returns one: a large event is never stuck.
-    let one = r.read_now(1000, 1).unwrap();
+    let one = r.read_now(1000, 1, &HashSet::new()).unwrap().events;
     assert_eq!(one.len(), 1);
-    let rest = r.read_now(1000, usize::MAX).unwrap();
+    let rest = r.read_now(1000, usize::MAX, &HashSet::new()).unwrap().events;
     let seqs: Vec<u64> = first.iter().chain(&one).chain(&rest).map(|s| s.seq).collect();
     assert_eq!(seqs.len(), 30, "nothing skipped or repeated across reads");
     assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");

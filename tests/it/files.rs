@@ -602,3 +602,56 @@ async fn a_store_at_its_free_space_floor_fails_the_file_and_still_publishes_the_
     assert!(walk(&dir.path().join("files")).is_empty());
     d.stop().await;
 }
+
+/// Events waiting for slow files fill the publisher's whole read budget (a window of 2: 8 events
+/// held) while their results are written far behind them in the spool: the publisher finds the
+/// results there by reading ahead, so every event is published, in order per chat, with its files
+/// stored — none waits for a restart, and no results are kept in memory to make it so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_waiting_for_files_beyond_the_publishers_budget_are_released_from_the_log() {
+    let (addr, server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), addr);
+    cfg.kafka.max_in_flight_records = 2;
+    cfg.files.concurrency = 4;
+    cfg.files.max_concurrency = 4;
+    cfg.files.token_ttl_secs = 120;
+    let d = TestApp::start(cfg).await;
+    // 24 slow files (3 s each, 4 at a time: about 18 s), each on its own chat, then two events
+    // without files on each of those chats, and 20 on chats of their own.
+    let slow: Vec<String> = (0..24)
+        .map(|i| event_with_file(i, 1000 + i, &signed(addr, &format!("slow{i}"), 120, "&kind=slow&size=2000")))
+        .collect();
+    let (status, text) = post(&d.url(), batch(&slow)).await;
+    assert_eq!(status, 200, "{text}");
+    let plain = |id: usize, chat: usize| {
+        format!(r#"{{"id":{id},"body":"sem arquivo","chat":{{"id":{chat}}},"company":{{"id":"7"}}}}"#)
+    };
+    let mut later: Vec<String> = (0..48).map(|i| plain(100 + i, 1000 + i % 24)).collect();
+    later.extend((0..20).map(|i| plain(200 + i, 5000 + i)));
+    let (status, text) = post(&d.url(), batch(&later)).await;
+    assert_eq!(status, 200, "{text}");
+    wait_published(&d, 24 + 48 + 20, Duration::from_secs(90)).await;
+    let recs = records(&d).await;
+    assert_eq!(recs.len(), 24 + 48 + 20);
+    let mut by_chat: HashMap<u64, Vec<u64>> = HashMap::new();
+    for r in &recs {
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        let id = v["id"].as_u64().unwrap();
+        by_chat.entry(v["chat"]["id"].as_u64().unwrap()).or_default().push(id);
+        if id < 24 {
+            let files = bridge_files(r);
+            assert_eq!(files.len(), 1, "{id}");
+            assert_eq!(files[0]["status"], "stored", "{id}: {}", files[0]);
+        } else {
+            assert!(bridge_files(r).is_empty());
+        }
+    }
+    for (chat, ids) in &by_chat {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, &sorted, "chat {chat}: order per chat");
+    }
+    assert_eq!(*server.expired.lock().unwrap(), 0);
+    d.stop().await;
+}

@@ -24,7 +24,7 @@ use crate::clock::now_secs;
 use crate::event::{Event, EventId};
 use crate::spool::format::{self, Record};
 use crate::spool::io::is_no_room;
-use crate::spool::{merge_ranges, to_ranges, Appended, Command, FileWork, Shared, SpoolError};
+use crate::spool::{merge_ranges, to_ranges, Appended, Command, Shared, SpoolError};
 
 /// An append's answer, sent once its group is committed (or failed).
 type Reply = (oneshot::Sender<Result<Appended, SpoolError>>, Result<Appended, SpoolError>);
@@ -48,8 +48,8 @@ struct Group {
     events: Vec<(u64, NewEvent)>,
     /// Their ids and receipt times, for the dedup window and its journal.
     ids: Vec<(EventId, i64)>,
-    /// Those of them whose files are to be captured.
-    work: Vec<FileWork>,
+    /// How many of them have files to capture.
+    with_files: usize,
     /// Ids this group stored so far: an event twice in one group is a duplicate too.
     seen: HashSet<EventId>,
     /// The last run of each stream among this group's batches, recorded once the group is durable.
@@ -59,6 +59,8 @@ struct Group {
     /// Their record, merged into ranges: encoded last.
     ack_record: Option<Record>,
     files_done: Vec<(u64, Vec<u8>)>,
+    /// The file results were written and synced (the publisher reads them from the log).
+    files_written: bool,
     close: Option<oneshot::Sender<()>>,
 }
 
@@ -67,13 +69,19 @@ struct Mark {
     buf: usize,
     events: usize,
     ids: usize,
-    work: usize,
+    with_files: usize,
     next_seq: u64,
 }
 
 impl Group {
     fn mark(&self, next_seq: u64) -> Mark {
-        Mark { buf: self.buf.len(), events: self.events.len(), ids: self.ids.len(), work: self.work.len(), next_seq }
+        Mark {
+            buf: self.buf.len(),
+            events: self.events.len(),
+            ids: self.ids.len(),
+            with_files: self.with_files,
+            next_seq,
+        }
     }
 
     /// Takes out everything added since `mark` (a refused batch).
@@ -84,7 +92,7 @@ impl Group {
         self.buf.truncate(mark.buf);
         self.events.truncate(mark.events);
         self.ids.truncate(mark.ids);
-        self.work.truncate(mark.work);
+        self.with_files = mark.with_files;
     }
 
     /// Encodes the acknowledgements, as merged ranges, after everything else.
@@ -252,13 +260,7 @@ impl Writer {
             g.ids.push((event.id, received_at));
             g.events.push((seq, NewEvent { bytes: event.value.len() as u64, received_at }));
             if !event.files.is_empty() {
-                g.work.push(FileWork {
-                    seq,
-                    received_at,
-                    event_id: event.id,
-                    company: event.company.clone(),
-                    urls: event.files.clone(),
-                });
+                g.with_files += 1;
             }
             format::encode(&Record::Event { seq, received_at, event }, &mut g.buf);
         }
@@ -276,6 +278,7 @@ impl Writer {
         let written = if g.buf.is_empty() { Ok(false) } else { self.write(&g.buf, must_sync) };
         match written {
             Ok(synced) => {
+                g.files_written = synced;
                 if synced {
                     self.carry.clear();
                 } else if let Some(r) = &g.ack_record {
@@ -352,11 +355,12 @@ impl Writer {
         self.janitor.append(std::mem::take(&mut g.ids));
     }
 
-    /// Publishes the group to `State` under one lock, then wakes the capture stage (new file work)
-    /// and every reader. A group that is not committed publishes no event, byte or file work; its
-    /// acknowledgements and file results are facts all the same (they are carried over).
+    /// Publishes the group to `State` under one lock, then wakes the followers (the capture
+    /// stage reads new file work from the log, the publisher new events and results). A group
+    /// that is not committed publishes no event, byte or file work; its acknowledgements and file
+    /// results are facts all the same (they are carried over, and results not written are kept
+    /// for the publisher until then).
     fn publish(&self, g: &mut Group, room: &Room, committed: bool) {
-        let new_work = !g.work.is_empty();
         {
             let mut st = self.shared.lock();
             if committed {
@@ -369,15 +373,17 @@ impl Writer {
                     active.events += events;
                     active.event_bytes += bytes;
                 }
-                st.files_pending += g.work.len();
-                st.file_work.extend(g.work.drain(..));
+                st.files_pending += g.with_files;
                 st.committed_len = self.active_len;
             }
             // Acknowledgements and file results are facts whether or not their frames were written:
             // the failure path keeps them for the fresh segment.
             for (seq, member) in g.files_done.drain(..) {
-                if st.undelivered.contains(seq) && st.file_results.insert(seq, member).is_none() {
+                if st.undelivered.contains(seq) {
                     st.files_pending = st.files_pending.saturating_sub(1);
+                    if !g.files_written {
+                        st.unwritten_file_results.insert(seq, member);
+                    }
                 }
             }
             if let Some(Record::Acked(ranges)) = &g.ack_record {
@@ -385,17 +391,16 @@ impl Writer {
                     st.undelivered.ack(a, b);
                 }
             }
-            for seq in &g.acked {
-                st.file_results.remove(seq);
+            if !st.unwritten_file_results.is_empty() {
+                for seq in &g.acked {
+                    st.unwritten_file_results.remove(seq);
+                }
             }
             st.refusing = room.refusing;
             st.refused_need = room.refused_need;
             st.write_error = self.broken && self.no_room.is_none();
             st.disk_full = self.no_room.is_some();
             st.dedup_ids = self.dedup.len();
-        }
-        if committed && new_work {
-            self.shared.file_work.notify_one();
         }
         self.shared.committed.notify_waiters();
     }

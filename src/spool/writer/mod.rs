@@ -111,7 +111,6 @@ impl Writer {
         wake: mpsc::WeakSender<Command>,
     ) -> Result<(Writer, Arc<Shared>), SpoolError> {
         let journal_bytes = journal.bytes();
-        let files_pending = recovered.file_work.len();
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 undelivered: recovered.undelivered,
@@ -123,13 +122,11 @@ impl Writer {
                 disk_full: false,
                 refusing: false,
                 refused_need: 0,
-                file_results: recovered.file_results,
-                file_work: recovered.file_work.into_iter().collect(),
-                files_pending,
+                unwritten_file_results: std::collections::HashMap::new(),
+                files_pending: recovered.files_pending,
                 dedup_ids: dedup.len(),
             }),
             committed: Arc::new(Notify::new()),
-            file_work: Arc::new(Notify::new()),
             heartbeat: Heartbeat::default(),
             settings,
         });
