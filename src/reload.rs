@@ -55,16 +55,30 @@ pub struct Applied {
 pub struct Reloader(Arc<Inner>);
 
 struct Inner {
-    /// The configuration in force; also serializes reloads.
+    /// Held by a reload from before it reads the sources until it has applied them: a SIGHUP and
+    /// the file watcher reloading at once apply in the order they read, so the newer read wins.
+    reloading: Mutex<()>,
+    /// The configuration in force.
     current: Mutex<Config>,
     auth: Arc<AuthTable>,
     metrics: Arc<Metrics>,
     hooks: Mutex<Vec<(&'static str, Hook)>>,
+    /// Tests: runs after a reload read its sources, before it applies them.
+    #[cfg(test)]
+    between_read_and_apply: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
 }
 
 impl Reloader {
     pub(crate) fn new(cfg: Config, auth: Arc<AuthTable>, metrics: Arc<Metrics>) -> Reloader {
-        Reloader(Arc::new(Inner { current: Mutex::new(cfg), auth, metrics, hooks: Mutex::new(Vec::new()) }))
+        Reloader(Arc::new(Inner {
+            reloading: Mutex::new(()),
+            current: Mutex::new(cfg),
+            auth,
+            metrics,
+            hooks: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            between_read_and_apply: Mutex::new(None),
+        }))
     }
 
     /// Registers a part that applies something of each new configuration (before the auth table is
@@ -84,7 +98,17 @@ impl Reloader {
     /// # Errors
     /// The new configuration is invalid, or a part refused it; the old one stays in force.
     pub fn reload(&self, path: Option<&Path>) -> Result<Applied, ReloadError> {
-        let result = Config::load(path).map_err(ReloadError::Invalid).and_then(|cfg| self.apply_valid(cfg));
+        let _one_at_a_time = self.0.reloading.lock().unwrap_or_else(PoisonError::into_inner);
+        let result = Config::load(path).map_err(ReloadError::Invalid).and_then(|cfg| {
+            #[cfg(test)]
+            {
+                let pause = self.0.between_read_and_apply.lock().unwrap_or_else(PoisonError::into_inner).clone();
+                if let Some(pause) = pause {
+                    pause();
+                }
+            }
+            self.apply_valid(cfg)
+        });
         self.report(&result);
         result
     }
@@ -94,6 +118,7 @@ impl Reloader {
     /// # Errors
     /// As [`Reloader::reload`].
     pub fn apply(&self, cfg: Config) -> Result<Applied, ReloadError> {
+        let _one_at_a_time = self.0.reloading.lock().unwrap_or_else(PoisonError::into_inner);
         let result = cfg.validate().map_err(ReloadError::Invalid).and_then(|()| self.apply_valid(cfg));
         self.report(&result);
         result
@@ -264,6 +289,42 @@ mod tests {
 
     fn count(metrics: &Metrics, result: ReloadResult) -> u64 {
         metrics.config_reloads.with_label_values(&[result.label()]).get()
+    }
+
+    #[test]
+    fn reloads_at_once_apply_in_the_order_they_read_so_the_newer_file_wins() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("bridge.toml");
+        let write = |token: &str| std::fs::write(&file, format!("[huggy]\ntokens = [\"{token}\"]\n")).unwrap();
+        let (r, auth, _) = reloader(&config(&["a"]));
+        // The first reload to read pauses between reading and applying (a slow disk, a busy core).
+        let (paused_tx, paused_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let (paused_tx, go_rx) = (Mutex::new(Some(paused_tx)), Mutex::new(go_rx));
+        *r.0.between_read_and_apply.lock().unwrap() = Some(Arc::new(move || {
+            let first = paused_tx.lock().unwrap().take();
+            if let Some(tx) = first {
+                tx.send(()).unwrap();
+                go_rx.lock().unwrap().recv().unwrap();
+            }
+        }));
+        write("b");
+        let first = {
+            let (r, file) = (r.clone(), file.clone());
+            std::thread::spawn(move || r.reload(Some(&file)))
+        };
+        paused_rx.recv().unwrap();
+        // The file changes again and a second reload (the watcher, a SIGHUP) runs meanwhile.
+        write("c");
+        let second = {
+            let (r, file) = (r.clone(), file.clone());
+            std::thread::spawn(move || r.reload(Some(&file)))
+        };
+        std::thread::sleep(Duration::from_millis(300));
+        go_tx.send(()).unwrap();
+        first.join().unwrap().expect("the first reload applies");
+        second.join().unwrap().expect("the second reload applies");
+        assert_eq!(tokens(&auth), ["c"], "the file's newest content is in force");
     }
 
     #[test]

@@ -22,6 +22,9 @@ use crate::systemd::Notifier;
 
 /// How long a spool-mode shutdown waits on Kafka (publisher window, producer flush).
 const SPOOL_MODE_KAFKA_GRACE: Duration = Duration::from_secs(5);
+/// The least each of the drain's last steps (captures stopping, the spool closing) waits, even
+/// when the budget is spent: a healthy one takes milliseconds.
+const LAST_STEP_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a long spool recovery extends systemd's start timeout.
 const RECOVERY_EXTEND_PERIOD: Duration = Duration::from_secs(10);
@@ -163,8 +166,14 @@ impl Pipeline {
         }
         self.stages_stop.cancel();
         if let Some(f) = &self.files {
-            // Downloads cut off are aborted in the store before the spool closes.
-            f.stopped().await;
+            // Downloads cut off are aborted in the store before the spool closes; a store that
+            // hangs holds the drain no longer than its budget (an upload it did not abort stays
+            // incomplete in the store).
+            if tokio::time::timeout(left().max(LAST_STEP_GRACE), f.stopped()).await.is_err() {
+                warn!(
+                    "captures did not stop within the drain's budget; their files are captured again after the restart"
+                );
+            }
             // The results of those that ended are only queued: each is recorded before the spool
             // closes (else the file is captured again after the restart, its token likely dead).
             if let Some(r) = &self.file_results {
@@ -172,7 +181,12 @@ impl Pipeline {
             }
         }
         if let Some(s) = &self.spool {
-            s.close().await;
+            // A disk that hangs in a write or sync holds the drain no longer than its budget:
+            // everything answered 2xx is already durable, and what the writer still held (acks,
+            // results) is at worst published or captured again after the restart.
+            if tokio::time::timeout(left().max(LAST_STEP_GRACE), s.close()).await.is_err() {
+                warn!("the spool did not close within the drain's budget (its disk hangs); everything acknowledged is durable, the rest is read again at the next start");
+            }
         }
         drop(self.embedded);
     }

@@ -50,6 +50,10 @@ pub(crate) enum RetryReason {
     /// Too large for its topic, and its claim check could not be stored (the file store failed).
     #[error("too large for its topic and not stored as a claim check: {0}")]
     ClaimCheck(String),
+    /// Not sent: an earlier event of its key in the same round could not be sent, and it must not
+    /// overtake it.
+    #[error("held back behind an earlier event of its key that could not be sent")]
+    Behind,
 }
 
 /// How one event ended up.

@@ -1,6 +1,7 @@
 //! The publisher: events to Kafka records, sent in order and awaited, with dead-lettering of what
 //! Kafka can never take and replacement of a producer that broke for good.
 
+use std::collections::HashSet;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -196,16 +197,29 @@ impl Publisher {
             Err(why) => return events.iter().map(|_| Outcome::Retry(why.clone())).collect(),
         };
         let mut pending = Vec::with_capacity(events.len());
+        // Keys whose event could not be sent in this round (its claim check not stored, the
+        // producer's queue refusing it): their later events are not sent either, so that none of
+        // them is written before the one that comes back to its lane first.
+        let mut held_back: HashSet<&str> = HashSet::new();
         for ev in events {
             self.check_poison(ev);
-            pending.push(match &ev.dead_letter {
+            let key = ev.key.as_deref();
+            if key.is_some_and(|k| held_back.contains(k)) {
+                pending.push(Err(PublishError::Behind));
+                continue;
+            }
+            let sent = match &ev.dead_letter {
                 Some(reason) => Err(PublishError::Malformed(reason.clone())),
                 None => self
                     .enqueue_fitting(&producer, self.routes.topic_for(&ev.event_type), ev)
                     .await
                     .map(|f| (Instant::now(), f))
                     .map_err(PublishError::from),
-            });
+            };
+            if let (Err(PublishError::Claim(_) | PublishError::Kafka(_)), Some(k)) = (&sent, key) {
+                held_back.insert(k);
+            }
+            pending.push(sent);
         }
         let waited = join_all(pending.into_iter().map(|p| async move {
             let (sent, delivery) = p?;
@@ -260,6 +274,7 @@ impl Publisher {
                     }
                 }
                 Err(PublishError::Closed) => Outcome::Retry(RetryReason::Closed),
+                Err(PublishError::Behind) => Outcome::Retry(RetryReason::Behind),
             };
             out.push(outcome);
         }
@@ -370,4 +385,6 @@ enum PublishError {
     /// Too large for its topic, and the claim check could not be stored.
     Claim(String),
     Closed,
+    /// Not sent: an earlier event of its key in the round could not be sent.
+    Behind,
 }

@@ -364,14 +364,29 @@ struct Queue {
 
 impl Queue {
     /// Queues `command` for the writer; `false` when the spool is closed.
+    ///
+    /// # Cancel safety
+    /// A send given up while the queue is full (its future dropped: a client that hung up) leaves
+    /// the command unsent and takes it off the count again, so the writer's pulse never waits for
+    /// a command that will not come.
     async fn send(&self, command: Command) -> bool {
-        let queued = &self.shared.heartbeat.queued;
-        queued.fetch_add(1, Ordering::Relaxed);
-        let sent = self.tx.send(command).await.is_ok();
-        if !sent {
-            queued.fetch_sub(1, Ordering::Relaxed);
+        /// Counted in the heartbeat's queue from before the send (the writer may take the command
+        /// off the count as soon as it is sent) until it is handed over or given up.
+        struct Counted<'a> {
+            queued: &'a AtomicU64,
+            handed: bool,
         }
-        sent
+        impl Drop for Counted<'_> {
+            fn drop(&mut self) {
+                if !self.handed {
+                    self.queued.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+        let mut counted = Counted { queued: &self.shared.heartbeat.queued, handed: false };
+        counted.queued.fetch_add(1, Ordering::Relaxed);
+        counted.handed = self.tx.send(command).await.is_ok();
+        counted.handed
     }
 }
 

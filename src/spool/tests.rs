@@ -774,6 +774,41 @@ impl SegmentIo for FaultyIo {
     }
 }
 
+/// Bytes of the segment files in `dir`.
+fn segment_bytes_on_disk(dir: &Path) -> u64 {
+    list_segments(dir).unwrap().iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum()
+}
+
+#[tokio::test]
+async fn after_a_failed_fdatasync_the_disk_bytes_count_what_the_failed_group_left_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    // No dedup window: what is on disk is segments only.
+    let mut s = SpoolSettings::new(dir.path().to_owned(), 1 << 30, 0);
+    // Sync 1: the first segment's header. 2: an append. 3: fails, its pages still on disk.
+    s.io = Arc::new(FaultyIo { keep_pages: true, ..Arc::into_inner(FaultyIo::new(3, false)).unwrap() });
+    let spool = open(s).unwrap();
+    spool.append((0..20).map(|i| ev(i, "1")).collect(), 1).await.unwrap();
+    let failed = spool.append((20..400).map(|i| ev(i, "1")).collect(), 1).await;
+    assert!(matches!(failed, Err(SpoolError::WriteFailed(_))), "{failed:?}");
+    let retried = spool.append(vec![ev(500, "1")], 1).await.unwrap();
+    assert_eq!(retried.stored, 1);
+    assert_eq!(spool.stats().disk_bytes, segment_bytes_on_disk(dir.path()), "{:?}", spool.stats());
+    // Once everything is delivered and the abandoned segment deleted, the count is still exact.
+    let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
+    spool.ack(seqs).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.stats().segments > 1 || spool.stats().disk_bytes != segment_bytes_on_disk(dir.path()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "delivered segments not deleted, or miscounted: {:?}, {} bytes on disk",
+            spool.stats(),
+            segment_bytes_on_disk(dir.path())
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    spool.close().await;
+}
+
 #[tokio::test]
 async fn a_failed_fdatasync_answers_no_2xx_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -1091,6 +1126,53 @@ async fn a_writer_that_panics_fails_liveness_at_once_and_acknowledges_nothing_mo
     }
     assert!(spool.append(vec![ev(3, "a")], 1).await.is_err());
     assert!(spool.writer_stalled_for(long).is_some());
+}
+
+/// A disk whose syncs wait while it is held.
+struct HeldIo(std::sync::Mutex<bool>, std::sync::Condvar);
+
+impl SegmentIo for HeldIo {
+    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+        let held = self.0.lock().unwrap();
+        drop(self.1.wait_while(held, |h| *h).unwrap());
+        file.sync_data()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_append_given_up_while_the_queue_is_full_leaves_no_phantom_work_for_liveness() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = Arc::new(HeldIo(std::sync::Mutex::new(false), std::sync::Condvar::new()));
+    let mut s = settings(dir.path());
+    s.io = io.clone();
+    let spool = open(s).unwrap();
+    *io.0.lock().unwrap() = true;
+    // The writer waits in a sync; the queue fills behind it.
+    let mut waiting = Vec::new();
+    let first = spool.spool.clone();
+    waiting.push(tokio::spawn(async move { first.append(vec![ev(0, "a")], 1).await }));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for i in 1..(QUEUE as u32 + 8) {
+        let spool = spool.spool.clone();
+        waiting.push(tokio::spawn(async move { spool.append(vec![ev(i, "a")], 1).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A client hangs up while its append waits for room in the full queue.
+    let given_up = tokio::time::timeout(Duration::from_millis(100), spool.append(vec![ev(999_999, "b")], 1)).await;
+    assert!(given_up.is_err(), "the queue was full: the append waited");
+    *io.0.lock().unwrap() = false;
+    io.1.notify_all();
+    for w in waiting {
+        w.await.unwrap().expect("stored");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while spool.queue.shared.heartbeat.queued.load(Ordering::Relaxed) != 0 {
+        assert!(std::time::Instant::now() < deadline, "a command given up is still counted as queued");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // With nothing queued, an idle writer is not stuck however long it idles.
+    assert_eq!(spool.writer_stalled_for(Duration::ZERO), None);
+    spool.close().await;
 }
 
 #[tokio::test]

@@ -536,6 +536,33 @@ async fn the_watchdog_stops_while_the_spool_writer_is_stuck() {
     assert!(after.iter().chain(&last).any(|m| m == "STOPPING=1"), "{after:?} {last:?}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_ends_within_its_budget_while_the_spool_disk_hangs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = common::inprocess_config(dir.path(), &[common::LOAD_TOKEN]);
+    cfg.shutdown.timeout_secs = 2;
+    let disk = Arc::new(HangingDisk::default());
+    let overrides = Overrides { spool_io: Some(disk.clone() as Arc<dyn SegmentIo>), ..Overrides::default() };
+    let d = app::start_with(cfg, CancellationToken::new(), overrides).await.expect("daemon starts");
+    let url = format!("http://{}/webhooks/huggy", d.http_addr);
+    let (status, _) = common::post(&url, common::load_batch(1, 0, 2).0).await;
+    assert_eq!(status, 200);
+    // The writer hangs in fdatasync with a batch to make durable (never answered 2xx).
+    disk.set(true);
+    let stuck = tokio::spawn(async move { common::post(&url, common::load_batch(1, 1, 2).0).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let began = std::time::Instant::now();
+    d.shutdown();
+    let ended = tokio::time::timeout(Duration::from_secs(20), d.wait()).await;
+    let took = began.elapsed();
+    disk.set(false);
+    assert!(ended.is_ok(), "the drain waited for the hung disk beyond its budget");
+    // The budget (2 s) plus a second for each of the last steps and the tasks' grace, with room.
+    assert!(took < Duration::from_secs(12), "drain took {took:?}");
+    let _ = stuck.await;
+    eprintln!("drain with a hung spool disk ended after {took:?} (budget 2 s)");
+}
+
 /// A Secret volume as kubelet lays it out: `tokens -> ..data/tokens`, `..data -> ..<version>`.
 fn kubelet_secret_volume(dir: &Path, version: &str, tokens: &str) {
     let versioned = dir.join(format!("..{version}"));

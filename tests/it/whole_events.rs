@@ -276,3 +276,38 @@ async fn a_record_refused_as_too_large_becomes_a_claim_check_not_a_dead_letter()
     assert_eq!(d.metric("huggy_bridge_claim_checks_total{topic=\"event\"}").await, 1.0);
     d.stop().await;
 }
+
+/// An event too large for its topic whose claim check cannot be stored (the store refuses the
+/// write) goes back to its chat's lane, and the chat's next event, sent in the same round, waits
+/// behind it: consumers never see the later event first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_check_that_cannot_be_stored_holds_back_the_chats_later_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = inprocess_config(dir.path(), &[LOAD_TOKEN]);
+    cfg.kafka.librdkafka.insert("message.max.bytes".into(), "300000".into());
+    let store = dir.path().join("store");
+    std::fs::create_dir_all(&store).unwrap();
+    // A file where the store's `claim-checks/` directory goes: every claim check fails to store.
+    let blocker = store.join("claim-checks");
+    std::fs::write(&blocker, b"not a directory").unwrap();
+    cfg.files.store = format!("file://{}", store.display());
+    let d = TestApp::start(cfg.clone()).await;
+    let large = message(30, 999, &incompressible_body(500_000));
+    let next = message(31, 999, "after the large one");
+    let other = message(32, 1000, "another chat");
+    let (status, text) = post(&d.url(), batch(&[&large, &next, &other])).await;
+    assert_eq!(status, 200, "{text}");
+    wait_for("the other chat published", Duration::from_secs(30), async || (d.published() >= 1).then_some(())).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(d.published(), 1, "only the other chat: the large event's chat waits behind it");
+    // The store takes writes again: the chat goes on, in order.
+    std::fs::remove_file(&blocker).unwrap();
+    wait_for("published", Duration::from_secs(60), async || (d.published() == 3).then_some(())).await;
+    let recs = d.records(&[TOPIC, DLQ]).await;
+    assert!(recs.iter().all(|r| r.topic == TOPIC), "nothing dead-lettered");
+    let chat: Vec<&Rec> = recs.iter().filter(|r| r.key.as_deref() == Some("999")).collect();
+    assert_eq!(chat.len(), 2);
+    assert!(chat[0].header("huggy_claim_check").is_some(), "the large event first, as a claim check");
+    assert_eq!(chat[1].value, next.as_bytes(), "then the chat's next event");
+    d.stop().await;
+}

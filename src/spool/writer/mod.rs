@@ -340,17 +340,23 @@ impl Writer {
     /// Makes a fresh, synced segment the active one; the previous one keeps its size and, when it
     /// was abandoned, the length known to be durable.
     fn install(&mut self, file: File, first_seq: u64, len: u64, previous_limit: Option<u64>) {
-        let mut st = self.shared.lock();
-        if let Some(old) =
-            st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq).filter(|_| self.active.is_some())
+        // The previous segment's size as the disk has it: after a failed write or sync it holds the
+        // failed group's bytes too (counted from now on, not only subtracted when it is deleted).
+        let on_disk = self.active.as_ref().map(|f| f.metadata().map_or(self.active_len, |m| m.len()));
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
+        if let (Some(old), Some(size)) =
+            (st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq), on_disk)
         {
-            old.size = self.active_len;
+            old.size = size;
             old.limit = previous_limit;
+            // `disk_bytes` counted the segment up to its committed end.
+            st.disk_bytes += size.saturating_sub(st.committed_len);
         }
         st.segments.push_back(Segment::new(first_seq, segment_path(&self.shared.settings.dir, first_seq), None, len));
         st.committed_len = len;
         st.disk_bytes += len;
-        drop(st);
+        drop(guard);
         self.active = Some(file);
         self.active_first_seq = first_seq;
         self.active_len = len;
