@@ -15,6 +15,7 @@
 //! | parsed events | the events split out of the bodies in flight: a copy of their bytes (≤ the bodies) and [`EVENT_STRUCT_BYTES`] each, at most one per `min_event_bytes` of body |
 //! | write group (spool mode) | the group the spool writer encodes: 8 MiB, or one larger batch alone (`http.max_body_bytes` of events and their frames) |
 //! | publisher window (spool mode) | event values read for Kafka: 32 MiB plus one event, with librdkafka's copy of each; [`EVENT_STRUCT_BYTES`] per record of `kafka.max_in_flight_records` |
+//! | parked events (spool mode) | events waiting for their files (and the later events of their keys), kept without their bytes: [`crate::publish::PARKED_PER_WINDOW`] per record of `kafka.max_in_flight_records` (and one read's worth more), [`EVENT_STRUCT_BYTES`] each, [`crate::publish::PARKED_URL_BYTES`] of URLs |
 //! | producer copies (kafka mode) | librdkafka's copy of the events of the requests in flight (≤ `http.max_inflight_bytes`) |
 //! | undelivered index (spool mode) | not an entry per undelivered event: a [`SEGMENT_ENTRY_BYTES`] entry per segment (`spool.max_bytes` ÷ the segment size, + 2), at most 4,096 receipt-time runs of 16 bytes, and the ranges of acknowledged seqs, about one per record read and not yet acknowledged ([`DONE_RANGE_BYTES`] per record of `kafka.max_in_flight_records`) |
 //! | dedup window (spool mode) | `peak_events_per_sec` × `spool.dedup_window_secs` ids, at most `spool.dedup_max_ids`, one slice more while the oldest expires, one table of a slice doubling, ≤ 40 bytes an id; as many streams' last runs, ≤ 76 bytes each, × 3/2 while a table doubles |
@@ -179,6 +180,24 @@ pub fn worst_case(cfg: &Config, a: &Assumptions) -> WorstCase {
                 "2 × ({} MiB + http.max_body_bytes): read and librdkafka's copy; {EVENT_STRUCT_BYTES} bytes per \
                  record held (4 × kafka.max_in_flight_records: the flowing window and the lanes backing off)",
                 crate::publish::WINDOW_BYTES as u64 / MIB
+            ),
+        });
+        // One read may park all it read beyond the budget.
+        let parked =
+            cfg.kafka
+                .max_in_flight_records
+                .saturating_mul(crate::publish::PARKED_PER_WINDOW + crate::publish::HELD_PER_WINDOW) as u64;
+        terms.push(Term {
+            name: "parked events",
+            bytes: parked
+                .saturating_mul(EVENT_STRUCT_BYTES)
+                .saturating_add(crate::publish::PARKED_URL_BYTES as u64)
+                .saturating_add(max_body),
+            from: format!(
+                "{} × kafka.max_in_flight_records events waiting for their files, kept without their bytes: \
+                 {EVENT_STRUCT_BYTES} bytes each, {} MiB of URLs (+ one batch)",
+                crate::publish::PARKED_PER_WINDOW + crate::publish::HELD_PER_WINDOW,
+                crate::publish::PARKED_URL_BYTES / (1024 * 1024)
             ),
         });
         let segment_bytes = crate::spool::SpoolSettings::segment_bytes_for(cfg.spool.max_bytes);

@@ -13,7 +13,7 @@ use super::{kafka, lanes, Outcome, Publisher};
 use crate::clock::now_secs;
 use crate::event::Event;
 use crate::metrics::Metrics;
-use crate::spool::{Ahead, Batch, PublishFeed, Reader, Stored};
+use crate::spool::{Ahead, Batch, Position, PublishFeed, Reader, Stored};
 
 /// When the spool publisher stops: `soft` after its current window, `hard` at once.
 #[derive(Clone)]
@@ -22,10 +22,17 @@ pub(crate) struct Stops {
     pub(crate) hard: CancellationToken,
 }
 
-/// Bytes of event values the spool publisher holds at most (plus one event), parked ones included,
-/// whatever `kafka.max_in_flight_records` allows: a window of large events cannot take the
+/// Bytes of event values the spool publisher holds at most (plus one event; events parked for their
+/// files are kept without theirs), whatever `kafka.max_in_flight_records` allows: a window of large events cannot take the
 /// memory that many small ones would not (see `memory`).
 pub(crate) const WINDOW_BYTES: usize = 32 * 1024 * 1024;
+
+/// Events parked for their files per publishing window (`kafka.max_in_flight_records`) at most,
+/// kept without their bytes (an event's struct and its URLs, [`PARKED_URL_BYTES`] of URLs in all):
+/// apart from the window's places, so that keys waiting for their files hold back no other key.
+pub(crate) const PARKED_PER_WINDOW: usize = 8;
+/// Bytes of the URLs of parked events at most (see [`PARKED_PER_WINDOW`]).
+pub(crate) const PARKED_URL_BYTES: usize = 8 * 1024 * 1024;
 
 /// Rounds of lanes being published at once: a round holding a record Kafka cannot take now waits
 /// for its delivery timeout, and the others go on meanwhile.
@@ -68,6 +75,8 @@ pub(crate) async fn run_spool_publisher(
     let mut lanes = lanes::Lanes::new();
     let mut rounds: FuturesUnordered<Round> = FuturesUnordered::new();
     let mut parked: Vec<Stored> = Vec::new();
+    // Where each parked event kept without its bytes is in the log.
+    let mut stripped: HashMap<u64, Position> = HashMap::new();
     let mut ahead: Option<Ahead> = None;
     let mut read_again_at: Option<tokio::time::Instant> = None;
     let mut started: HashMap<u64, tokio::time::Instant> = HashMap::new();
@@ -84,9 +93,13 @@ pub(crate) async fn run_spool_publisher(
         notified.as_mut().enable();
         if !stop.is_cancelled() && read_again_at.is_none_or(|t| t <= tokio::time::Instant::now()) {
             read_again_at = None;
-            let room = (window * HELD_PER_WINDOW).saturating_sub(lanes.held() + parked.len());
-            let parked_bytes: usize = parked.iter().map(|s| s.event.value.len()).sum();
-            let room_bytes = WINDOW_BYTES.saturating_sub(parked_bytes + lanes.held_bytes());
+            // Parked events hold neither the window's places nor its bytes (they are kept without
+            // their bytes, under a budget of their own): a key waiting for its files holds back no
+            // other key, unless more events wait for their files at once than that budget.
+            let parked_full = parked.len() >= window.saturating_mul(PARKED_PER_WINDOW)
+                || parked.iter().map(url_bytes).sum::<usize>() >= PARKED_URL_BYTES;
+            let room = if parked_full { 0 } else { (window * HELD_PER_WINDOW).saturating_sub(lanes.held()) };
+            let room_bytes = WINDOW_BYTES.saturating_sub(lanes.held_bytes());
             let wanted: HashSet<u64> = parked.iter().filter(|s| !s.event.files.is_empty()).map(|s| s.seq).collect();
             let read = if room > 0 && room_bytes > 0 {
                 // Events read now may be waiting for results the look-ahead has passed: it starts
@@ -94,28 +107,39 @@ pub(crate) async fn run_spool_publisher(
                 ahead = None;
                 reader.read_now(room, room_bytes, &wanted)
             } else if !wanted.is_empty() {
-                look_ahead(&reader, &mut ahead, &wanted).map(|files| Batch { events: Vec::new(), files })
+                look_ahead(&reader, &mut ahead, &wanted).map(|files| Batch { files, ..Batch::default() })
             } else {
                 Ok(Batch::default())
             };
             match read {
                 Ok(batch) => {
                     let mut found: HashMap<u64, Vec<u8>> = batch.files.into_iter().collect();
+                    let fresh_at: HashMap<u64, Position> =
+                        batch.events.iter().zip(batch.at).map(|(s, at)| (s.seq, at)).collect();
                     let held = std::mem::take(&mut parked).into_iter().chain(batch.events).map(|mut s| {
                         attach(&mut s, &mut found);
                         s
                     });
-                    let (ready, still_parked) = release(held, |seq| spool.unwritten_file_results(seq));
+                    let (ready, still_parked) =
+                        release(held, |seq| spool.unwritten_file_results(seq), |s| restore(&reader, &mut stripped, s));
                     parked = still_parked;
+                    for s in &mut parked {
+                        if let Some(at) = fresh_at.get(&s.seq) {
+                            // Parked without its bytes: they are read again when it is released.
+                            s.event.value = Vec::new();
+                            stripped.insert(s.seq, *at);
+                        }
+                    }
                     for s in ready {
                         lanes.push(s);
                     }
-                    // Every event the budget holds waits for its files: look ahead for them at
-                    // once, and again until the look-ahead is at the committed end (then a commit
-                    // wakes it).
-                    let full = (window * HELD_PER_WINDOW) <= lanes.held() + parked.len()
-                        || WINDOW_BYTES
-                            <= parked.iter().map(|s| s.event.value.len()).sum::<usize>() + lanes.held_bytes();
+                    // The reader cannot take more events while some wait for their files: look
+                    // ahead for their results at once, and again until the look-ahead is at the
+                    // committed end (then a commit wakes it).
+                    let parked_full = parked.len() >= window.saturating_mul(PARKED_PER_WINDOW)
+                        || parked.iter().map(url_bytes).sum::<usize>() >= PARKED_URL_BYTES;
+                    let full =
+                        parked_full || window * HELD_PER_WINDOW <= lanes.held() || WINDOW_BYTES <= lanes.held_bytes();
                     let waiting = parked.iter().any(|s| !s.event.files.is_empty());
                     if full && waiting && ahead.as_ref().is_none_or(|a| !a.at_end()) {
                         read_again_at = Some(tokio::time::Instant::now());
@@ -225,6 +249,33 @@ fn look_ahead(
     a.results(wanted)
 }
 
+/// Bytes of an event's URLs still to capture.
+fn url_bytes(s: &Stored) -> usize {
+    s.event.files.iter().map(String::len).sum()
+}
+
+/// Gives a parked event kept without its bytes its bytes again, read from the log, before it is
+/// published; `false` (logged) when they cannot be read now: it stays parked, and so do the later
+/// events of its key.
+fn restore(reader: &Reader, stripped: &mut HashMap<u64, Position>, s: &mut Stored) -> bool {
+    let Some(at) = stripped.get(&s.seq).copied() else { return true };
+    match reader.event_at(at) {
+        Ok(again) if again.seq == s.seq => {
+            s.event.value = again.event.value;
+            stripped.remove(&s.seq);
+            true
+        }
+        Ok(again) => {
+            error!(seq = s.seq, found = again.seq, "a parked event's frame holds another event; it stays parked");
+            false
+        }
+        Err(e) => {
+            error!(seq = s.seq, error = %e, "a parked event's bytes could not be read again; it stays parked and is tried again");
+            false
+        }
+    }
+}
+
 /// Gives an event waiting for its files the results read for it, beside its untouched value.
 fn attach(s: &mut Stored, found: &mut HashMap<u64, Vec<u8>>) {
     if s.event.files.is_empty() {
@@ -242,6 +293,7 @@ fn attach(s: &mut Stored, found: &mut HashMap<u64, Vec<u8>>) {
 fn release(
     events: impl Iterator<Item = Stored>,
     files_result: impl Fn(u64) -> Option<Vec<u8>>,
+    mut restore: impl FnMut(&mut Stored) -> bool,
 ) -> (Vec<Stored>, Vec<Stored>) {
     let mut blocked: HashSet<String> = HashSet::new();
     let (mut ready, mut parked) = (Vec::new(), Vec::new());
@@ -265,6 +317,13 @@ fn release(
                 }
             }
         }
+        if !restore(&mut s) {
+            if let Some(k) = &s.event.key {
+                blocked.insert(k.clone());
+            }
+            parked.push(s);
+            continue;
+        }
         ready.push(s);
     }
     (ready, parked)
@@ -282,7 +341,7 @@ mod tests {
     #[test]
     fn release_parks_an_event_waiting_for_files_and_every_later_event_of_its_key() {
         let events = vec![stored(1, "chat-a", true), stored(2, "chat-b", false), stored(3, "chat-a", false)];
-        let (ready, parked) = release(events.into_iter(), |_| None);
+        let (ready, parked) = release(events.into_iter(), |_| None, |_| true);
         assert_eq!(seqs(&ready), [2], "other keys go on");
         assert_eq!(seqs(&parked), [1, 3], "the key waits behind its first event, in order");
     }
@@ -291,7 +350,7 @@ mod tests {
     fn release_attaches_the_file_results_beside_the_untouched_value() {
         let events = vec![stored(1, "chat-a", true), stored(2, "chat-a", false)];
         let (ready, parked) =
-            release(events.into_iter(), |seq| (seq == 1).then(|| br#"[{"status":"stored"}]"#.to_vec()));
+            release(events.into_iter(), |seq| (seq == 1).then(|| br#"[{"status":"stored"}]"#.to_vec()), |_| true);
         assert!(parked.is_empty());
         assert_eq!(seqs(&ready), [1, 2]);
         assert_eq!(ready[0].event.value, br#"{"a":1}"#.to_vec(), "the value is Huggy's bytes");
@@ -304,7 +363,7 @@ mod tests {
     fn release_keeps_a_later_event_parked_behind_an_earlier_parked_one_of_its_key() {
         // Event 2 has its files, but event 1 of the same key does not yet: 2 must not overtake 1.
         let events = vec![stored(1, "k", true), stored(2, "k", true), stored(3, "other", true)];
-        let (ready, parked) = release(events.into_iter(), |seq| (seq != 1).then(|| b"[]".to_vec()));
+        let (ready, parked) = release(events.into_iter(), |seq| (seq != 1).then(|| b"[]".to_vec()), |_| true);
         assert_eq!(seqs(&ready), [3]);
         assert_eq!(seqs(&parked), [1, 2]);
     }

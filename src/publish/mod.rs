@@ -22,7 +22,9 @@ mod stale;
 
 use rdkafka::error::KafkaError;
 
-pub(crate) use follower::{run_spool_publisher, Stops, HELD_PER_WINDOW, WINDOW_BYTES};
+pub(crate) use follower::{
+    run_spool_publisher, Stops, HELD_PER_WINDOW, PARKED_PER_WINDOW, PARKED_URL_BYTES, WINDOW_BYTES,
+};
 pub use guard::Poison;
 use headers::headers;
 pub(crate) use publisher::Publisher;

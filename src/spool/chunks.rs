@@ -81,3 +81,19 @@ impl Chunks {
         Ok(None)
     }
 }
+
+/// Decodes the one frame at `at` in the file at `path`, reading exactly its bytes (an event read
+/// again by the publisher: no chunk for one frame).
+pub(super) fn frame_in(path: &Path, at: u64) -> std::io::Result<Next> {
+    let file = File::open(path)?;
+    let mut head = [0u8; format::FRAME_HEADER_LEN];
+    file.read_exact_at(&mut head, at)?;
+    match format::decode_at(&head, 0) {
+        Next::Bad(BadFrame::Truncated { needed }) if needed > head.len() => {
+            let mut frame = vec![0u8; needed];
+            file.read_exact_at(&mut frame, at)?;
+            Ok(format::decode_at(&frame, 0))
+        }
+        other => Ok(other),
+    }
+}

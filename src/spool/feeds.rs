@@ -125,7 +125,7 @@ impl CaptureFeed {
         if out.len() >= max || bytes >= max_bytes {
             return Ok(out);
         }
-        let scanned = w.cursor.scan(|rec, _| {
+        let scanned = w.cursor.scan(|rec, _, _| {
             if let Record::Event { seq, received_at, event } = rec {
                 if !event.files.is_empty() && shared.lock().undelivered.contains(seq) {
                     let work =

@@ -57,7 +57,7 @@ use crate::event::{Event, EventId};
 pub use feeds::{CaptureFeed, Followers, PublishFeed};
 pub use io::{is_no_room, OsIo, SegmentIo};
 pub use lock::LockError;
-pub(crate) use reader::{Ahead, Batch, Reader};
+pub(crate) use reader::{Ahead, Batch, Position, Reader};
 pub use recovery::RecoveryReport;
 pub use status::{offline_status, OfflineStatus};
 

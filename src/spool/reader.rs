@@ -11,7 +11,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::chunks::Chunks;
+use super::chunks::{frame_in, Chunks};
 use super::format::{self, Next, Record};
 use super::{Shared, SpoolError, Stored};
 
@@ -46,13 +46,13 @@ impl Cursor {
         self.chunks = None;
     }
 
-    /// Hands `visit` every committed frame after the position with its size, moving past each
-    /// frame before it is handed over, until `visit` returns `false` or the committed end is
-    /// reached.
+    /// Hands `visit` every committed frame after the position with its place in the log and its
+    /// size, moving past each frame before it is handed over, until `visit` returns `false` or the
+    /// committed end is reached.
     ///
     /// # Errors
     /// A segment cannot be read.
-    pub(super) fn scan(&mut self, mut visit: impl FnMut(Record, usize) -> bool) -> Result<(), SpoolError> {
+    pub(super) fn scan(&mut self, mut visit: impl FnMut(Record, Position, usize) -> bool) -> Result<(), SpoolError> {
         loop {
             let (path, limit, is_active, next_segment) = {
                 let mut st = self.shared.lock();
@@ -111,8 +111,9 @@ impl Cursor {
                 };
                 match next {
                     Next::Frame(rec, used) => {
+                        let at = (self.segment, self.offset);
                         self.offset += used as u64;
-                        more = visit(rec, used);
+                        more = visit(rec, at, used);
                     }
                     Next::End => break,
                     // Damage found (and reported) at recovery: skip to the next valid frame.
@@ -137,6 +138,8 @@ impl Cursor {
 #[derive(Debug, Default)]
 pub(crate) struct Batch {
     pub(crate) events: Vec<Stored>,
+    /// Where each of `events` is in the log, in the same order (to read it again: [`Reader::event_at`]).
+    pub(crate) at: Vec<Position>,
     /// `huggy_bridge_files` of events waiting for them: those `wanted` and those of this batch.
     pub(crate) files: Vec<(u64, Vec<u8>)>,
 }
@@ -162,6 +165,21 @@ impl Reader {
     /// publisher finds the results of the events it holds while it cannot take more events.
     pub(crate) fn ahead(&self, at: Position) -> Ahead {
         Ahead { cursor: Cursor::at(self.cursor.shared.clone(), at, false), at_end: false }
+    }
+
+    /// The event whose frame is at `at` (a place [`Reader::read_now`] gave), read again: what the
+    /// publisher does for an event it parked without its bytes.
+    ///
+    /// # Errors
+    /// Its segment is gone or cannot be read, or no event is there.
+    pub(crate) fn event_at(&self, at: Position) -> Result<Stored, SpoolError> {
+        let path = self.cursor.shared.lock().segments.iter().find(|s| s.first_seq == at.0).map(|s| s.path.clone());
+        let not_there = |what: &str| SpoolError::Io(std::io::Error::other(format!("no event at {at:?}: {what}")));
+        let path = path.ok_or_else(|| not_there("its segment is gone"))?;
+        match frame_in(&path, at.1)? {
+            Next::Frame(Record::Event { seq, received_at, event }, _) => Ok(Stored { seq, received_at, event }),
+            _ => Err(not_there("another frame")),
+        }
     }
 
     /// Up to `max` undelivered events after the last one returned; waits for new ones when there
@@ -207,9 +225,10 @@ impl Reader {
         let shared = self.cursor.shared.clone();
         let mut with_files: HashSet<u64> = HashSet::new();
         let mut bytes = 0usize;
-        let scanned = self.cursor.scan(|rec, _| {
+        let scanned = self.cursor.scan(|rec, at, _| {
             match rec {
                 Record::Event { seq, received_at, event } if shared.lock().undelivered.contains(seq) => {
+                    out.at.push(at);
                     bytes = bytes.saturating_add(event.value.len());
                     if !event.files.is_empty() {
                         with_files.insert(seq);
@@ -261,7 +280,7 @@ impl Ahead {
         let mut found = Vec::new();
         let mut scanned = 0usize;
         let mut stopped = false;
-        let scanned = self.cursor.scan(|rec, used| {
+        let scanned = self.cursor.scan(|rec, _, used| {
             if let Record::Files { seq, member } = rec {
                 if wanted.contains(&seq) {
                     found.push((seq, member));

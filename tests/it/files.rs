@@ -82,7 +82,10 @@ async fn serve_file(
                 futures::stream::iter((0..size / 65536 + 1).map(|_| Ok::<_, std::io::Error>(vec![7u8; 65536])));
             return (headers, axum::body::Body::from_stream(chunks)).into_response();
         }
-        "slow" => tokio::time::sleep(Duration::from_secs(3)).await,
+        "slow" => {
+            let secs: u64 = q.get("delay").and_then(|v| v.parse().ok()).unwrap_or(3);
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+        }
         _ => {}
     }
     if let Some(cd) = q.get("cd") {
@@ -646,6 +649,63 @@ async fn events_waiting_for_files_beyond_the_publishers_budget_are_released_from
         } else {
             assert!(bridge_files(r).is_empty());
         }
+    }
+    for (chat, ids) in &by_chat {
+        let mut sorted = ids.clone();
+        sorted.sort_unstable();
+        assert_eq!(ids, &sorted, "chat {chat}: order per chat");
+    }
+    assert_eq!(*server.expired.lock().unwrap(), 0);
+    d.stop().await;
+}
+
+/// Events waiting for slow files, and the later events of their chats, hold back no other chat:
+/// with a window of 8 (32 events held, 64 parked), 24 events whose files take 15 s and one more on
+/// each of their chats are parked without their bytes, and 20 events of other chats behind them in
+/// the spool are published at once, long before those files are done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chats_waiting_for_slow_files_hold_back_no_other_chat() {
+    let (addr, server) = start_server([127, 0, 0, 1], 0).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), addr);
+    cfg.kafka.max_in_flight_records = 8;
+    cfg.files.token_ttl_secs = 120;
+    let d = TestApp::start(cfg).await;
+    let slow: Vec<String> = (0..24)
+        .map(|i| event_with_file(i, 1000 + i, &signed(addr, &format!("slow{i}"), 120, "&kind=slow&delay=15&size=2000")))
+        .collect();
+    let plain = |id: usize, chat: usize| {
+        format!(r#"{{"id":{id},"body":"sem arquivo","chat":{{"id":{chat}}},"company":{{"id":"7"}}}}"#)
+    };
+    let mut later: Vec<String> = (0..24).map(|i| plain(100 + i, 1000 + i)).collect();
+    later.extend((0..20).map(|i| plain(200 + i, 5000 + i)));
+    let posted = Instant::now();
+    for body in [batch(&slow), batch(&later)] {
+        let (status, text) = post(&d.url(), body).await;
+        assert_eq!(status, 200, "{text}");
+    }
+    wait_published(&d, 20, Duration::from_secs(12)).await;
+    let published = counter_sum(&d.metrics.events_published);
+    assert_eq!(published, 20, "only the other chats: the slow chats wait for their files, in order");
+    assert!(posted.elapsed() < Duration::from_secs(15), "the other chats did not wait for the slow files");
+    wait_published(&d, 24 + 24 + 20, Duration::from_secs(90)).await;
+    let recs = records(&d).await;
+    assert_eq!(recs.len(), 24 + 24 + 20);
+    let mut by_chat: HashMap<u64, Vec<u64>> = HashMap::new();
+    for r in &recs {
+        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
+        let id = v["id"].as_u64().unwrap();
+        by_chat.entry(v["chat"]["id"].as_u64().unwrap()).or_default().push(id);
+        if id < 24 {
+            assert_eq!(bridge_files(r)[0]["status"], "stored", "{id}");
+        }
+        // Every value is Huggy's bytes, read again for the events parked without them.
+        let expected = if id < 24 {
+            slow[id as usize].clone()
+        } else {
+            later.iter().find(|e| e.starts_with(&format!(r#"{{"id":{id},"#))).unwrap().clone()
+        };
+        assert_eq!(r.value, expected.as_bytes(), "{id}");
     }
     for (chat, ids) in &by_chat {
         let mut sorted = ids.clone();
