@@ -113,7 +113,7 @@ pub(crate) async fn run_spool_publisher(
             };
             match read {
                 Ok(batch) => {
-                    let mut found: HashMap<u64, Vec<u8>> = batch.files.into_iter().collect();
+                    let mut found = first_results(batch.files);
                     let fresh_at: HashMap<u64, Position> =
                         batch.events.iter().zip(batch.at).map(|(s, at)| (s.seq, at)).collect();
                     let held = std::mem::take(&mut parked).into_iter().chain(batch.events).map(|mut s| {
@@ -276,6 +276,16 @@ fn restore(reader: &Reader, stripped: &mut HashMap<u64, Position>, s: &mut Store
     }
 }
 
+/// Results read from the log, by event: an event captured again after a restart has two there,
+/// and the first one is what its record carries.
+fn first_results(files: Vec<(u64, Vec<u8>)>) -> HashMap<u64, Vec<u8>> {
+    let mut found = HashMap::new();
+    for (seq, results) in files {
+        found.entry(seq).or_insert(results);
+    }
+    found
+}
+
 /// Gives an event waiting for its files the results read for it, beside its untouched value.
 fn attach(s: &mut Stored, found: &mut HashMap<u64, Vec<u8>>) {
     if s.event.files.is_empty() {
@@ -366,5 +376,12 @@ mod tests {
         let (ready, parked) = release(events.into_iter(), |seq| (seq != 1).then(|| b"[]".to_vec()), |_| true);
         assert_eq!(seqs(&ready), [3]);
         assert_eq!(seqs(&parked), [1, 2]);
+    }
+
+    #[test]
+    fn the_first_results_in_the_log_win() {
+        let found = first_results(vec![(7, b"stored".to_vec()), (8, b"x".to_vec()), (7, b"expired".to_vec())]);
+        assert_eq!(found[&7], b"stored".to_vec());
+        assert_eq!(found.len(), 2);
     }
 }

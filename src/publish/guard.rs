@@ -3,6 +3,7 @@
 //! dead-lettered with the panic as its reason, through a path that formats nothing of the event but
 //! its id, instead of crashing the publisher again after every restart.
 
+use std::collections::HashSet;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
@@ -43,11 +44,22 @@ impl Publisher {
         };
         error!(records = events.len(), panic = %first, "publishing panicked; publishing the window one event at a time");
         let mut out = Vec::with_capacity(events.len());
+        // Keys with an event that is to be retried: their later events are not sent behind it.
+        let mut held_back: HashSet<&str> = HashSet::new();
         for ev in events {
-            out.push(match AssertUnwindSafe(self.publish_all(&[ev])).catch_unwind().await {
+            let key = ev.key.as_deref();
+            if key.is_some_and(|k| held_back.contains(k)) {
+                out.push(Outcome::Retry(RetryReason::Behind));
+                continue;
+            }
+            let outcome = match AssertUnwindSafe(self.publish_all(&[ev])).catch_unwind().await {
                 Ok(mut one) => one.pop().unwrap_or(Outcome::Retry(RetryReason::Closed)),
                 Err(panic) => self.dead_letter_poisoned(ev, &panic_message(panic)).await,
-            });
+            };
+            if let (Outcome::Retry(_), Some(k)) = (&outcome, key) {
+                held_back.insert(k);
+            }
+            out.push(outcome);
         }
         out
     }

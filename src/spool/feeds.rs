@@ -35,7 +35,7 @@ impl Followers {
     /// reads the log `from` there on.
     pub(super) fn new(queue: &Queue, held: Vec<FileWork>, from: Position) -> Followers {
         let cursor = Cursor::at(queue.shared.clone(), from, false);
-        let work = WorkCursor { held: held.into(), cursor };
+        let work = WorkCursor { held: held.into(), cursor, more: false };
         Followers {
             publish: PublishFeed { queue: queue.clone() },
             capture: CaptureFeed { queue: queue.clone(), work: Arc::new(Mutex::new(work)) },
@@ -100,12 +100,19 @@ pub struct CaptureFeed {
 struct WorkCursor {
     held: VecDeque<FileWork>,
     cursor: Cursor,
+    /// The last take stopped at [`TAKE_SCAN_BYTES`] before the committed end: more to read now.
+    more: bool,
 }
+
+/// Bytes of log one [`CaptureFeed::take`] reads at most, so that a backlog whose events with files
+/// are few and far between never holds a worker for long: the next call goes on from there.
+const TAKE_SCAN_BYTES: usize = 16 * 1024 * 1024;
 
 impl CaptureFeed {
     /// Up to `max` durable events whose files must be captured, and no more once their URLs hold
     /// `max_bytes` (the first is returned whatever its size), each handed out once: those recovery
-    /// held, then the others in log order as they are committed; empty when there is none now.
+    /// held, then the others in log order as they are committed; empty when there is none now, or
+    /// none in the [`TAKE_SCAN_BYTES`] of log it read (then [`CaptureFeed::next`] goes on at once).
     ///
     /// # Errors
     /// A segment cannot be read and nothing was collected before it (the position stays at the
@@ -125,7 +132,10 @@ impl CaptureFeed {
         if out.len() >= max || bytes >= max_bytes {
             return Ok(out);
         }
-        let scanned = w.cursor.scan(|rec, _, _| {
+        let mut read = 0usize;
+        let mut stopped = false;
+        let scanned = w.cursor.scan(|rec, _, used| {
+            read += used;
             if let Record::Event { seq, received_at, event } = rec {
                 if !event.files.is_empty() && shared.lock().undelivered.contains(seq) {
                     let work =
@@ -134,8 +144,10 @@ impl CaptureFeed {
                     out.push(work);
                 }
             }
-            out.len() < max && bytes < max_bytes
+            stopped = read >= TAKE_SCAN_BYTES;
+            out.len() < max && bytes < max_bytes && !stopped
         });
+        w.more = stopped && scanned.is_ok();
         // The cursor has moved past what it collected: hand that out even when a later frame
         // could not be read (it is read again next time).
         match scanned {
@@ -157,6 +169,8 @@ impl CaptureFeed {
             notified.as_mut().enable();
             match self.take(max, max_bytes) {
                 Ok(work) if !work.is_empty() => return work,
+                // Stopped at its scan budget: the rest of the log now, after other tasks had a turn.
+                Ok(_) if self.work.lock().unwrap_or_else(|p| p.into_inner()).more => tokio::task::yield_now().await,
                 Ok(_) => notified.await,
                 Err(e) => {
                     error!(error = %e, "spool: reading file work failed; retrying");

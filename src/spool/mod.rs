@@ -308,6 +308,8 @@ struct State {
     committed_len: u64,
     /// Segment the reader is in (its first seq): it and later segments are kept.
     reader_segment: u64,
+    /// The first seq of the newest segment this spool has had: a new one is named after it.
+    newest_segment: u64,
     disk_bytes: u64,
     write_error: bool,
     /// The filesystem had no room (`ENOSPC`) and has not enough yet.

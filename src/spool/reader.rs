@@ -97,16 +97,15 @@ impl Cursor {
             }
             let end = chunks.len;
             let mut more = true;
+            // A cursor that keeps nothing from deletion may see its segment deleted (every event in
+            // it delivered) and cut down under it: it goes on after it.
+            let shared = &self.shared;
+            let (segment, pins) = (self.segment, self.pins);
+            let gone = || !pins && !shared.lock().segments.iter().any(|s| s.first_seq == segment);
             while more && self.offset < end {
                 let next = match chunks.frame_at(self.offset) {
                     Ok(next) => next,
-                    // A cursor that keeps nothing from deletion may see its segment deleted (every
-                    // event in it delivered) and cut down under it: go on after it.
-                    Err(_)
-                        if !self.pins && !self.shared.lock().segments.iter().any(|s| s.first_seq == self.segment) =>
-                    {
-                        break;
-                    }
+                    Err(_) if gone() => break,
                     Err(e) => return Err(e.into()),
                 };
                 match next {
@@ -117,9 +116,11 @@ impl Cursor {
                     }
                     Next::End => break,
                     // Damage found (and reported) at recovery: skip to the next valid frame.
-                    Next::Bad(_) | Next::Undecodable(_) => match chunks.resync(self.offset + 1)? {
-                        Some(n) => self.offset = n,
-                        None => self.offset = end,
+                    Next::Bad(_) | Next::Undecodable(_) => match chunks.resync(self.offset + 1) {
+                        Ok(Some(n)) => self.offset = n,
+                        Ok(None) => self.offset = end,
+                        Err(_) if gone() => break,
+                        Err(e) => return Err(e.into()),
                     },
                 }
             }

@@ -12,10 +12,13 @@ use tracing::{error, info, warn};
 use super::format;
 use super::{segment_path, sync_dir, Segment, Shared};
 
-/// Creates a new segment at `next_seq` (moving past a name in use), writes its header and `head`,
-/// and makes both and the directory entry durable. Returns the file, its first seq and length.
+/// Creates a new segment at `next_seq` (moving past a name in use, and past every segment this
+/// spool has had: a name is never used twice, so a follower that still has a deleted segment open
+/// never takes a new one for it), writes its header and `head`, and makes both and the directory
+/// entry durable. Returns the file, its first seq and length.
 pub(super) fn fresh_segment(shared: &Shared, next_seq: &mut u64, head: &[u8]) -> std::io::Result<(File, u64, u64)> {
     let dir = &shared.settings.dir;
+    *next_seq = (*next_seq).max(shared.lock().newest_segment.saturating_add(1));
     while segment_path(dir, *next_seq).exists() {
         *next_seq += 1;
     }
@@ -29,6 +32,7 @@ pub(super) fn fresh_segment(shared: &Shared, next_seq: &mut u64, head: &[u8]) ->
         let _ = fs::remove_file(&path);
         return Err(e);
     }
+    shared.lock().newest_segment = *next_seq;
     Ok((file, *next_seq, bytes.len() as u64))
 }
 

@@ -774,9 +774,9 @@ impl SegmentIo for FaultyIo {
     }
 }
 
-/// Bytes of the segment files in `dir`.
+/// Bytes of the segment files in `dir` (one the janitor is deleting right now counts as gone).
 fn segment_bytes_on_disk(dir: &Path) -> u64 {
-    list_segments(dir).unwrap().iter().map(|(_, p)| std::fs::metadata(p).unwrap().len()).sum()
+    list_segments(dir).unwrap().iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
 }
 
 #[tokio::test]
@@ -806,6 +806,90 @@ async fn after_a_failed_fdatasync_the_disk_bytes_count_what_the_failed_group_lef
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    spool.close().await;
+}
+
+/// A disk whose syncs fail (`EIO`, pages kept) while `failing` is set.
+#[derive(Default)]
+struct FlakyIo {
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl SegmentIo for FlakyIo {
+    fn sync_data(&self, file: &std::fs::File) -> std::io::Result<()> {
+        if self.failing.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        file.sync_data()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_bytes_stay_exact_when_the_segment_after_a_failed_fdatasync_comes_late() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = Arc::new(FlakyIo::default());
+    let mut s = SpoolSettings::new(dir.path().to_owned(), 1 << 30, 0);
+    s.io = io.clone();
+    let spool = open(s).unwrap();
+    let seqs: Vec<u64> =
+        spool.append((0..20).map(|i| ev(i, "1")).collect(), 1).await.unwrap().seqs.into_iter().flatten().collect();
+    // The disk fails: the group is refused, and no fresh segment can be started either.
+    io.failing.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(spool.append((20..400).map(|i| ev(i, "1")).collect(), 1).await.is_err());
+    // Acknowledgements go on meanwhile (kept for the next segment); half the events stay
+    // undelivered, so the failed segment stays too.
+    spool.ack(seqs[..10].to_vec()).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The disk recovers: the writer starts a fresh segment on its own.
+    io.failing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !spool.stats().writable || spool.stats().disk_bytes != segment_bytes_on_disk(dir.path()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not writable again, or miscounted: {:?}, {} bytes on disk",
+            spool.stats(),
+            segment_bytes_on_disk(dir.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Delivered (read past, acknowledged) and deleted, the failed segment takes off what it
+    // holds: still exact.
+    assert_eq!(read_all(&spool).await.len(), 10);
+    spool.ack(seqs[10..].to_vec()).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while spool.stats().segments > 1 || spool.stats().disk_bytes != segment_bytes_on_disk(dir.path()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not deleted, or miscounted: {:?}, {} bytes on disk",
+            spool.stats(),
+            segment_bytes_on_disk(dir.path())
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    spool.close().await;
+}
+
+#[tokio::test]
+async fn the_capture_feed_reads_a_long_stretch_without_files_a_bounded_piece_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = open(settings(dir.path())).unwrap();
+    // 20 MiB of events without files, then one with.
+    let big = |n: u32| {
+        let mut e = ev(n, "1");
+        e.value = format!(r#"{{"id":{n},"pad":"{}"}}"#, "x".repeat(64 * 1024)).into_bytes();
+        e.id = EventId::derive("receivedMessage", &e.value);
+        e
+    };
+    for first in (0..320).step_by(40) {
+        spool.append((first..first + 40).map(big).collect(), 1).await.unwrap();
+    }
+    let with = spool.append(vec![with_files(1_000, "2")], 1).await.unwrap().seqs[0].unwrap();
+    let first = spool.followers.capture.take(10, usize::MAX).unwrap();
+    assert!(first.is_empty(), "one take reads no more than its budget of the log");
+    let work = tokio::time::timeout(Duration::from_secs(10), spool.followers.capture.next(10, usize::MAX))
+        .await
+        .expect("the feed goes on at once, without a commit");
+    assert_eq!(work.iter().map(|w| w.seq).collect::<Vec<_>>(), [with]);
     spool.close().await;
 }
 

@@ -374,7 +374,11 @@ impl Writer {
                     active.event_bytes += bytes;
                 }
                 st.files_pending += g.with_files;
-                st.committed_len = self.active_len;
+                // Not while broken: the active segment's length then holds a failed group's bytes,
+                // which readers must not read and which are counted when it is replaced.
+                if !self.broken {
+                    st.committed_len = self.active_len;
+                }
             }
             // Acknowledgements and file results are facts whether or not their frames were written:
             // the failure path keeps them for the fresh segment.

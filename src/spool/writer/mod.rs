@@ -111,12 +111,14 @@ impl Writer {
         wake: mpsc::WeakSender<Command>,
     ) -> Result<(Writer, Arc<Shared>), SpoolError> {
         let journal_bytes = journal.bytes();
+        let newest_segment = recovered.segments.back().map_or(0, |s| s.first_seq);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 undelivered: recovered.undelivered,
                 segments: recovered.segments,
                 committed_len: 0,
                 reader_segment: 0,
+                newest_segment,
                 disk_bytes: recovered.disk_bytes + journal_bytes,
                 write_error: false,
                 disk_full: false,
@@ -423,7 +425,16 @@ impl Writer {
         // it, and every seq ever given out is below `next_seq`.
         if self.broken && n + 1 == st.segments.len() && oldest_unacked >= self.next_seq {
             n += 1;
-            self.active = None;
+            // Its size as the disk has it (what the writer put there since it was created,
+            // counted or not): what its deletion takes off `disk_bytes`, counted first.
+            if let Some(file) = self.active.take() {
+                let size = file.metadata().map_or(self.active_len, |m| m.len());
+                let counted = st.committed_len.max(st.segments.back().map_or(0, |s| s.size));
+                st.disk_bytes += size.saturating_sub(counted);
+                if let Some(seg) = st.segments.back_mut() {
+                    seg.size = size;
+                }
+            }
         }
         st.segments.drain(..n).collect()
     }
