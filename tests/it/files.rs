@@ -606,10 +606,10 @@ async fn a_store_at_its_free_space_floor_fails_the_file_and_still_publishes_the_
     d.stop().await;
 }
 
-/// Events waiting for slow files fill the publisher's whole read budget (a window of 2: 8 events
-/// held) while their results are written far behind them in the spool: the publisher finds the
-/// results there by reading ahead, so every event is published, in order per chat, with its files
-/// stored — none waits for a restart, and no results are kept in memory to make it so.
+/// Events waiting for slow files fill the publisher's whole budget for them (a window of 2: 16
+/// events parked) while their results are written far behind them in the spool: the publisher
+/// finds the results there by reading ahead, so every event is published, in order per chat, with
+/// its files stored — none waits for a restart, and no results are kept in memory to make it so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_waiting_for_files_beyond_the_publishers_budget_are_released_from_the_log() {
     let (addr, server) = start_server([127, 0, 0, 1], 0).await;
@@ -635,28 +635,40 @@ async fn events_waiting_for_files_beyond_the_publishers_budget_are_released_from
     let (status, text) = post(&d.url(), batch(&later)).await;
     assert_eq!(status, 200, "{text}");
     wait_published(&d, 24 + 48 + 20, Duration::from_secs(90)).await;
-    let recs = records(&d).await;
-    assert_eq!(recs.len(), 24 + 48 + 20);
+    all_published_whole_in_order(&records(&d).await, &slow, &later);
+    assert_eq!(*server.expired.lock().unwrap(), 0);
+    d.stop().await;
+}
+
+/// Every event of `slow` (ids 0..24, one file each) and `later` (no files) is a record whose value
+/// is the event's bytes, the slow ones with their file stored, in order per chat.
+fn all_published_whole_in_order(recs: &[Rec], slow: &[String], later: &[String]) {
+    assert_eq!(recs.len(), slow.len() + later.len());
     let mut by_chat: HashMap<u64, Vec<u64>> = HashMap::new();
-    for r in &recs {
+    for r in recs {
         let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
         let id = v["id"].as_u64().unwrap();
         by_chat.entry(v["chat"]["id"].as_u64().unwrap()).or_default().push(id);
-        if id < 24 {
-            let files = bridge_files(r);
-            assert_eq!(files.len(), 1, "{id}");
-            assert_eq!(files[0]["status"], "stored", "{id}: {}", files[0]);
-        } else {
-            assert!(bridge_files(r).is_empty());
-        }
+        let files = bridge_files(r);
+        let sent = match slow.get(id as usize) {
+            Some(event) => {
+                assert_eq!(files.len(), 1, "{id}");
+                assert_eq!(files[0]["status"], "stored", "{id}: {}", files[0]);
+                event
+            }
+            None => {
+                assert!(files.is_empty(), "{id}");
+                later.iter().find(|e| e.starts_with(&format!(r#"{{"id":{id},"#))).unwrap()
+            }
+        };
+        // Huggy's bytes, read again for the events parked without them.
+        assert_eq!(r.value, sent.as_bytes(), "{id}");
     }
     for (chat, ids) in &by_chat {
         let mut sorted = ids.clone();
         sorted.sort_unstable();
         assert_eq!(ids, &sorted, "chat {chat}: order per chat");
     }
-    assert_eq!(*server.expired.lock().unwrap(), 0);
-    d.stop().await;
 }
 
 /// Events waiting for slow files, and the later events of their chats, hold back no other chat:
@@ -689,29 +701,7 @@ async fn chats_waiting_for_slow_files_hold_back_no_other_chat() {
     assert_eq!(published, 20, "only the other chats: the slow chats wait for their files, in order");
     assert!(posted.elapsed() < Duration::from_secs(15), "the other chats did not wait for the slow files");
     wait_published(&d, 24 + 24 + 20, Duration::from_secs(90)).await;
-    let recs = records(&d).await;
-    assert_eq!(recs.len(), 24 + 24 + 20);
-    let mut by_chat: HashMap<u64, Vec<u64>> = HashMap::new();
-    for r in &recs {
-        let v: serde_json::Value = serde_json::from_slice(&r.value).unwrap();
-        let id = v["id"].as_u64().unwrap();
-        by_chat.entry(v["chat"]["id"].as_u64().unwrap()).or_default().push(id);
-        if id < 24 {
-            assert_eq!(bridge_files(r)[0]["status"], "stored", "{id}");
-        }
-        // Every value is Huggy's bytes, read again for the events parked without them.
-        let expected = if id < 24 {
-            slow[id as usize].clone()
-        } else {
-            later.iter().find(|e| e.starts_with(&format!(r#"{{"id":{id},"#))).unwrap().clone()
-        };
-        assert_eq!(r.value, expected.as_bytes(), "{id}");
-    }
-    for (chat, ids) in &by_chat {
-        let mut sorted = ids.clone();
-        sorted.sort_unstable();
-        assert_eq!(ids, &sorted, "chat {chat}: order per chat");
-    }
+    all_published_whole_in_order(&records(&d).await, &slow, &later);
     assert_eq!(*server.expired.lock().unwrap(), 0);
     d.stop().await;
 }
