@@ -96,9 +96,8 @@ pub(crate) async fn run_spool_publisher(
             // Parked events hold neither the window's places nor its bytes (they are kept without
             // their bytes, under a budget of their own): a key waiting for its files holds back no
             // other key, unless more events wait for their files at once than that budget.
-            let parked_full = parked.len() >= window.saturating_mul(PARKED_PER_WINDOW)
-                || parked.iter().map(url_bytes).sum::<usize>() >= PARKED_URL_BYTES;
-            let room = if parked_full { 0 } else { (window * HELD_PER_WINDOW).saturating_sub(lanes.held()) };
+            let room =
+                if parked_full(&parked, window) { 0 } else { (window * HELD_PER_WINDOW).saturating_sub(lanes.held()) };
             let room_bytes = WINDOW_BYTES.saturating_sub(lanes.held_bytes());
             let wanted: HashSet<u64> = parked.iter().filter(|s| !s.event.files.is_empty()).map(|s| s.seq).collect();
             let read = if room > 0 && room_bytes > 0 {
@@ -136,10 +135,9 @@ pub(crate) async fn run_spool_publisher(
                     // The reader cannot take more events while some wait for their files: look
                     // ahead for their results at once, and again until the look-ahead is at the
                     // committed end (then a commit wakes it).
-                    let parked_full = parked.len() >= window.saturating_mul(PARKED_PER_WINDOW)
-                        || parked.iter().map(url_bytes).sum::<usize>() >= PARKED_URL_BYTES;
-                    let full =
-                        parked_full || window * HELD_PER_WINDOW <= lanes.held() || WINDOW_BYTES <= lanes.held_bytes();
+                    let full = parked_full(&parked, window)
+                        || window * HELD_PER_WINDOW <= lanes.held()
+                        || WINDOW_BYTES <= lanes.held_bytes();
                     let waiting = parked.iter().any(|s| !s.event.files.is_empty());
                     if full && waiting && ahead.as_ref().is_none_or(|a| !a.at_end()) {
                         read_again_at = Some(tokio::time::Instant::now());
@@ -249,9 +247,12 @@ fn look_ahead(
     a.results(wanted)
 }
 
-/// Bytes of an event's URLs still to capture.
-fn url_bytes(s: &Stored) -> usize {
-    s.event.files.iter().map(String::len).sum()
+/// Whether the events parked for their files fill their budget ([`PARKED_PER_WINDOW`],
+/// [`PARKED_URL_BYTES`]): then the reader takes no more events.
+fn parked_full(parked: &[Stored], window: usize) -> bool {
+    parked.len() >= window.saturating_mul(PARKED_PER_WINDOW)
+        || parked.iter().map(|s| s.event.files.iter().map(String::len).sum::<usize>()).sum::<usize>()
+            >= PARKED_URL_BYTES
 }
 
 /// Gives a parked event kept without its bytes its bytes again, read from the log, before it is

@@ -774,6 +774,21 @@ impl SegmentIo for FaultyIo {
     }
 }
 
+/// Waits until at most one segment is left and `disk_bytes` counts exactly the segment files on
+/// disk; fails after `within` with `what`.
+async fn wait_counted_exactly(spool: &Hub, dir: &Path, within: Duration, what: &str) {
+    let deadline = std::time::Instant::now() + within;
+    while spool.stats().segments > 1 || spool.stats().disk_bytes != segment_bytes_on_disk(dir) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: {:?}, {} bytes on disk",
+            spool.stats(),
+            segment_bytes_on_disk(dir)
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 /// Bytes of the segment files in `dir` (one the janitor is deleting right now counts as gone).
 fn segment_bytes_on_disk(dir: &Path) -> u64 {
     list_segments(dir).unwrap().iter().filter_map(|(_, p)| std::fs::metadata(p).ok()).map(|m| m.len()).sum()
@@ -796,16 +811,8 @@ async fn after_a_failed_fdatasync_the_disk_bytes_count_what_the_failed_group_lef
     // Once everything is delivered and the abandoned segment deleted, the count is still exact.
     let seqs: Vec<u64> = read_all(&spool).await.iter().map(|s| s.seq).collect();
     spool.ack(seqs).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while spool.stats().segments > 1 || spool.stats().disk_bytes != segment_bytes_on_disk(dir.path()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "delivered segments not deleted, or miscounted: {:?}, {} bytes on disk",
-            spool.stats(),
-            segment_bytes_on_disk(dir.path())
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_counted_exactly(&spool, dir.path(), Duration::from_secs(5), "delivered segments not deleted, or miscounted")
+        .await;
     spool.close().await;
 }
 
@@ -856,16 +863,7 @@ async fn disk_bytes_stay_exact_when_the_segment_after_a_failed_fdatasync_comes_l
     // holds: still exact.
     assert_eq!(read_all(&spool).await.len(), 10);
     spool.ack(seqs[10..].to_vec()).await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while spool.stats().segments > 1 || spool.stats().disk_bytes != segment_bytes_on_disk(dir.path()) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not deleted, or miscounted: {:?}, {} bytes on disk",
-            spool.stats(),
-            segment_bytes_on_disk(dir.path())
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_counted_exactly(&spool, dir.path(), Duration::from_secs(15), "not deleted, or miscounted").await;
     spool.close().await;
 }
 

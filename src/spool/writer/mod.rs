@@ -342,18 +342,10 @@ impl Writer {
     /// Makes a fresh, synced segment the active one; the previous one keeps its size and, when it
     /// was abandoned, the length known to be durable.
     fn install(&mut self, file: File, first_seq: u64, len: u64, previous_limit: Option<u64>) {
-        // The previous segment's size as the disk has it: after a failed write or sync it holds the
-        // failed group's bytes too (counted from now on, not only subtracted when it is deleted).
-        let on_disk = self.active.as_ref().map(|f| f.metadata().map_or(self.active_len, |m| m.len()));
         let mut guard = self.shared.lock();
         let st = &mut *guard;
-        if let (Some(old), Some(size)) =
-            (st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq), on_disk)
-        {
-            old.size = size;
+        if let Some(old) = self.settle_active_size(st) {
             old.limit = previous_limit;
-            // `disk_bytes` counted the segment up to its committed end.
-            st.disk_bytes += size.saturating_sub(st.committed_len);
         }
         st.segments.push_back(Segment::new(first_seq, segment_path(&self.shared.settings.dir, first_seq), None, len));
         st.committed_len = len;
@@ -425,18 +417,23 @@ impl Writer {
         // it, and every seq ever given out is below `next_seq`.
         if self.broken && n + 1 == st.segments.len() && oldest_unacked >= self.next_seq {
             n += 1;
-            // Its size as the disk has it (what the writer put there since it was created,
-            // counted or not): what its deletion takes off `disk_bytes`, counted first.
-            if let Some(file) = self.active.take() {
-                let size = file.metadata().map_or(self.active_len, |m| m.len());
-                let counted = st.committed_len.max(st.segments.back().map_or(0, |s| s.size));
-                st.disk_bytes += size.saturating_sub(counted);
-                if let Some(seg) = st.segments.back_mut() {
-                    seg.size = size;
-                }
-            }
+            // What its deletion takes off `disk_bytes` is counted first.
+            self.settle_active_size(&mut st);
+            self.active = None;
         }
         st.segments.drain(..n).collect()
+    }
+
+    /// Before the active segment is replaced or deleted: its size as the disk has it, counted in
+    /// `disk_bytes`, which counted it up to its committed end only — after a failed write or sync it
+    /// also holds the failed group's bytes. Returns the segment, if there is an active one.
+    fn settle_active_size<'a>(&self, st: &'a mut State) -> Option<&'a mut Segment> {
+        let file = self.active.as_ref()?;
+        let seg = st.segments.iter_mut().find(|s| s.first_seq == self.active_first_seq)?;
+        let size = file.metadata().map_or(self.active_len, |m| m.len());
+        st.disk_bytes += size.saturating_sub(st.committed_len.max(seg.size));
+        seg.size = size;
+        Some(seg)
     }
 }
 
