@@ -145,8 +145,11 @@ async fn a_batch_over_https_is_accepted_and_plain_http_is_refused_at_once() {
 /// The configuration file of a TLS daemon on the embedded broker, serving `cert`/`key`.
 fn write_config(dir: &Path, http: SocketAddr, admin: SocketAddr, cert: &Path, key: &Path) -> PathBuf {
     let path = dir.join("bridge.toml");
+    // The slow request stays open across every rotation (a SIGHUP each, and the file watch's 10 s
+    // checks, up to two for a pair written key first): its body timeout must outlast them, or it
+    // ends as a 408 that says nothing about the rotation. Body timeouts have tests of their own.
     let toml = format!(
-        "[http]\nlisten = \"{http}\"\n[http.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[admin]\nlisten = \"{admin}\"\n\
+        "[http]\nlisten = \"{http}\"\nbody_timeout_ms = 120000\n[http.tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n[admin]\nlisten = \"{admin}\"\n\
          [huggy]\ntokens = [\"{}\"]\n[kafka]\nbrokers = \"embedded\"\npartitions = 1\n[spool]\ndir = \"{}\"\n\
          [files]\nenabled = false\n",
         cert.display(),
